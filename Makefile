@@ -1,0 +1,68 @@
+# gridstor: the two commands are `make up` and `make test`; each sets up all it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= $(CURDIR)/data
+# Debian packages the suite runs on, and those only the tests use.
+APT_RUN := redis-server
+APT_TEST := redis-server
+
+.PHONY: up test gen gen-check lint typecheck pytest venv dev-venv clean
+
+up: venv gen-if-missing
+	@$(PY) -m services.launcher --data "$(DATA)"
+
+test: dev-venv
+	@$(MAKE) --no-print-directory gen-check lint typecheck pytest
+
+# --- environment -------------------------------------------------------------
+# apt-get runs only when a listed command is missing, so repeated runs stay fast.
+define apt_ensure
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; fi
+endef
+
+$(VENV)/.stamp-run: requirements.lock
+	$(call apt_ensure,$(APT_RUN))
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq python3-venv python3-dev >/dev/null; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	@echo "$(CURDIR)" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/gridstor-src.pth
+	@echo "$(CURDIR)/protos" >> $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/gridstor-src.pth
+	@touch $@
+
+$(VENV)/.stamp-dev: $(VENV)/.stamp-run requirements-dev.lock
+	$(call apt_ensure,$(APT_TEST))
+	@$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.lock
+	@touch $@
+
+venv: $(VENV)/.stamp-run
+dev-venv: $(VENV)/.stamp-dev
+
+# --- generated code ------------------------------------------------------------
+gen: venv
+	@$(PY) protos/gen.py
+
+gen-if-missing: venv
+	@test -f protos/gridstor/v1/record_pb2.py || $(PY) protos/gen.py
+
+gen-check: dev-venv
+	@$(PY) protos/gen.py --check
+
+# --- checks --------------------------------------------------------------------
+lint: dev-venv
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+
+typecheck: dev-venv
+	@$(VENV)/bin/mypy
+
+# pytest exit code 5 means it collected no test: that is a failure here too.
+pytest: dev-venv
+	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,21 @@
+"""Storage backends: one interface (``base.Backend``), two drivers (dir, zdb)."""
+
+from __future__ import annotations
+
+from services.common.backends.base import Backend, BackendInfo, Mode
+from services.common.backends.uri import DirURI, ZdbURI, parse_uri
+
+__all__ = ["Backend", "BackendInfo", "Mode", "open_backend", "parse_uri"]
+
+
+async def open_backend(uri: str, mode: Mode) -> Backend:
+    """Open the backend a URI names, in ``mode``; InvalidURI / BackendError say why not."""
+    parsed = parse_uri(uri)
+    if isinstance(parsed, DirURI):
+        from services.common.backends.dirstore import DirBackend
+
+        return await DirBackend.open(parsed, mode)
+    assert isinstance(parsed, ZdbURI)
+    from services.common.backends.zdb import ZdbBackend
+
+    return await ZdbBackend.open(parsed, mode)

@@ -1,0 +1,93 @@
+"""Domain errors shared by every gridstor service.
+
+Nothing here imports grpc: the services map these classes to status codes in
+one place (``services/common/grpc_errors.py``).
+
+    GridstorError
+    ├── InvalidInput            bad id, URI, config value, range ... (INVALID_ARGUMENT)
+    │   ├── InvalidFileId
+    │   ├── InvalidURI
+    │   └── ValueTooLarge       a value over a backend's size limit
+    ├── NotFound                no such file / key / namespace (NOT_FOUND)
+    ├── IntegrityError          data present but wrong: bad key, tampered record (DATA_LOSS)
+    │   └── WrongMasterKey
+    ├── Unrecoverable           fewer than k good shards for a chunk (UNAVAILABLE)
+    ├── StoreFailed             a write could not place every shard (UNAVAILABLE)
+    └── BackendError            one backend misbehaved; the engine routes around it
+        ├── BackendUnavailable  cannot connect / folder gone / timed out
+        ├── NamespaceFull       0-db quota reached ("No space left on this namespace")
+        ├── ReadOnly            namespace locked, frozen or selected read-only
+        ├── AccessDenied        wrong password, private namespace, not admin
+        └── KeyNotFound         the key is not (or no longer) stored
+"""
+
+from __future__ import annotations
+
+
+class GridstorError(Exception):
+    """Base of every error gridstor raises on purpose."""
+
+
+class InvalidInput(GridstorError, ValueError):
+    """The caller passed something malformed; the message says what."""
+
+
+class InvalidFileId(InvalidInput):
+    """A string that does not follow the file id grammar."""
+
+
+class InvalidURI(InvalidInput):
+    """A backend URI that cannot be parsed or names an unknown scheme."""
+
+
+class ValueTooLarge(InvalidInput):
+    """A value larger than the backend accepts."""
+
+
+class NotFound(GridstorError):
+    """The thing asked for does not exist."""
+
+
+class IntegrityError(GridstorError):
+    """Stored data exists but does not verify."""
+
+
+class WrongMasterKey(IntegrityError):
+    """The gateway master key does not unwrap this file's key."""
+
+
+class Unrecoverable(GridstorError):
+    """Too few good shards remain to rebuild a chunk."""
+
+
+class StoreFailed(GridstorError):
+    """A file could not be stored; nothing was registered."""
+
+
+class BackendError(GridstorError):
+    """A single backend failed; ``backend`` names it (never with a password)."""
+
+    def __init__(self, backend: str, message: str) -> None:
+        super().__init__(f"{backend}: {message}")
+        self.backend = backend
+        self.reason = message
+
+
+class BackendUnavailable(BackendError):
+    """The backend cannot be reached."""
+
+
+class NamespaceFull(BackendError):
+    """The backend has no space left."""
+
+
+class ReadOnly(BackendError):
+    """The backend refuses writes."""
+
+
+class AccessDenied(BackendError):
+    """The backend refuses our credentials."""
+
+
+class KeyNotFound(BackendError):
+    """The key does not exist on that backend."""
