@@ -10,7 +10,7 @@ APT_TEST := redis-server
 
 .PHONY: up test gen gen-check lint typecheck pytest venv dev-venv clean
 
-up: venv gen-if-missing
+up: venv
 	@$(PY) -m services.launcher --data "$(DATA)"
 
 test: dev-venv
@@ -42,11 +42,9 @@ venv: $(VENV)/.stamp-run
 dev-venv: $(VENV)/.stamp-dev
 
 # --- generated code ------------------------------------------------------------
-gen: venv
+# Generated code is committed; `make gen` rewrites it after a .proto change.
+gen: dev-venv
 	@$(PY) protos/gen.py
-
-gen-if-missing: venv
-	@test -f protos/gridstor/v1/record_pb2.py || $(PY) protos/gen.py
 
 gen-check: dev-venv
 	@$(PY) protos/gen.py --check
