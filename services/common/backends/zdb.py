@@ -1,0 +1,554 @@
+"""The 0-db (zdb) backend: one namespace on one 0-db server.
+
+0-db speaks RESP but is not Redis; see ``/work/shared/ZDB_NOTES.md``. What this
+driver does about the differences:
+
+* RESP2 only (``protocol=2``): redis-py 8 sends ``HELLO 3`` by default, which
+  0-db refuses, and no ``CLIENT SETINFO`` (``driver_info=None``).
+* The selected namespace belongs to the TCP connection. Every connection the
+  pool opens (first use, or a reconnect after 0-db restarted) runs
+  ``SELECT namespace [password]`` before anything else, so a reconnect can never
+  silently land in ``default``.
+* ``SET`` answers with the key (the new 8-byte id in seq mode), not ``+OK``; the
+  client's SET response callback is replaced so the key is kept. A SET whose
+  value equals the stored one answers nil: that is a success.
+* Values over 8 MiB are refused here, before sending: 0-db closes the
+  connection on ``-Payload too big``.
+* ``SCAN`` goes through ``SCANX`` (a prefix alias) because redis-py parses the
+  ``SCAN`` reply as an integer cursor; the end is ``-No more data``.
+* ``DEL k x`` means "delete k with timestamp x", so ``delete`` sends one key.
+
+Errors are the ``BackendError`` family from ``services.common.errors``; every
+message starts with the backend's redacted URI and never contains a password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.asyncio.connection import BlockingConnectionPool, Connection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from services.common import errors
+from services.common.backends.base import (
+    MAX_KEY_SIZE,
+    MAX_VALUE_SIZE,
+    SEQ_KEY_SIZE,
+    Backend,
+    BackendInfo,
+    Mode,
+    seq_id,
+)
+from services.common.backends.uri import ZdbURI, parse_uri
+
+__all__ = [
+    "NamespaceModeMismatch",
+    "NamespaceNotFound",
+    "ZdbBackend",
+    "ZdbConnection",
+    "ensure_namespace",
+]
+
+#: How NSINFO spells each mode.
+_NSINFO_MODE: Final = {Mode.SEQ: "sequential", Mode.USER: "userkey"}
+#: How NSSET spells each mode.
+_NSSET_MODE: Final = {Mode.SEQ: "seq", Mode.USER: "user"}
+
+_NO_MORE_DATA: Final = "No more data"
+_NOT_FOUND_REPLIES: Final = frozenset({"Key not found", "Invalid key, only update authorized"})
+_ACCESS_DENIED_REPLIES: Final = frozenset(
+    {"Access denied", "Namespace protected and private", "Permission denied", "Unauthorized"}
+)
+# Connection-level failures: the server is down, restarting, or too slow.
+_UNAVAILABLE: Final = (rexc.ConnectionError, rexc.TimeoutError, OSError, asyncio.TimeoutError)
+
+DEFAULT_TIMEOUT: Final = 5.0
+DEFAULT_MAX_CONNECTIONS: Final = 32
+
+
+class NamespaceNotFound(errors.BackendUnavailable):
+    """The namespace does not exist on that 0-db (a configuration error, or it was removed)."""
+
+
+class NamespaceModeMismatch(errors.BackendUnavailable):
+    """The namespace runs in the other mode (sequential vs user key) than the one asked for."""
+
+
+class _Secret:
+    """A password that never shows up in a repr (redis-py prints connection kwargs)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "<redacted>"
+
+    __str__ = __repr__
+
+
+def _keep_reply(response: Any, **_options: Any) -> Any:
+    """A response callback that returns the raw reply (0-db's SET/AUTH replies carry data)."""
+    return response
+
+
+class ZdbConnection(Connection):
+    """A redis-py connection that selects its 0-db namespace whenever it (re)connects.
+
+    redis-py 8 runs ``on_connect_check_health`` (not ``on_connect``) from
+    ``connect()``, and ``on_connect`` delegates to it, so extending it covers
+    both paths. A failed SELECT raises from ``connect()``; redis-py then drops
+    the socket, so a connection is never left in ``default``.
+    """
+
+    def __init__(
+        self,
+        *,
+        zdb_namespace: str | None = None,
+        zdb_password: _Secret | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.zdb_namespace = zdb_namespace
+        self._zdb_password = zdb_password
+
+    async def on_connect_check_health(self, check_health: bool = True) -> None:
+        await super().on_connect_check_health(check_health=check_health)
+        if self.zdb_namespace is None:
+            return
+        args: list[str] = ["SELECT", self.zdb_namespace]
+        if self._zdb_password is not None:
+            args.append(self._zdb_password.value)
+        await self.send_command(*args, check_health=False)
+        reply = await self.read_response()
+        if reply != b"OK":
+            raise rexc.ConnectionError(f"unexpected reply to SELECT {self.zdb_namespace}: {reply!r}")
+
+    def repr_pieces(self) -> list[tuple[str, Any]]:
+        pieces: list[tuple[str, Any]] = list(super().repr_pieces())  # type: ignore[no-untyped-call]
+        pieces.append(("namespace", self.zdb_namespace))
+        return pieces
+
+
+def _parse_nsinfo(reply: Any) -> dict[str, str]:
+    """NSINFO's ``key: value`` text as a dict (comment lines skipped)."""
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def _int_field(fields: dict[str, str], key: str) -> int | None:
+    try:
+        return int(fields[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def _describe_key(key: bytes) -> str:
+    if len(key) == SEQ_KEY_SIZE:
+        return f"{key.hex()} (seq id {seq_id(key)})"
+    return repr(key) if len(key) <= 64 else f"{key[:64]!r}... ({len(key)} bytes)"
+
+
+def _map_response_error(name: str, uri: ZdbURI, exc: rexc.ResponseError) -> errors.BackendError:
+    """Translate a 0-db error reply into the gridstor error it means."""
+    reply = str(exc)
+    lowered = reply.lower()
+    where = f"{uri.host}:{uri.port}"
+    if "no space left" in lowered:
+        return errors.NamespaceFull(name, f"namespace is full (0-db: {reply})")
+    if "read-only" in lowered or "locked" in lowered or "frozen" in lowered or "worm mode" in lowered:
+        return errors.ReadOnly(name, f"namespace refuses writes (0-db: {reply})")
+    if reply in _ACCESS_DENIED_REPLIES:
+        return errors.AccessDenied(name, f"access denied (0-db: {reply})")
+    if reply == "Namespace not found":
+        return NamespaceNotFound(name, f"namespace {uri.namespace} not found on {where}")
+    if "active namespace is not available" in lowered:
+        return NamespaceNotFound(name, f"namespace {uri.namespace} was removed from {where} (0-db: {reply})")
+    if reply in _NOT_FOUND_REPLIES:
+        return errors.KeyNotFound(name, f"key not found (0-db: {reply})")
+    return errors.BackendError(name, f"unexpected 0-db error: {reply}")
+
+
+def _unavailable(name: str, exc: BaseException) -> errors.BackendUnavailable:
+    detail = str(exc) or type(exc).__name__
+    return errors.BackendUnavailable(name, f"0-db unreachable: {detail}")
+
+
+class ZdbBackend(Backend):
+    """A gridstor backend on one 0-db namespace. Build it with ``await ZdbBackend.open(...)``."""
+
+    def __init__(self, uri: ZdbURI, mode: Mode, client: aioredis.Redis) -> None:
+        """Wrap an already configured client; use :meth:`open` instead."""
+        self.uri = uri
+        self.name = uri.redacted
+        self.mode = mode
+        self._client = client
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        uri: ZdbURI,
+        mode: Mode,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - a per-request socket timeout, not a deadline
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> ZdbBackend:
+        """Connect, SELECT the namespace and check with NSINFO that it runs in ``mode``.
+
+        Raises ``NamespaceNotFound``, ``AccessDenied`` (wrong password, private
+        namespace), ``NamespaceModeMismatch`` or ``BackendUnavailable``.
+        """
+        pool = BlockingConnectionPool(
+            connection_class=ZdbConnection,
+            max_connections=max_connections,
+            timeout=timeout,
+            host=uri.host,
+            port=uri.port,
+            protocol=2,
+            driver_info=None,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            socket_keepalive=True,
+            health_check_interval=0,
+            retry=Retry(NoBackoff(), 0),
+            zdb_namespace=uri.namespace,
+            zdb_password=_Secret(uri.password) if uri.password else None,
+        )
+        client = aioredis.Redis(connection_pool=pool)
+        client.set_response_callback("SET", _keep_reply)
+        backend = cls(uri, mode, client)
+        try:
+            fields = await backend._nsinfo()
+            actual = fields.get("mode", "?")
+            if actual != _NSINFO_MODE[mode]:
+                raise NamespaceModeMismatch(
+                    backend.name,
+                    f"namespace {uri.namespace} is in {actual} mode but a {mode.value} backend needs "
+                    f"{_NSINFO_MODE[mode]} mode (create it with ensure_namespace(mode=Mode.{mode.name}))",
+                )
+        except BaseException:
+            await backend.close()
+            raise
+        return backend
+
+    # -- plumbing ---------------------------------------------------------
+
+    async def _call(self, *args: bytes | str | int, retry: bool = True, end_ok: bool = False) -> Any:
+        """Run one command and map its errors.
+
+        ``retry``: on a dropped connection, try once more on a fresh one (only
+        for commands that are safe to repeat). ``end_ok``: ``-No more data``
+        returns None instead of raising.
+        """
+        if self._closed:
+            raise errors.BackendUnavailable(self.name, "backend is closed")
+        attempts = 2 if retry else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._client.execute_command(*args)  # type: ignore[no-untyped-call]
+            except rexc.ResponseError as exc:
+                if end_ok and str(exc) == _NO_MORE_DATA:
+                    return None
+                raise _map_response_error(self.name, self.uri, exc) from exc
+            except (rexc.TimeoutError, TimeoutError) as exc:  # never repeated: it would double the wait
+                raise _unavailable(self.name, exc) from exc
+            except _UNAVAILABLE as exc:
+                if attempt < attempts:
+                    continue
+                raise _unavailable(self.name, exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _nsinfo(self) -> dict[str, str]:
+        return _parse_nsinfo(await self._call("NSINFO", self.uri.namespace))
+
+    @staticmethod
+    def _check_key(key: bytes) -> None:
+        if not isinstance(key, bytes | bytearray):
+            raise errors.InvalidInput(f"a key is bytes, got {type(key).__name__}")
+        if not 1 <= len(key) <= MAX_KEY_SIZE:
+            raise errors.InvalidInput(f"a key has 1 to {MAX_KEY_SIZE} bytes, got {len(key)}")
+
+    def _check_value(self, value: bytes) -> None:
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise errors.InvalidInput(f"a value is bytes, got {type(value).__name__}")
+        size = len(value) if not isinstance(value, memoryview) else value.nbytes
+        if size > MAX_VALUE_SIZE:
+            raise errors.ValueTooLarge(
+                f"{self.name}: value of {size} bytes is over 0-db's limit of {MAX_VALUE_SIZE} bytes"
+            )
+
+    def _is_possible_key(self, key: bytes) -> bool:
+        """Whether ``key`` could be stored here (a seq namespace only has 8-byte keys)."""
+        self._check_key(key)
+        return self.mode is Mode.USER or len(key) == SEQ_KEY_SIZE
+
+    # -- Backend ----------------------------------------------------------
+
+    async def put(self, value: bytes) -> bytes:
+        if self.mode is not Mode.SEQ:
+            raise errors.InvalidInput(f"{self.name}: put() allocates keys and needs a seq backend; use set(key, value)")
+        self._check_value(value)
+        # Not repeated on a dropped connection: the first SET may have been
+        # stored, and a second one would allocate a second id.
+        key = await self._call("SET", b"", bytes(value), retry=False)
+        if not isinstance(key, bytes) or len(key) != SEQ_KEY_SIZE:
+            raise errors.BackendError(self.name, f"unexpected reply to SET in seq mode: {key!r}")
+        return key
+
+    async def set(self, key: bytes, value: bytes) -> None:
+        self._check_value(value)
+        if not self._is_possible_key(key):
+            raise errors.KeyNotFound(
+                self.name, f"cannot update {_describe_key(key)}: a sequential key has {SEQ_KEY_SIZE} bytes"
+            )
+        try:
+            reply = await self._call("SET", bytes(key), bytes(value))
+        except errors.KeyNotFound as exc:
+            raise errors.KeyNotFound(self.name, f"cannot update {_describe_key(key)}: not stored") from exc
+        # The key, or nil when the stored value is already byte-for-byte equal.
+        if reply is not None and reply != key:
+            raise errors.BackendError(self.name, f"unexpected reply to SET: {reply!r}")
+
+    async def get(self, key: bytes) -> bytes | None:
+        if not self._is_possible_key(key):
+            return None
+        value = await self._call("GET", bytes(key))
+        if value is not None and not isinstance(value, bytes):
+            raise errors.BackendError(self.name, f"unexpected reply to GET: {type(value).__name__}")
+        return value
+
+    async def exists(self, key: bytes) -> bool:
+        if not self._is_possible_key(key):
+            return False
+        return bool(await self._call("EXISTS", bytes(key)))
+
+    async def delete(self, key: bytes) -> None:
+        if not self._is_possible_key(key):
+            raise errors.KeyNotFound(self.name, f"cannot delete {_describe_key(key)}: not stored")
+        try:
+            # Exactly one argument: "DEL k x" would be DEL with timestamp x.
+            # Not repeated: a second DEL after a lost reply would say "Key not found".
+            await self._call("DEL", bytes(key), retry=False)
+        except errors.KeyNotFound as exc:
+            raise errors.KeyNotFound(self.name, f"cannot delete {_describe_key(key)}: not stored") from exc
+
+    async def scan(self, after: bytes | None = None) -> AsyncIterator[bytes]:
+        """Yield keys in 0-db's order: id order in seq mode, last-write order in user mode.
+
+        Resuming after a key that was deleted meanwhile: in seq mode the scan
+        restarts from the beginning and skips ids up to ``after``; in user mode
+        there is no order to fall back on, so it raises ``KeyNotFound``.
+        """
+        cursor: bytes | None = None
+        skip_through: int | None = None
+        if after is not None:
+            self._check_key(after)
+            try:
+                cursor = await self._call("KEYCUR", bytes(after))
+            except errors.KeyNotFound as exc:
+                if self.mode is Mode.SEQ and len(after) == SEQ_KEY_SIZE:
+                    skip_through = seq_id(bytes(after))
+                else:
+                    raise errors.KeyNotFound(
+                        self.name, f"cannot resume a scan after {_describe_key(after)}: it is not stored"
+                    ) from exc
+        while True:
+            reply = (
+                await self._call("SCANX", end_ok=True)
+                if cursor is None
+                else await self._call("SCANX", cursor, end_ok=True)
+            )
+            if reply is None:
+                return
+            try:
+                cursor, entries = reply[0], reply[1]
+                keys = [entry[0] for entry in entries]
+            except (TypeError, IndexError, ValueError) as exc:
+                raise errors.BackendError(self.name, f"unexpected reply to SCAN: {reply!r:.200}") from exc
+            for key in keys:
+                if skip_through is not None and len(key) == SEQ_KEY_SIZE and seq_id(key) <= skip_through:
+                    continue
+                yield key
+
+    async def info(self) -> BackendInfo:
+        """Entries and live payload bytes from NSINFO.
+
+        ``free_bytes`` is the smaller of the quota left (``space_available``,
+        present when a maxsize is set) and the free space on the data disk;
+        None when NSINFO reports neither.
+        """
+        fields = await self._nsinfo()
+        entries = _int_field(fields, "entries")
+        used = _int_field(fields, "data_size_bytes")
+        if entries is None or used is None:
+            raise errors.BackendError(self.name, "NSINFO reply lacks entries / data_size_bytes")
+        candidates: list[int] = []
+        quota_left = _int_field(fields, "space_available")
+        if quota_left is None:
+            limit = _int_field(fields, "data_limits_bytes")
+            if limit:
+                quota_left = max(0, limit - used)
+        if quota_left is not None:
+            candidates.append(max(0, quota_left))
+        disk_free = _int_field(fields, "data_disk_freespace_bytes")
+        if disk_free is not None:
+            candidates.append(max(0, disk_free))
+        return BackendInfo(entries=entries, used_bytes=used, free_bytes=min(candidates) if candidates else None)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._client.aclose(close_connection_pool=True)
+
+
+# -- administration -------------------------------------------------------
+
+
+async def _admin_call(client: aioredis.Redis, name: str, command: str, *args: str | int) -> Any:
+    """One admin command on a plain (default-namespace) connection, errors mapped."""
+    try:
+        return await client.execute_command(command, *args)  # type: ignore[no-untyped-call]
+    except rexc.ResponseError as exc:
+        reply = str(exc)
+        if reply in {"Permission denied", "Unauthorized"}:
+            raise errors.AccessDenied(
+                name,
+                f"{command} needs 0-db admin rights (0-db: {reply}); pass the server's --admin password "
+                "as admin_password",
+            ) from exc
+        if reply == "Namespace not found":
+            raise NamespaceNotFound(name, f"namespace {args[0]} not found") from exc
+        raise errors.BackendError(name, f"{command} failed (0-db: {reply})") from exc
+    except _UNAVAILABLE as exc:
+        raise _unavailable(name, exc) from exc
+
+
+async def _admin_auth(client: aioredis.Redis, name: str, admin_password: str) -> None:
+    """Authenticate as admin with AUTH SECURE (the password never crosses the wire)."""
+    try:
+        nonce = await client.execute_command("AUTH", "SECURE", "CHALLENGE")  # type: ignore[no-untyped-call]
+        if isinstance(nonce, bytes):
+            nonce = nonce.decode("ascii", "replace")
+        digest = hashlib.sha1(f"{nonce}:{admin_password}".encode()).hexdigest()
+        await client.execute_command("AUTH", "SECURE", digest)  # type: ignore[no-untyped-call]
+    except rexc.ResponseError as exc:
+        reply = str(exc)
+        if reply == "Authentication disabled":
+            return  # the server has no --admin password: every client is admin
+        if reply == "Access denied":
+            raise errors.AccessDenied(name, "wrong 0-db admin password") from exc
+        raise errors.BackendError(name, f"AUTH failed (0-db: {reply})") from exc
+    except _UNAVAILABLE as exc:
+        raise _unavailable(name, exc) from exc
+
+
+async def ensure_namespace(
+    host: str,
+    port: int,
+    namespace: str,
+    *,
+    mode: Mode,
+    password: str | None = None,
+    admin_password: str | None = None,
+    maxsize: int | None = None,
+    public: bool | None = None,
+    timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - a per-request socket timeout, not a deadline
+) -> None:
+    """Create ``namespace`` on a 0-db if it is missing and bring its settings in line. Idempotent.
+
+    * ``mode``: set with ``NSSET mode`` when it differs; 0-db only allows that on
+      an empty namespace of a mixed-mode server, otherwise
+      ``NamespaceModeMismatch`` explains why.
+    * ``password``: set when given (None leaves the current password alone; it
+      is never cleared implicitly).
+    * ``maxsize``: quota in bytes of live payload (0 = unlimited); None leaves it.
+    * ``public``: with a password, whether clients without it may read
+      (0-db's default is yes); None leaves it.
+
+    Admin commands need the server's ``--admin`` password as ``admin_password``
+    (a server started without ``--admin`` treats everyone as admin);
+    ``AccessDenied`` says so when it is missing or wrong.
+    """
+    uri = parse_uri(ZdbURI(host=host, port=port, namespace=namespace).redacted)
+    assert isinstance(uri, ZdbURI)
+    name = uri.redacted
+    if password == "":
+        raise errors.InvalidInput(f"{name}: an empty namespace password is not allowed (use None)")
+    if maxsize is not None and maxsize < 0:
+        raise errors.InvalidInput(f"{name}: maxsize must be >= 0 bytes, got {maxsize}")
+    client = aioredis.Redis(
+        host=host,
+        port=port,
+        protocol=2,
+        driver_info=None,
+        single_connection_client=True,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+    client.set_response_callback("AUTH", _keep_reply)
+    try:
+        if admin_password:
+            await _admin_auth(client, name, admin_password)
+        fields = await _nsinfo_or_none(client, name, namespace)
+        if fields is None:
+            try:
+                await _admin_call(client, name, "NSNEW", namespace)
+            except (errors.AccessDenied, errors.BackendUnavailable):
+                raise
+            except errors.BackendError as exc:
+                if "This namespace is not available" not in exc.reason:  # created meanwhile: fine
+                    raise
+            fields = await _nsinfo_or_none(client, name, namespace)
+            if fields is None:
+                raise NamespaceNotFound(name, f"namespace {namespace} vanished right after NSNEW on {host}:{port}")
+
+        actual_mode = fields.get("mode")
+        if actual_mode != _NSINFO_MODE[mode]:
+            if _int_field(fields, "entries") not in (0, None):
+                raise NamespaceModeMismatch(
+                    name,
+                    f"namespace {namespace} holds data in {actual_mode} mode; it cannot become {_NSINFO_MODE[mode]}",
+                )
+            try:
+                await _admin_call(client, name, "NSSET", namespace, "mode", _NSSET_MODE[mode])
+            except (errors.AccessDenied, errors.BackendUnavailable):
+                raise
+            except errors.BackendError as exc:
+                raise NamespaceModeMismatch(
+                    name,
+                    f"cannot switch namespace {namespace} from {actual_mode} to {_NSINFO_MODE[mode]}: {exc.reason}",
+                ) from exc
+
+        if maxsize is not None and _int_field(fields, "data_limits_bytes") != maxsize:
+            await _admin_call(client, name, "NSSET", namespace, "maxsize", maxsize)
+        if public is not None and (fields.get("public") == "yes") != public:
+            await _admin_call(client, name, "NSSET", namespace, "public", int(public))
+        if password is not None:
+            # NSINFO only says whether a password is set, not which: always set it.
+            await _admin_call(client, name, "NSSET", namespace, "password", password)
+    finally:
+        await client.aclose()
+
+
+async def _nsinfo_or_none(client: aioredis.Redis, name: str, namespace: str) -> dict[str, str] | None:
+    try:
+        return _parse_nsinfo(await _admin_call(client, name, "NSINFO", namespace))
+    except NamespaceNotFound:
+        return None

@@ -1,0 +1,41 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.zdb_server import ZdbProcess, start_zdb
+
+# -- 0-db --------------------------------------------------------------------
+
+
+@pytest.fixture
+def zdb_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ZdbProcess]]:
+    """Start real zdb servers: ``zdb_factory(admin=None, mode=None, datasize=...)``; all stopped after the test.
+
+    Skips the test when no zdb binary is available (see tests/zdb_server.py).
+    """
+    started: list[ZdbProcess] = []
+
+    def factory(admin: str | None = None, **kwargs: Any) -> ZdbProcess:
+        root: Path = tmp_path_factory.mktemp("zdb")
+        proc = start_zdb(root, admin, **kwargs)
+        started.append(proc)
+        return proc
+
+    yield factory
+    for proc in started:
+        proc.stop()
+        # zdb fallocates --datasize bytes per namespace: don't leave that in pytest's kept temp dirs.
+        shutil.rmtree(proc.root, ignore_errors=True)
+
+
+@pytest.fixture
+def zdb_server(zdb_factory: Callable[..., ZdbProcess]) -> ZdbProcess:
+    """A fresh zdb (mixed mode, no admin password) for one test."""
+    return zdb_factory()
