@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.redis_server import RedisProcess
 from tests.zdb_server import ZdbProcess, start_zdb
 
 # -- 0-db --------------------------------------------------------------------
@@ -39,3 +40,15 @@ def zdb_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
 def zdb_server(zdb_factory: Callable[..., ZdbProcess]) -> ZdbProcess:
     """A fresh zdb (mixed mode, no admin password) for one test."""
     return zdb_factory()
+
+
+# -- redis ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """A fresh redis-server on a unix socket (append-only) for one test."""
+    proc = RedisProcess(tmp_path_factory.mktemp("redis"))
+    proc.start()
+    yield proc
+    proc.stop()

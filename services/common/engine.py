@@ -232,8 +232,8 @@ class Engine:
                 await tasks.popleft()
         except BaseException:
             # Source error, refused placement or cancellation: leave no orphan shards.
-            for t in tasks:
-                t.cancel()
+            # In-flight writes are awaited, not cancelled (each is bounded by
+            # shard_timeout), so every shard that lands is known and removed.
             await asyncio.gather(*tasks, return_exceptions=True)
             await writer.cleanup()
             raise
@@ -569,7 +569,11 @@ class _ChunkWriter:
                 ref.checksum = sums[si]
                 return
 
-        await asyncio.gather(*(one(si, f) for si, f in frags.items()))
+        # Let every shard finish before failing, so no write lands after cleanup().
+        results = await asyncio.gather(*(one(si, f) for si, f in frags.items()), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
 
     async def cleanup(self) -> None:
         """Delete every shard this writer put (after a failed store or repair)."""
@@ -585,8 +589,12 @@ class _ChunkWriter:
 
 
 async def rechunk(source: AsyncIterable[bytes] | Iterable[bytes], size: int) -> AsyncIterator[bytes]:
-    """Re-cut a stream of byte strings into pieces of exactly ``size`` (the last may be shorter)."""
-    buf = bytearray()
+    """Re-cut a stream of byte strings into pieces of exactly ``size`` (the last may be shorter).
+
+    Pieces are collected in a list and joined once per chunk: one copy per byte.
+    """
+    parts: list[bytes] = []
+    have = 0
 
     async def pieces() -> AsyncIterator[bytes]:
         if isinstance(source, AsyncIterable):
@@ -597,16 +605,21 @@ async def rechunk(source: AsyncIterable[bytes] | Iterable[bytes], size: int) -> 
                 yield p
 
     async for piece in pieces():
-        if not buf and len(piece) == size:
-            yield bytes(piece)
+        if not piece:
             continue
-        buf += piece
-        while len(buf) >= size:
-            out = bytes(buf[:size])
-            del buf[:size]
-            yield out
-    if buf:
-        yield bytes(buf)
+        parts.append(piece)
+        have += len(piece)
+        while have >= size:
+            if len(parts) == 1 and have == size:
+                out = parts[0]
+                parts, have = [], 0
+            else:
+                joined = b"".join(parts)
+                out, rest = joined[:size], joined[size:]
+                parts, have = ([rest] if rest else []), len(rest)
+            yield bytes(out)
+    if have:
+        yield b"".join(parts)
 
 
 async def file_source(path: str | os.PathLike[str], block: int = DEFAULT_CHUNK_SIZE) -> AsyncIterator[bytes]:

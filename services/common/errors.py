@@ -13,6 +13,10 @@ one place (``services/common/grpc_errors.py``).
     │   └── WrongMasterKey
     ├── Unrecoverable           fewer than k good shards for a chunk (UNAVAILABLE)
     ├── StoreFailed             a write could not place every shard (UNAVAILABLE)
+    ├── Unauthenticated         no / bad / expired token or credentials (UNAUTHENTICATED)
+    ├── PermissionDenied        authenticated, but not allowed (PERMISSION_DENIED)
+    ├── LimitExceeded           over a size, quota or rate limit (RESOURCE_EXHAUSTED)
+    ├── Refused                 not possible in this state, e.g. writes on a replica (FAILED_PRECONDITION)
     └── BackendError            one backend misbehaved; the engine routes around it
         ├── BackendUnavailable  cannot connect / folder gone / timed out
         ├── NamespaceFull       0-db quota reached ("No space left on this namespace")
@@ -62,6 +66,22 @@ class Unrecoverable(GridstorError):
 
 class StoreFailed(GridstorError):
     """A file could not be stored; nothing was registered."""
+
+
+class Unauthenticated(GridstorError):
+    """Credentials or token missing, malformed, forged or expired."""
+
+
+class PermissionDenied(GridstorError):
+    """The caller is known but may not do this."""
+
+
+class LimitExceeded(GridstorError):
+    """A size, quota or rate limit was hit."""
+
+
+class Refused(GridstorError):
+    """The request cannot be served in the gateway's current state or role."""
 
 
 class BackendError(GridstorError):

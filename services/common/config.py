@@ -1,0 +1,279 @@
+"""The gateway configuration: one YAML file, validated at start.
+
+Every field has a default that works on one machine (``make up``): 20 dir
+backends under the data dir, metadata in a dir store, public mode on
+127.0.0.1. A wrong or unknown field stops the start with a message naming the
+field and what is wrong, e.g. ``config: engine.k: must be an integer >= 1``.
+
+Environment overrides: ``GRIDSTOR_DATA_DIR``, ``GRIDSTOR_REDIS_URL``,
+``GRIDSTOR_MODE``, ``GRIDSTOR_LISTEN_HOST``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from services.common.backends.uri import parse_uri
+from services.common.engine import DEFAULT_CHUNK_SIZE, EngineConfig
+from services.common.errors import InvalidInput
+
+MODES = ("public", "secret", "allowlist")
+SERVICES = ("auth", "ingest", "meta", "ssh", "maint")
+DEFAULT_PORTS = {"auth": 7101, "ingest": 7102, "meta": 7103, "ssh": 7104, "maint": 7105}
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+class ConfigError(InvalidInput):
+    """The configuration is wrong; the message names the field."""
+
+
+def parse_size(value: object, where: str) -> int:
+    """Bytes from an int or a string like ``100MB``, ``4MiB``, ``1.5G``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"config: {where}: expected a size like 100MB, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        unit = (m.group(2) or "").lower()
+        base = 1024 if "i" in unit else 1000
+        mult = _UNITS[unit[:1]] if base == 1000 else base ** ("bkmgt".index(unit[0]))
+        n = int(float(m.group(1)) * mult)
+    else:
+        raise ConfigError(f"config: {where}: expected a size like 100MB or 4MiB, got {value!r}")
+    if n < 0:
+        raise ConfigError(f"config: {where}: must not be negative")
+    return n
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    uri: str
+
+
+@dataclass(frozen=True)
+class MetadataConfig:
+    uri: str
+    index_uri: str
+    replicas: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path
+    mode: str = "public"
+    secret: str = field(default="", repr=False)
+    allowlist: Mapping[str, str] = field(default_factory=dict)  # identity -> ed25519 public key (hex)
+    token_ttl: int = 86400
+    auth_skew: int = 60
+    listen_host: str = "127.0.0.1"
+    ports: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    metrics_port_offset: int = 100  # metrics of service S listen on ports[S] + offset
+    redis_url: str = ""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    backends: tuple[BackendSpec, ...] = ()
+    metadata: MetadataConfig | None = None
+    max_upload: int = 100 * 10**6
+    workers: int = 0  # 0 = one per core
+    status_max_wait: int = 300
+    role: str = "master"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    def address(self, service: str) -> str:
+        return f"{self.listen_host}:{self.ports[service]}"
+
+
+def default_backends(data_dir: Path, n: int = 20) -> tuple[BackendSpec, ...]:
+    return tuple(BackendSpec(f"b{i:02d}", f"dir://{data_dir}/backends/b{i:02d}") for i in range(n))
+
+
+def _expect(value: object, kind: type | tuple[type, ...], where: str, what: str) -> Any:
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"config: {where}: expected {what}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"config: {where}: expected {what}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _int(value: object, where: str, lo: int, hi: int | None = None) -> int:
+    n = _expect(value, int, where, "an integer")
+    if n < lo or (hi is not None and n > hi):
+        rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise ConfigError(f"config: {where}: must be an integer {rng}, got {n}")
+    return int(n)
+
+
+def load_config(path: str | Path | None = None, *, data_dir: str | Path | None = None) -> Config:
+    """Read and validate a config file (or the defaults when ``path`` is None)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise ConfigError(f"config: cannot read {p}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config: {p} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config: {p} must hold a mapping of settings, got {type(loaded).__name__}")
+        raw = dict(loaded or {})
+    return build_config(raw, data_dir=data_dir)
+
+
+def build_config(raw: Mapping[str, Any], *, data_dir: str | Path | None = None) -> Config:
+    """Validate a mapping of settings (as loaded from YAML) into a Config."""
+    raw = dict(raw)
+    known = {f.name for f in fields(Config)} | {"max_upload", "redis", "ports"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"config: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    env = os.environ
+    dd = Path(env.get("GRIDSTOR_DATA_DIR") or data_dir or raw.get("data_dir") or "data").expanduser().absolute()
+    mode = env.get("GRIDSTOR_MODE") or raw.get("mode", "public")
+    if mode not in MODES:
+        raise ConfigError(f"config: mode: must be one of {', '.join(MODES)}, got {mode!r}")
+    secret = _expect(raw.get("secret", ""), str, "secret", "a string")
+    if mode == "secret" and len(secret) < 16:
+        raise ConfigError("config: secret: mode 'secret' needs a shared secret of at least 16 characters")
+    allow_raw = _expect(raw.get("allowlist") or {}, dict, "allowlist", "a mapping of identity: public key hex")
+    allowlist: dict[str, str] = {}
+    for ident, key in allow_raw.items():
+        where = f"allowlist.{ident}"
+        if not isinstance(ident, str) or not _NAME.match(ident):
+            raise ConfigError(f"config: {where}: identity must be 1-64 of letters, digits, '_', '.', '-'")
+        key = _expect(key, str, where, "an ed25519 public key as 64 hex characters")
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", key):
+            raise ConfigError(f"config: {where}: expected an ed25519 public key as 64 hex characters")
+        allowlist[ident] = key.lower()
+    if mode == "allowlist" and not allowlist:
+        raise ConfigError("config: allowlist: mode 'allowlist' needs at least one identity")
+
+    ports = dict(DEFAULT_PORTS)
+    for svc, port in _expect(raw.get("ports") or {}, dict, "ports", "a mapping of service: port").items():
+        if svc not in DEFAULT_PORTS:
+            raise ConfigError(f"config: ports.{svc}: unknown service; known: {', '.join(SERVICES)}")
+        ports[svc] = _int(port, f"ports.{svc}", 1, 65535)
+    if len(set(ports.values())) != len(ports):
+        raise ConfigError(f"config: ports: two services share a port: {ports}")
+
+    eng_raw = _expect(raw.get("engine") or {}, dict, "engine", "a mapping")
+    eng_known = {f.name for f in fields(EngineConfig)}
+    bad = sorted(set(eng_raw) - eng_known)
+    if bad:
+        raise ConfigError(f"config: engine: unknown setting(s) {', '.join(bad)}; known: {', '.join(sorted(eng_known))}")
+    eng_kwargs: dict[str, Any] = {}
+    for key, value in eng_raw.items():
+        if key == "chunk_size":
+            eng_kwargs[key] = parse_size(value, "engine.chunk_size")
+        elif key == "ec_type":
+            eng_kwargs[key] = _expect(value, str, "engine.ec_type", "a string")
+        elif key in ("hedge_after", "shard_timeout", "backend_cooldown"):
+            v = _expect(value, (int, float), f"engine.{key}", "a number of seconds")
+            if v <= 0:
+                raise ConfigError(f"config: engine.{key}: must be positive")
+            eng_kwargs[key] = float(v)
+        else:
+            eng_kwargs[key] = _int(value, f"engine.{key}", 1)
+    eng_kwargs.setdefault("chunk_size", DEFAULT_CHUNK_SIZE)
+    try:
+        engine = EngineConfig(**eng_kwargs)
+    except InvalidInput as exc:
+        raise ConfigError(f"config: engine: {exc}") from None
+
+    backends = _backends(raw.get("backends"), dd)
+    if len(backends) < engine.k + engine.m:
+        raise ConfigError(
+            f"config: backends: {len(backends)} configured, {engine.k}+{engine.m} coding needs at least"
+            f" {engine.k + engine.m}"
+        )
+    metadata = _metadata(raw.get("metadata"), dd)
+    redis_url = env.get("GRIDSTOR_REDIS_URL") or _expect(raw.get("redis", ""), str, "redis", "a redis:// URL")
+    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"config: redis: expected redis://host:port/db or unix:///path, got {redis_url!r}")
+    role = _expect(raw.get("role", "master"), str, "role", "master or replica")
+    if role not in ("master", "replica"):
+        raise ConfigError(f"config: role: must be master or replica, got {role!r}")
+    return Config(
+        data_dir=dd,
+        mode=mode,
+        secret=secret,
+        allowlist=allowlist,
+        token_ttl=_int(raw.get("token_ttl", 86400), "token_ttl", 60),
+        auth_skew=_int(raw.get("auth_skew", 60), "auth_skew", 1, 3600),
+        listen_host=env.get("GRIDSTOR_LISTEN_HOST")
+        or _expect(raw.get("listen_host", "127.0.0.1"), str, "listen_host", "a host"),
+        ports=ports,
+        metrics_port_offset=_int(raw.get("metrics_port_offset", 100), "metrics_port_offset", 0, 1000),
+        redis_url=redis_url or f"unix://{dd}/redis.sock",
+        engine=engine,
+        backends=backends,
+        metadata=metadata,
+        max_upload=parse_size(raw.get("max_upload", 100 * 10**6), "max_upload"),
+        workers=_int(raw.get("workers", 0), "workers", 0, 64),
+        status_max_wait=_int(raw.get("status_max_wait", 300), "status_max_wait", 1, 3600),
+        role=role,
+    )
+
+
+def _backends(value: object, data_dir: Path) -> tuple[BackendSpec, ...]:
+    if value is None:
+        return default_backends(data_dir)
+    items = _expect(value, list, "backends", "a list of URIs or {name, uri} mappings")
+    out: list[BackendSpec] = []
+    for i, item in enumerate(items):
+        where = f"backends[{i}]"
+        if isinstance(item, str):
+            name, uri = f"b{i:02d}", item
+        else:
+            item = _expect(item, dict, where, "a URI or a {name, uri} mapping")
+            name = _expect(item.get("name", f"b{i:02d}"), str, f"{where}.name", "a string")
+            uri = _expect(item.get("uri"), str, f"{where}.uri", "a backend URI")
+        if not _NAME.match(name):
+            raise ConfigError(f"config: {where}.name: {name!r} must be 1-64 of letters, digits, '_', '.', '-'")
+        try:
+            parse_uri(uri)
+        except InvalidInput as exc:
+            raise ConfigError(f"config: {where}: {exc}") from None
+        out.append(BackendSpec(name, uri))
+    names = [b.name for b in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"config: backends: duplicate name(s) {', '.join(dupes)}")
+    uris = [b.uri for b in out]
+    if len(set(uris)) != len(uris):
+        raise ConfigError("config: backends: the same URI is listed twice (each shard copy must be independent)")
+    return tuple(out)
+
+
+def _metadata(value: object, data_dir: Path) -> MetadataConfig:
+    if value is None:
+        return MetadataConfig(uri=f"dir://{data_dir}/meta/records", index_uri=f"dir://{data_dir}/meta/index")
+    raw = _expect(value, dict, "metadata", "a mapping with uri, index_uri, replicas")
+    bad = sorted(set(raw) - {"uri", "index_uri", "replicas"})
+    if bad:
+        raise ConfigError(f"config: metadata: unknown setting(s) {', '.join(bad)}")
+    uri = _expect(raw.get("uri"), str, "metadata.uri", "a backend URI")
+    index_uri = _expect(raw.get("index_uri"), str, "metadata.index_uri", "a backend URI (user-key namespace)")
+    replicas = tuple(_expect(raw.get("replicas") or [], list, "metadata.replicas", "a list of URIs"))
+    for where, u in [("metadata.uri", uri), ("metadata.index_uri", index_uri)] + [
+        (f"metadata.replicas[{i}]", r) for i, r in enumerate(replicas)
+    ]:
+        try:
+            parse_uri(_expect(u, str, where, "a backend URI"))
+        except InvalidInput as exc:
+            raise ConfigError(f"config: {where}: {exc}") from None
+    return MetadataConfig(uri=uri, index_uri=index_uri, replicas=replicas)

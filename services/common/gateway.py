@@ -1,0 +1,59 @@
+"""Opening what a configured gateway stores into: the backend pool and the metadata store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+
+from services.common.backends import Backend, Mode, open_backend
+from services.common.config import Config
+from services.common.engine import BackendPool, Engine
+from services.common.errors import BackendError
+from services.common.keys import master_key, signing_key
+from services.common.metastore import MetaStore
+from services.common.rpc import service_token
+
+
+async def open_pool(cfg: Config) -> BackendPool:
+    """Every configured shard backend; one that cannot be opened is a clear BackendError."""
+    opened: dict[str, Backend] = {}
+    try:
+        results = await asyncio.gather(
+            *(open_backend(spec.uri, Mode.SEQ) for spec in cfg.backends), return_exceptions=True
+        )
+        for spec, res in zip(cfg.backends, results, strict=True):
+            if isinstance(res, BaseException):
+                raise res
+            opened[spec.name] = res
+    except BaseException:
+        for b in opened.values():
+            with contextlib.suppress(BackendError):
+                await b.close()
+        raise
+    return BackendPool(opened, cooldown=cfg.engine.backend_cooldown)
+
+
+async def open_engine(cfg: Config) -> Engine:
+    return Engine(await open_pool(cfg), master_key(cfg.data_dir), cfg.engine)
+
+
+async def open_metastore(cfg: Config) -> MetaStore:
+    assert cfg.metadata is not None
+    records = await open_backend(cfg.metadata.uri, Mode.SEQ)
+    index = await open_backend(cfg.metadata.index_uri, Mode.USER)
+    return MetaStore(records, index)
+
+
+def channel(cfg: Config, service: str) -> grpc.aio.Channel:
+    """An insecure channel to one of the gateway's own services (loopback / private network)."""
+    return grpc.aio.insecure_channel(
+        cfg.address(service),
+        options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)],
+    )
+
+
+def service_metadata(cfg: Config, name: str) -> tuple[tuple[str, str]]:
+    """Call metadata carrying a service token for internal methods."""
+    return (("authorization", "Bearer " + service_token(signing_key(cfg.data_dir), name)),)

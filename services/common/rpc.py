@@ -1,0 +1,225 @@
+"""gRPC plumbing every service shares: error mapping, token checks, server start/stop.
+
+* Domain errors (services.common.errors) become status codes in ONE place,
+  ``status_for``; handlers just raise.
+* ``GuardInterceptor`` checks tokens locally (ed25519, no call to auth):
+  public methods pass; internal methods (service to service) need a token
+  whose subject starts with ``service:``; every other method needs a valid
+  token unless the gateway runs in ``public`` mode. The caller's identity is
+  in ``current_identity`` for the handler.
+* ``start_server`` binds a grpc.aio server with health and the guard;
+  ``run_service`` runs one until SIGTERM/SIGINT and stops it gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from nacl.signing import SigningKey, VerifyKey
+
+from services.common import errors, tokens
+from services.common.config import Config
+from services.common.metrics import Registry, serve_metrics
+
+log = logging.getLogger(__name__)
+
+SERVICE_SUBJECT_PREFIX = "service:"
+MAX_MESSAGE = 8 * 1024 * 1024
+
+current_identity: contextvars.ContextVar[str] = contextvars.ContextVar("current_identity", default="")
+
+_STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Refused, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.WrongMasterKey, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
+    (errors.Unrecoverable, grpc.StatusCode.UNAVAILABLE),
+    (errors.StoreFailed, grpc.StatusCode.UNAVAILABLE),
+    (errors.BackendError, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a domain error maps to (INTERNAL for anything else)."""
+    for cls, code in _STATUS:
+        if isinstance(exc, cls):
+            return code, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the service log"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which methods of a service need what (method names without the service prefix)."""
+
+    public: frozenset[str] = frozenset()
+    internal: frozenset[str] = frozenset()
+
+
+@dataclass
+class Guard:
+    """Token verification settings shared by the interceptor and in-process callers."""
+
+    verify_key: VerifyKey
+    mode: str
+    policies: dict[str, Policy] = field(default_factory=dict)  # full service name -> policy
+
+    def check(self, full_method: str, metadata: Iterable[tuple[str, str | bytes]]) -> str:
+        """Identity allowed to call ``full_method`` with this metadata, or Unauthenticated."""
+        service, _, method = full_method.lstrip("/").partition("/")
+        if service.startswith("grpc."):  # health, reflection
+            return ""
+        policy = self.policies.get(service, Policy())
+        if method in policy.public:
+            return ""
+        token = ""
+        for key, value in metadata:
+            if key == "authorization":
+                text = value.decode() if isinstance(value, bytes) else value
+                scheme, _, rest = text.partition(" ")
+                if scheme.lower() == "bearer":
+                    token = rest.strip()
+        if method in policy.internal:
+            claims = tokens.verify(self.verify_key, token)
+            if not claims.subject.startswith(SERVICE_SUBJECT_PREFIX):
+                raise errors.PermissionDenied(f"{method} is internal to the gateway's services")
+            return claims.subject
+        if self.mode == "public" and not token:
+            return ""
+        return tokens.verify(self.verify_key, token).subject
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Checks tokens and maps domain errors to status codes for every handler."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method: str = details.method
+        metadata = tuple(details.invocation_metadata or ())
+        guard = self.guard
+        return _wrap(handler, lambda: guard.check(method, metadata))
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    code, message = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("unexpected error in handler", exc_info=exc)
+    await context.abort(code, message)
+
+
+def _wrap(handler: grpc.RpcMethodHandler[Any, Any], authorize: Callable[[], str]) -> grpc.RpcMethodHandler[Any, Any]:
+    h: Any = handler
+
+    if h.unary_unary or h.stream_unary:
+        inner = h.unary_unary or h.stream_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                current_identity.set(authorize())
+                return await inner(request, context)
+            except errors.GridstorError as exc:
+                await _abort(context, exc)
+
+        make = grpc.unary_unary_rpc_method_handler if h.unary_unary else grpc.stream_unary_rpc_method_handler
+        return make(unary, request_deserializer=h.request_deserializer, response_serializer=h.response_serializer)
+
+    inner_s = h.unary_stream or h.stream_stream
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        try:
+            current_identity.set(authorize())
+            async for item in inner_s(request, context):
+                yield item
+        except errors.GridstorError as exc:
+            await _abort(context, exc)
+
+    make_s = grpc.unary_stream_rpc_method_handler if h.unary_stream else grpc.stream_stream_rpc_method_handler
+    return make_s(streaming, request_deserializer=h.request_deserializer, response_serializer=h.response_serializer)
+
+
+def service_token(key: SigningKey, name: str, ttl: int = 86400) -> str:
+    """A token for service-to-service calls (internal methods)."""
+    return tokens.issue(key, SERVICE_SUBJECT_PREFIX + name, ttl)[0]
+
+
+@dataclass
+class Running:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer  # type: ignore[name-defined]
+
+
+async def start_server(
+    cfg: Config,
+    guard: Guard,
+    register: Callable[[grpc.aio.Server], Iterable[str]],
+    *,
+    port: int,
+    host: str | None = None,
+) -> Running:
+    """Bind and start a server; ``register`` adds servicers and returns their full names."""
+    server = grpc.aio.server(
+        interceptors=[GuardInterceptor(guard)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    names = list(register(server))
+    hs = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    bound = server.add_insecure_port(f"{host or cfg.listen_host}:{port}")
+    if bound == 0:
+        raise errors.InvalidInput(f"cannot listen on {host or cfg.listen_host}:{port} (port in use?)")
+    await server.start()
+    for name in [*names, ""]:
+        await hs.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Running(server, bound, hs)
+
+
+async def run_service(
+    name: str,
+    cfg: Config,
+    build: Callable[[], Awaitable[tuple[Running, Callable[[], Awaitable[None]]]]],
+    registry: Registry,
+) -> None:
+    """Start via ``build`` (returns the server and a cleanup), serve metrics, stop on a signal."""
+    running, cleanup = await build()
+    metrics_port = cfg.ports[name] + cfg.metrics_port_offset
+    metrics = await serve_metrics(registry, cfg.listen_host, metrics_port)
+    log.info(
+        "%s listening", name, extra={"grpc": f"{cfg.listen_host}:{running.port}", "metrics": metrics_port}
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("%s stopping", name)
+    await running.health.enter_graceful_shutdown()
+    await running.server.stop(5)
+    metrics.close()
+    with contextlib.suppress(Exception):
+        await cleanup()

@@ -1,0 +1,87 @@
+"""Bearer tokens signed by the gateway's ed25519 key, verified locally by every service.
+
+Format: ``gs1.<payload>.<signature>``, both parts base64url without padding.
+The payload is compact JSON ``{"sub", "iat", "exp", "kid", "jti"}``; the
+signature is ed25519 over ``b"gridstor/v1/token\\n" + payload bytes`` (domain
+separated from receipts and auth messages signed by the same key).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from services.common.errors import Unauthenticated
+from services.common.keys import key_id
+
+PREFIX = "gs1"
+DOMAIN = b"gridstor/v1/token\n"
+MAX_TOKEN_LEN = 1024
+
+
+class TokenError(Unauthenticated):
+    """A token is missing, malformed, forged or expired; the message says which."""
+
+
+@dataclass(frozen=True)
+class Claims:
+    subject: str
+    issued_at: int
+    expires_at: int
+    key_id: str
+    token_id: str
+
+
+def _b64e(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _b64d(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def issue(key: SigningKey, subject: str, ttl: int, now: float | None = None) -> tuple[str, Claims]:
+    """A new token for ``subject`` valid ``ttl`` seconds."""
+    iat = int(time.time() if now is None else now)
+    claims = Claims(subject, iat, iat + ttl, key_id(key.verify_key), os.urandom(8).hex())
+    payload = json.dumps(
+        {"sub": subject, "iat": iat, "exp": claims.expires_at, "kid": claims.key_id, "jti": claims.token_id},
+        separators=(",", ":"),
+        sort_keys=True,
+    ).encode()
+    sig = key.sign(DOMAIN + payload).signature
+    return f"{PREFIX}.{_b64e(payload)}.{_b64e(sig)}", claims
+
+
+def verify(key: VerifyKey, token: str, now: float | None = None) -> Claims:
+    """The claims of a valid token, or TokenError saying why it is refused."""
+    if not token:
+        raise TokenError("no token: send 'authorization: Bearer <token>' (get one from AuthService.Authenticate)")
+    if len(token) > MAX_TOKEN_LEN:
+        raise TokenError("token is too long")
+    parts = token.split(".")
+    if len(parts) != 3 or parts[0] != PREFIX:
+        raise TokenError("token is malformed (expected gs1.<payload>.<signature>)")
+    try:
+        payload, sig = _b64d(parts[1]), _b64d(parts[2])
+    except (binascii.Error, ValueError):
+        raise TokenError("token is malformed (bad base64)") from None
+    try:
+        key.verify(DOMAIN + payload, sig)
+    except (BadSignatureError, ValueError):
+        raise TokenError("token signature is invalid (forged, or signed by another gateway key)") from None
+    try:
+        data = json.loads(payload)
+        claims = Claims(str(data["sub"]), int(data["iat"]), int(data["exp"]), str(data["kid"]), str(data["jti"]))
+    except (ValueError, KeyError, TypeError):
+        raise TokenError("token payload is malformed") from None
+    if (time.time() if now is None else now) >= claims.expires_at:
+        raise TokenError("token has expired; authenticate again")
+    return claims
