@@ -8,6 +8,11 @@ allocations come from the heap. Raising ``M_MMAP_THRESHOLD`` and
 ``M_TRIM_THRESHOLD`` keeps chunk buffers in the heap and reuses them. The
 cost is that up to ``trim`` bytes of freed heap stay mapped (bounded, since
 the pipeline holds a fixed number of chunks).
+
+``M_ARENA_MAX`` is capped at 2: every worker thread that touches a chunk would
+otherwise get an arena of its own, each keeping freed chunk buffers mapped
+(measured on 1 GiB through the engine: peak RSS 162 MiB with glibc's default
+arena count, 90-119 MiB with two, at the same throughput).
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+ARENA_MAX = 2
 # glibc caps M_MMAP_THRESHOLD at 32 MiB on 64-bit (HEAP_MAX_SIZE / 2).
 MMAP_THRESHOLD = 32 * 1024 * 1024
-TRIM_THRESHOLD = 128 * 1024 * 1024
+TRIM_THRESHOLD = 64 * 1024 * 1024
 
 _done = False
 
@@ -49,7 +56,14 @@ def tune_malloc() -> bool:
         return False  # not glibc (musl has no mallopt)
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
+    ok = all(
+        mallopt(param, value) == 1
+        for param, value in (
+            (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+            (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+            (M_ARENA_MAX, ARENA_MAX),
+        )
+    )
     if not ok:
         log.warning("mallopt refused the chunk-buffer thresholds; throughput may drop")
     _done = ok

@@ -89,6 +89,17 @@ class Backend(abc.ABC):
     async def info(self) -> BackendInfo:
         """Entries, bytes used and bytes free (raises BackendUnavailable when down)."""
 
+    #: True when ``put_blocking`` works (local storage): the engine may then write
+    #: several backends' shards from one worker thread instead of one hop each.
+    local: bool = False
+
+    def put_blocking(self, value: bytes) -> bytes:
+        """``put`` for a caller on a worker thread; call ``after_blocking_put`` on the loop afterwards."""
+        raise NotImplementedError(f"{type(self).__name__} has no blocking put")
+
+    def after_blocking_put(self) -> None:
+        """Loop-side bookkeeping after ``put_blocking`` calls (e.g. arm a background flush)."""
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections / file handles. The backend is unusable afterwards."""

@@ -1,0 +1,304 @@
+"""The storage engine over real dir backends: round trips, ranges, loss, corruption, repair."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.common.backends import Mode, open_backend
+from services.common.backends.base import Backend
+from services.common.engine import Engine, EngineConfig, FileRecord, rechunk
+from services.common.errors import (
+    InvalidInput,
+    StoreFailed,
+    Unrecoverable,
+    WrongMasterKey,
+)
+from tests.common.engine_util import collect, corrupt_shard, make_pool
+
+K, M = 16, 4
+CHUNK = 64 * 1024  # small chunks keep the tests fast while exercising many chunks
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[tuple[Engine, Path]]:
+    pool = await make_pool(tmp_path, 20)
+    engine = Engine(pool, os.urandom(32), EngineConfig(k=K, m=M, chunk_size=CHUNK))
+    yield engine, tmp_path
+    await pool.close()
+
+
+def pieces(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)] or [b""]
+
+
+SIZES = [0, 1, K - 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 12345]
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_round_trip(env: tuple[Engine, Path], size: int) -> None:
+    engine, _ = env
+    data = os.urandom(size)
+    record = await engine.store(pieces(data, 7000), ext=".bin", content_type="application/octet-stream")
+    assert record.size == size
+    assert len(record.hash) == 24
+    assert len(record.chunks) == -(-size // CHUNK)
+    assert await collect(engine.read(record)) == data
+    for chunk in record.chunks:
+        assert len({(s.backend) for s in chunk.shards}) == K + M  # distinct backends per chunk
+
+
+async def test_hash_is_blake3_192_of_plaintext(env: tuple[Engine, Path]) -> None:
+    import blake3
+
+    engine, _ = env
+    data = os.urandom(200_000)
+    record = await engine.store([data])
+    assert record.hash == blake3.blake3(data).digest(24)
+
+
+async def test_async_source_and_odd_pieces(env: tuple[Engine, Path]) -> None:
+    engine, _ = env
+    data = os.urandom(5 * CHUNK + 3)
+
+    async def gen() -> AsyncIterator[bytes]:
+        rnd = random.Random(1)
+        i = 0
+        while i < len(data):
+            n = rnd.randint(1, 3 * CHUNK)
+            yield data[i : i + n]
+            i += n
+
+    record = await engine.store(gen())
+    assert await collect(engine.read(record)) == data
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+async def test_random_ranges(stored: tuple[Engine, FileRecord, bytes], data: st.DataObject) -> None:
+    engine, record, content = stored
+    offset = data.draw(st.integers(0, len(content)))
+    length = data.draw(st.one_of(st.none(), st.integers(0, len(content) + 10)))
+    got = await collect(engine.read(record, offset, length))
+    want = content[offset:] if length is None else content[offset : offset + length]
+    assert got == want
+
+
+@pytest.fixture
+async def stored(env: tuple[Engine, Path]) -> tuple[Engine, FileRecord, bytes]:
+    engine, _ = env
+    content = os.urandom(4 * CHUNK + 999)
+    return engine, await engine.store([content]), content
+
+
+async def test_bad_ranges(stored: tuple[Engine, FileRecord, bytes]) -> None:
+    engine, record, content = stored
+    with pytest.raises(InvalidInput, match="beyond the end"):
+        await collect(engine.read(record, len(content) + 1))
+    with pytest.raises(InvalidInput, match="negative"):
+        await collect(engine.read(record, -1))
+    assert await collect(engine.read(record, len(content))) == b""
+
+
+def _backend_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.name.startswith("b"))
+
+
+async def test_any_m_backends_gone_reads_identical(stored: tuple[Engine, FileRecord, bytes], tmp_path: Path) -> None:
+    engine, record, content = stored
+    for victims in (range(M), range(K - 2, K + 2), range(K, K + M)):
+        gone = [_backend_dirs(tmp_path)[i] for i in victims]
+        backup = tmp_path / "moved"
+        backup.mkdir()
+        for d in gone:
+            shutil.move(str(d), backup / d.name)
+        try:
+            assert await collect(engine.read(record)) == content
+            assert await collect(engine.read(record, CHUNK - 5, CHUNK + 10)) == content[CHUNK - 5 : 2 * CHUNK + 5]
+        finally:
+            for d in gone:
+                shutil.move(str(backup / d.name), d)
+            backup.rmdir()
+
+
+async def test_m_plus_one_gone_is_a_clear_error(stored: tuple[Engine, FileRecord, bytes], tmp_path: Path) -> None:
+    engine, record, _ = stored
+    for d in _backend_dirs(tmp_path)[: M + 1]:
+        shutil.rmtree(d)
+    with pytest.raises(Unrecoverable, match=r"chunk 0 has 15 good shards of 20, needs 16"):
+        await collect(engine.read(record))
+    report = await engine.soft_check(record)
+    assert len(report.unrecoverable) == len(record.chunks)
+    with pytest.raises(Unrecoverable, match="cannot repair"):
+        await engine.repair(record, report)
+
+
+async def test_flipped_byte_read_check_repair(stored: tuple[Engine, FileRecord, bytes]) -> None:
+    engine, record, content = stored
+    await corrupt_shard(engine, record, chunk=1, shard=3)
+    assert await collect(engine.read(record)) == content  # parity covers the bad data shard
+    soft = await engine.soft_check(record)
+    assert soft.ok  # the shard is present: only the hard check sees the damage
+    hard = await engine.hard_check(record)
+    assert not hard.ok
+    assert [(c.index, c.corrupt) for c in hard.damaged] == [(1, [3])]
+    assert hard.hash_ok is True
+    repaired, n = await engine.repair(record, hard)
+    assert n == 1
+    again = await engine.hard_check(repaired)
+    assert again.ok, again
+    assert await collect(engine.read(repaired)) == content
+
+
+async def test_repair_onto_spare_backends_after_loss(tmp_path: Path) -> None:
+    pool = await make_pool(tmp_path, 24)
+    engine = Engine(pool, os.urandom(32), EngineConfig(k=K, m=M, chunk_size=CHUNK))
+    content = os.urandom(3 * CHUNK + 5)
+    record = await engine.store([content])
+    lost = sorted({record.backends[s.backend] for s in record.chunks[0].shards})[:M]
+    for name in lost:
+        shutil.rmtree(tmp_path / name)
+    soft = await engine.soft_check(record)
+    assert soft.damaged and not soft.unrecoverable
+    repaired, n = await engine.repair(record, soft)
+    assert n == sum(len(h.bad) for h in soft.chunks)
+    for chunk in repaired.chunks:
+        names = [repaired.backends[s.backend] for s in chunk.shards]
+        assert len(set(names)) == K + M
+        assert not set(lost) & set(names)
+    assert (await engine.hard_check(repaired)).ok
+    assert await collect(engine.read(repaired)) == content
+    await pool.close()
+
+
+async def test_repair_onto_replaced_empty_disks(stored: tuple[Engine, FileRecord, bytes], tmp_path: Path) -> None:
+    engine, record, content = stored
+    for d in _backend_dirs(tmp_path)[:M]:  # four disks replaced: folders come back empty
+        shutil.rmtree(d)
+        d.mkdir()
+    soft = await engine.soft_check(record)
+    assert [len(h.missing) for h in soft.chunks] == [M] * len(record.chunks)
+    repaired, n = await engine.repair(record, soft)
+    assert n == M * len(record.chunks)
+    assert (await engine.soft_check(repaired)).ok
+    assert (await engine.hard_check(repaired)).ok
+    assert await collect(engine.read(repaired)) == content
+
+
+async def test_repair_needs_free_distinct_backends(stored: tuple[Engine, FileRecord, bytes], tmp_path: Path) -> None:
+    engine, record, _ = stored
+    for d in _backend_dirs(tmp_path)[:M]:
+        shutil.rmtree(d)
+    with pytest.raises(StoreFailed, match="chunk 0"):
+        await engine.repair(record, await engine.soft_check(record))
+
+
+async def test_wrong_master_key(stored: tuple[Engine, FileRecord, bytes]) -> None:
+    engine, record, _ = stored
+    other = Engine(engine.pool, os.urandom(32), engine.config)
+    with pytest.raises(WrongMasterKey, match="master key"):
+        await collect(other.read(record))
+    report = await other.hard_check(record)
+    assert not report.ok and "master key" in report.error
+
+
+async def test_write_survives_refusing_backends(tmp_path: Path) -> None:
+    pool = await make_pool(tmp_path, 24)
+    engine = Engine(pool, os.urandom(32), EngineConfig(k=K, m=M, chunk_size=CHUNK))
+    for d in _backend_dirs(tmp_path)[:3]:
+        shutil.rmtree(d)
+    data = os.urandom(3 * CHUNK)
+    record = await engine.store([data])
+    used = {record.backends[s.backend] for c in record.chunks for s in c.shards}
+    assert not used & {"b00", "b01", "b02"}
+    assert await collect(engine.read(record)) == data
+    await pool.close()
+
+
+async def test_too_few_backends_fails_clean(tmp_path: Path) -> None:
+    pool = await make_pool(tmp_path, 20)
+    engine = Engine(pool, os.urandom(32), EngineConfig(k=K, m=M, chunk_size=CHUNK))
+    shutil.rmtree(_backend_dirs(tmp_path)[7])
+    with pytest.raises(StoreFailed, match="fewer than 20"):
+        await engine.store([os.urandom(3 * CHUNK)])
+    for name, backend in pool.backends.items():
+        if name != "b07":
+            assert [k async for k in backend.scan()] == []  # written shards were removed again
+    await pool.close()
+
+
+async def test_fewer_backends_than_shards_refused_upfront(tmp_path: Path) -> None:
+    pool = await make_pool(tmp_path, 10)
+    engine = Engine(pool, os.urandom(32), EngineConfig(k=K, m=M, chunk_size=CHUNK))
+    with pytest.raises(StoreFailed, match="10 backends configured"):
+        await engine.store([b"x"])
+    await pool.close()
+
+
+async def test_load_spreads_over_extra_backends(tmp_path: Path) -> None:
+    pool = await make_pool(tmp_path, 30)
+    engine = Engine(pool, os.urandom(32), EngineConfig(k=4, m=2, chunk_size=4096))
+    record = await engine.store([os.urandom(60 * 4096)])
+    counts: dict[str, int] = {}
+    for c in record.chunks:
+        for s in c.shards:
+            counts[record.backends[s.backend]] = counts.get(record.backends[s.backend], 0) + 1
+    assert len(counts) == 30
+    assert max(counts.values()) - min(counts.values()) <= 1
+    await pool.close()
+
+
+async def test_source_error_leaves_no_shards(env: tuple[Engine, Path]) -> None:
+    engine, _ = env
+
+    async def broken() -> AsyncIterator[bytes]:
+        yield os.urandom(3 * CHUNK)
+        raise OSError("client went away")
+
+    with pytest.raises(OSError, match="client went away"):
+        await engine.store(broken())
+    for backend in engine.pool.backends.values():
+        assert [k async for k in backend.scan()] == []
+
+
+async def test_delete_shards(stored: tuple[Engine, FileRecord, bytes]) -> None:
+    engine, record, _ = stored
+    assert await engine.delete_shards(record) == len(record.chunks) * (K + M)
+    assert (await engine.soft_check(record)).unrecoverable
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"chunk_size": 10}, "chunk_size"),
+        ({"chunk_size": 200 * 1024 * 1024}, "chunk_size"),
+        ({"k": 1, "m": 1, "chunk_size": 64 * 1024 * 1024}, "8 MiB"),
+        ({"k": 0}, "at least 1"),
+        ({"read_ahead": 0}, "at least 1"),
+    ],
+)
+def test_bad_config(kwargs: dict[str, Any], why: str) -> None:
+    with pytest.raises(InvalidInput, match=why):
+        EngineConfig(**kwargs)
+
+
+async def test_rechunk_exact_sizes() -> None:
+    src = [b"a" * 3, b"b" * 10, b"", b"c" * 1]
+    out = [p async for p in rechunk(src, 4)]
+    assert out == [b"aaab", b"bbbb", b"bbbb", b"bc"]
+    assert [p async for p in rechunk([], 4)] == []
+
+
+async def test_open_backend_rejects_bad_uri(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput):
+        await open_backend("nope://x", Mode.SEQ)
+    b: Backend = await open_backend(f"dir://{tmp_path}/x", Mode.SEQ)
+    await b.close()
