@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from services.common.keys import key_id
 PREFIX = "gs1"
 DOMAIN = b"gridstor/v1/token\n"
 MAX_TOKEN_LEN = 1024
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
 class TokenError(Unauthenticated):
@@ -44,6 +46,9 @@ def _b64e(data: bytes) -> str:
 
 
 def _b64d(text: str) -> bytes:
+    # urlsafe_b64decode silently drops characters outside the alphabet; refuse them instead.
+    if not _B64URL.fullmatch(text):
+        raise ValueError("not base64url")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
