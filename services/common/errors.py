@@ -7,7 +7,8 @@ one place (``services/common/grpc_errors.py``).
     ├── InvalidInput            bad id, URI, config value, range ... (INVALID_ARGUMENT)
     │   ├── InvalidFileId
     │   ├── InvalidURI
-    │   └── ValueTooLarge       a value over a backend's size limit
+    │   ├── ValueTooLarge       a value over a backend's size limit
+    │   └── OutOfRange          a read offset past the end of a file (OUT_OF_RANGE)
     ├── NotFound                no such file / key / namespace (NOT_FOUND)
     ├── IntegrityError          data present but wrong: bad key, tampered record (DATA_LOSS)
     │   └── WrongMasterKey
@@ -17,6 +18,7 @@ one place (``services/common/grpc_errors.py``).
     ├── PermissionDenied        authenticated, but not allowed (PERMISSION_DENIED)
     ├── LimitExceeded           over a size, quota or rate limit (RESOURCE_EXHAUSTED)
     ├── Refused                 not possible in this state, e.g. writes on a replica (FAILED_PRECONDITION)
+    ├── Conflict                a compare-and-swap lost: the stored value changed (ABORTED)
     └── BackendError            one backend misbehaved; the engine routes around it
         ├── BackendUnavailable  cannot connect / folder gone / timed out
         ├── NamespaceFull       0-db quota reached ("No space left on this namespace")
@@ -46,6 +48,10 @@ class InvalidURI(InvalidInput):
 
 class ValueTooLarge(InvalidInput):
     """A value larger than the backend accepts."""
+
+
+class OutOfRange(InvalidInput):
+    """A position past the end of the data, e.g. a read offset beyond the file size."""
 
 
 class NotFound(GridstorError):
@@ -82,6 +88,10 @@ class LimitExceeded(GridstorError):
 
 class Refused(GridstorError):
     """The request cannot be served in the gateway's current state or role."""
+
+
+class Conflict(GridstorError):
+    """A conditional update found the stored value changed; re-read and retry."""
 
 
 class BackendError(GridstorError):

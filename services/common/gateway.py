@@ -4,16 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 
 import grpc
 
 from services.common.backends import Backend, Mode, open_backend
+from services.common.backends.uri import DirURI, parse_uri
 from services.common.config import Config
 from services.common.engine import BackendPool, Engine
 from services.common.errors import BackendError
 from services.common.keys import master_key, signing_key
 from services.common.metastore import MetaStore
 from services.common.rpc import service_token
+
+
+def ensure_local_dirs(cfg: Config) -> None:
+    """Create the parent folders of ``dir://`` backends that lie inside the data dir (the embedded layout).
+
+    A dir backend refuses to create its folder when the parent is missing (a
+    disk that is not mounted); inside the data dir the parent is ours to make.
+    """
+    uris = [b.uri for b in cfg.backends]
+    if cfg.metadata is not None:
+        uris += [cfg.metadata.uri, cfg.metadata.index_uri, *cfg.metadata.replicas]
+    root = cfg.data_dir.absolute()
+    for uri in uris:
+        parsed = parse_uri(uri)
+        if isinstance(parsed, DirURI):
+            parent = Path(parsed.path).absolute().parent
+            if parent == root or root in parent.parents:
+                parent.mkdir(parents=True, exist_ok=True)
 
 
 async def open_pool(cfg: Config) -> BackendPool:

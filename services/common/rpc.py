@@ -38,12 +38,14 @@ MAX_MESSAGE = 8 * 1024 * 1024
 current_identity: contextvars.ContextVar[str] = contextvars.ContextVar("current_identity", default="")
 
 _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),  # before its base class InvalidInput
     (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.NotFound, grpc.StatusCode.NOT_FOUND),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Refused, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.Conflict, grpc.StatusCode.ABORTED),
     (errors.WrongMasterKey, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
     (errors.Unrecoverable, grpc.StatusCode.UNAVAILABLE),

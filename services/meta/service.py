@@ -1,0 +1,166 @@
+"""MetaService over grpc.aio: a thin servicer over the catalog, the download planner and the engine."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import grpc
+from google.api import httpbody_pb2
+
+from gridstor.v1 import meta_pb2, meta_pb2_grpc
+from services.common import errors, rpc
+from services.common.config import Config
+from services.common.engine import Engine
+from services.common.gateway import ensure_local_dirs, open_engine, open_metastore
+from services.common.keys import signing_key
+from services.common.metrics import Registry
+from services.meta import download
+from services.meta.catalog import Catalog, file_info
+
+NAME = "meta"
+SERVICE = "gridstor.v1.MetaService"
+POLICY = rpc.Policy(
+    public=frozenset({"Download", "Exists", "Stat"}),
+    internal=frozenset({"PutRecord", "FindByHash", "GetRecord", "UpdateRecord", "ListRecords"}),
+)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class Metrics:
+    """What meta reports to Prometheus."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.downloads = registry.counter("meta_downloads_total", "Downloads whose stream started")
+        self.bytes_sent = registry.counter("meta_download_bytes_total", "File bytes sent by Download")
+        self.errors = registry.counter("meta_errors_total", "Failed meta calls, by method and status code")
+        self.stored = registry.counter("meta_records_stored_total", "New records stored by PutRecord")
+        self.dedup = registry.counter("meta_dedup_hits_total", "PutRecord calls answered with an existing record")
+
+    @contextlib.contextmanager
+    def observe(self, method: str) -> Iterator[None]:
+        """Count a domain error of ``method`` under the status code it maps to, and let it go on."""
+        try:
+            yield
+        except errors.GridstorError as exc:
+            self.errors.inc(method=method, code=rpc.status_for(exc)[0].name)
+            raise
+
+
+class MetaServicer(meta_pb2_grpc.MetaServiceServicer):
+    """Unpacks requests, calls the catalog / engine, builds replies."""
+
+    def __init__(self, catalog: Catalog, engine: Engine, metrics: Metrics) -> None:
+        self.catalog = catalog
+        self.engine = engine
+        self.metrics = metrics
+
+    async def Download(
+        self, request: meta_pb2.DownloadRequest, context: Context
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        with self.metrics.observe("Download"):
+            plan = await download.plan(
+                self.catalog,
+                request.id,
+                request.offset,
+                request.length,
+                filename=request.filename,
+                attachment=request.attachment,
+            )
+            stream = self.engine.read(plan.entry.record, plan.offset, plan.length)
+            async with contextlib.aclosing(download.reslice(stream)) as body:
+                # Pull the first piece before anything is sent, so too few shards is a clean UNAVAILABLE.
+                first = await anext(body, b"")
+                await context.send_initial_metadata(plan.headers)
+                self.metrics.downloads.inc()
+                yield httpbody_pb2.HttpBody(content_type=plan.content_type, data=first)
+                self.metrics.bytes_sent.inc(len(first))
+                async for piece in body:
+                    yield httpbody_pb2.HttpBody(data=piece)
+                    self.metrics.bytes_sent.inc(len(piece))
+
+    async def Exists(self, request: meta_pb2.ExistsRequest, context: Context) -> meta_pb2.ExistsReply:
+        with self.metrics.observe("Exists"):
+            entry = await self.catalog.exists(request.id)
+        if entry is None:
+            return meta_pb2.ExistsReply(exists=False)
+        return meta_pb2.ExistsReply(exists=True, id=entry.file_id)
+
+    async def Stat(self, request: meta_pb2.StatRequest, context: Context) -> meta_pb2.StatReply:
+        with self.metrics.observe("Stat"):
+            entry = await self.catalog.lookup(request.id)
+        return meta_pb2.StatReply(info=file_info(entry))
+
+    async def PutRecord(self, request: meta_pb2.PutRecordRequest, context: Context) -> meta_pb2.PutRecordReply:
+        with self.metrics.observe("PutRecord"):
+            if not request.HasField("record"):
+                raise errors.InvalidInput("PutRecord needs a record")
+            entry, deduplicated = await self.catalog.put(request.record)
+        (self.metrics.dedup if deduplicated else self.metrics.stored).inc()
+        return meta_pb2.PutRecordReply(meta_id=entry.meta_id, file_id=entry.file_id, deduplicated=deduplicated)
+
+    async def FindByHash(self, request: meta_pb2.FindByHashRequest, context: Context) -> meta_pb2.FindByHashReply:
+        with self.metrics.observe("FindByHash"):
+            entry = await self.catalog.find_by_hash(request.hash)
+        if entry is None:
+            return meta_pb2.FindByHashReply(found=False)
+        return meta_pb2.FindByHashReply(found=True, meta_id=entry.meta_id, file_id=entry.file_id)
+
+    async def GetRecord(self, request: meta_pb2.GetRecordRequest, context: Context) -> meta_pb2.GetRecordReply:
+        with self.metrics.observe("GetRecord"):
+            entry = await self.catalog.lookup(request.id)
+        return meta_pb2.GetRecordReply(record=entry.record, meta_id=entry.meta_id, file_id=entry.file_id)
+
+    async def UpdateRecord(self, request: meta_pb2.UpdateRecordRequest, context: Context) -> meta_pb2.UpdateRecordReply:
+        with self.metrics.observe("UpdateRecord"):
+            if not request.HasField("record"):
+                raise errors.InvalidInput("UpdateRecord needs a record")
+            expected = request.expected if request.HasField("expected") else None
+            entry = await self.catalog.update(request.id, request.record, expected)
+        return meta_pb2.UpdateRecordReply(meta_id=entry.meta_id, file_id=entry.file_id)
+
+    async def ListRecords(
+        self, request: meta_pb2.ListRecordsRequest, context: Context
+    ) -> AsyncIterator[meta_pb2.ListRecordsReply]:
+        with self.metrics.observe("ListRecords"):
+            after = request.after if request.HasField("after") else None
+            async with contextlib.aclosing(self.catalog.scan(after, request.limit)) as entries:
+                async for entry in entries:
+                    yield meta_pb2.ListRecordsReply(meta_id=entry.meta_id, file_id=entry.file_id, record=entry.record)
+
+
+async def build(
+    cfg: Config, *, port: int | None = None, registry: Registry | None = None
+) -> tuple[rpc.Running, Callable[[], Awaitable[None]]]:
+    """Open the metadata store and the engine, start the server; return it and an async cleanup."""
+    ensure_local_dirs(cfg)
+    store = await open_metastore(cfg)
+    try:
+        engine = await open_engine(cfg)
+    except BaseException:
+        await store.close()
+        raise
+    catalog = Catalog(store, read_only=cfg.role == "replica")
+    servicer = MetaServicer(catalog, engine, Metrics(registry or Registry()))
+    guard = rpc.Guard(verify_key=signing_key(cfg.data_dir).verify_key, mode=cfg.mode, policies={SERVICE: POLICY})
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        meta_pb2_grpc.add_MetaServiceServicer_to_server(servicer, server)
+        return [SERVICE]
+
+    try:
+        running = await rpc.start_server(cfg, guard, register, port=cfg.ports[NAME] if port is None else port)
+    except BaseException:
+        await engine.pool.close()
+        await store.close()
+        raise
+
+    async def cleanup() -> None:
+        # run_service has stopped the server gracefully already; a second stop is a no-op there.
+        await running.server.stop(1)
+        await engine.pool.close()
+        await store.close()
+
+    return running, cleanup

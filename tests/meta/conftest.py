@@ -1,0 +1,144 @@
+"""Fixtures for the meta service: real meta servers on port 0 over 20 dir backends in tmp_path."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.api import httpbody_pb2
+
+from gridstor.v1 import meta_pb2, meta_pb2_grpc
+from services.common import rpc
+from services.common.config import Config, build_config
+from services.common.engine import Engine, FileRecord
+from services.common.gateway import open_engine
+from services.common.keys import signing_key
+from services.common.metrics import Registry
+from services.meta.service import build
+
+CHUNK = 256 * 1024  # small engine chunks keep the tests fast and give many chunks per file
+MiB = 1024 * 1024
+
+
+@dataclass
+class Failure:
+    """A failed call: its status code and message."""
+
+    error: grpc.aio.AioRpcError
+
+    def code(self) -> grpc.StatusCode:
+        return self.error.code()
+
+    def details(self) -> str:
+        return self.error.details() or ""
+
+
+async def rpc_error(aw: Awaitable[Any]) -> Failure:
+    """The status a call ends with; fails the test when it succeeds."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await aw
+    return Failure(info.value)
+
+
+@dataclass
+class Fetched:
+    """One Download call: its initial metadata and every message."""
+
+    headers: dict[str, str]
+    messages: list[httpbody_pb2.HttpBody]
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(m.data for m in self.messages)
+
+
+@dataclass
+class MetaServer:
+    cfg: Config
+    running: rpc.Running
+    cleanup: Callable[[], Awaitable[None]]
+    channel: grpc.aio.Channel
+    stub: meta_pb2_grpc.MetaServiceAsyncStub
+    registry: Registry
+    engine: Engine  # the test's own engine over the same backends, to store files in-process
+    auth: tuple[tuple[str, str], ...] = field(default=())
+    stopped: bool = False
+
+    async def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        await self.channel.close(None)
+        await self.cleanup()
+        await self.engine.pool.close()
+
+    async def put(self, record: FileRecord) -> meta_pb2.PutRecordReply:
+        return await self.stub.PutRecord(meta_pb2.PutRecordRequest(record=record), metadata=self.auth)
+
+    async def store(self, data: bytes, ext: str = "", content_type: str = "") -> str:
+        """Store ``data`` through the engine in-process, register it over gRPC; return its file id."""
+        record = await self.engine.store(
+            [data[i : i + 100_000] for i in range(0, len(data), 100_000)], ext=ext, content_type=content_type
+        )
+        reply = await self.put(record)
+        assert not reply.deduplicated
+        return reply.file_id
+
+    async def fetch(self, file_id: str, offset: int = 0, length: int = 0, **kw: Any) -> Fetched:
+        call = self.stub.Download(meta_pb2.DownloadRequest(id=file_id, offset=offset, length=length, **kw))
+        messages = [m async for m in call]
+        headers = {k: v for k, v in (await call.initial_metadata()) if isinstance(v, str)}
+        return Fetched(headers, messages)
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Environment overrides of the config must not leak into these tests."""
+    for name in list(os.environ):
+        if name.startswith("GRIDSTOR_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "gateway"
+
+
+@pytest.fixture
+async def start_meta(data_dir: Path) -> AsyncIterator[Callable[..., Awaitable[MetaServer]]]:
+    """``await start_meta(**settings)``: a meta server on port 0 over ``data_dir``; all stopped afterwards."""
+    started: list[MetaServer] = []
+
+    async def start(**settings: Any) -> MetaServer:
+        raw = {"data_dir": str(data_dir), "engine": {"chunk_size": CHUNK}, **settings}
+        cfg = build_config(raw)
+        registry = Registry()
+        running, cleanup = await build(cfg, port=0, registry=registry)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+        server = MetaServer(
+            cfg,
+            running,
+            cleanup,
+            channel,
+            meta_pb2_grpc.MetaServiceStub(channel),
+            registry,
+            await open_engine(cfg),
+            auth=(("authorization", "Bearer " + rpc.service_token(signing_key(cfg.data_dir), "ingest")),),
+        )
+        started.append(server)
+        return server
+
+    yield start
+    for server in reversed(started):
+        await server.stop()
+
+
+@pytest.fixture
+async def meta(start_meta: Callable[..., Awaitable[MetaServer]]) -> MetaServer:
+    """A meta server with the default (embedded) config."""
+    return await start_meta()

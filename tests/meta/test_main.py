@@ -1,0 +1,80 @@
+"""``python -m services.meta``: a bad config exits 2 with the message; a good one serves until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gridstor.v1 import meta_pb2, meta_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_meta(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.meta", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{ROOT / 'protos'}"},
+    )
+
+
+def test_bad_config_exits_2_with_the_message(tmp_path: Path) -> None:
+    cfg = tmp_path / "gridstor.yaml"
+    cfg.write_text("engine:\n  k: 0\n")
+    proc = run_meta("--config", str(cfg), "--data", str(tmp_path / "data"))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "config: engine.k: must be an integer >= 1" in err
+    assert "Traceback" not in err
+
+
+async def test_serves_until_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    metrics_offset = free_port() - port
+    if not 0 <= metrics_offset <= 1000:
+        metrics_offset = 1
+    cfg = tmp_path / "gridstor.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {"ports": {"meta": port}, "metrics_port_offset": metrics_offset, "engine": {"chunk_size": 65536}}
+        )
+    )
+    proc = run_meta("--config", str(cfg), "--data", str(tmp_path / "data"))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(
+                health_pb2.HealthCheckRequest(service="gridstor.v1.MetaService"), wait_for_ready=True, timeout=30
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            stub = meta_pb2_grpc.MetaServiceStub(channel)
+            assert not (await stub.Exists(meta_pb2.ExistsRequest(id="a" * 56))).exists
+        url = f"http://127.0.0.1:{port + metrics_offset}/metrics"
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+        assert "gridstor_meta_downloads_total" in body
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=30)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
