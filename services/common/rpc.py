@@ -140,7 +140,9 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], authorize: Callable[[], str]
             try:
                 current_identity.set(authorize())
                 return await inner(request, context)
-            except errors.GridstorError as exc:
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:  # domain errors map to codes; anything else is INTERNAL, logged
                 await _abort(context, exc)
 
         make = grpc.unary_unary_rpc_method_handler if h.unary_unary else grpc.stream_unary_rpc_method_handler
@@ -153,7 +155,9 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], authorize: Callable[[], str]
             current_identity.set(authorize())
             async for item in inner_s(request, context):
                 yield item
-        except errors.GridstorError as exc:
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
             await _abort(context, exc)
 
     make_s = grpc.unary_stream_rpc_method_handler if h.unary_stream else grpc.stream_stream_rpc_method_handler
@@ -211,9 +215,7 @@ async def run_service(
     running, cleanup = await build()
     metrics_port = cfg.ports[name] + cfg.metrics_port_offset
     metrics = await serve_metrics(registry, cfg.listen_host, metrics_port)
-    log.info(
-        "%s listening", name, extra={"grpc": f"{cfg.listen_host}:{running.port}", "metrics": metrics_port}
-    )
+    log.info("%s listening", name, extra={"grpc": f"{cfg.listen_host}:{running.port}", "metrics": metrics_port})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
