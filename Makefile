@@ -28,14 +28,16 @@ $(VENV)/.stamp-run: requirements.lock
 	$(call apt_ensure,$(APT_RUN))
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq python3-venv python3-dev >/dev/null; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock > $(VENV)/pip.log 2>&1 \
+	  || { grep -v '^WARNING: Location' $(VENV)/pip.log; exit 1; }
 	@echo "$(CURDIR)" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/gridstor-src.pth
 	@echo "$(CURDIR)/protos" >> $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/gridstor-src.pth
 	@touch $@
 
 $(VENV)/.stamp-dev: $(VENV)/.stamp-run requirements-dev.lock
 	$(call apt_ensure,$(APT_TEST))
-	@$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.lock
+	@$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.lock > $(VENV)/pip.log 2>&1 \
+	  || { grep -v '^WARNING: Location' $(VENV)/pip.log; exit 1; }
 	@touch $@
 
 venv: $(VENV)/.stamp-run

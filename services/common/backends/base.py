@@ -97,7 +97,7 @@ class Backend(abc.ABC):
         """``put`` for a caller on a worker thread; call ``after_blocking_put`` on the loop afterwards."""
         raise NotImplementedError(f"{type(self).__name__} has no blocking put")
 
-    def after_blocking_put(self) -> None:
+    def after_blocking_put(self) -> None:  # noqa: B027 - an optional hook; most backends need nothing here
         """Loop-side bookkeeping after ``put_blocking`` calls (e.g. arm a background flush)."""
 
     @abc.abstractmethod
