@@ -25,6 +25,39 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_with_metrics(offset: int) -> int:
+    """A free port whose metrics port (port + offset) is free too."""
+    for _ in range(50):
+        port = free_port()
+        if port + offset > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + offset))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair found")
+
+
+async def wait_serving(proc: subprocess.Popen[str], channel: grpc.aio.Channel, service: str) -> None:
+    """Poll the health service until SERVING; fail with the process's stderr if it died."""
+    health = health_pb2_grpc.HealthStub(channel)
+    for _ in range(300):
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"the service exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}"
+            )
+        try:
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.1)
+            continue
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        return
+    raise AssertionError("the service did not report SERVING within 30 s")
+
+
 def run_meta(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "services.meta", *args],
@@ -47,10 +80,8 @@ def test_bad_config_exits_2_with_the_message(tmp_path: Path) -> None:
 
 
 async def test_serves_until_sigterm(tmp_path: Path) -> None:
-    port = free_port()
-    metrics_offset = free_port() - port
-    if not 0 <= metrics_offset <= 1000:
-        metrics_offset = 1
+    metrics_offset = 100
+    port = free_port_with_metrics(metrics_offset)
     cfg = tmp_path / "gridstor.yaml"
     cfg.write_text(
         yaml.safe_dump(
@@ -60,11 +91,7 @@ async def test_serves_until_sigterm(tmp_path: Path) -> None:
     proc = run_meta("--config", str(cfg), "--data", str(tmp_path / "data"))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            reply = await health.Check(
-                health_pb2.HealthCheckRequest(service="gridstor.v1.MetaService"), wait_for_ready=True, timeout=30
-            )
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            await wait_serving(proc, channel, "gridstor.v1.MetaService")
             stub = meta_pb2_grpc.MetaServiceStub(channel)
             assert not (await stub.Exists(meta_pb2.ExistsRequest(id="a" * 56))).exists
         url = f"http://127.0.0.1:{port + metrics_offset}/metrics"
