@@ -40,8 +40,13 @@ $(VENV)/.stamp-dev: $(VENV)/.stamp-run requirements-dev.lock
 	  || { grep -v '^WARNING: Location' $(VENV)/pip.log; exit 1; }
 	@touch $@
 
-venv: $(VENV)/.stamp-run
-dev-venv: $(VENV)/.stamp-dev
+venv: $(VENV)/.stamp-run $(VENV)/bin/gridstor
+
+# `gridstor` == `python -m services.cli` (the venv's gridstor-src.pth puts the repo on sys.path).
+$(VENV)/bin/gridstor: $(VENV)/.stamp-run
+	@printf '#!/bin/sh\nexec "%s" -m services.cli "$$@"\n' "$(abspath $(PY))" > $@
+	@chmod +x $@
+dev-venv: venv $(VENV)/.stamp-dev
 
 # --- generated code ------------------------------------------------------------
 # Generated code is committed; `make gen` rewrites it after a .proto change.

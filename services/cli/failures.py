@@ -1,0 +1,65 @@
+"""What the CLI tells a shell user when something fails: one line, and an exit code.
+
+0 ok, 1 the operation failed (not found, job error, gateway unreachable ...),
+2 a usage error (bad option or value, unreadable config), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# Friendly words for each status code; the server's message follows them.
+_FRIENDLY: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.NOT_FOUND: "not found",
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid request",
+    grpc.StatusCode.OUT_OF_RANGE: "out of range",
+    grpc.StatusCode.UNAUTHENTICATED: "not authenticated",
+    grpc.StatusCode.PERMISSION_DENIED: "permission denied",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "too large",
+    grpc.StatusCode.FAILED_PRECONDITION: "refused",
+    grpc.StatusCode.ABORTED: "conflict, try again",
+    grpc.StatusCode.ALREADY_EXISTS: "already exists",
+    grpc.StatusCode.DATA_LOSS: "data integrity error",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "timed out",
+    grpc.StatusCode.CANCELLED: "cancelled",
+    grpc.StatusCode.UNIMPLEMENTED: "not supported by this gateway",
+    grpc.StatusCode.INTERNAL: "gateway error",
+    grpc.StatusCode.UNKNOWN: "gateway error",
+}
+
+# Substrings of grpc's own messages when no connection could be made at all.
+_NO_CONNECTION = ("failed to connect to all addresses", "connection refused", "dns resolution failed", "connect failed")
+
+
+class CliFailure(Exception):
+    """An operation failed; ``str()`` is the one-line message (without the ``gridstor:`` prefix)."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def describe_rpc_error(err: grpc.RpcError, what: str, address: str) -> str:
+    """One line for a failed call to service ``what`` at ``address``."""
+    code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (err.details() if isinstance(err, grpc.Call) else "") or ""
+    if code is grpc.StatusCode.UNAVAILABLE and any(s in details.lower() for s in _NO_CONNECTION):
+        return (
+            f"cannot reach the {what} service at {address}: is the gateway running? (start it with `make up`;"
+            " choose the address with --gateway HOST:PORT or --config FILE)"
+        )
+    message = f"{_FRIENDLY.get(code, code.name.lower())}: {details or code.name}"
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        message += " (run `gridstor login`)"
+    return message
+
+
+def rpc_failure(err: grpc.RpcError, what: str, address: str) -> CliFailure:
+    """A CliFailure (exit 1) for a failed call."""
+    return CliFailure(describe_rpc_error(err, what, address))

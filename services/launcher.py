@@ -1,0 +1,753 @@
+"""``python -m services.launcher --data DIR [--config FILE]``: the whole gateway on one machine (``make up``).
+
+On first start it writes a commented default config to ``DIR/gridstor.yaml``
+(20 dir backends under ``DIR/backends``, public mode on 127.0.0.1); starting
+again keeps the config and every stored file. It starts Debian's
+``redis-server`` (append-only, unix socket, data in ``DIR/redis``) and then
+each service as its own process (auth, meta, ingest; ssh and maint once they
+exist), waits until every one answers the gRPC health check, prints the
+endpoints, and stops all of it on Ctrl-C or SIGTERM. Logs go to
+``DIR/logs/<name>.log``.
+
+Exit codes: 0 after a requested stop, 1 when something failed to start or a
+child died, 2 for a bad config or bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO
+from urllib.parse import unquote, urlsplit
+
+import grpc
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.config import (
+    DEFAULT_PORTS,
+    Config,
+    ConfigError,
+    MetadataConfig,
+    default_backends,
+    load_config,
+)
+from services.common.engine import EngineConfig
+from services.common.errors import GridstorError
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_NAME = "gridstor.yaml"
+LOCK_NAME = "launcher.lock"
+CORE_SERVICES = ("auth", "meta", "ingest")
+OPTIONAL_SERVICES = ("ssh", "maint")  # started once their package has a __main__.py
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+SUN_PATH_MAX = 107  # bytes of a unix socket path (struct sockaddr_un.sun_path, minus the NUL)
+LOG_TAIL_LINES = 20
+PR_SET_PDEATHSIG = 1
+
+
+class LaunchError(Exception):
+    """Starting (or running) the suite failed; the message says what and what to do."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- the default config ----------------------------------------------------------------------------
+
+
+def _q(value: object) -> str:
+    """A YAML scalar or flow list: JSON's quoting is valid YAML and keeps paths with odd characters intact."""
+    if isinstance(value, tuple):
+        value = list(value)
+    elif isinstance(value, Path):
+        value = str(value)
+    elif isinstance(value, Mapping):
+        value = dict(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+# What each nested setting means, shown beside its default. A setting added to the config later is
+# still written (from the dataclass defaults), just without a note, so the file always shows everything.
+_NOTES: dict[str, dict[str, str]] = {
+    "engine": {
+        "k": "data shards per chunk",
+        "m": "parity shards per chunk: any m of the k+m backends may be lost",
+        "chunk_size": "plaintext bytes per chunk (sizes like 4MiB work too)",
+        "ec_type": "erasure code implementation (pyeclib)",
+        "write_ahead": "chunks being written while the next one is prepared",
+        "read_ahead": "chunks fetched ahead of a reader",
+        "hedge_after": "seconds before a slow data shard brings in parity",
+        "shard_timeout": "seconds for one shard read or write",
+        "backend_cooldown": "seconds a backend that failed a write is skipped",
+    },
+    "metadata": {
+        "uri": "records: a sequential namespace that allocates the ids",
+        "index_uri": "content hash -> id index (user-key namespace), for dedup",
+        "replicas": "replica namespaces on other machines, written in order",
+        "mode": "seq on a master; user on a role: replica gateway reading a replica",
+        "master": "replica gateways: the master's records namespace",
+        "sync_interval": "seconds between replica catch-up rounds",
+        "verify_interval": "seconds between full compares of the replicas with the master",
+    },
+    "maint": {
+        "scrub_interval": "seconds between scrub passes; 0 = only when asked",
+        "scrub_files_per_second": "files checked per second at most",
+        "scrub_bytes_per_second": "shard bytes read per second at most",
+        "hard_every": "every Nth scheduled pass is a hard check (fetch, verify, decrypt)",
+        "cleanup_interval": "seconds between SSH home quota sweeps; 0 = off",
+        "backup_interval": "seconds between metadata backups into the pool; 0 = only when asked",
+    },
+}
+_HEADINGS = {
+    "maint": "# Maintenance: scrub and repair, SSH home cleanup, metadata backups.",
+}
+# Top-level settings the template below writes by hand; any other Config field is appended.
+_WRITTEN = {
+    "data_dir", "mode", "secret", "allowlist", "token_ttl", "auth_skew", "listen_host", "ports",
+    "metrics_port_offset", "redis_url", "engine", "backends", "metadata", "max_upload", "workers",
+    "status_max_wait", "role",
+}  # fmt: skip
+
+
+def _section(name: str, obj: object) -> str:
+    """``name:`` and every field of the dataclass ``obj`` indented, each with its note."""
+    notes = _NOTES.get(name, {})
+    lines = [f"{name}:"]
+    for f in fields(obj):  # type: ignore[arg-type]
+        line = f"  {f.name}: {_q(getattr(obj, f.name))}"
+        lines.append(f"{line}  # {notes[f.name]}" if f.name in notes else line)
+    return "\n".join(lines)
+
+
+def default_config_text(data_dir: Path) -> str:
+    """The commented default config for ``data_dir``: every setting with its default value."""
+    dd = data_dir.absolute()
+    cfg = Config(data_dir=dd)
+    meta = MetadataConfig(uri=f"dir://{dd}/meta/records", index_uri=f"dir://{dd}/meta/index")
+    ports = "\n".join(f"  {svc}: {port}" for svc, port in DEFAULT_PORTS.items())
+    backends = "\n".join(f"  - {{name: {_q(b.name)}, uri: {_q(b.uri)}}}" for b in default_backends(dd))
+    extra = []
+    for f in fields(Config):
+        if f.name not in _WRITTEN:
+            value = getattr(cfg, f.name)
+            body = _section(f.name, value) if is_dataclass(value) else f"{f.name}: {_q(value)}"
+            extra.append(f"{_HEADINGS.get(f.name, '# See services/common/config.py.')}\n{body}\n")
+    more = "\n" + "\n".join(extra) if extra else ""
+    return f"""\
+# gridstor gateway configuration, written by the launcher (`make up`) on first start.
+# Every setting is shown with its default. Edit, then restart the launcher: a wrong value
+# stops the start with a message naming the setting. The gateway keys (gateway.key,
+# master.key) live in data_dir, 0600, and never in this file.
+
+# Keys, spool, metadata and (by default) shards live here. The launcher's --data wins over this.
+data_dir: {_q(dd)}
+
+# Security: public (no authentication), secret (one shared secret) or allowlist
+# (identities with ed25519 public keys; make a key pair with `gridstor keygen`).
+mode: {_q(cfg.mode)}
+# secret mode: the shared secret, at least 16 characters (this file is written 0600).
+secret: {_q(cfg.secret)}
+# allowlist mode: identity: ed25519 public key as 64 hex characters, e.g.  alice: "3b6a27bc..."
+allowlist: {_q(cfg.allowlist)}
+# Seconds a token stays valid (1 day).
+token_ttl: {cfg.token_ttl}
+# allowlist mode: seconds a signed epoch may differ from the gateway's clock.
+auth_skew: {cfg.auth_skew}
+
+# Address every service listens on; 0.0.0.0 serves other machines too.
+listen_host: {_q(cfg.listen_host)}
+# gRPC port of each service.
+ports:
+{ports}
+# Prometheus metrics of each service: http://listen_host:(port + offset)/metrics
+metrics_port_offset: {cfg.metrics_port_offset}
+
+# Job queue. unix:///path: the launcher starts redis-server on that socket (no TCP port);
+# redis://127.0.0.1:PORT/0: it starts one on that port; any other host: an external redis.
+redis: {_q(f"unix://{dd}/redis.sock")}
+
+# Erasure coding and I/O tuning.
+{_section("engine", EngineConfig())}
+
+# Shard backends, at least k+m: dir:///path (a folder; one per disk) or
+# zdb://[:password@]host:port/namespace (0-db, sequential mode).
+backends:
+{backends}
+
+# File metadata: records, the dedup index, and replicas on other machines.
+{_section("metadata", meta)}
+
+# Largest upload in bytes (sizes like 100MB or 1GiB work too).
+max_upload: {cfg.max_upload}
+# Store worker processes; 0 = one per CPU core.
+workers: {cfg.workers}
+# Longest wait of Status(wait=true), in seconds.
+status_max_wait: {cfg.status_max_wait}
+# master, or replica: serve reads from the metadata replica alone.
+role: {_q(cfg.role)}
+{more}"""
+
+
+def ensure_config(data_dir: Path, config: str | None) -> tuple[Path, bool]:
+    """The config path to use, and whether it was just written (only the default path is ever written)."""
+    if config is not None:
+        return Path(config).absolute(), False
+    path = data_dir / CONFIG_NAME
+    if path.exists():
+        return path, False
+    tmp = path.with_name(f".{CONFIG_NAME}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # may hold a secret later
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(default_config_text(data_dir))
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return path, True
+
+
+# -- redis -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RedisPlan:
+    """How the configured redis URL is served: our redis-server on a socket or a local port, or external."""
+
+    url: str
+    socket: Path | None = None
+    host: str = ""
+    port: int = 0
+    password: str = field(default="", repr=False)
+
+    @property
+    def managed(self) -> bool:
+        return self.socket is not None or self.host in LOCAL_HOSTS
+
+    @property
+    def where(self) -> str:
+        if self.socket is not None:
+            return f"unix://{self.socket}"
+        return f"{self.host}:{self.port}"
+
+    def client(self, timeout: float = 2.0) -> redis.Redis:
+        if self.socket is not None:
+            return redis.Redis(
+                unix_socket_path=str(self.socket), password=self.password or None, socket_timeout=timeout
+            )
+        return redis.Redis(host=self.host, port=self.port, password=self.password or None, socket_timeout=timeout)
+
+
+def redis_plan(url: str) -> RedisPlan:
+    """Read the config's redis URL; a unix socket path too long for the kernel is a clear error."""
+    parts = urlsplit(url)
+    password = unquote(parts.password or "")
+    if parts.scheme == "unix":
+        sock = Path(unquote(parts.path))
+        if len(os.fsencode(sock)) > SUN_PATH_MAX:
+            raise LaunchError(
+                f"the redis socket path {sock} is {len(os.fsencode(sock))} bytes; unix sockets allow"
+                f" {SUN_PATH_MAX}: use a shorter data dir or set redis: unix:///short/path.sock in the config",
+                2,
+            )
+        return RedisPlan(url, socket=sock, password=password)
+    return RedisPlan(url, host=parts.hostname or "127.0.0.1", port=parts.port or 6379, password=password)
+
+
+def redis_conf(plan: RedisPlan, data: Path) -> str:
+    """A redis.conf for our own redis-server: append-only, data in ``data``, no TCP unless configured."""
+    lines = [
+        "# Written by the gridstor launcher at every start; edit gridstor.yaml instead.",
+        "daemonize no",
+        f"dir {_q(str(data))}",
+        "appendonly yes",
+        "appendfsync everysec",
+        'save ""',
+        'logfile ""',
+    ]
+    if plan.socket is not None:
+        lines += ["port 0", f"unixsocket {_q(str(plan.socket))}", "unixsocketperm 700"]
+    else:
+        lines += [f"port {plan.port}", f"bind {plan.host}", "protected-mode yes"]
+    if plan.password:
+        lines.append(f"requirepass {_q(plan.password)}")
+    return "\n".join(lines) + "\n"
+
+
+# -- checks before the start -----------------------------------------------------------------------
+
+
+def available_services(root: Path = ROOT) -> list[str]:
+    """The services to start: the core ones, then the optional ones whose package is there."""
+    missing = [s for s in CORE_SERVICES if not (root / "services" / s / "__main__.py").is_file()]
+    if missing:
+        raise LaunchError(f"cannot start: services/{missing[0]}/__main__.py is missing (incomplete checkout?)")
+    return [*CORE_SERVICES, *(s for s in OPTIONAL_SERVICES if (root / "services" / s / "__main__.py").is_file())]
+
+
+class LockHeld(LaunchError):
+    """Another launcher runs on this data dir."""
+
+
+@contextlib.contextmanager
+def data_dir_lock(data_dir: Path) -> Iterator[IO[str]]:
+    """Hold an exclusive lock on ``DIR/launcher.lock`` (the file keeps the holder's pid)."""
+    path = data_dir / LOCK_NAME
+    # Held open (and locked) for the launcher's whole life.
+    f = open(path, "a+")  # noqa: SIM115
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            try:
+                pid = str(json.loads(f.read() or "{}").get("pid", "?"))
+            except ValueError:
+                pid = "?"
+            raise LockHeld(
+                f"another launcher (pid {pid}) is already running on {data_dir}; stop it first"
+                f" (Ctrl-C in its terminal, or kill {pid})"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "started": int(time.time())}) + "\n")
+        f.flush()
+        yield f
+    finally:
+        f.close()
+
+
+def connect_host(host: str) -> str:
+    """Where a local client reaches a server listening on ``host`` (wildcards become loopback)."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host in ("::", "[::]"):
+        return "::1"
+    return host
+
+
+def hostport(host: str, port: int) -> str:
+    """``host:port``, with brackets around an IPv6 literal."""
+    host = host.strip("[]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether a TCP server could bind ``host:port`` now (as grpc does: SO_REUSEADDR on)."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return True  # an unresolvable host fails in the service with its own message
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError:
+            return False
+    return True
+
+
+def check_ports(cfg: Config, services: list[str], redis: RedisPlan, config_path: Path) -> None:
+    """LaunchError naming the first port (gRPC or metrics) that is already taken."""
+    wanted: list[tuple[int, str, str]] = []
+    for svc in services:
+        wanted.append((cfg.ports[svc], f"{svc} gRPC", f"ports.{svc}"))
+        wanted.append((cfg.ports[svc] + cfg.metrics_port_offset, f"{svc} metrics", "metrics_port_offset"))
+    if redis.managed and redis.socket is None:
+        wanted.append((redis.port, "redis", "redis"))
+    seen: dict[int, str] = {}
+    for port, what, setting in wanted:
+        if port in seen:
+            raise LaunchError(
+                f"port {port} is wanted by both {seen[port]} and {what}; change {setting} in {config_path}", 2
+            )
+        seen[port] = what
+        if not port_free(cfg.listen_host, port):
+            raise LaunchError(
+                f"port {port} ({what}) on {cfg.listen_host} is already in use; stop what listens there"
+                f" (e.g. `ss -ltnp | grep :{port}`) or change {setting} in {config_path}"
+            )
+
+
+# -- children --------------------------------------------------------------------------------------
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A preexec hook: the child gets SIGTERM if the launcher dies (even by SIGKILL), so nothing is orphaned."""
+
+    def hook() -> None:
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a log file, indented for a terminal."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return "    (no log)"
+    tail = text.splitlines()[-lines:]
+    return "\n".join("    " + line for line in tail) if tail else "    (the log is empty)"
+
+
+@dataclass
+class Child:
+    """One process the launcher runs and watches."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: dict[str, str], cwd: Path) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log.write(f"--- {stamp} started by the gridstor launcher (pid {os.getpid()})\n".encode())
+            log.flush()
+            # Its own session: Ctrl-C reaches only the launcher, which stops the children in order.
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                # preexec_fn is unsafe once threads exist: every child starts before the first gRPC channel.
+                preexec_fn=_die_with_parent(os.getpid()),
+            )
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.running:
+            assert self.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+    def kill_group(self) -> None:
+        """SIGKILL the child's whole process group (its own helpers, e.g. ingest's workers)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def died(self) -> str:
+        """Why the child ended, for a message."""
+        assert self.proc is not None
+        rc = self.proc.returncode
+        if rc is not None and rc < 0:
+            with contextlib.suppress(ValueError):
+                return f"was killed by {signal.Signals(-rc).name}"
+        return f"exited with code {rc}"
+
+
+def health_status(address: str, timeout: float = 1.0) -> int | None:
+    """The overall gRPC health status at ``address``, or None when it does not answer."""
+    with grpc.insecure_channel(address) as ch:
+        try:
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.RpcError:
+            return None
+    return int(reply.status)
+
+
+class Stop(Exception):
+    """A stop was requested (SIGINT / SIGTERM)."""
+
+
+class Launcher:
+    """Starts redis and the services, watches them, stops them all."""
+
+    def __init__(self, cfg: Config, config_path: Path, services: list[str], *, timeout: float, grace: float) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.services = services
+        self.timeout = timeout
+        self.grace = grace
+        self.data_dir = cfg.data_dir
+        self.logs = self.data_dir / "logs"
+        self.redis = redis_plan(cfg.redis_url)
+        self.children: list[Child] = []
+        self.stop_signal: int | None = None
+        self.stopping = False
+        self.host = connect_host(cfg.listen_host)
+
+    # signals ------------------------------------------------------------------------------------
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Note the request; the start and watch loops see it. A second one while stopping kills at once."""
+        if self.stopping or self.stop_signal is not None:
+            for child in self.children:
+                child.kill_group()
+        self.stop_signal = signum
+
+    def check_stop(self) -> None:
+        if self.stop_signal is not None:
+            raise Stop
+
+    # start --------------------------------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "protos"), env.get("PYTHONPATH")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def start_redis(self) -> None:
+        plan = self.redis
+        if not plan.managed:
+            self._wait_redis(None)
+            return
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise LaunchError(
+                "redis-server is not installed; install Debian's package with: apt-get install redis-server"
+                " (`make up` does this)"
+            )
+        with contextlib.suppress(redis.RedisError, OSError), plan.client(0.5) as client:
+            if client.ping():
+                raise LaunchError(
+                    f"a redis server already answers on {plan.where} (left over from an earlier run?);"
+                    " stop it first, or point redis: in the config at it as an external server"
+                )
+        if plan.socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                plan.socket.unlink()  # a stale socket file from a crash; we hold the data dir lock
+        data = self.data_dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        conf = data / "redis.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(redis_conf(plan, data))
+        child = Child("redis", [binary, str(conf)], self.logs / "redis.log")
+        self.children.append(child)
+        child.start(self.env(), data)
+        self._wait_redis(child)
+
+    def _wait_redis(self, child: Child | None) -> None:
+        deadline = time.monotonic() + min(self.timeout, 30.0)
+        while True:
+            self.check_stop()
+            with contextlib.suppress(redis.RedisError, OSError), self.redis.client(0.5) as client:
+                if client.ping():
+                    return
+            if child is not None and not child.running:
+                raise LaunchError(
+                    f"redis-server {child.died()}; last lines of {child.log_path}:\n{log_tail(child.log_path)}"
+                )
+            if time.monotonic() > deadline:
+                extra = f"; last lines of {child.log_path}:\n{log_tail(child.log_path)}" if child else ""
+                raise LaunchError(f"redis at {self.redis.where} did not answer PING{extra}")
+            time.sleep(0.05)
+
+    def start_services(self) -> None:
+        env = self.env()
+        for svc in self.services:
+            self.check_stop()
+            argv = [
+                sys.executable, "-m", f"services.{svc}",
+                "--config", str(self.config_path), "--data", str(self.data_dir),
+            ]  # fmt: skip
+            child = Child(svc, argv, self.logs / f"{svc}.log")
+            self.children.append(child)
+            child.start(env, ROOT)
+
+    def wait_healthy(self) -> None:
+        """Return once every service answers SERVING; LaunchError naming one that died or is too slow."""
+        pending = {c.name: c for c in self.children if c.name in self.services}
+        deadline = time.monotonic() + self.timeout
+        while pending:
+            self.check_stop()
+            for name, child in list(pending.items()):
+                if not child.running:
+                    raise LaunchError(
+                        f"{name} {child.died()} while starting; last lines of {child.log_path}:\n"
+                        f"{log_tail(child.log_path)}"
+                    )
+                if (
+                    health_status(hostport(self.host, self.cfg.ports[name]), 0.5)
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    del pending[name]
+            if pending and time.monotonic() > deadline:
+                name, child = next(iter(pending.items()))
+                raise LaunchError(
+                    f"{name} did not answer the gRPC health check on {hostport(self.host, self.cfg.ports[name])}"
+                    f" within {self.timeout:g} s; last lines of {child.log_path}:\n{log_tail(child.log_path)}"
+                )
+            if pending:
+                time.sleep(0.1)
+
+    # run ----------------------------------------------------------------------------------------
+
+    def watch(self) -> None:
+        """Block until a stop is requested (Stop) or a child dies (LaunchError)."""
+        while True:
+            self.check_stop()
+            for child in self.children:
+                if not child.running:
+                    raise LaunchError(
+                        f"{child.name} {child.died()} unexpectedly; stopping everything. Last lines of"
+                        f" {child.log_path}:\n{log_tail(child.log_path)}"
+                    )
+            time.sleep(0.2)
+
+    def stop_all(self) -> None:
+        """SIGTERM the services (then redis, so queued jobs are flushed last), SIGKILL after the grace period."""
+        if self.stopping:
+            return
+        self.stopping = True
+        services = [c for c in self.children if c.name != "redis"]
+        rest = [c for c in self.children if c.name == "redis"]
+        for group in (services, rest):
+            for child in reversed(group):
+                child.signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.grace
+            for child in group:
+                if child.proc is None:
+                    continue
+                try:
+                    child.proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    print(f"gridstor: {child.name} did not stop within {self.grace:g} s; killing it", file=sys.stderr)
+                    child.kill_group()
+                    child.proc.wait()
+                # Anything the child started and left behind in its process group goes too.
+                child.kill_group()
+
+    def banner(self, wrote_config: bool) -> str:
+        """The endpoints, the config path and a first example."""
+        lines = ["gridstor is up."]
+        width = max(len(s) for s in [*self.services, "redis"])
+        for svc in self.services:
+            grpc_addr = hostport(self.host, self.cfg.ports[svc])
+            metrics = f"http://{hostport(self.host, self.cfg.ports[svc] + self.cfg.metrics_port_offset)}/metrics"
+            lines.append(f"  {svc:<{width}}  grpc {grpc_addr:<21} metrics {metrics}")
+        lines.append(f"  {'redis':<{width}}  {self.redis.where}")
+        lines.append(f"config: {self.config_path}{'  (written now with the defaults)' if wrote_config else ''}")
+        lines.append(f"data:   {self.data_dir}  (logs in {self.logs})")
+        lines.append(f"mode:   {self.cfg.mode}")
+        default_local = self.host == "127.0.0.1" and all(self.cfg.ports[s] == DEFAULT_PORTS[s] for s in self.services)
+        opt = "" if default_local else f" --config {self.config_path}"
+        lines.append("try it (in another terminal):")
+        if self.cfg.mode != "public":
+            how = "--secret-file FILE" if self.cfg.mode == "secret" else "--identity NAME --key FILE"
+            lines.append(f"  gridstor{opt} login {how}")
+        lines.append(f"  gridstor{opt} put README.md --wait        # prints the file id")
+        lines.append(f"  gridstor{opt} get <id> -o copy")
+        lines.append("stop with Ctrl-C.")
+        return "\n".join(lines)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.launcher",
+        description="Run redis-server and every gridstor service on this machine until Ctrl-C.",
+    )
+    parser.add_argument("--data", default="data", metavar="DIR", help="data dir (created if missing; default ./data)")
+    parser.add_argument(
+        "--config", metavar="FILE", help=f"gateway config (default DIR/{CONFIG_NAME}, written on first start)"
+    )
+    parser.add_argument(
+        "--timeout", type=_positive, default=60.0, metavar="S", help="seconds to wait for each start (default 60)"
+    )
+    parser.add_argument(
+        "--grace", type=_positive, default=20.0, metavar="S", help="seconds a child may take to stop (default 20)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start everything, wait for Ctrl-C / SIGTERM or a child's death, stop everything."""
+    args = parse_args(argv)
+    data_dir = Path(args.data).expanduser().absolute()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"gridstor: cannot create the data dir {data_dir}: {exc.strerror}", file=sys.stderr)
+        return 1
+    old_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with data_dir_lock(data_dir):
+            config_path, wrote = ensure_config(data_dir, args.config)
+            try:
+                cfg = load_config(config_path, data_dir=data_dir)
+            except ConfigError as exc:
+                raise LaunchError(str(exc), 2) from None
+            services = available_services()
+            launcher = Launcher(cfg, config_path, services, timeout=args.timeout, grace=args.grace)
+            check_ports(cfg, services, launcher.redis, config_path)
+            for sig in old_handlers:
+                signal.signal(sig, launcher.on_signal)
+            return run(launcher, wrote)
+    except LaunchError as exc:
+        print(f"gridstor: {exc}", file=sys.stderr)
+        return exc.code
+    except GridstorError as exc:  # e.g. a key or backend the config names that cannot be used
+        print(f"gridstor: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+
+
+def run(launcher: Launcher, wrote_config: bool) -> int:
+    """Start, watch, stop; the exit code of the launcher."""
+    try:
+        launcher.start_redis()
+        launcher.start_services()
+        launcher.wait_healthy()
+        print(launcher.banner(wrote_config), flush=True)
+        launcher.watch()
+    except Stop:
+        print("\ngridstor: stopping ...", file=sys.stderr, flush=True)
+        launcher.stop_all()
+        print("gridstor: stopped.", file=sys.stderr, flush=True)
+        return 0
+    except LaunchError as exc:
+        print(f"gridstor: {exc}", file=sys.stderr, flush=True)
+        return exc.code
+    finally:
+        launcher.stop_all()  # after any error too; a no-op when already stopped
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

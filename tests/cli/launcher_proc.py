@@ -1,0 +1,141 @@
+"""The real launcher as a subprocess for tests: free ports, its output, its process tree."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICES = ("auth", "ingest", "meta", "ssh", "maint")
+METRICS_OFFSET = 5
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports() -> dict[str, int]:
+    """Ports for every service such that port and port + METRICS_OFFSET are free (10 in a row)."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000)
+        if all(_free(base + i) for i in range(2 * METRICS_OFFSET)):
+            return {svc: base + i for i, svc in enumerate(SERVICES)}
+    raise RuntimeError("no 10 free ports in a row found")
+
+
+def write_config(data: Path, **extra: object) -> Path:
+    """A minimal gateway config with free ports in ``data``/gridstor.yaml (what the launcher reads by default)."""
+    data.mkdir(parents=True, exist_ok=True)
+    cfg = {"ports": free_ports(), "metrics_port_offset": METRICS_OFFSET, "workers": 1, **extra}
+    path = data / "gridstor.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def env() -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("GRIDSTOR_")}
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "protos")])
+    return e
+
+
+def children_of(pid: int) -> set[int]:
+    """Every live (non-zombie) descendant of ``pid``."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents.setdefault(int(fields[1]), []).append(int(entry))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Launcher:
+    """``python -m services.launcher --data DIR`` with its stdout and stderr collected."""
+
+    def __init__(self, data: Path, *args: str) -> None:
+        self.data = data
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.launcher", "--data", str(data), *args],
+            cwd=ROOT,
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.up = threading.Event()
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        threading.Thread(target=self._read, args=(self.proc.stdout, self.out), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.proc.stderr, self.err), daemon=True).start()
+
+    def _read(self, stream: object, into: list[str]) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            into.append(line)
+            if line.startswith("gridstor is up."):
+                self.up.set()
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self.out)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.err)
+
+    def wait_up(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.up.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill() if self.proc.poll() is None else None
+                raise AssertionError(f"launcher did not come up (rc {self.proc.poll()}):\n{self.stdout}\n{self.stderr}")
+
+    def wait(self, timeout: float = 60) -> int:
+        rc = self.proc.wait(timeout)
+        time.sleep(0.1)  # let the reader threads drain the pipes
+        return rc
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

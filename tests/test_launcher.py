@@ -1,0 +1,205 @@
+"""The local launcher (``make up``): default config, refusals with clear messages, children that die."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from services import launcher as L
+from services.common.config import DEFAULT_PORTS, Config, build_config, load_config
+from tests.cli.launcher_proc import Launcher, alive, children_of, write_config
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("GRIDSTOR_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def launched() -> Iterator[list[Launcher]]:
+    started: list[Launcher] = []
+    yield started
+    for proc in started:
+        proc.kill()
+
+
+# -- the default config ---------------------------------------------------------------------------------
+
+
+def test_default_config_shows_every_default(tmp_path: Path) -> None:
+    text = L.default_config_text(tmp_path)
+    path = tmp_path / "g.yaml"
+    path.write_text(text)
+    assert load_config(path) == build_config({}, data_dir=tmp_path)
+    keys = set(re.findall(r"^([a-z_]+):", text, re.MULTILINE))
+    wanted = {f.name for f in fields(Config)} - {"redis_url"} | {"redis"}
+    assert keys == wanted
+    assert text.count("\n#") >= 15  # commented
+    assert text.count('"dir://') == 22  # 20 backends + metadata records and index
+    assert f"unix://{tmp_path}/redis.sock" in text
+
+
+def test_a_data_dir_with_odd_characters_round_trips(tmp_path: Path) -> None:
+    odd = tmp_path / 'we"ird: dir #1'
+    path = tmp_path / "g.yaml"
+    path.write_text(L.default_config_text(odd))
+    assert load_config(path).data_dir == odd
+
+
+def test_config_is_written_once_and_kept(tmp_path: Path) -> None:
+    path, wrote = L.ensure_config(tmp_path, None)
+    assert wrote and path == tmp_path / "gridstor.yaml"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.write_text(path.read_text() + "# my edit\n")
+    edited = path.read_text()
+    assert L.ensure_config(tmp_path, None) == (path, False)
+    assert path.read_text() == edited
+    other = tmp_path / "elsewhere.yaml"
+    assert L.ensure_config(tmp_path, str(other)) == (other, False)
+    assert not other.exists()
+
+
+# -- redis ------------------------------------------------------------------------------------------------
+
+
+def test_redis_plans(tmp_path: Path) -> None:
+    unix = L.redis_plan(f"unix://{tmp_path}/redis.sock")
+    assert unix.managed and unix.socket == tmp_path / "redis.sock"
+    conf = L.redis_conf(unix, tmp_path / "redis")
+    for line in ("appendonly yes", "port 0", f'unixsocket "{tmp_path}/redis.sock"', f'dir "{tmp_path}/redis"'):
+        assert line in conf.splitlines()
+    local = L.redis_plan("redis://:pw@127.0.0.1:6390/0")
+    assert local.managed and local.port == 6390 and local.password == "pw"
+    conf = L.redis_conf(local, tmp_path)
+    assert "port 6390" in conf and "bind 127.0.0.1" in conf and 'requirepass "pw"' in conf
+    assert not L.redis_plan("redis://redis.example:6379/0").managed
+
+
+def test_a_socket_path_too_long_for_the_kernel(tmp_path: Path) -> None:
+    with pytest.raises(L.LaunchError) as info:
+        L.redis_plan("unix:///" + "d" * 120 + "/redis.sock")
+    assert info.value.code == 2 and "unix sockets allow 107" in str(info.value)
+
+
+# -- refusals ---------------------------------------------------------------------------------------------
+
+
+def test_one_launcher_per_data_dir(tmp_path: Path) -> None:
+    with L.data_dir_lock(tmp_path):
+        with pytest.raises(L.LockHeld) as info, L.data_dir_lock(tmp_path):
+            pass
+        assert f"another launcher (pid {os.getpid()}) is already running on {tmp_path}" in str(info.value)
+    with L.data_dir_lock(tmp_path):  # free again once released
+        pass
+
+
+def test_a_taken_port_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path / "data")
+    cfg = load_config(config, data_dir=tmp_path / "data")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", cfg.ports["meta"] + cfg.metrics_port_offset))
+        taken.listen()
+        assert L.main(["--data", str(tmp_path / "data")]) == 1
+    err = capsys.readouterr().err
+    port = cfg.ports["meta"] + cfg.metrics_port_offset
+    assert err.startswith(f"gridstor: port {port} (meta metrics) on 127.0.0.1 is already in use")
+    assert str(config) in err
+
+
+def test_a_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "gridstor.yaml").write_text("mode: sideways\n")
+    assert L.main(["--data", str(tmp_path)]) == 2
+    assert (
+        capsys.readouterr().err == "gridstor: config: mode: must be one of public, secret, allowlist, got 'sideways'\n"
+    )
+
+
+def test_missing_redis_server_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_config(tmp_path / "data")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert L.main(["--data", str(tmp_path / "data")]) == 1
+    assert "apt-get install redis-server" in capsys.readouterr().err
+
+
+def test_services_started_are_core_plus_those_that_exist(tmp_path: Path) -> None:
+    for svc in ("auth", "meta", "ingest", "maint"):
+        (tmp_path / "services" / svc).mkdir(parents=True)
+        (tmp_path / "services" / svc / "__main__.py").touch()
+    (tmp_path / "services" / "ssh").mkdir()  # a package without __main__.py is not started
+    assert L.available_services(tmp_path) == ["auth", "meta", "ingest", "maint"]
+    (tmp_path / "services" / "ingest" / "__main__.py").unlink()
+    with pytest.raises(L.LaunchError, match=r"services/ingest/__main__\.py is missing"):
+        L.available_services(tmp_path)
+
+
+def test_banner_example(tmp_path: Path) -> None:
+    cfg = build_config({}, data_dir=tmp_path)
+    text = L.Launcher(cfg, tmp_path / "gridstor.yaml", ["auth", "meta", "ingest"], timeout=1, grace=1).banner(True)
+    assert "  gridstor put README.md --wait" in text and "  gridstor get <id> -o copy" in text
+    assert f"grpc 127.0.0.1:{DEFAULT_PORTS['meta']}" in text
+    assert f"http://127.0.0.1:{DEFAULT_PORTS['meta'] + 100}/metrics" in text
+    secret = build_config({"mode": "secret", "secret": "x" * 20, "ports": {"meta": 9000}}, data_dir=tmp_path)
+    text = L.Launcher(secret, tmp_path / "g.yaml", ["meta"], timeout=1, grace=1).banner(False)
+    assert f"gridstor --config {tmp_path / 'g.yaml'} login --secret-file FILE" in text
+
+
+# -- children ---------------------------------------------------------------------------------------------
+
+
+def _pid_of(parent: int, module: str) -> int:
+    for pid in children_of(parent):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if module.encode() in cmd:
+            return pid
+    raise AssertionError(f"no {module} process under {parent}")
+
+
+@pytest.mark.slow
+def test_a_child_that_dies_stops_everything(tmp_path: Path, launched: list[Launcher]) -> None:
+    data = tmp_path / "data"
+    write_config(data)
+    proc = Launcher(data)
+    launched.append(proc)
+    proc.wait_up()
+    kids = children_of(proc.proc.pid)
+    os.kill(_pid_of(proc.proc.pid, "services.meta"), signal.SIGKILL)
+    assert proc.wait() == 1
+    err = proc.stderr
+    assert "gridstor: meta was killed by SIGKILL unexpectedly; stopping everything." in err
+    assert f"Last lines of {data / 'logs' / 'meta.log'}:" in err and "meta listening" in err
+    deadline = time.monotonic() + 10
+    while [p for p in kids if alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in kids if alive(p)]
+
+
+@pytest.mark.slow
+def test_a_service_that_cannot_start_is_named_with_its_log(tmp_path: Path, launched: list[Launcher]) -> None:
+    data = tmp_path / "data"
+    bad = [f"dir:///nonexistent-disk-{i}/shards" for i in range(20)]  # parents that are not mounted
+    write_config(data, backends=bad)
+    proc = Launcher(data, "--timeout", "30")
+    launched.append(proc)
+    assert proc.wait(90) == 1
+    err = proc.stderr
+    m = re.search(r"gridstor: (\w+) exited with code (\d+) while starting; last lines of (\S+):", err)
+    assert m, err
+    assert m.group(3) == str(data / "logs" / f"{m.group(1)}.log")
+    assert "nonexistent-disk" in err  # the service's own message, from its log
+    assert "gridstor is up" not in proc.stdout
