@@ -656,14 +656,27 @@ class Launcher:
         lines.append(f"mode:   {self.cfg.mode}")
         default_local = self.host == "127.0.0.1" and all(self.cfg.ports[s] == DEFAULT_PORTS[s] for s in self.services)
         opt = "" if default_local else f" --config {self.config_path}"
+        cli = cli_command()
         lines.append("try it (in another terminal):")
         if self.cfg.mode != "public":
             how = "--secret-file FILE" if self.cfg.mode == "secret" else "--identity NAME --key FILE"
-            lines.append(f"  gridstor{opt} login {how}")
-        lines.append(f"  gridstor{opt} put README.md --wait        # prints the file id")
-        lines.append(f"  gridstor{opt} get <id> -o copy")
+            lines.append(f"  {cli}{opt} login {how}")
+        lines.append(f"  {cli}{opt} put README.md --wait        # prints the file id")
+        lines.append(f"  {cli}{opt} get <id> -o copy")
         lines.append("stop with Ctrl-C.")
         return "\n".join(lines)
+
+
+def cli_command() -> str:
+    """How to run the CLI from here: ``gridstor`` when on PATH, else the venv's wrapper."""
+    wrapper = Path(sys.executable).parent / "gridstor"
+    found = shutil.which("gridstor")
+    if found and Path(found).resolve() == wrapper.resolve():
+        return "gridstor"
+    try:
+        return str(wrapper.relative_to(Path.cwd()))
+    except ValueError:
+        return str(wrapper)
 
 
 def _positive(text: str) -> float:

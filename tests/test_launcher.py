@@ -148,12 +148,14 @@ def test_services_started_are_core_plus_those_that_exist(tmp_path: Path) -> None
 def test_banner_example(tmp_path: Path) -> None:
     cfg = build_config({}, data_dir=tmp_path)
     text = L.Launcher(cfg, tmp_path / "gridstor.yaml", ["auth", "meta", "ingest"], timeout=1, grace=1).banner(True)
-    assert "  gridstor put README.md --wait" in text and "  gridstor get <id> -o copy" in text
+    cli = L.cli_command()
+    assert cli == "gridstor" or cli.endswith("bin/gridstor")  # on PATH, or the venv's wrapper
+    assert f"  {cli} put README.md --wait" in text and f"  {cli} get <id> -o copy" in text
     assert f"grpc 127.0.0.1:{DEFAULT_PORTS['meta']}" in text
     assert f"http://127.0.0.1:{DEFAULT_PORTS['meta'] + 100}/metrics" in text
     secret = build_config({"mode": "secret", "secret": "x" * 20, "ports": {"meta": 9000}}, data_dir=tmp_path)
     text = L.Launcher(secret, tmp_path / "g.yaml", ["meta"], timeout=1, grace=1).banner(False)
-    assert f"gridstor --config {tmp_path / 'g.yaml'} login --secret-file FILE" in text
+    assert f"{cli} --config {tmp_path / 'g.yaml'} login --secret-file FILE" in text
 
 
 # -- children ---------------------------------------------------------------------------------------------
