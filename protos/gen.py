@@ -10,13 +10,18 @@ From every ``protos/gridstor/**/*.proto`` it writes, beside the proto:
 (mypy-protobuf), and an empty ``__init__.py`` per package folder; plus the
 descriptor set Envoy's grpc_json_transcoder reads, ``compose/envoy/gridstor.pb``
 (``--include_imports --include_source_info``, with google/rpc/error_details.proto
-so error details render as JSON). The output depends only on the protos and the
-pinned tool versions, so two runs give identical bytes.
+so error details render as JSON); and the compose deployment's Envoy configs,
+``compose/envoy/envoy.yaml`` from ``compose/gridstor.yaml`` and
+``compose/envoy/envoy-replica.yaml`` from ``compose/gridstor-replica.yaml``
+(services/edge/envoy.py, from the fresh descriptor set; only when that config
+exists). The output depends only on the protos, those configs and the pinned
+tool versions, so two runs give identical bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import shutil
@@ -29,6 +34,15 @@ from pathlib import Path
 TOOL_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "gridstor"
 DESCRIPTOR = Path("compose/envoy/gridstor.pb")
+# Compose Envoy configs: (output, the gateway config it is generated from, services it serves or None = all).
+ENVOY_CONFIGS = (
+    (Path("compose/envoy/envoy.yaml"), Path("compose/gridstor.yaml"), None),
+    (Path("compose/envoy/envoy-replica.yaml"), Path("compose/gridstor-replica.yaml"), ("auth", "meta", "maint")),
+)
+# Inside the Envoy container (compose mounts compose/envoy there).
+ENVOY_DESCRIPTOR_REF = "/etc/envoy/gridstor.pb"
+ENVOY_LISTEN = ("0.0.0.0", 8080)
+ENVOY_ADMIN_PORT = 9901  # bound to 127.0.0.1 inside the container, for its health check
 # Not compiled to Python, only added to the descriptor set (ENVOY_NOTES item 4).
 DESCRIPTOR_EXTRAS = ("google/rpc/error_details.proto",)
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
@@ -142,7 +156,51 @@ def generate(root: Path, work: Path) -> dict[str, bytes]:
             out[(Path("protos") / package / "__init__.py").as_posix()] = b""
             package = package.parent
     out[DESCRIPTOR.as_posix()] = descriptor.read_bytes()
+    for target, source, only in ENVOY_CONFIGS:
+        if (root / source).is_file():
+            out[target.as_posix()] = envoy_config(root / source, descriptor, only).encode()
     return dict(sorted(out.items()))
+
+
+def envoy_config(source: Path, descriptor: Path, only: tuple[str, ...] | None) -> str:
+    """The compose Envoy config for the gateway config ``source`` (services/edge/envoy.py does the work)."""
+    if str(TOOL_ROOT) not in sys.path:
+        sys.path.insert(0, str(TOOL_ROOT))
+    import yaml
+
+    from services.common.config import Config, build_config
+    from services.common.errors import GridstorError
+    from services.edge.envoy import build_envoy_config, render
+
+    try:
+        raw = yaml.safe_load(source.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise GenError(f"cannot read {source}: {exc}") from None
+    known = {f.name for f in dataclasses.fields(Config)}
+    # service -> host of each service's container; read here until the config itself has the field.
+    hosts = raw.pop("hosts", None) if "hosts" not in known else None
+    if hosts is not None and not (isinstance(hosts, dict) and all(isinstance(v, str) for v in hosts.values())):
+        raise GenError(f"{source}: hosts: expected a mapping of service: host name")
+    # The file alone decides: GRIDSTOR_* overrides of the shell running this must not leak in.
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("GRIDSTOR_")}
+    try:
+        cfg = build_config(raw)
+        listen_port = int(getattr(cfg, "envoy_port", 0) or ENVOY_LISTEN[1])
+        bootstrap = build_envoy_config(
+            cfg,
+            descriptor,
+            listen_port,
+            ENVOY_ADMIN_PORT,
+            hosts=hosts,
+            listen_address=ENVOY_LISTEN[0],
+            descriptor_ref=ENVOY_DESCRIPTOR_REF,
+            only=only,
+        )
+    except GridstorError as exc:
+        raise GenError(f"{source}: {exc}") from None
+    finally:
+        os.environ.update(saved)
+    return render(bootstrap)
 
 
 def existing_outputs(root: Path) -> set[str]:
@@ -155,8 +213,9 @@ def existing_outputs(root: Path) -> set[str]:
                 continue
             if path.name == "__init__.py" or path.name.endswith(GENERATED_SUFFIXES):
                 owned.add(path.relative_to(root).as_posix())
-    if (root / DESCRIPTOR).is_file():
-        owned.add(DESCRIPTOR.as_posix())
+    for path in (DESCRIPTOR, *(target for target, _, _ in ENVOY_CONFIGS)):
+        if (root / path).is_file():
+            owned.add(path.as_posix())
     return owned
 
 

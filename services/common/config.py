@@ -5,6 +5,13 @@ backends under the data dir, metadata in a dir store, public mode on
 127.0.0.1. A wrong or unknown field stops the start with a message naming the
 field and what is wrong, e.g. ``config: engine.k: must be an integer >= 1``.
 
+Maintenance (``maint:``): scrub_interval, scrub_files_per_second,
+scrub_bytes_per_second, hard_every, cleanup_interval, backup_interval (see
+MaintConfig). Metadata replicas (``metadata:``): replicas (up to two user-key
+namespaces written through by meta), sync_interval, verify_interval; a
+``role: replica`` gateway points ``metadata.uri`` at its replica with
+``metadata.mode: user`` and may name the master in ``metadata.master``.
+
 Environment overrides: ``GRIDSTOR_DATA_DIR``, ``GRIDSTOR_REDIS_URL``,
 ``GRIDSTOR_MODE``, ``GRIDSTOR_LISTEN_HOST``.
 """
@@ -65,6 +72,27 @@ class MetadataConfig:
     uri: str
     index_uri: str
     replicas: tuple[str, ...] = ()
+    # How ``uri`` is keyed: "seq" (a master namespace: it allocates the ids) or "user" (a replica
+    # namespace keyed by the master's 8-byte ids; only a ``role: replica`` gateway reads one).
+    mode: str = "seq"
+    # A replica gateway: the master's records namespace, read only by maint's ReplicaStatus ("" = unknown).
+    master: str = ""
+    # Seconds between meta's replica catch-up rounds (a replica that was away is caught up within this).
+    sync_interval: float = 10.0
+    # Seconds between full compares of every replica record with the master (catches missed updates).
+    verify_interval: float = 86400.0
+
+
+@dataclass(frozen=True)
+class MaintConfig:
+    """The maint service's schedules and budgets (``maint:`` in the YAML)."""
+
+    scrub_interval: float = 86400.0  # seconds between scrub pass starts; 0 = only when asked (Scrub RPC)
+    scrub_files_per_second: float = 20.0  # files checked per second at most
+    scrub_bytes_per_second: int = 32 * 10**6  # shard bytes read per second at most (hard checks, repairs)
+    hard_every: int = 7  # every Nth scheduled pass is a hard pass (fetch, verify, decrypt every file)
+    cleanup_interval: float = 300.0  # seconds between home quota sweeps; 0 = off
+    backup_interval: float = 86400.0  # seconds between metadata backups; 0 = only when asked (Backup RPC)
 
 
 @dataclass(frozen=True)
@@ -86,13 +114,20 @@ class Config:
     workers: int = 0  # 0 = one per core
     status_max_wait: int = 300
     role: str = "master"
+    maint: MaintConfig = field(default_factory=MaintConfig)
+    envoy_port: int = 8080  # REST + gRPC edge (Envoy)
+    # Where each service is dialled by the others (compose: its container name); default listen_host.
+    hosts: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
 
     def address(self, service: str) -> str:
-        return f"{self.listen_host}:{self.ports[service]}"
+        host = self.hosts.get(service, self.listen_host)
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.ports[service]}"
 
 
 def default_backends(data_dir: Path, n: int = 20) -> tuple[BackendSpec, ...]:
@@ -207,6 +242,22 @@ def build_config(raw: Mapping[str, Any], *, data_dir: str | Path | None = None) 
     role = _expect(raw.get("role", "master"), str, "role", "master or replica")
     if role not in ("master", "replica"):
         raise ConfigError(f"config: role: must be master or replica, got {role!r}")
+    if role == "master" and metadata.mode != "seq":
+        raise ConfigError(
+            "config: metadata.mode: a master gateway allocates metadata ids, so its namespace must be seq"
+            " (user is for a role: replica gateway reading a replica namespace)"
+        )
+    envoy_port = _int(raw.get("envoy_port", 8080), "envoy_port", 1, 65535)
+    if envoy_port in ports.values():
+        raise ConfigError(f"config: envoy_port: {envoy_port} is also the port of a service")
+    hosts: dict[str, str] = {}
+    for svc, host in _expect(raw.get("hosts") or {}, dict, "hosts", "a mapping of service: host").items():
+        if svc not in DEFAULT_PORTS:
+            raise ConfigError(f"config: hosts.{svc}: unknown service; known: {', '.join(SERVICES)}")
+        host = _expect(host, str, f"hosts.{svc}", "a host name or address")
+        if not host or any(c in host for c in "/ @?#"):
+            raise ConfigError(f"config: hosts.{svc}: {host!r} is not a host name or address")
+        hosts[svc] = host
     return Config(
         data_dir=dd,
         mode=mode,
@@ -226,6 +277,9 @@ def build_config(raw: Mapping[str, Any], *, data_dir: str | Path | None = None) 
         workers=_int(raw.get("workers", 0), "workers", 0, 64),
         status_max_wait=_int(raw.get("status_max_wait", 300), "status_max_wait", 1, 3600),
         role=role,
+        maint=_maint(raw.get("maint")),
+        envoy_port=envoy_port,
+        hosts=hosts,
     )
 
 
@@ -260,20 +314,70 @@ def _backends(value: object, data_dir: Path) -> tuple[BackendSpec, ...]:
 
 
 def _metadata(value: object, data_dir: Path) -> MetadataConfig:
+    default_index = f"dir://{data_dir}/meta/index"
     if value is None:
-        return MetadataConfig(uri=f"dir://{data_dir}/meta/records", index_uri=f"dir://{data_dir}/meta/index")
+        return MetadataConfig(uri=f"dir://{data_dir}/meta/records", index_uri=default_index)
     raw = _expect(value, dict, "metadata", "a mapping with uri, index_uri, replicas")
-    bad = sorted(set(raw) - {"uri", "index_uri", "replicas"})
+    allowed = {"uri", "index_uri", "replicas", "mode", "master", "sync_interval", "verify_interval"}
+    bad = sorted(set(raw) - allowed)
     if bad:
-        raise ConfigError(f"config: metadata: unknown setting(s) {', '.join(bad)}")
+        raise ConfigError(f"config: metadata: unknown setting(s) {', '.join(bad)}; known: {', '.join(sorted(allowed))}")
     uri = _expect(raw.get("uri"), str, "metadata.uri", "a backend URI")
-    index_uri = _expect(raw.get("index_uri"), str, "metadata.index_uri", "a backend URI (user-key namespace)")
+    # A replica gateway does not use the dedup index, so it may leave index_uri out.
+    index_uri = _expect(
+        raw.get("index_uri", default_index), str, "metadata.index_uri", "a backend URI (user-key namespace)"
+    )
     replicas = tuple(_expect(raw.get("replicas") or [], list, "metadata.replicas", "a list of URIs"))
-    for where, u in [("metadata.uri", uri), ("metadata.index_uri", index_uri)] + [
-        (f"metadata.replicas[{i}]", r) for i, r in enumerate(replicas)
-    ]:
+    master = _expect(raw.get("master", ""), str, "metadata.master", "a backend URI")
+    mode = _expect(raw.get("mode", "seq"), str, "metadata.mode", "seq or user")
+    if mode not in ("seq", "user"):
+        raise ConfigError(f"config: metadata.mode: must be seq or user, got {mode!r}")
+    checked = [("metadata.uri", uri), ("metadata.index_uri", index_uri)]
+    checked += [(f"metadata.replicas[{i}]", r) for i, r in enumerate(replicas)]
+    if master:
+        checked.append(("metadata.master", master))
+    for where, u in checked:
         try:
             parse_uri(_expect(u, str, where, "a backend URI"))
         except InvalidInput as exc:
             raise ConfigError(f"config: {where}: {exc}") from None
-    return MetadataConfig(uri=uri, index_uri=index_uri, replicas=replicas)
+    if uri in replicas:
+        raise ConfigError("config: metadata.replicas: a replica cannot be the master namespace (metadata.uri) itself")
+    return MetadataConfig(
+        uri=uri,
+        index_uri=index_uri,
+        replicas=replicas,
+        mode=mode,
+        master=master,
+        sync_interval=_seconds_value(raw.get("sync_interval", 10.0), "metadata.sync_interval", positive=True),
+        verify_interval=_seconds_value(raw.get("verify_interval", 86400.0), "metadata.verify_interval"),
+    )
+
+
+def _seconds_value(value: object, where: str, *, positive: bool = False) -> float:
+    v = _expect(value, (int, float), where, "a number of seconds")
+    if v < 0 or (positive and v == 0):
+        raise ConfigError(f"config: {where}: must be {'positive' if positive else '>= 0 (0 = off)'}, got {v}")
+    return float(v)
+
+
+def _maint(value: object) -> MaintConfig:
+    raw = _expect(value or {}, dict, "maint", "a mapping")
+    known = {f.name for f in fields(MaintConfig)}
+    bad = sorted(set(raw) - known)
+    if bad:
+        raise ConfigError(f"config: maint: unknown setting(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+    d = MaintConfig()
+    files_ps = _seconds_value(
+        raw.get("scrub_files_per_second", d.scrub_files_per_second), "maint.scrub_files_per_second", positive=True
+    )
+    return MaintConfig(
+        scrub_interval=_seconds_value(raw.get("scrub_interval", d.scrub_interval), "maint.scrub_interval"),
+        scrub_files_per_second=files_ps,
+        scrub_bytes_per_second=max(
+            1, parse_size(raw.get("scrub_bytes_per_second", d.scrub_bytes_per_second), "maint.scrub_bytes_per_second")
+        ),
+        hard_every=_int(raw.get("hard_every", d.hard_every), "maint.hard_every", 1),
+        cleanup_interval=_seconds_value(raw.get("cleanup_interval", d.cleanup_interval), "maint.cleanup_interval"),
+        backup_interval=_seconds_value(raw.get("backup_interval", d.backup_interval), "maint.backup_interval"),
+    )

@@ -1,0 +1,54 @@
+"""Health probes for containers: ``python -m services.edge.probe grpc HOST:PORT`` or ``http URL``.
+
+Exit 0 when healthy, 1 otherwise (with the reason on stderr); compose health checks run these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import urllib.error
+import urllib.request
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def grpc_ok(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
+    """Whether the gRPC health service at ``address`` reports ``service`` ("" = the server) SERVING."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            return False, f"{address}: {exc.code().name} {exc.details() or ''}".strip()
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING, f"{address}: {status}"
+
+
+def http_ok(url: str, timeout: float = 3.0) -> tuple[bool, str]:
+    """Whether ``url`` answers 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status == 200, f"{url}: {resp.status}"
+    except (urllib.error.URLError, OSError) as exc:
+        return False, f"{url}: {exc}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.edge.probe", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="kind", required=True)
+    g = sub.add_parser("grpc", help="gRPC health check")
+    g.add_argument("address", help="HOST:PORT")
+    g.add_argument("--service", default="", help="service name (default: the whole server)")
+    h = sub.add_parser("http", help="HTTP GET answering 200")
+    h.add_argument("url")
+    args = parser.parse_args(argv)
+    ok, why = grpc_ok(args.address, args.service) if args.kind == "grpc" else http_ok(args.url)
+    print(why, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
