@@ -1,0 +1,446 @@
+"""The job store in Redis: one hash per job, a Stream of work, a notice when a job ends.
+
+Keys (``redis.asyncio``, strings decoded as UTF-8):
+
+* ``gridstor:job:<id>``     hash: state (ACTIVE / DONE / ERROR), name, ext, content_type,
+  size, hash (hex), spool (path), remove (1 = delete the spool file when done),
+  identity, created, progress, file_id, error, dedup, receipt (hex of a serialized
+  Receipt), attempts, worker, worker_pid, updated. Finished jobs expire after ``JOB_TTL``.
+* ``gridstor:jobs``         Stream of ``{job: <id>}`` read by the consumer group ``workers``.
+  An entry is acknowledged and deleted once its job ended, so the stream length is
+  the number of queued plus running jobs. An entry whose worker died stays pending
+  and is taken over with XAUTOCLAIM; a live worker keeps its entries fresh with a
+  heartbeat (XCLAIM to itself), so only dead workers' entries go idle.
+* ``gridstor:jobdone:<id>`` pub/sub channel: a message when the job ends.
+* ``gridstor:ingest:stats`` hash of counters kept by the workers (done, failed, dedup,
+  bytes_stored), mirrored into the ingest service's metrics.
+
+Nothing here imports grpc: the ssh service can queue jobs with ``submit`` too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from services.common import errors
+
+log = logging.getLogger(__name__)
+
+JOB_PREFIX = "gridstor:job:"
+STREAM = "gridstor:jobs"
+GROUP = "workers"
+CHANNEL_PREFIX = "gridstor:jobdone:"
+STATS = "gridstor:ingest:stats"
+JOB_TTL = 7 * 86400  # finished jobs answer Status this long
+
+ACTIVE = "ACTIVE"
+DONE = "DONE"
+ERROR = "ERROR"
+
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+# Refresh the idle time of a pending entry only while this consumer still owns it.
+_HEARTBEAT = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 1
+"""
+
+# Drop consumers (dead workers) with nothing pending that were idle long enough.
+# Atomic, so an entry delivered between the check and the delete cannot be lost.
+_PRUNE = """
+local n = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+  if info['pending'] == 0 and info['idle'] > tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+def new_job_id() -> str:
+    """A random 128-bit job id, 32 lowercase hex."""
+    return os.urandom(16).hex()
+
+
+def check_job_id(text: str) -> str:
+    """The job id, or InvalidInput naming what is wrong."""
+    if not _JOB_ID.match(text):
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise errors.InvalidInput(f"job id must be 32 lowercase hex characters, got {shown!r}")
+    return text
+
+
+def job_key(job: str) -> str:
+    return JOB_PREFIX + job
+
+
+def channel(job: str) -> str:
+    return CHANNEL_PREFIX + job
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as stored in its hash."""
+
+    id: str
+    state: str
+    name: str = ""
+    ext: str = ""
+    content_type: str = ""
+    size: int = 0
+    hash: str = ""
+    spool: str = ""
+    remove: bool = True
+    identity: str = ""
+    created: float = 0.0
+    progress: int = 0
+    file_id: str = ""
+    error: str = ""
+    dedup: bool = False
+    receipt: bytes = b""
+    attempts: int = 0
+    worker: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (DONE, ERROR)
+
+    @classmethod
+    def from_hash(cls, job: str, h: Mapping[str, str]) -> Job:
+        def num(key: str) -> int:
+            try:
+                return int(h.get(key) or 0)
+            except ValueError:
+                return 0
+
+        try:
+            receipt = bytes.fromhex(h.get("receipt", ""))
+        except ValueError:
+            receipt = b""
+        return cls(
+            id=job,
+            state=h.get("state", ACTIVE),
+            name=h.get("name", ""),
+            ext=h.get("ext", ""),
+            content_type=h.get("content_type", ""),
+            size=num("size"),
+            hash=h.get("hash", ""),
+            spool=h.get("spool", ""),
+            remove=h.get("remove", "1") == "1",
+            identity=h.get("identity", ""),
+            created=float(h.get("created") or 0),
+            progress=num("progress"),
+            file_id=h.get("file_id", ""),
+            error=h.get("error", ""),
+            dedup=h.get("dedup") == "1",
+            receipt=receipt,
+            attempts=num("attempts"),
+            worker=h.get("worker", ""),
+        )
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A Redis client for ``redis://``, ``rediss://`` or ``unix://`` URLs, answering str."""
+    return aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+
+
+def _unavailable(exc: RedisError) -> errors.StoreFailed:
+    return errors.StoreFailed(f"the job queue (redis) is unavailable: {exc}")
+
+
+class JobStore:
+    """Jobs and the work stream; every Redis failure surfaces as StoreFailed."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._heartbeat = redis.register_script(_HEARTBEAT)
+        self._prune = redis.register_script(_PRUNE)
+
+    async def ensure_group(self) -> None:
+        """Create the stream and its consumer group (from the start of the stream) if missing."""
+        try:
+            await self.redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        except RedisError as exc:
+            raise _unavailable(exc) from None
+
+    # -------------------------------------------------------------- submitting
+
+    async def submit(
+        self,
+        job: str,
+        *,
+        path: str,
+        size: int,
+        hash_hex: str = "",
+        name: str = "",
+        ext: str = "",
+        content_type: str = "",
+        identity: str = "",
+        remove: bool = True,
+    ) -> None:
+        """Record a job and queue it, atomically. ``hash_hex`` may be empty: the worker hashes the file."""
+        fields: dict[Any, Any] = {
+            "state": ACTIVE,
+            "name": name,
+            "ext": ext,
+            "content_type": content_type,
+            "size": str(size),
+            "hash": hash_hex,
+            "spool": path,
+            "remove": "1" if remove else "0",
+            "identity": identity,
+            "created": f"{time.time():.3f}",
+            "progress": "0",
+            "attempts": "0",
+        }
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(job_key(job), mapping=fields)
+                pipe.xadd(STREAM, {"job": job})
+                await pipe.execute()
+        except RedisError as exc:
+            raise _unavailable(exc) from None
+
+    # ----------------------------------------------------------------- reading
+
+    async def get(self, job: str) -> Job | None:
+        """The job, or None when unknown (or expired)."""
+        try:
+            h = cast(dict[str, str], await self.redis.hgetall(job_key(job)))
+        except RedisError as exc:
+            raise _unavailable(exc) from None
+        return Job.from_hash(job, h) if h else None
+
+    async def queue_length(self) -> int:
+        """Jobs queued or being stored (acknowledged entries are deleted)."""
+        try:
+            return int(await self.redis.xlen(STREAM))
+        except RedisError as exc:
+            raise _unavailable(exc) from None
+
+    async def stats(self) -> dict[str, int]:
+        """The workers' counters (done, failed, dedup, bytes_stored)."""
+        try:
+            raw = cast(dict[str, str], await self.redis.hgetall(STATS))
+        except RedisError as exc:
+            raise _unavailable(exc) from None
+        return {k: int(v) for k, v in raw.items()}
+
+    # ------------------------------------------------------------------ worker
+
+    async def read(self, consumer: str, block_ms: int) -> list[tuple[str, str]]:
+        """New entries for ``consumer``: (entry id, job id), waiting up to ``block_ms``."""
+        reply: Any = await self.redis.xreadgroup(GROUP, consumer, {STREAM: ">"}, count=1, block=block_ms)
+        out: list[tuple[str, str]] = []
+        for _stream, entries in reply or []:
+            out += await self._entries(entries)
+        return out
+
+    async def autoclaim(self, consumer: str, min_idle_ms: int, count: int = 1) -> list[tuple[str, str]]:
+        """Take over entries idle for ``min_idle_ms`` (their worker died): (entry id, job id)."""
+        reply: Any = await self.redis.xautoclaim(STREAM, GROUP, consumer, min_idle_ms, "0-0", count=count)
+        entries = reply[1] if len(reply) > 1 else []
+        deleted = reply[2] if len(reply) > 2 else []
+        if deleted:  # pending ids whose entry is gone: nothing to do but forget them
+            await self.redis.xack(STREAM, GROUP, *deleted)
+        return await self._entries(entries)
+
+    async def _entries(self, entries: list[Any]) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        for entry_id, fields in entries:
+            job = (fields or {}).get("job", "")
+            if _JOB_ID.match(job):
+                out.append((entry_id, job))
+            else:
+                log.warning("dropping malformed stream entry %s", entry_id)
+                await self.ack(entry_id)
+        return out
+
+    async def heartbeat(self, consumer: str, entry_id: str) -> bool:
+        """Keep a pending entry fresh; False when another consumer has taken it over."""
+        return bool(await self._heartbeat(keys=[STREAM], args=[GROUP, consumer, entry_id]))
+
+    async def prune_consumers(self, idle_ms: int) -> int:
+        """Forget consumers (dead workers) with nothing pending, idle over ``idle_ms``."""
+        return int(await self._prune(keys=[STREAM], args=[GROUP, idle_ms]))
+
+    async def start(self, job: str, worker: str) -> int:
+        """Note that ``worker`` (consumer name) starts the job; return the attempt number."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(job_key(job), "attempts", 1)
+            pipe.hset(
+                job_key(job),
+                mapping={"worker": worker, "worker_pid": str(os.getpid()), "progress": "0", "updated": _now()},
+            )
+            attempts, _ = await pipe.execute()
+        return int(attempts)
+
+    async def set_progress(self, job: str, done: int) -> None:
+        fields: dict[Any, Any] = {"progress": str(done), "updated": _now()}
+        await self.redis.hset(job_key(job), mapping=fields)
+
+    async def done(self, job: str, *, file_id: str, dedup: bool, receipt: bytes, size: int, hash_hex: str = "") -> None:
+        """Mark the job DONE, count it and wake Status waiters."""
+        fields: dict[Any, Any] = {"state": DONE, "file_id": file_id, "dedup": "1" if dedup else "0"}
+        fields |= {"receipt": receipt.hex(), "size": str(size), "progress": str(size), "error": ""}
+        fields["updated"] = _now()
+        if hash_hex:
+            fields["hash"] = hash_hex
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(job_key(job), mapping=fields)
+            pipe.expire(job_key(job), JOB_TTL)
+            pipe.hincrby(STATS, "done", 1)
+            if dedup:
+                pipe.hincrby(STATS, "dedup", 1)
+            else:
+                pipe.hincrby(STATS, "bytes_stored", size)
+            pipe.publish(channel(job), DONE)
+            await pipe.execute()
+
+    async def fail(self, job: str, reason: str) -> None:
+        """Mark the job ERROR with ``reason``, count it and wake Status waiters."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(job_key(job), mapping={"state": ERROR, "error": reason, "updated": _now()})
+            pipe.expire(job_key(job), JOB_TTL)
+            pipe.hincrby(STATS, "failed", 1)
+            pipe.publish(channel(job), ERROR)
+            await pipe.execute()
+
+    async def ack(self, entry_id: str) -> None:
+        """The entry's job has ended: acknowledge and delete it."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(STREAM, GROUP, entry_id)
+            pipe.xdel(STREAM, entry_id)
+            await pipe.execute()
+
+    async def requeue(self, entry_id: str, job: str) -> None:
+        """Put a job back at the end of the queue (its worker is stopping); the attempt does not count."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(STREAM, {"job": job})
+            pipe.xack(STREAM, GROUP, entry_id)
+            pipe.xdel(STREAM, entry_id)
+            pipe.hincrby(job_key(job), "attempts", -1)
+            pipe.hset(job_key(job), mapping={"progress": "0", "worker": "", "updated": _now()})
+            await pipe.execute()
+
+
+def _now() -> str:
+    return f"{time.time():.3f}"
+
+
+class Notifier:
+    """One pattern subscription per process that wakes local Status waiters when their job ends.
+
+    The subscription is live before any waiter registers, so a waiter that
+    registers and then re-reads the job hash cannot miss the notice. While the
+    connection is being re-established waiters fall back to re-reading every
+    ``recheck`` seconds, and all of them re-read once it is back.
+    """
+
+    def __init__(self, redis: aioredis.Redis, recheck: float = 5.0) -> None:
+        self.redis = redis
+        self.recheck = recheck
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, confirm_within: float = 10.0) -> None:
+        """Subscribe; StoreFailed if Redis does not confirm within ``confirm_within`` seconds."""
+        self._task = asyncio.create_task(self._run(), name="ingest-notifier")
+        try:
+            await asyncio.wait_for(self._ready.wait(), confirm_within)
+        except TimeoutError:
+            await self.stop()
+            raise errors.StoreFailed("the job queue (redis) did not confirm the status subscription") from None
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.psubscribe(CHANNEL_PREFIX + "*")
+                async for msg in pubsub.listen():
+                    kind = msg.get("type")
+                    if kind == "psubscribe":
+                        self._ready.set()
+                        delay = 0.5
+                        self._wake_all()  # notices sent while we were away: everyone re-reads
+                    elif kind == "pmessage":
+                        job = str(msg.get("channel", ""))[len(CHANNEL_PREFIX) :]
+                        for ev in self._waiters.get(job, ()):
+                            ev.set()
+            except RedisError as exc:
+                log.warning("status subscription lost (%s); reconnecting in %.1fs", exc, delay)
+            finally:
+                self._ready.clear()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            self._wake_all()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    def _wake_all(self) -> None:
+        for events in self._waiters.values():
+            for ev in events:
+                ev.set()
+
+    @contextlib.asynccontextmanager
+    async def watch(self, job: str) -> AsyncIterator[asyncio.Event]:
+        """An event set whenever a notice for ``job`` arrives (or the subscription was re-made)."""
+        ev = asyncio.Event()
+        self._waiters.setdefault(job, set()).add(ev)
+        try:
+            yield ev
+        finally:
+            events = self._waiters.get(job)
+            if events is not None:
+                events.discard(ev)
+                if not events:
+                    del self._waiters[job]
+
+    async def wait(self, store: JobStore, job: str, seconds: float) -> tuple[Job, bool]:
+        """The job once it has ended, or as it stands after ``seconds``: (job, timed_out)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        async with self.watch(job) as ev:
+            while True:
+                ev.clear()  # before the read: a notice arriving after it sets ev again
+                current = await store.get(job)
+                if current is None:
+                    raise errors.NotFound(f"no job {job} (unknown, or finished more than {JOB_TTL // 86400} days ago)")
+                remaining = deadline - loop.time()
+                if current.finished:
+                    return current, False
+                if remaining <= 0:
+                    return current, True
+                # A lost notice cannot happen while subscribed; re-read now and then all the same.
+                step = min(remaining, self.recheck if not self._ready.is_set() else 12 * self.recheck)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ev.wait(), step)

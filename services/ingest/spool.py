@@ -1,0 +1,203 @@
+"""An upload on its way to disk: a private temp file, hashed and counted as bytes arrive.
+
+Messages are gathered into batches of about ``BATCH_BYTES`` and written (and
+hashed) in a worker thread with one batch in flight, so the event loop only
+appends to a list while the disk and BLAKE3 work overlaps the next receive.
+While receiving, the file is ``up-<random>.part`` (mode 0600); once the job is
+recorded it is renamed to ``<job>.spool`` so a sweep at start can tell
+abandoned partial uploads from queued work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+from services.common import errors
+from services.common.ids import HASH_BYTES, ext_from_name
+from services.meta.mime import content_type_for
+
+log = logging.getLogger(__name__)
+
+BATCH_BYTES = 1024 * 1024
+BATCH_PARTS = 256  # below IOV_MAX (1024) for writev
+PART_PREFIX = "up-"
+PART_SUFFIX = ".part"
+JOB_SUFFIX = ".spool"
+MAX_NAME = 1024
+MAX_CONTENT_TYPE = 255
+# A form-encoded type is what curl -d sends by default, not what the file is.
+_IGNORED_TYPES = frozenset({"application/x-www-form-urlencoded"})
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    """What the first message of an upload says about the file."""
+
+    name: str
+    ext: str
+    content_type: str
+    declared_size: int | None
+
+    @classmethod
+    def parse(
+        cls, name: str, content_type: str, body_content_type: str, declared_size: int | None, limit: int
+    ) -> UploadHeader:
+        """Validate the header fields; InvalidInput or LimitExceeded say what is wrong."""
+        if len(name) > MAX_NAME:
+            raise errors.InvalidInput(f"name is {len(name)} characters; at most {MAX_NAME} are allowed")
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise errors.InvalidInput("name must not contain control characters")
+        if declared_size is not None:
+            if declared_size < 0:
+                raise errors.InvalidInput(f"declared_size must not be negative, got {declared_size}")
+            if declared_size > limit:
+                raise errors.LimitExceeded(
+                    f"declared_size {declared_size} bytes is over the upload limit of {limit} bytes"
+                )
+        ext = ext_from_name(name)
+        given = content_type.strip()
+        if not given:
+            body_type = body_content_type.strip()
+            if body_type.split(";", 1)[0].strip().lower() not in _IGNORED_TYPES:
+                given = body_type
+        if len(given) > MAX_CONTENT_TYPE:
+            raise errors.InvalidInput(f"content_type is {len(given)} characters; at most {MAX_CONTENT_TYPE}")
+        return cls(name=name, ext=ext, content_type=content_type_for(given, ext), declared_size=declared_size)
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """A complete upload on disk."""
+
+    path: Path
+    size: int
+    hash: bytes
+
+
+class Spool:
+    """One upload being written; ``write`` the pieces, then ``finish``; ``discard`` on any failure."""
+
+    def __init__(self, directory: Path, limit: int) -> None:
+        fd, name = tempfile.mkstemp(prefix=PART_PREFIX, suffix=PART_SUFFIX, dir=directory)  # mode 0600
+        self.path = Path(name)
+        self.limit = limit
+        self.size = 0
+        self._fd = fd
+        self._hasher = blake3.blake3()
+        self._parts: list[bytes] = []
+        self._buffered = 0
+        self._pending: asyncio.Future[None] | None = None
+        self._closed = False
+
+    async def write(self, data: bytes) -> None:
+        """Append ``data``; LimitExceeded once the upload passes the limit."""
+        if not data:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            raise errors.LimitExceeded(f"upload is over the limit of {self.limit} bytes")
+        self._parts.append(data)
+        self._buffered += len(data)
+        if self._buffered >= BATCH_BYTES or len(self._parts) >= BATCH_PARTS:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Hand the gathered parts to a thread, after the previous batch is on disk."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+        if not self._parts:
+            return
+        parts, self._parts, self._buffered = self._parts, [], 0
+        loop = asyncio.get_running_loop()
+        self._pending = loop.run_in_executor(None, self._write_parts, parts)
+
+    def _write_parts(self, parts: Sequence[bytes]) -> None:
+        for p in parts:
+            self._hasher.update(p)
+        try:
+            _write_all(self._fd, parts)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise errors.LimitExceeded("the gateway's spool disk is full; try again later") from None
+            raise errors.StoreFailed(f"cannot write the spool file: {exc.strerror}") from None
+
+    async def finish(self) -> Spooled:
+        """Write what is left and close the file; the caller owns it from here."""
+        await self._flush()
+        await self._flush()  # waits for the batch the first call started
+        self._closed = True
+        os.close(self._fd)
+        return Spooled(self.path, self.size, self._hasher.digest(HASH_BYTES))
+
+    def discard(self) -> None:
+        """Remove the file now; its descriptor closes once a write in flight has finished."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        if self._closed:
+            return
+        self._closed = True
+        fd = self._fd
+        pending, self._pending = self._pending, None
+        if pending is None or pending.done():
+            if pending is not None and not pending.cancelled():
+                pending.exception()  # retrieved: the upload failed for another reason anyway
+            os.close(fd)
+            return
+
+        def close(fut: asyncio.Future[None]) -> None:
+            if not fut.cancelled():
+                fut.exception()
+            os.close(fd)
+
+        pending.add_done_callback(close)
+
+
+def _write_all(fd: int, parts: Sequence[bytes]) -> None:
+    """``writev`` every part, resuming after short writes."""
+    views = [memoryview(p) for p in parts]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+def job_path(directory: Path, job: str) -> Path:
+    """Where the spool file of a recorded job lives."""
+    return directory / f"{job}{JOB_SUFFIX}"
+
+
+def prepare_dir(directory: Path) -> None:
+    """Create the spool folder, private to the gateway's user."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(OSError):
+        directory.chmod(0o700)
+
+
+def sweep_partials(directory: Path, older_than: float = 3600.0) -> int:
+    """Remove partial uploads untouched for ``older_than`` seconds (left by a crash); return how many."""
+    removed = 0
+    cutoff = time.time() - older_than
+    for entry in os.scandir(directory):
+        if entry.name.startswith(PART_PREFIX) and entry.name.endswith(PART_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+    if removed:
+        log.info("removed %d abandoned partial uploads from %s", removed, directory)
+    return removed

@@ -1,0 +1,578 @@
+"""Store workers: separate processes that turn queued uploads into stored files.
+
+``python -m services.ingest.worker --config FILE|-`` runs one worker (``-``
+reads the YAML config from stdin, which is how ``WorkerPool`` hands over the
+ingest service's config). A worker reads the job stream through the consumer
+group, one job at a time:
+
+1. FindByHash at meta: content already stored -> DONE with that id, no shards written.
+2. Otherwise ``Engine.store`` the spool file (progress into the job hash), then
+   PutRecord; if meta answers ``deduplicated`` (the same content finished
+   meanwhile), the shards just written are deleted.
+3. DONE with the file id and a receipt signed by the gateway key, XACK, spool file removed.
+   Any failure: ERROR with the reason, spool file removed, XACK.
+
+Entries of a worker that died are taken over with XAUTOCLAIM after
+``GRIDSTOR_CLAIM_IDLE_MS`` (default 60000) of silence; a live worker sends a
+heartbeat well within that. The shards a dead attempt wrote are orphans (logged;
+maint's scrub finds shards no record references).
+
+``WorkerPool`` (used by the ingest service) starts one worker process per
+core, restarts any that exits, and stops them on cleanup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import blake3
+import grpc
+import yaml
+from nacl.signing import SigningKey
+from redis.exceptions import RedisError
+
+from gridstor.v1 import common_pb2, meta_pb2, meta_pb2_grpc, record_pb2
+from services.common import errors, gateway
+from services.common.config import Config, build_config, load_config
+from services.common.engine import Engine, FileRecord, file_source
+from services.common.ids import HASH_BYTES
+from services.common.keys import key_id, signing_key
+from services.ingest import jobs
+from services.ingest.jobs import Job, JobStore
+
+log = logging.getLogger(__name__)
+
+RECEIPT_DOMAIN = b"gridstor/v1/receipt\n"
+CLAIM_IDLE_ENV = "GRIDSTOR_CLAIM_IDLE_MS"
+DEFAULT_CLAIM_IDLE_MS = 60_000
+MAX_ATTEMPTS = 3  # a job whose workers die this often (e.g. it crashes them) fails instead of looping
+PROGRESS_INTERVAL = 0.1  # seconds between progress writes to the job hash
+STOP_GRACE = 5.0  # a stopping worker lets its job run this long before putting it back in the queue
+META_TIMEOUT = 60.0
+META_RETRY_FOR = 30.0  # keep retrying an unreachable meta this long before failing the job
+PRUNE_IDLE_MS = 3_600_000
+ROOT = Path(__file__).resolve().parents[2]
+
+_T = TypeVar("_T")
+
+
+def claim_idle_ms() -> int:
+    """How long a pending entry must be silent before another worker takes it over."""
+    raw = os.environ.get(CLAIM_IDLE_ENV, "")
+    try:
+        value = int(raw) if raw else DEFAULT_CLAIM_IDLE_MS
+    except ValueError:
+        raise errors.InvalidInput(f"{CLAIM_IDLE_ENV}: expected milliseconds as an integer, got {raw!r}") from None
+    if value < 100:
+        raise errors.InvalidInput(f"{CLAIM_IDLE_ENV}: must be at least 100 ms, got {value}")
+    return value
+
+
+def sign_receipt(key: SigningKey, *, file_id: str, size: int, hash_hex: str, job: str) -> common_pb2.Receipt:
+    """A Receipt: ed25519 over the domain line and the serialized ReceiptBody."""
+    body = common_pb2.ReceiptBody(file_id=file_id, size=size, hash=hash_hex, job=job, issued=int(time.time()))
+    data = body.SerializeToString(deterministic=True)
+    return common_pb2.Receipt(
+        body=data, signature=key.sign(RECEIPT_DOMAIN + data).signature, key_id=key_id(key.verify_key)
+    )
+
+
+def _hash_file(path: Path) -> tuple[bytes, int]:
+    h = blake3.blake3()
+    h.update_mmap(path)
+    return h.digest(HASH_BYTES), path.stat().st_size
+
+
+def _same_shards(a: FileRecord, b: FileRecord) -> bool:
+    """Whether two records point at the same stored shards (so one is a retried write of the other)."""
+    if not a.chunks or not b.chunks:
+        return False
+    sa, sb = a.chunks[0].shards[0], b.chunks[0].shards[0]
+    return bool(a.backends[sa.backend] == b.backends[sb.backend] and sa.key == sb.key)
+
+
+# Meta answered, and what it answered means the record was not stored: the shards can go.
+_REFUSED = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+    }
+)
+
+
+class MetaCallFailed(errors.StoreFailed):
+    """A call to the meta service failed; ``code`` is its status."""
+
+    def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"meta {method} failed: {code.name}: {details}")
+        self.code = code
+
+
+class MetaClient:
+    """The internal MetaService calls a worker makes, with a service token and retries."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.channel = gateway.channel(cfg, "meta")
+        self.stub = meta_pb2_grpc.MetaServiceStub(self.channel)
+        self._md: tuple[tuple[str, str]] | None = None
+        self._md_at = 0.0
+
+    def _metadata(self) -> tuple[tuple[str, str]]:
+        if self._md is None or time.monotonic() - self._md_at > 3600:  # tokens last a day
+            self._md = gateway.service_metadata(self.cfg, "ingest")
+            self._md_at = time.monotonic()
+        return self._md
+
+    async def _call(self, method: str, fn: Callable[..., Awaitable[_T]], request: Any) -> _T:
+        """Call ``fn``; while meta is unreachable retry with backoff for up to META_RETRY_FOR seconds."""
+        give_up = time.monotonic() + META_RETRY_FOR
+        delay = 0.2
+        while True:
+            try:
+                return await fn(request, metadata=self._metadata(), timeout=META_TIMEOUT)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code is grpc.StatusCode.UNAVAILABLE and time.monotonic() + delay < give_up:
+                    log.warning("meta %s unavailable (%s); retrying in %.1fs", method, exc.details(), delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                raise MetaCallFailed(method, code, exc.details() or "") from None
+
+    async def find_by_hash(self, digest: bytes) -> meta_pb2.FindByHashReply:
+        return await self._call("FindByHash", self.stub.FindByHash, meta_pb2.FindByHashRequest(hash=digest))
+
+    async def put_record(self, record: record_pb2.FileRecord) -> meta_pb2.PutRecordReply:
+        return await self._call("PutRecord", self.stub.PutRecord, meta_pb2.PutRecordRequest(record=record))
+
+    async def get_record(self, file_id: str) -> meta_pb2.GetRecordReply:
+        return await self._call("GetRecord", self.stub.GetRecord, meta_pb2.GetRecordRequest(id=file_id))
+
+    async def close(self) -> None:
+        await self.channel.close(None)
+
+
+@dataclasses.dataclass
+class Outcome:
+    file_id: str
+    size: int
+    hash_hex: str
+    dedup: bool
+
+
+class Worker:
+    """Consumes the job stream; see the module docstring."""
+
+    def __init__(self, store: JobStore, engine: Engine, meta: MetaClient, key: SigningKey, *, claim_idle: int) -> None:
+        self.store = store
+        self.engine = engine
+        self.meta = meta
+        self.key = key
+        self.claim_idle = claim_idle
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}"
+        self.heartbeat_every = max(0.05, claim_idle / 4000)
+        self.claim_every = min(max(0.05, claim_idle / 2000), 5.0)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Take jobs until ``stop`` is set; a job in progress gets STOP_GRACE seconds, then goes back."""
+        await self.store.ensure_group()
+        log.info("worker ready", extra={"consumer": self.consumer, "claim_idle_ms": self.claim_idle})
+        loop = asyncio.get_running_loop()
+        last_claim = 0.0
+        last_prune = 0.0
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                entries: list[tuple[str, str]] = []
+                if loop.time() - last_claim >= self.claim_every:
+                    last_claim = loop.time()
+                    entries = await self.store.autoclaim(self.consumer, self.claim_idle)
+                    for entry_id, job in entries:
+                        log.warning(
+                            "took over job %s from a worker that stopped answering", job, extra={"entry": entry_id}
+                        )
+                    if loop.time() - last_prune >= 600:
+                        last_prune = loop.time()
+                        await self.store.prune_consumers(max(PRUNE_IDLE_MS, self.claim_idle * 10))
+                if not entries:
+                    entries = await self.store.read(self.consumer, block_ms=int(min(1.0, self.claim_every) * 1000))
+                backoff = 0.5
+            except RedisError as exc:
+                log.warning("job queue unavailable (%s); retrying in %.1fs", exc, backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            for entry_id, job in entries:
+                await self._run_one(entry_id, job, stop)
+                if stop.is_set():
+                    break
+
+    async def _run_one(self, entry_id: str, job: str, stop: asyncio.Event) -> None:
+        task = asyncio.create_task(self.process(entry_id, job))
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), STOP_GRACE)
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                log.info("stopping: job %s goes back to the queue", job)
+                with contextlib.suppress(RedisError):
+                    await self.store.requeue(entry_id, job)
+                return
+            exc = task.exception()
+            if isinstance(exc, RedisError):
+                # The job's outcome could not be recorded; the entry stays pending and is reclaimed.
+                log.warning("job %s: job queue unavailable (%s); it will be taken over later", job, exc)
+            elif exc is not None:
+                log.error("job %s: unexpected failure", job, exc_info=exc)
+        finally:
+            stopping.cancel()
+
+    async def process(self, entry_id: str, job_id: str) -> None:
+        """Run one job to DONE or ERROR and acknowledge it (unless another worker took it over)."""
+        job = await self.store.get(job_id)
+        if job is None:
+            log.warning("job %s has no record (expired?); dropping its queue entry", job_id)
+            await self.store.ack(entry_id)
+            return
+        if job.finished:  # its worker ended it but died before acknowledging
+            self._remove_spool(job)
+            await self.store.ack(entry_id)
+            return
+        attempt = await self.store.start(job_id, self.consumer)
+        if attempt > 1:
+            log.warning(
+                "job %s: attempt %d; shards written by an earlier attempt that died are orphans"
+                " (no record references them; maint's scrub removes them)",
+                job_id,
+                attempt,
+                extra={"previous_worker": job.worker},
+            )
+        if attempt > MAX_ATTEMPTS:
+            await self._fail(job, entry_id, f"gave up after {MAX_ATTEMPTS} attempts: its worker stopped each time")
+            return
+        started = time.monotonic()
+        work = asyncio.create_task(self._store(job))
+        lost = asyncio.Event()
+        beat = asyncio.create_task(self._heartbeat(entry_id, job_id, work, lost))
+        try:
+            outcome = await work
+        except asyncio.CancelledError:
+            if lost.is_set():
+                log.warning("job %s was taken over by another worker; leaving it to that one", job_id)
+                return
+            raise
+        except errors.GridstorError as exc:
+            log.info("job %s failed: %s", job_id, exc)
+            await self._fail(job, entry_id, str(exc))
+            return
+        except Exception as exc:
+            log.exception("job %s: unexpected error", job_id)
+            await self._fail(job, entry_id, f"internal error ({type(exc).__name__}); see the ingest worker log")
+            return
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+        receipt = sign_receipt(
+            self.key, file_id=outcome.file_id, size=outcome.size, hash_hex=outcome.hash_hex, job=job_id
+        )
+        await self.store.done(
+            job_id,
+            file_id=outcome.file_id,
+            dedup=outcome.dedup,
+            receipt=receipt.SerializeToString(),
+            size=outcome.size,
+            hash_hex=outcome.hash_hex,
+        )
+        await self.store.ack(entry_id)
+        self._remove_spool(job)
+        log.info(
+            "job %s done: %s",
+            job_id,
+            outcome.file_id,
+            extra={"size": outcome.size, "dedup": outcome.dedup, "seconds": round(time.monotonic() - started, 3)},
+        )
+
+    async def _heartbeat(self, entry_id: str, job: str, work: asyncio.Task[Outcome], lost: asyncio.Event) -> None:
+        """Refresh the entry's idle time; cancel ``work`` if another worker has claimed it."""
+        while True:
+            await asyncio.sleep(self.heartbeat_every)
+            try:
+                if not await self.store.heartbeat(self.consumer, entry_id):
+                    lost.set()
+                    work.cancel()
+                    return
+            except RedisError as exc:
+                log.warning("job %s: heartbeat failed (%s)", job, exc)
+
+    async def _fail(self, job: Job, entry_id: str, reason: str) -> None:
+        self._remove_spool(job)
+        await self.store.fail(job.id, reason)
+        await self.store.ack(entry_id)
+
+    def _remove_spool(self, job: Job) -> None:
+        if job.remove and job.spool:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(job.spool)
+
+    async def _store(self, job: Job) -> Outcome:
+        """Dedup or store the job's file and register it at meta."""
+        path = Path(job.spool)
+        if not await asyncio.to_thread(path.is_file):
+            raise errors.NotFound("the uploaded data is gone (spool file missing); upload the file again")
+        if job.hash:
+            digest, size = bytes.fromhex(job.hash), job.size
+        else:  # queued without a hash (e.g. by ssh Process): hash it here
+            digest, size = await asyncio.to_thread(_hash_file, path)
+        found = await self.meta.find_by_hash(digest)
+        if found.found:
+            return Outcome(found.file_id, size, digest.hex(), dedup=True)
+        record = await self.engine.store(self._source(job, path), ext=job.ext, content_type=job.content_type)
+        try:
+            if record.hash != digest or record.size != size:
+                raise errors.IntegrityError(
+                    "the spooled file changed while it was being stored (its hash or size differs from the upload)"
+                )
+            reply = await self.meta.put_record(record)
+        except MetaCallFailed as exc:
+            if exc.code in _REFUSED:
+                await self.engine.delete_shards(record)
+            else:  # meta may have stored the record before the failure: keep the shards it might reference
+                log.warning("job %s: PutRecord outcome unknown; its shards may be orphans", job.id)
+            raise
+        except errors.IntegrityError:
+            await self.engine.delete_shards(record)
+            raise
+        dedup = reply.deduplicated
+        if dedup:
+            existing = await self.meta.get_record(reply.file_id)
+            if _same_shards(existing.record, record):
+                dedup = False  # a retried PutRecord found our own first write
+            else:
+                removed = await self.engine.delete_shards(record)
+                log.info("job %s: content stored meanwhile by another job; removed %d new shards", job.id, removed)
+        return Outcome(reply.file_id, size, digest.hex(), dedup=dedup)
+
+    async def _source(self, job: Job, path: Path) -> AsyncIterator[bytes]:
+        """The spool file's bytes, noting progress in the job hash as the engine takes them."""
+        done = 0
+        last = time.monotonic()
+        async for piece in file_source(path, block=self.engine.config.chunk_size):
+            yield piece
+            done += len(piece)
+            now = time.monotonic()
+            if now - last >= PROGRESS_INTERVAL:
+                last = now
+                with contextlib.suppress(RedisError):
+                    await self.store.set_progress(job.id, done)
+
+
+# ----------------------------------------------------------------------- the pool
+
+
+def config_to_raw(cfg: Config) -> dict[str, Any]:
+    """A mapping that ``build_config`` turns back into ``cfg`` (to hand the config to a worker)."""
+    raw: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = "redis" if f.name == "redis_url" else f.name
+        raw[key] = _plain(value)
+    return raw
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+class WorkerPool:
+    """Spawns ``size`` worker processes, restarts any that exits, stops them all on ``stop``."""
+
+    def __init__(self, cfg: Config, size: int) -> None:
+        self.size = size
+        self._config = yaml.safe_dump(config_to_raw(cfg)).encode()
+        if build_config(config_to_raw(cfg)) != cfg:
+            log.warning("the config handed to workers differs from the service's (GRIDSTOR_* overrides changed?)")
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.restarts = 0
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the running workers."""
+        return [p.pid for p in self._procs.values() if p.returncode is None]
+
+    async def start(self) -> None:
+        for slot in range(self.size):
+            await self._spawn(slot)
+            self._tasks.append(asyncio.create_task(self._supervise(slot), name=f"ingest-worker-{slot}"))
+
+    async def _spawn(self, slot: int) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(ROOT), str(ROOT / "protos"), env.get("PYTHONPATH", "")) if p
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.ingest.worker",
+            "--config",
+            "-",
+            "--parent-pid",
+            str(os.getpid()),
+            stdin=asyncio.subprocess.PIPE,
+            cwd=ROOT,
+            env=env,
+        )
+        assert proc.stdin is not None
+        proc.stdin.write(self._config)
+        with contextlib.suppress(ConnectionError):
+            await proc.stdin.drain()
+        proc.stdin.close()
+        self._procs[slot] = proc
+        log.info("ingest worker %d started", slot, extra={"pid": proc.pid})
+
+    async def _supervise(self, slot: int) -> None:
+        delay = 0.2
+        while True:
+            proc = self._procs[slot]
+            started = time.monotonic()
+            code = await proc.wait()
+            if self._stopping:
+                return
+            if time.monotonic() - started > 30:
+                delay = 0.2  # it ran a while: not a crash loop
+            log.warning("ingest worker %d (pid %d) exited with %s; restarting in %.1fs", slot, proc.pid, code, delay)
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            self.restarts += 1
+            await self._spawn(slot)
+            delay = min(delay * 2, 30.0)
+
+    async def stop(self, grace: float = STOP_GRACE + 5.0) -> None:
+        """SIGTERM every worker; SIGKILL those still running after ``grace`` seconds."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        procs = [p for p in self._procs.values() if p.returncode is None]
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), grace)
+        except TimeoutError:
+            for p in procs:
+                if p.returncode is None:
+                    log.warning("ingest worker pid %d did not stop in %.0fs; killing it", p.pid, grace)
+                    with contextlib.suppress(ProcessLookupError):
+                        p.kill()
+            await asyncio.gather(*(p.wait() for p in procs))
+
+
+# ----------------------------------------------------------------------- entry point
+
+
+async def serve(cfg: Config, parent_pid: int | None = None) -> None:
+    """Run one worker until SIGTERM/SIGINT (or until the parent process is gone)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    gateway.ensure_local_dirs(cfg)
+    redis = jobs.connect(cfg.redis_url)
+    engine = await gateway.open_engine(cfg)
+    meta = MetaClient(cfg)
+    watch: asyncio.Task[None] | None = None
+    if parent_pid is not None:
+
+        async def orphaned() -> None:
+            while os.getppid() == parent_pid and not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+            if stop.is_set():
+                return
+            log.warning("the ingest service (pid %d) is gone; stopping", parent_pid)
+            stop.set()
+
+        watch = asyncio.create_task(orphaned())
+    try:
+        worker = Worker(JobStore(redis), engine, meta, signing_key(cfg.data_dir), claim_idle=claim_idle_ms())
+        await worker.run(stop)
+    finally:
+        if watch is not None:
+            watch.cancel()
+        await meta.close()
+        await engine.pool.close()
+        await redis.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, load the config, work until told to stop."""
+    from services.common.logging import register_secret, setup_logging
+    from services.common.tuning import tune_malloc
+
+    parser = argparse.ArgumentParser(prog="python -m services.ingest.worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="gateway YAML config, or - to read it from stdin")
+    parser.add_argument("--data", help="data dir (overrides data_dir in the config)")
+    parser.add_argument("--parent-pid", type=int, help="stop when this process (the ingest service) is gone")
+    parser.add_argument("--log-level", default=os.environ.get("GRIDSTOR_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    try:
+        setup_logging("ingest-worker", args.log_level)
+        if args.config == "-":
+            loaded = yaml.safe_load(sys.stdin.read()) or {}
+            if not isinstance(loaded, dict):
+                raise errors.InvalidInput("config on stdin must be a mapping of settings")
+            cfg = build_config(loaded, data_dir=args.data)
+        else:
+            cfg = load_config(args.config, data_dir=args.data)
+        claim_idle_ms()  # a bad value stops the start here, with its message
+    except (errors.InvalidInput, yaml.YAMLError) as exc:
+        print(f"ingest worker: {exc}", file=sys.stderr)
+        return 2
+    register_secret(cfg.secret)
+    tune_malloc()
+    try:
+        asyncio.run(serve(cfg, args.parent_pid))
+    except errors.InvalidInput as exc:
+        print(f"ingest worker: cannot start: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Upload refusals: size limits, declared sizes, cancellation, tokens; nothing is left in the spool."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable
+
+import grpc
+import pytest
+from google.api import httpbody_pb2
+
+from gridstor.v1 import common_pb2, ingest_pb2
+from services.common import tokens
+from services.common.keys import signing_key
+from tests.ingest.conftest import MESSAGE, MiB, Suite, SuiteFactory, eventually, requests
+
+
+async def rpc_error(aw: Awaitable[object]) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await aw
+    return info.value
+
+
+def uploads(suite: Suite, result: str) -> float:
+    return suite.registry.counter("ingest_uploads_total", "").value(result=result)
+
+
+async def test_over_the_limit(suite_factory: SuiteFactory) -> None:
+    suite = await suite_factory(max_upload="1MiB")
+    err = await rpc_error(suite.upload(os.urandom(MiB + 1)))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "limit of 1048576 bytes" in (err.details() or "")
+    assert suite.spool_files == []
+    # Exactly at the limit is fine.
+    reply = await suite.upload(os.urandom(MiB))
+    assert (await suite.wait(reply.job)).state == common_pb2.JOB_STATE_DONE
+    assert uploads(suite, "refused") == 1
+
+
+async def test_declared_size_refused_before_any_data(suite_factory: SuiteFactory) -> None:
+    suite = await suite_factory(max_upload="1MiB")
+    call = suite.ingest.Upload(None)
+    await call.write(ingest_pb2.UploadRequest(name="big.iso", declared_size=MiB + 1))
+    # No data and no half-close from us: the server answers from the header alone.
+    err = await rpc_error(call)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "declared_size 1048577" in (err.details() or "")
+    assert suite.spool_files == []
+
+
+async def test_declared_size_mismatch(suite_factory: SuiteFactory) -> None:
+    suite = await suite_factory()
+    for declared in (10, 3):
+        err = await rpc_error(suite.upload(b"12345", declared_size=declared))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        expected = "more bytes arrived than the declared_size" if declared < 5 else "but 5 bytes arrived"
+        assert expected in (err.details() or "")
+    err = await rpc_error(suite.upload(b"1", declared_size=-1))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert suite.spool_files == []
+    ok = await suite.upload(b"12345", declared_size=5)
+    assert (await suite.wait(ok.job)).state == common_pb2.JOB_STATE_DONE
+
+
+async def test_cancel_mid_upload_leaves_nothing(suite_factory: SuiteFactory) -> None:
+    suite = await suite_factory()
+    call = suite.ingest.Upload(None)
+    chunk = os.urandom(MESSAGE)
+    await call.write(ingest_pb2.UploadRequest(name="partial.bin", body=httpbody_pb2.HttpBody(data=chunk)))
+    for _ in range(7):  # 2 MiB: at least one batch reached the disk
+        await call.write(ingest_pb2.UploadRequest(body=httpbody_pb2.HttpBody(data=chunk)))
+
+    def partial_on_disk() -> bool:
+        files = suite.spool_files
+        return bool(files) and os.path.getsize(suite.cfg.spool_dir / files[0]) > 0
+
+    await eventually(partial_on_disk)
+    call.cancel()
+    await eventually(lambda: not suite.spool_files)
+    await eventually(lambda: uploads(suite, "cancelled") == 1)
+    assert await suite.redis.keys("gridstor:job:*") == []  # no job was queued for the partial upload
+
+
+async def test_secret_mode_needs_a_token_for_upload_only(suite_factory: SuiteFactory) -> None:
+    suite = await suite_factory(mode="secret", secret="correct horse battery staple")
+    err = await rpc_error(suite.upload(b"data"))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    bad = (("authorization", "Bearer gs1.forged.token"),)
+    assert (await rpc_error(suite.upload(b"data", metadata=bad))).code() == grpc.StatusCode.UNAUTHENTICATED
+    assert suite.spool_files == []
+
+    token, _ = tokens.issue(signing_key(suite.cfg.data_dir), "alice", 3600)
+    reply = await suite.upload(b"data", "a.txt", metadata=(("authorization", f"Bearer {token}"),))
+    # Status is public: no token needed.
+    status = await suite.wait(reply.job)
+    assert status.state == common_pb2.JOB_STATE_DONE
+    assert (await suite.job_hash(reply.job))["identity"] == "alice"
+
+
+async def test_public_mode_records_no_identity(suite_factory: SuiteFactory) -> None:
+    suite = await suite_factory()
+    reply = await suite.ingest.Upload(iter(requests(b"abc", "x")))
+    assert (await suite.job_hash(reply.job))["identity"] == ""
+
+
+async def test_bad_header(suite_factory: SuiteFactory) -> None:
+    suite = await suite_factory()
+    err = await rpc_error(suite.upload(b"abc", "x" * 2000))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "name is 2000 characters" in (err.details() or "")
+    err = await rpc_error(suite.upload(b"abc", "a\nb.txt"))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert suite.spool_files == []

@@ -1,0 +1,65 @@
+"""Worker processes: kill -9 mid-job (the job is reclaimed and completes), restart, config hand-over."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from gridstor.v1 import common_pb2
+from services.common.config import build_config
+from services.ingest.worker import config_to_raw
+from tests.ingest.conftest import MiB, SuiteFactory, eventually
+
+
+async def test_killed_worker_job_is_reclaimed(suite_factory: SuiteFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRIDSTOR_CLAIM_IDLE_MS", "1000")
+    # Tiny chunks make the store slow enough (about 1000 chunks x 20 shards) to kill it midway.
+    suite = await suite_factory(workers=2, engine={"chunk_size": "16KiB"})
+    data = os.urandom(16 * MiB)
+    reply = await suite.upload(data, "big.bin")
+
+    async def storing() -> bool:
+        h = await suite.job_hash(reply.job)
+        return int(h.get("progress") or 0) > 0 and bool(h.get("worker_pid"))
+
+    await eventually(storing)
+    victim = int((await suite.job_hash(reply.job))["worker_pid"])
+    os.kill(victim, signal.SIGKILL)
+
+    status = await suite.wait(reply.job)
+    assert status.state == common_pb2.JOB_STATE_DONE, status.error
+    assert status.hash == reply.hash and status.file_id.startswith(reply.hash)
+    h = await suite.job_hash(reply.job)
+    assert h["attempts"] == "2" and int(h["worker_pid"]) != victim
+    assert await suite.download(status.file_id) == data
+    assert suite.spool_files == []
+    assert await suite.redis.xlen("gridstor:jobs") == 0
+    pending = await suite.redis.xpending("gridstor:jobs", "workers")
+    assert pending["pending"] == 0
+    # The pool replaced the dead process.
+    restarts = suite.registry.gauge("ingest_worker_restarts", "")
+    await eventually(lambda: restarts.value() >= 1)
+    workers = suite.registry.gauge("ingest_workers", "")
+    await eventually(lambda: workers.value() == 2)
+
+
+async def test_config_hand_over_round_trips(tmp_path: Path) -> None:
+    cfg = build_config(
+        {
+            "data_dir": str(tmp_path),
+            "mode": "secret",
+            "secret": "s" * 20,
+            "allowlist": {"alice": "ab" * 32},
+            "engine": {"chunk_size": "1MiB", "k": 4, "m": 2, "hedge_after": 0.5},
+            "backends": [f"dir://{tmp_path}/d{i}" for i in range(6)],
+            "metadata": {"uri": f"dir://{tmp_path}/m", "index_uri": f"dir://{tmp_path}/i", "replicas": []},
+            "max_upload": "5MB",
+            "workers": 3,
+            "ports": {"meta": 9000},
+            "redis": "redis://127.0.0.1:6390/2",
+        }
+    )
+    assert build_config(config_to_raw(cfg)) == cfg
