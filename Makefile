@@ -5,8 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= $(CURDIR)/data
 # Debian packages the suite runs on, and those only the tests use.
-APT_RUN := redis-server
-APT_TEST := redis-server curl chromium
+APT_RUN := redis-server rsync
+APT_TEST := redis-server rsync openssh-client restic rclone curl chromium
 
 .PHONY: up test gen gen-check lint typecheck pytest venv dev-venv clean
 

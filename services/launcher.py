@@ -376,6 +376,8 @@ def check_ports(cfg: Config, services: list[str], redis: RedisPlan, config_path:
     if redis.managed and redis.socket is None:
         wanted.append((redis.port, "redis", "redis"))
     wanted.append((cfg.envoy_port, "envoy (REST)", "envoy_port"))
+    if "ssh" in services and cfg.ssh_port:
+        wanted.append((cfg.ssh_port, "ssh (SFTP/SCP/rsync)", "ssh_port"))
     seen: dict[int, str] = {}
     for port, what, setting in wanted:
         if port in seen:

@@ -7,8 +7,8 @@ field and what is wrong, e.g. ``config: engine.k: must be an integer >= 1``.
 
 Maintenance (``maint:``): scrub_interval, scrub_files_per_second,
 scrub_bytes_per_second, hard_every, cleanup_interval, backup_interval (see
-MaintConfig). Metadata replicas (``metadata:``): replicas (up to two user-key
-namespaces written through by meta), sync_interval, verify_interval; a
+MaintConfig). Metadata replicas (``metadata:``): replicas (one or two user-key
+namespaces on other machines, written through by meta), sync_interval, verify_interval; a
 ``role: replica`` gateway points ``metadata.uri`` at its replica with
 ``metadata.mode: user`` and may name the master in ``metadata.master``.
 
@@ -116,6 +116,11 @@ class Config:
     role: str = "master"
     maint: MaintConfig = field(default_factory=MaintConfig)
     envoy_port: int = 8080  # REST + gRPC edge (Envoy)
+    ssh_port: int = 2222  # the SSH server of the ssh service (SFTP/SCP/rsync homes)
+    ssh_listen_host: str = ""  # "" = listen_host
+    homes_dir: Path | None = None  # None = data_dir/homes
+    ssh_default_max_size: int = 1024**3  # a home's size when EnableAccount says 0
+    rrsync: str = ""  # rsync's restricted wrapper; "" = found (/usr/bin/rrsync on Debian 12)
     # Where each service is dialled by the others (compose: its container name); default listen_host.
     hosts: Mapping[str, str] = field(default_factory=dict)
 
@@ -250,6 +255,15 @@ def build_config(raw: Mapping[str, Any], *, data_dir: str | Path | None = None) 
     envoy_port = _int(raw.get("envoy_port", 8080), "envoy_port", 1, 65535)
     if envoy_port in ports.values():
         raise ConfigError(f"config: envoy_port: {envoy_port} is also the port of a service")
+    ssh_port = _int(raw.get("ssh_port", 2222), "ssh_port", 0, 65535)
+    if ssh_port and ssh_port in (*ports.values(), envoy_port):
+        raise ConfigError(f"config: ssh_port: {ssh_port} is also the port of another service")
+    homes_raw = raw.get("homes_dir")
+    if homes_raw is not None:
+        _expect(homes_raw, str, "homes_dir", "a folder path")
+    ssh_max = parse_size(raw.get("ssh_default_max_size", 1024**3), "ssh_default_max_size")
+    if ssh_max <= 0:
+        raise ConfigError("config: ssh_default_max_size: must be more than 0 bytes")
     hosts: dict[str, str] = {}
     for svc, host in _expect(raw.get("hosts") or {}, dict, "hosts", "a mapping of service: host").items():
         if svc not in DEFAULT_PORTS:
@@ -280,6 +294,11 @@ def build_config(raw: Mapping[str, Any], *, data_dir: str | Path | None = None) 
         maint=_maint(raw.get("maint")),
         envoy_port=envoy_port,
         hosts=hosts,
+        ssh_port=ssh_port,
+        ssh_listen_host=_expect(raw.get("ssh_listen_host", ""), str, "ssh_listen_host", "a host"),
+        homes_dir=None if homes_raw is None else Path(homes_raw).expanduser().absolute(),
+        ssh_default_max_size=ssh_max,
+        rrsync=_expect(raw.get("rrsync", ""), str, "rrsync", "a path to rrsync"),
     )
 
 

@@ -30,22 +30,30 @@ def _free(port: int) -> bool:
 
 
 def free_ports() -> dict[str, int]:
-    """Ports for every service (port and port + METRICS_OFFSET free) and Envoy after them (11 in a row)."""
+    """Ports for every service (port and port + METRICS_OFFSET free), then Envoy and SSH (12 in a row)."""
     for _ in range(200):
         base = random.randrange(20000, 60000)
-        if all(_free(base + i) for i in range(2 * METRICS_OFFSET + 1)):
+        if all(_free(base + i) for i in range(2 * METRICS_OFFSET + 2)):
             ports = {svc: base + i for i, svc in enumerate(SERVICES)}
             ports["envoy"] = base + 2 * METRICS_OFFSET
+            ports["sshd"] = base + 2 * METRICS_OFFSET + 1
             return ports
-    raise RuntimeError("no 11 free ports in a row found")
+    raise RuntimeError("no 12 free ports in a row found")
 
 
 def write_config(data: Path, **extra: object) -> Path:
     """A minimal gateway config with free ports in ``data``/gridstor.yaml (what the launcher reads by default)."""
     data.mkdir(parents=True, exist_ok=True)
     ports = free_ports()
-    envoy = ports.pop("envoy")
-    cfg = {"ports": ports, "envoy_port": envoy, "metrics_port_offset": METRICS_OFFSET, "workers": 1, **extra}
+    edge, sshd = ports.pop("envoy"), ports.pop("sshd")
+    cfg = {
+        "ports": ports,
+        "envoy_port": edge,
+        "ssh_port": sshd,
+        "metrics_port_offset": METRICS_OFFSET,
+        "workers": 1,
+        **extra,
+    }
     path = data / "gridstor.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

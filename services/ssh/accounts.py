@@ -1,0 +1,315 @@
+"""SSH accounts and their homes: validation, a JSON file that survives restarts, usage counting.
+
+Accounts live in ``DATA/ssh/accounts.json`` (0600), rewritten atomically (temp
+file, fsync, rename) on every change; only the ssh service writes it. A home is
+``HOMES/<username>`` (0700). ``Home`` keeps the bytes used by a home for the
+quota checks of SFTP writes: a full scan when it is stale, deltas in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from services.common import errors
+
+log = logging.getLogger(__name__)
+
+USERNAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+ACCOUNTS_FILE = "accounts.json"
+MIB = 1024 * 1024
+MAX_SIZE_MB = 1 << 30  # 1 PiB: a typo guard, not a policy
+MAX_KEY_LINE = 16 * 1024
+REFUSED_KEY_TYPES = frozenset({"ssh-dss"})  # DSA: disabled by OpenSSH itself
+SCAN_MAX_AGE = 30.0  # seconds a usage scan is trusted before a new session rescans
+RECOUNT_AFTER = 5.0  # a write over the limit recounts first when the last count is older than this
+
+
+def check_username(name: str) -> str:
+    """The username, or InvalidInput saying what a username may be."""
+    if not USERNAME.match(name):
+        shown = name if len(name) <= 40 else name[:40] + "..."
+        raise errors.InvalidInput(
+            f"username {shown!r} is not valid: 1-32 of lowercase letters, digits, '-' and '_', starting with a letter"
+        )
+    return name
+
+
+def parse_public_key(text: str) -> tuple[str, bytes]:
+    """One OpenSSH public key line as (normalized line, key blob); InvalidInput says what is wrong."""
+    line = text.strip()
+    if not line:
+        raise errors.InvalidInput("public_key is empty: give one OpenSSH public key line, e.g. 'ssh-ed25519 AAAA...'")
+    if len(line) > MAX_KEY_LINE:
+        raise errors.InvalidInput(f"public_key is {len(line)} characters; one key line is at most {MAX_KEY_LINE}")
+    if "\n" in line or "\r" in line:
+        raise errors.InvalidInput("public_key must be a single key line (one key per account)")
+    if "PRIVATE KEY" in line:
+        raise errors.InvalidInput("public_key looks like a PRIVATE key; send the .pub file's line instead")
+    try:
+        key = asyncssh.import_public_key(line)
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        raise errors.InvalidInput(f"public_key is not an OpenSSH public key line: {exc}") from None
+    algorithm = key.get_algorithm()
+    if algorithm in REFUSED_KEY_TYPES:
+        raise errors.InvalidInput(f"public_key type {algorithm} is not accepted; use ssh-ed25519 (or ecdsa, rsa)")
+    normalized = key.export_public_key("openssh").decode().strip()
+    return normalized, bytes(key.public_data)
+
+
+@dataclass(frozen=True)
+class Account:
+    """One SSH account as stored."""
+
+    username: str
+    public_key: str  # the OpenSSH line, normalized (with its comment)
+    key_blob: bytes  # wire form of the key, compared at login
+    max_bytes: int
+    enabled: bool = True
+    created: float = 0.0
+    updated: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "public_key": self.public_key,
+            "max_bytes": self.max_bytes,
+            "enabled": self.enabled,
+            "created": round(self.created, 3),
+            "updated": round(self.updated, 3),
+        }
+
+    @classmethod
+    def from_json(cls, username: str, raw: dict[str, Any]) -> Account:
+        line, blob = parse_public_key(str(raw["public_key"]))
+        return cls(
+            username=check_username(username),
+            public_key=line,
+            key_blob=blob,
+            max_bytes=int(raw["max_bytes"]),
+            enabled=bool(raw.get("enabled", True)),
+            created=float(raw.get("created", 0.0)),
+            updated=float(raw.get("updated", 0.0)),
+        )
+
+
+class AccountStore:
+    """The accounts file: loaded once, rewritten atomically on each change (one writer: this process)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._accounts: dict[str, Account] = {}
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def open(cls, state_dir: Path) -> AccountStore:
+        """Load ``state_dir/accounts.json`` (an empty store when missing); InvalidInput when unreadable."""
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        store = cls(state_dir / ACCOUNTS_FILE)
+        try:
+            text = store.path.read_text()
+        except FileNotFoundError:
+            return store
+        try:
+            raw = json.loads(text)
+            for name, entry in raw["accounts"].items():
+                store._accounts[name] = Account.from_json(name, entry)
+        except (ValueError, KeyError, TypeError, AttributeError, errors.InvalidInput) as exc:
+            raise errors.InvalidInput(
+                f"accounts file {store.path} is damaged ({exc}); restore it from a backup or move it away"
+            ) from None
+        return store
+
+    def get(self, username: str) -> Account | None:
+        return self._accounts.get(username)
+
+    def __iter__(self) -> Iterator[Account]:
+        return iter(list(self._accounts.values()))
+
+    async def enable(self, username: str, public_key: str, max_bytes: int | None) -> tuple[Account, bool]:
+        """Create or update (key, size; re-enable) an account: (account, created). ``None`` keeps the size."""
+        line, blob = parse_public_key(public_key)
+        async with self._lock:
+            now = time.time()
+            old = self._accounts.get(username)
+            if old is None:
+                if max_bytes is None:
+                    raise errors.InvalidInput("a new account needs max_bytes")
+                acct = Account(username, line, blob, max_bytes, True, now, now)
+            else:
+                size = old.max_bytes if max_bytes is None else max_bytes
+                acct = replace(old, public_key=line, key_blob=blob, max_bytes=size, enabled=True, updated=now)
+            await self._save({**self._accounts, username: acct})
+            return acct, old is None
+
+    async def disable(self, username: str, *, forget: bool) -> Account | None:
+        """Refuse logins (``forget``: drop the account); the account as it was, None when unknown."""
+        async with self._lock:
+            old = self._accounts.get(username)
+            if old is None:
+                return None
+            accounts = dict(self._accounts)
+            if forget:
+                del accounts[username]
+            else:
+                accounts[username] = replace(old, enabled=False, updated=time.time())
+            await self._save(accounts)
+            return old
+
+    async def _save(self, accounts: dict[str, Account]) -> None:
+        doc = {"version": 1, "accounts": {n: a.to_json() for n, a in sorted(accounts.items())}}
+        data = (json.dumps(doc, indent=1) + "\n").encode()
+        await asyncio.to_thread(write_atomic, self.path, data)
+        self._accounts = accounts
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` (mode 0600) so a crash leaves the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+# ----------------------------------------------------------------------- homes
+
+
+def home_path(homes_dir: Path, username: str) -> Path:
+    return homes_dir / check_username(username)
+
+
+def ensure_home(homes_dir: Path, username: str) -> Path:
+    """Create the home (0700) if missing; refuse one that is not a plain folder."""
+    homes_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = home_path(homes_dir, username)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise errors.Refused(f"home {path} exists but is not a folder; move it away")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+def scan_usage(root: Path) -> tuple[int, int]:
+    """(bytes, regular files) under ``root``; hard links count once, symlinks are not followed."""
+    total = files = 0
+    seen: set[tuple[int, int]] = set()
+    stack = [str(root)]
+    while stack:
+        top = stack.pop()
+        try:
+            it = os.scandir(top)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("cannot list %s while counting a home: %s", top, exc.strerror)
+            continue
+        with it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(entry.path)
+                elif stat.S_ISREG(st.st_mode):
+                    if st.st_nlink > 1:
+                        ident = (st.st_dev, st.st_ino)
+                        if ident in seen:
+                            continue
+                        seen.add(ident)
+                    total += st.st_size
+                    files += 1
+    return total, files
+
+
+class QuotaExceeded(errors.LimitExceeded):
+    """A write would take the home over its maximum size."""
+
+
+class Home:
+    """A home's root, size limit and bytes used (shared by every session of its user)."""
+
+    def __init__(self, username: str, root: Path, max_bytes: int) -> None:
+        self.username = username
+        self.root = root
+        self.max_bytes = max_bytes
+        self.used = 0
+        self.files = 0
+        self.scanned_at: float | None = None  # monotonic time of the last full scan
+        self._scan: asyncio.Task[None] | None = None
+        self._delta_while_scanning = 0
+
+    @property
+    def stale(self) -> bool:
+        return self.scanned_at is None or time.monotonic() - self.scanned_at > SCAN_MAX_AGE
+
+    @property
+    def recount_due(self) -> bool:
+        """Whether a refused write should recount first (the count may miss removals made outside SFTP)."""
+        return self.scanned_at is None or time.monotonic() - self.scanned_at > RECOUNT_AFTER
+
+    def invalidate(self) -> None:
+        """Something outside the SFTP hooks changed the home (rsync, Process, maint): rescan next time."""
+        self.scanned_at = None
+
+    async def refresh(self, *, force: bool = False) -> None:
+        """Rescan when stale (or ``force``); concurrent callers share one scan."""
+        if not force and not self.stale:
+            return
+        if self._scan is None or self._scan.done():
+            self._scan = asyncio.create_task(self._rescan())
+        await asyncio.shield(self._scan)
+
+    async def _rescan(self) -> None:
+        self._delta_while_scanning = 0
+        used, files = await asyncio.to_thread(scan_usage, self.root)
+        # Writes during the scan may or may not have been seen; counting them again errs on the safe side.
+        self.used = max(0, used + self._delta_while_scanning)
+        self.files = files
+        self.scanned_at = time.monotonic()
+
+    def message(self) -> str:
+        return f"quota exceeded: home is {self.used} of {self.max_bytes} bytes"
+
+    def reserve(self, growth: int) -> None:
+        """Count ``growth`` new bytes, or QuotaExceeded when they do not fit."""
+        if growth <= 0:
+            return
+        if self.used + growth > self.max_bytes:
+            raise QuotaExceeded(self.message())
+        self.used += growth
+        self._delta_while_scanning += growth
+
+    def release(self, freed: int) -> None:
+        """Bytes removed (a file deleted or truncated)."""
+        if freed <= 0:
+            return
+        self.used = max(0, self.used - freed)
+        self._delta_while_scanning -= freed
+
+    @property
+    def free(self) -> int:
+        return max(0, self.max_bytes - self.used)

@@ -1,0 +1,218 @@
+"""Fixtures for the ssh service: the real service on port 0 (gRPC and SSH), real clients, real redis.
+
+``ssh_factory(ingest=False)`` starts only the ssh service (with redis); ``ingest=True`` starts meta
+and ingest first (tests/ingest/conftest.py's suite) sharing the data dir, so Process jobs are stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from gridstor.v1 import ssh_pb2, ssh_pb2_grpc
+from services.common.config import Config, build_config
+from services.ssh import service as ssh_service
+from tests.ingest.conftest import Suite, eventually, suite_factory  # noqa: F401  (fixture re-exported)
+
+CLIENTS = ("ssh", "sftp", "scp", "ssh-keygen", "rsync")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GRIDSTOR_* override from the developer's shell changes what the tests build."""
+    for name in list(os.environ):
+        if name.startswith("GRIDSTOR_"):
+            monkeypatch.delenv(name)
+
+
+def need(*tools: str) -> None:
+    """Skip unless the client programs are installed (make test installs them from Debian)."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)} (Debian packages openssh-client rsync restic rclone)")
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Client key pairs made with ssh-keygen: name -> private key file (public: + .pub)."""
+
+    dir: Path
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def public(self, name: str) -> str:
+        return (self.dir / f"{name}.pub").read_text().strip()
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    need("ssh-keygen")
+    d = tmp_path_factory.mktemp("sshkeys")
+    for name in ("alice", "bob", "mallory"):
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{name}@test", "-f", str(d / name)], check=True
+        )
+    return Keys(d)
+
+
+@dataclass
+class Result:
+    rc: int
+    out: str
+    err: str
+
+    def __str__(self) -> str:
+        return f"rc={self.rc}\nstdout:\n{self.out}\nstderr:\n{self.err}"
+
+
+async def run(*argv: str | Path | int, env: dict[str, str] | None = None, stdin: str = "", limit: float = 60) -> Result:
+    """Run a client program without blocking the event loop the servers run on."""
+    proc = await asyncio.create_subprocess_exec(
+        *map(str, argv),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), limit)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail(f"{argv[0]} did not finish within {limit}s: {' '.join(map(str, argv))}")
+    assert proc.returncode is not None
+    return Result(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+@dataclass
+class SshEnv:
+    cfg: Config
+    svc: ssh_service.SshService
+    stub: ssh_pb2_grpc.SshServiceAsyncStub
+    keys: Keys
+    tmp: Path
+    suite: Suite | None = None
+    channel: Any = None
+    extra: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.svc.ssh_port
+
+    def home(self, user: str) -> Path:
+        return self.svc.settings.homes_dir / user
+
+    async def enable(self, user: str, key: str | None = None, mb: int = 64) -> ssh_pb2.EnableAccountReply:
+        return await self.stub.EnableAccount(
+            ssh_pb2.EnableAccountRequest(username=user, public_key=self.keys.public(key or user), max_size_mb=mb)
+        )
+
+    async def size(self, user: str) -> ssh_pb2.HomeSizeReply:
+        return await self.stub.HomeSize(ssh_pb2.HomeSizeRequest(username=user))
+
+    def opts(self, key: str) -> list[str]:
+        """OpenSSH options: no config, no host key pinning, batch mode, only this key."""
+        return [
+            "-F",
+            "/dev/null",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-i",
+            str(self.keys.path(key)),
+        ]
+
+    def ssh_command(self, key: str) -> str:
+        """The ``ssh`` command line for rsync -e and restic's sftp.command."""
+        return " ".join(["ssh", "-p", str(self.port), *self.opts(key)])
+
+    async def ssh(
+        self, user: str, *args: str, cmd: tuple[str, ...] = (), key: str | None = None, limit: float = 30
+    ) -> Result:
+        """``ssh [args] user@host [cmd]``."""
+        dest = f"{user}@127.0.0.1"
+        return await run("ssh", "-p", self.port, *self.opts(key or user), *args, dest, *cmd, limit=limit)
+
+    async def sftp(self, user: str, batch: str, key: str | None = None) -> Result:
+        """``sftp -b -`` with the commands in ``batch`` (a failing command stops it with rc 1)."""
+        return await run("sftp", "-P", self.port, *self.opts(key or user), "-b", "-", f"{user}@127.0.0.1", stdin=batch)
+
+    async def scp(self, *args: str, key: str = "alice", legacy: bool = False) -> Result:
+        mode = ["-O"] if legacy else []
+        return await run("scp", *mode, "-P", self.port, *self.opts(key), *args)
+
+    async def rsync(self, *args: str, key: str = "alice") -> Result:
+        return await run("rsync", "-e", self.ssh_command(key), *args)
+
+
+SshFactory = Callable[..., Awaitable[SshEnv]]
+
+
+@pytest.fixture
+async def ssh_factory(
+    tmp_path: Path,
+    redis_server: Any,
+    keys: Keys,
+    suite_factory: Any,  # noqa: F811
+) -> AsyncIterator[SshFactory]:
+    """Start the ssh service (and with ingest=True meta + ingest first); everything stops afterwards."""
+    need(*CLIENTS)
+    envs: list[SshEnv] = []
+
+    async def start(*, ingest: bool = False, data: Path | None = None, **overrides: Any) -> SshEnv:
+        data_dir = data or tmp_path / f"data{len(envs)}"
+        raw: dict[str, Any] = {
+            "data_dir": str(data_dir),
+            "redis": redis_server.url,
+            "engine": {"chunk_size": "256KiB"},
+            "workers": 1,
+        }
+        raw.update(overrides)
+        suite = None
+        if ingest:
+            suite = await suite_factory(**raw)
+            raw["ports"] = {"meta": suite.cfg.ports["meta"]}
+        cfg = build_config(raw)
+        svc = await ssh_service.start(cfg, port=0, ssh_port=0)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{svc.running.port}")
+        env = SshEnv(cfg, svc, ssh_pb2_grpc.SshServiceStub(channel), keys, tmp_path, suite, channel)
+        envs.append(env)
+        return env
+
+    yield start
+    for env in reversed(envs):
+        with contextlib.suppress(Exception):
+            await env.channel.close(None)
+        with contextlib.suppress(Exception):
+            await env.svc.cleanup()
+
+
+async def restart(env: SshEnv) -> SshEnv:
+    """Stop the ssh service and start it again on the same data dir (new ports)."""
+    await env.channel.close(None)
+    await env.svc.cleanup()
+    env.svc = await ssh_service.start(env.cfg, port=0, ssh_port=0)
+    env.channel = grpc.aio.insecure_channel(f"127.0.0.1:{env.svc.running.port}")
+    env.stub = ssh_pb2_grpc.SshServiceStub(env.channel)
+    return env
+
+
+__all__ = ["Keys", "Result", "SshEnv", "SshFactory", "eventually", "need", "restart", "run"]
