@@ -10,7 +10,7 @@ import traceback
 from collections.abc import Callable
 from typing import TextIO
 
-from services.cli import commands
+from services.cli import admin, commands
 from services.cli.connect import parse_hostport
 from services.cli.failures import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, CliFailure
 from services.cli.session import Session
@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("stat", commands.cmd_stat, "show size, type, date and coding of a file")
     p.add_argument("id", metavar="ID", help="file id")
+    admin.add_commands(sub, common)
     return parser
 
 

@@ -476,12 +476,11 @@ class Engine:
                     raise Unrecoverable(_unrecoverable_msg(h.index, coder, health))
                 good = {i: frags[i] for i in sorted(frags)[: coder.k]}
                 rebuilt = await asyncio.to_thread(coder.reconstruct, good, bad)
-                old = record.chunks[h.index].shards
-                stale = [(record.backends[old[si].backend], old[si].key) for si in health.corrupt]
+                # The corrupt copies are left where they are: a backend that came back
+                # empty hands out its keys again, so the key may already hold another
+                # file's good shard. Unreferenced shards are garbage, never a risk.
                 await writer.rewrite(h.index, rebuilt)
                 rewritten += len(rebuilt)
-                for name, key in stale:  # the corrupt copies; missing ones are gone already
-                    await self._delete_one(name, key)
         except BaseException:
             await writer.cleanup()
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from pathlib import Path
 
 import grpc
@@ -14,8 +15,10 @@ from services.common.config import Config
 from services.common.engine import BackendPool, Engine
 from services.common.errors import BackendError
 from services.common.keys import master_key, signing_key
-from services.common.metastore import MetaStore
+from services.common.metastore import MetaStore, Replica, ReplicatedMetaStore
 from services.common.rpc import service_token
+
+log = logging.getLogger(__name__)
 
 
 def ensure_local_dirs(cfg: Config) -> None:
@@ -60,10 +63,45 @@ async def open_engine(cfg: Config) -> Engine:
 
 
 async def open_metastore(cfg: Config) -> MetaStore:
+    """The metadata store ``cfg`` names: a master (with its replicas written through), or a replica read only.
+
+    A master with ``metadata.replicas`` gets a ``ReplicatedMetaStore`` whose
+    catch-up task is running; a replica that cannot be opened now is opened
+    by that task later (it never stops the master). ``metadata.mode: user``
+    (a ``role: replica`` gateway) opens ``metadata.uri`` as a replica
+    namespace keyed by the master's ids, without the dedup index.
+    """
     assert cfg.metadata is not None
-    records = await open_backend(cfg.metadata.uri, Mode.SEQ)
-    index = await open_backend(cfg.metadata.index_uri, Mode.USER)
-    return MetaStore(records, index)
+    md = cfg.metadata
+    if md.mode == "user":
+        return MetaStore(await open_backend(md.uri, Mode.USER), None)
+    records = await open_backend(md.uri, Mode.SEQ)
+    try:
+        index = await open_backend(md.index_uri, Mode.USER)
+    except BaseException:
+        await records.close()
+        raise
+    if not md.replicas or cfg.role != "master":
+        return MetaStore(records, index)
+    replicas: list[Replica] = []
+    for uri in md.replicas:
+        replica = Replica(uri, parse_uri(uri).redacted)
+        try:
+            replica.backend = await open_backend(uri, Mode.USER)
+        except BackendError as exc:
+            replica.error = str(exc)
+            log.warning("metadata replica %s cannot be opened now (it will be caught up later): %s", replica.name, exc)
+        replicas.append(replica)
+    store = ReplicatedMetaStore(
+        records,
+        index,
+        replicas,
+        opener=open_backend,
+        sync_interval=md.sync_interval,
+        verify_interval=md.verify_interval,
+    )
+    store.start()
+    return store
 
 
 def channel(cfg: Config, service: str) -> grpc.aio.Channel:

@@ -1,0 +1,290 @@
+"""Maintenance commands: ``gridstor check ID [--hard]`` and ``gridstor admin scrub|repair|replicas|backup|restore``.
+
+They call the gateway's MaintService with the saved token (see ``gridstor login``).
+Exit codes follow the rest of the CLI: 0 ok, 1 the answer is bad news (damage
+found, replicas behind) or the call failed, 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from gridstor.v1 import maint_pb2, maint_pb2_grpc, record_pb2
+from services.cli.failures import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliFailure
+from services.cli.session import UNARY_TIMEOUT, Session
+
+Handler = Callable[[Session, argparse.Namespace], int]
+LONG_TIMEOUT = 3600.0  # hard checks, repairs, backups and restores read or write whole files
+POLL = 1.0
+
+
+def _stub(s: Session) -> maint_pb2_grpc.MaintServiceStub:
+    return maint_pb2_grpc.MaintServiceStub(s.channel("maint"))
+
+
+def _check_id(text: str) -> str:
+    from services.cli.commands import check_id  # the same id check as get/stat/exists
+
+    return check_id(text)
+
+
+def cmd_check(s: Session, a: argparse.Namespace) -> int:
+    """Soft (every shard present) or hard (fetch, verify, decrypt, hash) check of one file; exit 1 when damaged."""
+    file_id = _check_id(a.id)
+    request = maint_pb2.CheckRequest(id=file_id, soft=not a.hard)
+    with s.rpc("maint"):
+        r = _stub(s).Check(request, metadata=s.auth_metadata(), timeout=LONG_TIMEOUT if a.hard else UNARY_TIMEOUT)
+    damaged = [{"chunk": c.index, "missing": list(c.missing), "corrupt": list(c.corrupt)} for c in r.damaged]
+    kind = "hard" if r.hard else "soft"
+    lines = [f"{'ok' if r.ok else 'DAMAGED'}: {r.id} ({kind} check, {r.chunks} chunks, k={r.k} m={r.m})"]
+    for d in damaged:
+        lines.append(
+            f"  chunk {d['chunk']}: missing shards {d['missing'] or '-'}, corrupt shards {d['corrupt'] or '-'}"
+        )
+    if r.hard:
+        lines.append(f"  content hash {'matches' if r.hash_ok else 'DOES NOT match'} the id")
+    if not r.ok:
+        lines.append(
+            "  repairable: run `gridstor admin repair ID`"
+            if r.recoverable
+            else "  UNRECOVERABLE: a chunk has fewer than k good shards"
+        )
+    if r.error:
+        lines.append(f"  error: {r.error}")
+    s.result(
+        "\n".join(lines),
+        {
+            "id": r.id,
+            "ok": r.ok,
+            "hard": r.hard,
+            "k": r.k,
+            "m": r.m,
+            "chunks": r.chunks,
+            "damaged": damaged,
+            "recoverable": r.recoverable,
+            "hash_ok": r.hash_ok,
+            "error": r.error,
+        },
+    )
+    return EXIT_OK if r.ok else EXIT_FAILED
+
+
+def cmd_repair(s: Session, a: argparse.Namespace) -> int:
+    """Rebuild a file's missing (and, with --hard, corrupt) shards; exit 1 when it could not be made whole."""
+    file_id = _check_id(a.id)
+    with s.rpc("maint"):
+        r = _stub(s).Repair(
+            maint_pb2.RepairRequest(id=file_id, hard=a.hard), metadata=s.auth_metadata(), timeout=LONG_TIMEOUT
+        )
+    lines = [f"{'ok' if r.ok else 'NOT REPAIRED'}: {r.id}: {r.shards_repaired} shards rebuilt"]
+    lines += [f"  chunk {c.index}: shards {list(c.shards)} -> {', '.join(c.backends)}" for c in r.repaired]
+    if r.unrecoverable:
+        lines.append(f"  UNRECOVERABLE chunks: {list(r.unrecoverable)}")
+    if r.error:
+        lines.append(f"  error: {r.error}")
+    s.result(
+        "\n".join(lines),
+        {
+            "id": r.id,
+            "ok": r.ok,
+            "shards_repaired": r.shards_repaired,
+            "repaired": [
+                {"chunk": c.index, "shards": list(c.shards), "backends": list(c.backends)} for c in r.repaired
+            ],
+            "unrecoverable": list(r.unrecoverable),
+            "error": r.error,
+        },
+    )
+    return EXIT_OK if r.ok else EXIT_FAILED
+
+
+def _when(epoch: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch)) if epoch else "never"
+
+
+def _progress(p: maint_pb2.ScrubProgress) -> dict[str, Any]:
+    return {
+        "state": maint_pb2.ScrubState.Name(p.state).removeprefix("SCRUB_STATE_").lower(),
+        "hard": p.hard,
+        "dry_run": p.dry_run,
+        "started": p.started,
+        "finished": p.finished,
+        "cursor": p.cursor,
+        "files_checked": p.files_checked,
+        "files_damaged": p.files_damaged,
+        "files_repaired": p.files_repaired,
+        "shards_repaired": p.shards_repaired,
+        "files_unrecoverable": p.files_unrecoverable,
+        "unrecoverable_ids": list(p.unrecoverable_ids),
+        "last_full_pass": p.last_full_pass,
+        "last_hard_pass": p.last_hard_pass,
+    }
+
+
+def _progress_text(p: maint_pb2.ScrubProgress) -> str:
+    d = _progress(p)
+    kind = ("hard" if p.hard else "soft") + (" dry-run" if p.dry_run else "")
+    lines = [
+        f"scrub {d['state']} ({kind} pass started {_when(p.started)}"
+        + (f", finished {_when(p.finished)})" if p.finished else ")"),
+        f"  checked {p.files_checked}, damaged {p.files_damaged}, repaired {p.files_repaired}"
+        f" ({p.shards_repaired} shards), unrecoverable {p.files_unrecoverable}",
+        f"  last full pass {_when(p.last_full_pass)}, last hard pass {_when(p.last_hard_pass)}",
+    ]
+    lines += [f"  unrecoverable: {fid}" for fid in p.unrecoverable_ids]
+    return "\n".join(lines)
+
+
+def cmd_scrub(s: Session, a: argparse.Namespace) -> int:
+    """Start a scrub pass (or show the running / last one with --status); --wait follows it to its end."""
+    stub = _stub(s)
+    with s.rpc("maint"):
+        if a.status:
+            progress = stub.ScrubStatus(
+                maint_pb2.ScrubStatusRequest(), metadata=s.auth_metadata(), timeout=UNARY_TIMEOUT
+            ).progress
+        else:
+            reply = stub.Scrub(
+                maint_pb2.ScrubRequest(hard=a.hard, dry_run=a.dry_run),
+                metadata=s.auth_metadata(),
+                timeout=UNARY_TIMEOUT,
+            )
+            progress = reply.progress
+            if not reply.started:
+                s.note("gridstor: a scrub pass is already running; showing its progress")
+        while a.wait and progress.state == maint_pb2.SCRUB_STATE_RUNNING:
+            time.sleep(POLL)
+            progress = stub.ScrubStatus(
+                maint_pb2.ScrubStatusRequest(), metadata=s.auth_metadata(), timeout=UNARY_TIMEOUT
+            ).progress
+    s.result(_progress_text(progress), _progress(progress))
+    return EXIT_FAILED if progress.files_unrecoverable else EXIT_OK
+
+
+def cmd_replicas(s: Session, a: argparse.Namespace) -> int:
+    """Whether every metadata replica holds the master's last id; exit 1 when not in sync."""
+    with s.rpc("maint"):
+        r = _stub(s).ReplicaStatus(maint_pb2.ReplicaStatusRequest(), metadata=s.auth_metadata(), timeout=120.0)
+    master = f"{r.master_last_id:08x} ({r.master_entries} records)" if r.master_reachable else "UNREACHABLE"
+    lines = [f"{'in sync' if r.in_sync else 'NOT in sync'} (this gateway: {r.role}); master last id {master}"]
+    for rep in r.replicas:
+        if rep.reachable:
+            lines.append(f"  {rep.name}: last id {rep.last_id:08x}, {rep.entries} records, lag {rep.lag}")
+        else:
+            lines.append(f"  {rep.name}: UNREACHABLE ({rep.error})")
+    if not r.replicas:
+        lines.append("  no replicas configured")
+    s.result(
+        "\n".join(lines),
+        {
+            "role": r.role,
+            "in_sync": r.in_sync,
+            "master_reachable": r.master_reachable,
+            "master_last_id": r.master_last_id,
+            "master_entries": r.master_entries,
+            "replicas": [
+                {
+                    "name": x.name,
+                    "reachable": x.reachable,
+                    "last_id": x.last_id,
+                    "entries": x.entries,
+                    "lag": x.lag,
+                    "error": x.error,
+                }
+                for x in r.replicas
+            ],
+        },
+    )
+    return EXIT_OK if r.in_sync else EXIT_FAILED
+
+
+def cmd_backup(s: Session, a: argparse.Namespace) -> int:
+    """Store a metadata snapshot in the pool; -o keeps its record (needed to restore) in a file of yours."""
+    with s.rpc("maint"):
+        r = _stub(s).Backup(maint_pb2.BackupRequest(), metadata=s.auth_metadata(), timeout=LONG_TIMEOUT)
+    saved = ""
+    if a.output:
+        path = Path(a.output).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(r.record.SerializeToString(deterministic=True))
+        path.chmod(0o600)
+        saved = str(path)
+    s.result(
+        f"backup {r.backup_id}: {r.records} records (last id {r.last_id:08x}), {r.size} bytes"
+        + (f"; record saved to {saved}" if saved else ""),
+        {
+            "backup_id": r.backup_id,
+            "records": r.records,
+            "last_id": r.last_id,
+            "size": r.size,
+            "created": r.created,
+            "record_file": saved,
+        },
+    )
+    if not saved:
+        s.note(
+            "gridstor: keep the backup's record off the metadata machines (-o FILE saves it here; the gateway"
+            " keeps a copy in DATA/backups/): without it a restore after losing all metadata is impossible"
+        )
+    return EXIT_OK
+
+
+def cmd_restore(s: Session, a: argparse.Namespace) -> int:
+    """Rebuild the metadata namespace from a backup (its record file, or its id while the metadata still holds it)."""
+    if not a.record and not a.id:
+        raise CliFailure(
+            "restore needs --record FILE (or --id BACKUP_ID while the metadata still holds it)", EXIT_USAGE
+        )
+    request = maint_pb2.RestoreRequest(backup_id=a.id or "", force=a.force)
+    if a.record:
+        try:
+            request.record.CopyFrom(record_pb2.FileRecord.FromString(Path(a.record).expanduser().read_bytes()))
+        except OSError as exc:
+            raise CliFailure(f"cannot read the backup record {a.record}: {exc.strerror}", EXIT_USAGE) from None
+        except DecodeError:
+            raise CliFailure(f"{a.record} is not a backup record file", EXIT_USAGE) from None
+    if a.id:
+        _check_id(a.id)
+    with s.rpc("maint"):
+        r = _stub(s).Restore(request, metadata=s.auth_metadata(), timeout=LONG_TIMEOUT)
+    s.result(f"restored {r.records} records (last id {r.last_id:08x})", {"records": r.records, "last_id": r.last_id})
+    return EXIT_OK
+
+
+def add_commands(sub: Any, common: Sequence[argparse.ArgumentParser]) -> None:
+    """Add ``check`` and ``admin ...`` to the ``gridstor`` subcommands."""
+
+    def command(parent: Any, name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_text, description=help_text, parents=common)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command(sub, "check", cmd_check, "check a file's shards (soft; --hard also decrypts); exit 1 when damaged")
+    p.add_argument("id", metavar="ID", help="file id")
+    p.add_argument("--hard", action="store_true", help="fetch and verify every shard, decrypt, compare the hash")
+
+    admin = sub.add_parser(
+        "admin", help="gateway maintenance: scrub, repair, replicas, backup, restore", parents=common
+    )
+    asub = admin.add_subparsers(dest="admin_command", metavar="ADMIN_COMMAND", required=True)
+    p = command(asub, "scrub", cmd_scrub, "start a scrub pass (check everything, repair damage)")
+    p.add_argument("--hard", action="store_true", help="hard-check every file (slow: reads everything)")
+    p.add_argument("--dry-run", action="store_true", help="only report damage")
+    p.add_argument("--wait", action="store_true", help="follow the pass until it ends")
+    p.add_argument("--status", action="store_true", help="show the running or last pass; start nothing")
+    p = command(asub, "repair", cmd_repair, "rebuild a file's missing (--hard: and corrupt) shards")
+    p.add_argument("id", metavar="ID", help="file id")
+    p.add_argument("--hard", action="store_true", help="find damage with a hard check")
+    command(asub, "replicas", cmd_replicas, "show whether the metadata replicas are in sync; exit 1 when not")
+    p = command(asub, "backup", cmd_backup, "store a metadata snapshot in the pool")
+    p.add_argument("-o", "--output", metavar="FILE", help="save the backup's record here (needed to restore)")
+    p = command(asub, "restore", cmd_restore, "rebuild the metadata namespace from a backup")
+    p.add_argument("--record", metavar="FILE", help="the backup's record file (from backup -o or DATA/backups/)")
+    p.add_argument("--id", metavar="BACKUP_ID", help="the backup's file id (enough while the metadata still has it)")
+    p.add_argument("--force", action="store_true", help="restore into a metadata namespace that is not empty")

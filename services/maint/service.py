@@ -1,0 +1,304 @@
+"""MaintService over grpc.aio: a thin servicer over checks, scrub, replicas and backup, plus their schedules.
+
+maint opens its own engine over the configured backends and reaches the
+records through meta's internal RPCs with a service token, so meta stays the
+one writer of the metadata (repairs swap records with compare-and-swap). Only
+Restore opens the master namespace directly: it must choose the ids.
+
+Background tasks (master role): the scrub schedule, metadata backups and home
+cleanup. A ``role: replica`` gateway serves Check, ScrubStatus,
+ReplicaStatus and dry-run scrubs from its replica and refuses the writing
+methods with FAILED_PRECONDITION.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import grpc
+
+from gridstor.v1 import maint_pb2, maint_pb2_grpc
+from services.common import errors, rpc
+from services.common.config import Config
+from services.common.engine import Engine, FileRecord
+from services.common.gateway import ensure_local_dirs, open_engine
+from services.common.keys import signing_key
+from services.common.metrics import Registry
+from services.maint import backup as backups
+from services.maint import checks, cleanup, replicas
+from services.maint.metaclient import MetaRecords
+from services.maint.records import Records
+from services.maint.scrub import Progress, Scrubber, ScrubMetrics
+
+log = logging.getLogger(__name__)
+
+NAME = "maint"
+SERVICE = "gridstor.v1.MaintService"
+POLICY = rpc.Policy()  # every method needs a token unless the gateway is public
+REPLICA_REFUSAL = "this gateway is a read-only replica: {} runs on the master gateway"
+FIRST_BACKUP_DELAY = 60.0  # let meta come up before the first scheduled backup
+BACKUP_RETRY = 300.0
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def progress_message(p: Progress) -> maint_pb2.ScrubProgress:
+    """The proto form of scrub counters."""
+    return maint_pb2.ScrubProgress(
+        state=maint_pb2.SCRUB_STATE_RUNNING if p.running else maint_pb2.SCRUB_STATE_IDLE,
+        hard=p.hard,
+        dry_run=p.dry_run,
+        started=p.started,
+        finished=p.finished,
+        cursor=p.cursor,
+        files_checked=p.files_checked,
+        files_damaged=p.files_damaged,
+        files_repaired=p.files_repaired,
+        shards_repaired=p.shards_repaired,
+        files_unrecoverable=p.files_unrecoverable,
+        unrecoverable_ids=p.unrecoverable_ids,
+        last_full_pass=p.last_full_pass,
+        last_hard_pass=p.last_hard_pass,
+    )
+
+
+class Maint:
+    """maint's state: the engine, the records client, the scrubber and the schedules."""
+
+    def __init__(self, cfg: Config, engine: Engine, records: Records, registry: Registry) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.records = records
+        self.scrubber = Scrubber(
+            engine,
+            records,
+            cfg.maint,
+            state_path=cfg.data_dir / "maint" / "scrub.json",
+            metrics=ScrubMetrics(registry),
+        )
+        self.cleanup_removed = registry.counter("maint_cleanup_files_removed_total", "Files removed from full homes")
+        self.cleanup_bytes = registry.counter("maint_cleanup_bytes_removed_total", "Bytes removed from full homes")
+        self.backups = registry.counter("maint_backups_total", "Metadata backups stored")
+        self.last_backup = registry.gauge("maint_last_backup_timestamp_seconds", "Unix time of the last backup")
+        self._backup_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def replica(self) -> bool:
+        return self.cfg.role == "replica"
+
+    def writable(self, method: str) -> None:
+        if self.replica:
+            raise errors.Refused(REPLICA_REFUSAL.format(method))
+
+    async def backup(self) -> backups.BackupResult:
+        """Store a metadata snapshot now (one at a time)."""
+        self.writable("Backup")
+        async with self._backup_lock:
+            result = await backups.backup(self.engine, self.records, self.cfg.data_dir)
+        self.backups.inc()
+        self.last_backup.set(result.created)
+        return result
+
+    async def restore(self, backup_id: str, record: FileRecord | None, force: bool) -> backups.RestoreResult:
+        """Rebuild the master metadata namespace from a snapshot."""
+        self.writable("Restore")
+        record = backups.snapshot_record(backup_id, record)
+        if record is None:
+            if not backup_id:
+                raise errors.InvalidInput("Restore needs backup_id or the backup's record")
+            record = (await self.records.get(backup_id)).record
+        store = await backups.open_master_store(self.cfg)
+        try:
+            return await backups.restore(self.engine, store, record, force=force)
+        finally:
+            await store.close()
+
+    def sweep(self) -> None:
+        """One pass of home cleanup over every SSH account (blocking: run in a thread)."""
+        for removed in cleanup.sweep_homes(self.cfg).values():
+            self.cleanup_removed.inc(len(removed))
+            self.cleanup_bytes.inc(sum(r.size for r in removed))
+
+    # -- schedules ------------------------------------------------------------------
+
+    def start(self) -> None:
+        if not self.replica:
+            self._spawn(self.scrubber.run_schedule(), "scrub-schedule")
+            if self.cfg.maint.backup_interval > 0:
+                self._spawn(self._backup_schedule(), "backup-schedule")
+        if self.cfg.maint.cleanup_interval > 0:
+            self._spawn(self._cleanup_schedule(), "home-cleanup")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("maint background task %s failed", name)
+
+        self._tasks.append(asyncio.create_task(guarded(), name=name))
+
+    async def _backup_schedule(self) -> None:
+        await asyncio.sleep(FIRST_BACKUP_DELAY)
+        interval = self.cfg.maint.backup_interval
+        while True:
+            delay = await backups.newest_backup_time(self.cfg.data_dir) + interval - time.time()
+            if delay > 0:
+                await asyncio.sleep(min(delay, 300.0))
+                continue
+            try:
+                await self.backup()
+            except errors.GridstorError as exc:
+                log.warning("scheduled metadata backup failed (retrying later): %s", exc)
+                await asyncio.sleep(BACKUP_RETRY)
+
+    async def _cleanup_schedule(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.sweep)
+            except (OSError, errors.GridstorError) as exc:
+                log.warning("home cleanup failed: %s", exc)
+            await asyncio.sleep(self.cfg.maint.cleanup_interval)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.scrubber.close()
+
+
+class MaintServicer(maint_pb2_grpc.MaintServiceServicer):
+    """Unpacks requests, calls the domain modules, builds replies."""
+
+    def __init__(self, maint: Maint) -> None:
+        self.maint = maint
+
+    async def Check(self, request: maint_pb2.CheckRequest, context: Context) -> maint_pb2.CheckReply:
+        soft = request.soft if request.HasField("soft") else True
+        entry, report = await checks.check(self.maint.engine, self.maint.records, request.id, hard=not soft)
+        return maint_pb2.CheckReply(
+            id=entry.file_id,
+            ok=report.ok,
+            hard=report.hard,
+            k=report.k,
+            m=report.m,
+            chunks=len(report.chunks),
+            damaged=[
+                maint_pb2.ChunkHealth(index=h.index, missing=h.missing, corrupt=h.corrupt) for h in report.damaged
+            ],
+            recoverable=not report.unrecoverable,
+            hash_ok=report.hash_ok is True,
+            error=report.error,
+        )
+
+    async def Repair(self, request: maint_pb2.RepairRequest, context: Context) -> maint_pb2.RepairReply:
+        self.maint.writable("Repair")
+        result = await checks.repair(self.maint.engine, self.maint.records, request.id, hard=request.hard)
+        return maint_pb2.RepairReply(
+            id=result.file_id,
+            ok=result.ok,
+            shards_repaired=result.shards_repaired,
+            repaired=[maint_pb2.ChunkRepair(index=f.index, shards=f.shards, backends=f.backends) for f in result.fixes],
+            unrecoverable=result.unrecoverable,
+            error=result.error,
+        )
+
+    async def Scrub(self, request: maint_pb2.ScrubRequest, context: Context) -> maint_pb2.ScrubReply:
+        if not request.dry_run:
+            self.maint.writable("Scrub (other than dry_run)")
+        started = self.maint.scrubber.start(hard=request.hard, dry_run=request.dry_run)
+        return maint_pb2.ScrubReply(started=started, progress=progress_message(self.maint.scrubber.status()))
+
+    async def ScrubStatus(self, request: maint_pb2.ScrubStatusRequest, context: Context) -> maint_pb2.ScrubStatusReply:
+        return maint_pb2.ScrubStatusReply(progress=progress_message(self.maint.scrubber.status()))
+
+    async def ReplicaStatus(
+        self, request: maint_pb2.ReplicaStatusRequest, context: Context
+    ) -> maint_pb2.ReplicaStatusReply:
+        report = await replicas.replica_status(self.maint.cfg)
+        return maint_pb2.ReplicaStatusReply(
+            role=report.role,
+            master_reachable=report.master_reachable,
+            master_last_id=max(0, report.master_last_id),
+            master_entries=report.master_entries,
+            replicas=[
+                maint_pb2.ReplicaInfo(
+                    name=r.name,
+                    reachable=r.reachable,
+                    last_id=max(0, r.last_id),
+                    entries=r.entries,
+                    lag=r.lag,
+                    error=r.error,
+                )
+                for r in report.replicas
+            ],
+            in_sync=report.in_sync,
+        )
+
+    async def Backup(self, request: maint_pb2.BackupRequest, context: Context) -> maint_pb2.BackupReply:
+        result = await self.maint.backup()
+        return maint_pb2.BackupReply(
+            backup_id=result.backup_id,
+            records=result.records,
+            last_id=max(0, result.last_id),
+            size=result.size,
+            created=result.created,
+            record=result.record,
+        )
+
+    async def Restore(self, request: maint_pb2.RestoreRequest, context: Context) -> maint_pb2.RestoreReply:
+        record = request.record if request.HasField("record") else None
+        result = await self.maint.restore(request.backup_id, record, request.force)
+        return maint_pb2.RestoreReply(records=result.records, last_id=max(0, result.last_id))
+
+
+async def build(
+    cfg: Config,
+    *,
+    port: int | None = None,
+    registry: Registry | None = None,
+    records: Records | None = None,
+    schedules: bool = True,
+) -> tuple[rpc.Running, Callable[[], Awaitable[None]]]:
+    """Open the engine and a meta client, start the server and the schedules; return it and an async cleanup.
+
+    ``records`` replaces the meta client (tests); ``schedules=False`` starts no background task.
+    """
+    ensure_local_dirs(cfg)
+    engine = await open_engine(cfg)
+    client: MetaRecords | None = None
+    if records is None:
+        records = client = MetaRecords.for_config(cfg)
+    maint = Maint(cfg, engine, records, registry or Registry())
+    servicer = MaintServicer(maint)
+    guard = rpc.Guard(verify_key=signing_key(cfg.data_dir).verify_key, mode=cfg.mode, policies={SERVICE: POLICY})
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        maint_pb2_grpc.add_MaintServiceServicer_to_server(servicer, server)
+        return [SERVICE]
+
+    try:
+        running = await rpc.start_server(cfg, guard, register, port=cfg.ports[NAME] if port is None else port)
+    except BaseException:
+        await engine.pool.close()
+        if client is not None:
+            await client.close()
+        raise
+    if schedules:
+        maint.start()
+
+    async def cleanup() -> None:
+        await maint.close()
+        await running.server.stop(1)
+        if client is not None:
+            await client.close()
+        await engine.pool.close()
+
+    return running, cleanup

@@ -1,0 +1,219 @@
+"""Fixtures for maint: a real meta and a real maint server (port 0) per gateway, dir or 0-db backends."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from gridstor.v1 import maint_pb2, maint_pb2_grpc, meta_pb2, meta_pb2_grpc
+from services.common import rpc
+from services.common.backends import Mode, open_backend
+from services.common.config import Config, build_config
+from services.common.engine import Engine, FileRecord
+from services.common.gateway import ensure_local_dirs, open_engine
+from services.common.keys import MASTER_KEY_FILE, SIGNING_KEY_FILE, signing_key
+from services.common.metrics import Registry
+from services.maint import service as maint_service
+from services.meta import service as meta_service
+
+CHUNK = 64 * 1024  # k=16: 4 KiB shards, several chunks per file, fast tests
+FAST_MAINT = {
+    "scrub_interval": 0,
+    "cleanup_interval": 0,
+    "backup_interval": 0,
+    "scrub_files_per_second": 10000,
+    "scrub_bytes_per_second": "10GB",
+}
+
+
+def raw_config(data_dir: Path, *, backends: Sequence[Any] | None = None, **settings: Any) -> dict[str, Any]:
+    """The settings of ``gateway_config`` as a YAML-ready mapping."""
+    raw: dict[str, Any] = {
+        "data_dir": str(data_dir),
+        "engine": {"chunk_size": CHUNK, "backend_cooldown": 1.0},
+        "maint": dict(FAST_MAINT),
+        **settings,
+    }
+    if backends is not None:
+        raw["backends"] = list(backends)
+    return raw
+
+
+def gateway_config(data_dir: Path, *, backends: Sequence[Any] | None = None, **settings: Any) -> Config:
+    """A gateway config over ``data_dir`` with small chunks and no background schedules."""
+    return build_config(raw_config(data_dir, backends=backends, **settings))
+
+
+def dir_backends(root: Path, names: Sequence[str]) -> list[dict[str, str]]:
+    return [{"name": n, "uri": f"dir://{root}/{n}"} for n in names]
+
+
+def names(n: int, start: int = 0) -> list[str]:
+    return [f"b{i:02d}" for i in range(start, start + n)]
+
+
+@dataclass
+class Gateway:
+    """meta + maint of one gateway, with clients and the test's own engine over the same backends."""
+
+    cfg: Config
+    engine: Engine
+    registry: Registry = field(default_factory=Registry)
+    meta_port: int = 0
+    maint_port: int = 0
+    _meta: tuple[rpc.Running, Callable[[], Awaitable[None]]] | None = None
+    _maint: tuple[rpc.Running, Callable[[], Awaitable[None]]] | None = None
+    _channels: list[grpc.aio.Channel] = field(default_factory=list)
+    meta: meta_pb2_grpc.MetaServiceAsyncStub | None = None
+    maint: maint_pb2_grpc.MaintServiceAsyncStub | None = None
+
+    @property
+    def auth(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", "Bearer " + rpc.service_token(signing_key(self.cfg.data_dir), "ingest")),)
+
+    async def start_meta(self) -> None:
+        running, cleanup = await meta_service.build(self.cfg, port=self.meta_port or 0)
+        self._meta = (running, cleanup)
+        self.meta_port = running.port
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+        self._channels.append(ch)
+        self.meta = meta_pb2_grpc.MetaServiceStub(ch)
+
+    async def stop_meta(self) -> None:
+        if self._meta is not None:
+            await self._meta[1]()
+            self._meta = None
+
+    async def start_maint(self) -> None:
+        assert self.meta_port, "start meta first: maint needs its address"
+        cfg = dataclasses.replace(self.cfg, ports={**self.cfg.ports, "meta": self.meta_port})
+        running, cleanup = await maint_service.build(cfg, port=0, registry=self.registry, schedules=False)
+        self._maint = (running, cleanup)
+        self.maint_port = running.port
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+        self._channels.append(ch)
+        self.maint = maint_pb2_grpc.MaintServiceStub(ch)
+
+    async def stop(self) -> None:
+        if self._maint is not None:
+            await self._maint[1]()
+            self._maint = None
+        await self.stop_meta()
+        for ch in self._channels:
+            await ch.close(None)
+        await self.engine.pool.close()
+
+    # -- files ----------------------------------------------------------------------
+
+    async def store(self, data: bytes, ext: str = ".bin", engine: Engine | None = None) -> str:
+        """Store ``data`` with ``engine`` (default: the gateway's), register it with meta; the file id."""
+        record = await (engine or self.engine).store(
+            [data[i : i + 50_000] for i in range(0, len(data), 50_000)], ext=ext
+        )
+        assert self.meta is not None
+        reply = await self.meta.PutRecord(meta_pb2.PutRecordRequest(record=record), metadata=self.auth)
+        assert not reply.deduplicated
+        return reply.file_id
+
+    async def fetch(self, file_id: str) -> bytes:
+        assert self.meta is not None
+        return b"".join([m.data async for m in self.meta.Download(meta_pb2.DownloadRequest(id=file_id))])
+
+    async def record(self, file_id: str) -> FileRecord:
+        assert self.meta is not None
+        return (await self.meta.GetRecord(meta_pb2.GetRecordRequest(id=file_id), metadata=self.auth)).record
+
+    async def scrub(self, *, hard: bool = False, dry_run: bool = False) -> maint_pb2.ScrubProgress:
+        """Run one scrub pass to its end; its final counters."""
+        assert self.maint is not None
+        reply = await self.maint.Scrub(maint_pb2.ScrubRequest(hard=hard, dry_run=dry_run))
+        assert reply.started
+        while True:
+            status = (await self.maint.ScrubStatus(maint_pb2.ScrubStatusRequest())).progress
+            if status.state == maint_pb2.SCRUB_STATE_IDLE:
+                return status
+            await asyncio.sleep(0.02)
+
+    async def check(self, file_id: str, *, hard: bool = False) -> maint_pb2.CheckReply:
+        assert self.maint is not None
+        return await self.maint.Check(maint_pb2.CheckRequest(id=file_id, soft=not hard))
+
+
+async def delete_shard(engine: Engine, record: FileRecord, chunk: int, shard: int) -> None:
+    ref = record.chunks[chunk].shards[shard]
+    await engine.pool.backends[record.backends[ref.backend]].delete(ref.key)
+
+
+def shard_backends(record: FileRecord) -> set[str]:
+    """Every backend a record's shards are on."""
+    return {record.backends[s.backend] for c in record.chunks for s in c.shards}
+
+
+def copy_keys(src: Path, dst: Path) -> None:
+    """Give another gateway the same master and signing keys (a replica gateway must decrypt the files)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (MASTER_KEY_FILE, SIGNING_KEY_FILE):
+        shutil.copy2(src / name, dst / name)
+        os.chmod(dst / name, 0o600)
+
+
+async def raw_records(cfg: Config) -> dict[int, bytes]:
+    """The stored values of the master records namespace, by id (read directly)."""
+    assert cfg.metadata is not None
+    backend = await open_backend(cfg.metadata.uri, Mode.SEQ)
+    try:
+        out: dict[int, bytes] = {}
+        async for key in backend.scan():
+            value = await backend.get(key)
+            assert value is not None
+            out[int.from_bytes(key, "little")] = value
+        return out
+    finally:
+        await backend.close()
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], what: str, limit: float = 20.0) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``limit`` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    while not await predicate():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Environment overrides of the config must not leak into these tests."""
+    for name in list(os.environ):
+        if name.startswith("GRIDSTOR_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+async def gateways() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
+    """``await gateways(cfg, meta=True, maint=True)``: a gateway over ``cfg``; all stopped afterwards."""
+    started: list[Gateway] = []
+
+    async def make(cfg: Config, *, meta: bool = True, maint: bool = True) -> Gateway:
+        ensure_local_dirs(cfg)
+        gw = Gateway(cfg, await open_engine(cfg))
+        started.append(gw)
+        if meta:
+            await gw.start_meta()
+        if maint:
+            await gw.start_maint()
+        return gw
+
+    yield make
+    for gw in reversed(started):
+        await gw.stop()

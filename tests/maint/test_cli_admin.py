@@ -1,0 +1,74 @@
+"""``gridstor check`` and ``gridstor admin ...`` against real meta + maint servers."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.cli.app import main
+from services.common.config import DEFAULT_PORTS
+from tests.maint.conftest import CHUNK, Gateway, delete_shard, gateway_config
+
+Make = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture(autouse=True)
+def private_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user's real token and config are never touched."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+
+
+async def gridstor(gw: Gateway, tmp_path: Path, *args: str) -> tuple[int, str, str]:
+    """Run the CLI (in a thread: it makes blocking calls to servers on this loop); (exit code, stdout, stderr)."""
+    config = tmp_path / "cli.yaml"
+    ports = {**DEFAULT_PORTS, "meta": gw.meta_port, "maint": gw.maint_port}
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "cli-data"), "ports": ports}))
+    out, err = io.StringIO(), io.StringIO()
+    code = await asyncio.to_thread(main, [*args, "--config", str(config)], stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+async def test_check_repair_scrub_replicas_backup_restore(tmp_path: Path, gateways: Make) -> None:
+    gw = await gateways(gateway_config(tmp_path / "gw"))
+    file_id = await gw.store(os.urandom(CHUNK * 2 + 1))
+
+    code, out, _ = await gridstor(gw, tmp_path, "check", file_id)
+    assert code == 0 and out.startswith(f"ok: {file_id} (soft check, 3 chunks, k=16 m=4)")
+    await delete_shard(gw.engine, await gw.record(file_id), 1, 6)
+    code, out, _ = await gridstor(gw, tmp_path, "check", file_id, "--hard")
+    assert code == 1 and "DAMAGED" in out and "chunk 1: missing shards [6], corrupt shards -" in out
+    assert "content hash matches the id" in out
+    code, out, _ = await gridstor(gw, tmp_path, "check", "bad-id")
+    assert code == 1 and out == ""
+
+    code, out, _ = await gridstor(gw, tmp_path, "admin", "repair", file_id, "--json")
+    assert code == 0
+    assert json.loads(out)["shards_repaired"] == 1 and json.loads(out)["repaired"][0]["shards"] == [6]
+
+    code, out, _ = await gridstor(gw, tmp_path, "admin", "scrub", "--hard", "--wait")
+    assert code == 0 and "scrub idle (hard pass" in out and "checked 1, damaged 0" in out
+    code, out, _ = await gridstor(gw, tmp_path, "admin", "scrub", "--status", "--json")
+    assert code == 0 and json.loads(out)["files_checked"] == 1
+
+    code, out, _ = await gridstor(gw, tmp_path, "admin", "replicas")
+    assert code == 0 and "in sync (this gateway: master)" in out and "no replicas configured" in out
+
+    record_file = tmp_path / "keep" / "backup.record"
+    code, out, _ = await gridstor(gw, tmp_path, "admin", "backup", "-o", str(record_file), "--json")
+    assert code == 0 and json.loads(out)["records"] == 1 and record_file.exists()
+    code, _, err = await gridstor(gw, tmp_path, "admin", "restore", "--record", str(record_file))
+    assert code == 1 and "refused" in err and "needs an empty one" in err
+    code, out, _ = await gridstor(gw, tmp_path, "admin", "restore", "--record", str(record_file), "--force")
+    assert code == 0 and out.startswith("restored 1 records")
+    code, _, err = await gridstor(gw, tmp_path, "admin", "restore")
+    assert code == 2 and "--record FILE" in err
