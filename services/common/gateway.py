@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 
 from services.common.backends import Backend, Mode, open_backend
+from services.common.backends.lazy import LazyBackend
 from services.common.backends.uri import DirURI, parse_uri
 from services.common.config import Config
 from services.common.engine import BackendPool, Engine
@@ -40,22 +41,36 @@ def ensure_local_dirs(cfg: Config) -> None:
 
 
 async def open_pool(cfg: Config) -> BackendPool:
-    """Every configured shard backend; one that cannot be opened is a clear BackendError."""
-    opened: dict[str, Backend] = {}
-    try:
-        results = await asyncio.gather(
-            *(open_backend(spec.uri, Mode.SEQ) for spec in cfg.backends), return_exceptions=True
-        )
-        for spec, res in zip(cfg.backends, results, strict=True):
-            if isinstance(res, BaseException):
-                raise res
-            opened[spec.name] = res
-    except BaseException:
-        for b in opened.values():
-            with contextlib.suppress(BackendError):
-                await b.close()
-        raise
-    return BackendPool(opened, cooldown=cfg.engine.backend_cooldown)
+    """Every configured shard backend.
+
+    A backend that cannot be reached now does not stop the start (reads must
+    work with up to m backends gone): it is logged and wrapped in a
+    ``LazyBackend`` that keeps trying. A malformed URI still fails at once.
+    """
+
+    async def one(uri: str) -> Backend:
+        try:
+            return await open_backend(uri, Mode.SEQ)
+        except BackendError as exc:
+            log.error("backend unreachable at start, will retry on use: %s", exc)
+            return LazyBackend(parse_uri(uri).redacted, Mode.SEQ, lambda: open_backend(uri, Mode.SEQ), exc)
+
+    opened = await asyncio.gather(*(one(spec.uri) for spec in cfg.backends), return_exceptions=True)
+    failures = [r for r in opened if isinstance(r, BaseException)]
+    if failures:
+        for b in opened:
+            if isinstance(b, Backend):
+                with contextlib.suppress(BackendError):
+                    await b.close()
+        raise failures[0]
+    backends = {spec.name: b for spec, b in zip(cfg.backends, opened, strict=True) if isinstance(b, Backend)}
+    down = sum(isinstance(b, LazyBackend) for b in backends.values())
+    if down > cfg.engine.m:
+        log.error(
+            "%d of %d backends are unreachable: files stay readable only while at most %d are down",
+            down, len(backends), cfg.engine.m,
+        )  # fmt: skip
+    return BackendPool(backends, cooldown=cfg.engine.backend_cooldown)
 
 
 async def open_engine(cfg: Config) -> Engine:
