@@ -81,7 +81,7 @@ async def build(
     replay: ReplayGuard | None = RedisReplayGuard.from_url(cfg.redis_url) if cfg.mode == "allowlist" else None
     try:
         authn = Authenticator.from_config(cfg, key, replay)
-        guard = Guard(verify_key=key.verify_key, mode=cfg.mode, policies={SERVICE_NAME: POLICY})
+        guard = Guard.for_config(cfg, {SERVICE_NAME: POLICY})
         servicer = AuthServicer(authn, registry or Registry())
 
         def register(server: grpc.aio.Server) -> list[str]:

@@ -8,16 +8,22 @@ found, replicas behind) or the call failed, 2 a usage error.
 from __future__ import annotations
 
 import argparse
+import getpass
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import DecodeError
+from nacl.signing import SigningKey
 
 from gridstor.v1 import maint_pb2, maint_pb2_grpc, record_pb2
+from services.cli.connect import token_path, write_private
 from services.cli.failures import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliFailure
 from services.cli.session import UNARY_TIMEOUT, Session
+from services.common.config import load_config
+from services.common.keys import SIGNING_KEY_FILE
+from services.common.rpc import admin_token
 
 Handler = Callable[[Session, argparse.Namespace], int]
 LONG_TIMEOUT = 3600.0  # hard checks, repairs, backups and restores read or write whole files
@@ -257,6 +263,36 @@ def cmd_restore(s: Session, a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_token(s: Session, a: argparse.Namespace) -> int:
+    """Mint an operator's token from the gateway key (run on the gateway machine) and save it."""
+    data_dir = Path(a.data) if a.data else (load_config(s.config).data_dir if s.config else Path("data"))
+    key_file = data_dir.expanduser().absolute() / SIGNING_KEY_FILE
+    try:
+        seed = key_file.read_bytes()
+    except FileNotFoundError:
+        raise CliFailure(
+            f"no gateway key at {key_file}: run this on the gateway machine, with --data naming its data dir"
+        ) from None
+    except PermissionError:
+        raise CliFailure(
+            f"cannot read {key_file}: only the gateway's operator (its file owner) may mint admin tokens"
+        ) from None
+    if len(seed) != 32:
+        raise CliFailure(f"{key_file} is not a gateway key ({len(seed)} bytes)")
+    token = admin_token(SigningKey(seed), a.name or getpass.getuser(), int(a.ttl))
+    expires = int(time.time()) + int(a.ttl)
+    if a.print:
+        print(token, file=s.stdout)
+        return EXIT_OK
+    path = token_path()
+    write_private(path, token + "\n")
+    s.result(
+        f"admin token valid until {_when(expires)}, saved to {path}",
+        {"expires_at": expires, "token_file": str(path)},
+    )
+    return EXIT_OK
+
+
 def add_commands(sub: Any, common: Sequence[argparse.ArgumentParser]) -> None:
     """Add ``check`` and ``admin ...`` to the ``gridstor`` subcommands."""
 
@@ -270,7 +306,7 @@ def add_commands(sub: Any, common: Sequence[argparse.ArgumentParser]) -> None:
     p.add_argument("--hard", action="store_true", help="fetch and verify every shard, decrypt, compare the hash")
 
     admin = sub.add_parser(
-        "admin", help="gateway maintenance: scrub, repair, replicas, backup, restore", parents=common
+        "admin", help="gateway maintenance: token, scrub, repair, replicas, backup, restore", parents=common
     )
     asub = admin.add_subparsers(dest="admin_command", metavar="ADMIN_COMMAND", required=True)
     p = command(asub, "scrub", cmd_scrub, "start a scrub pass (check everything, repair damage)")
@@ -281,6 +317,11 @@ def add_commands(sub: Any, common: Sequence[argparse.ArgumentParser]) -> None:
     p = command(asub, "repair", cmd_repair, "rebuild a file's missing (--hard: and corrupt) shards")
     p.add_argument("id", metavar="ID", help="file id")
     p.add_argument("--hard", action="store_true", help="find damage with a hard check")
+    p = command(asub, "token", cmd_token, "mint an operator's token from the gateway key (on the gateway machine)")
+    p.add_argument("--data", metavar="DIR", help="the gateway's data dir (default: the config's, else ./data)")
+    p.add_argument("--ttl", type=int, default=3600, metavar="S", help="seconds the token is valid (default 3600)")
+    p.add_argument("--name", help="who the token names in logs (default: your user name)")
+    p.add_argument("--print", action="store_true", help="print the token instead of saving it")
     command(asub, "replicas", cmd_replicas, "show whether the metadata replicas are in sync; exit 1 when not")
     p = command(asub, "backup", cmd_backup, "store a metadata snapshot in the pool")
     p.add_argument("-o", "--output", metavar="FILE", help="save the backup's record here (needed to restore)")

@@ -115,6 +115,7 @@ class Config:
     status_max_wait: int = 300
     role: str = "master"
     maint: MaintConfig = field(default_factory=MaintConfig)
+    admins: tuple[str, ...] = ()  # identities (allowlist/secret logins) that may call admin methods
     envoy_port: int = 8080  # REST + gRPC edge (Envoy)
     ssh_port: int = 2222  # the SSH server of the ssh service (SFTP/SCP/rsync homes)
     ssh_listen_host: str = ""  # "" = listen_host
@@ -255,6 +256,11 @@ def build_config(raw: Mapping[str, Any], *, data_dir: str | Path | None = None) 
     envoy_port = _int(raw.get("envoy_port", 8080), "envoy_port", 1, 65535)
     if envoy_port in ports.values():
         raise ConfigError(f"config: envoy_port: {envoy_port} is also the port of a service")
+    admins_raw = _expect(raw.get("admins") or [], list, "admins", "a list of identities")
+    for i, ident in enumerate(admins_raw):
+        if not isinstance(ident, str) or not _NAME.match(ident):
+            raise ConfigError(f"config: admins[{i}]: identity must be 1-64 of letters, digits, '_', '.', '-'")
+    admins = tuple(admins_raw)
     ssh_port = _int(raw.get("ssh_port", 2222), "ssh_port", 0, 65535)
     if ssh_port and ssh_port in (*ports.values(), envoy_port):
         raise ConfigError(f"config: ssh_port: {ssh_port} is also the port of another service")
@@ -294,6 +300,7 @@ def build_config(raw: Mapping[str, Any], *, data_dir: str | Path | None = None) 
         maint=_maint(raw.get("maint")),
         envoy_port=envoy_port,
         hosts=hosts,
+        admins=admins,
         ssh_port=ssh_port,
         ssh_listen_host=_expect(raw.get("ssh_listen_host", ""), str, "ssh_listen_host", "a host"),
         homes_dir=None if homes_raw is None else Path(homes_raw).expanduser().absolute(),

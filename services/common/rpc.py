@@ -4,9 +4,12 @@
   ``status_for``; handlers just raise.
 * ``GuardInterceptor`` checks tokens locally (ed25519, no call to auth):
   public methods pass; internal methods (service to service) need a token
-  whose subject starts with ``service:``; every other method needs a valid
-  token unless the gateway runs in ``public`` mode. The caller's identity is
-  in ``current_identity`` for the handler.
+  whose subject starts with ``service:``; admin methods (repair, scrub,
+  backup, restore) need an operator's token in every mode, public included:
+  subject ``admin:...`` (minted from the gateway key by ``gridstor admin
+  token`` on the gateway machine) or an identity listed in ``admins``; every
+  other method needs a valid token unless the gateway runs in ``public``
+  mode. The caller's identity is in ``current_identity`` for the handler.
 * ``start_server`` binds a grpc.aio server with health and the guard;
   ``run_service`` runs one until SIGTERM/SIGINT and stops it gracefully.
 """
@@ -28,11 +31,13 @@ from nacl.signing import SigningKey, VerifyKey
 
 from services.common import errors, tokens
 from services.common.config import Config
+from services.common.keys import signing_key
 from services.common.metrics import Registry, serve_metrics
 
 log = logging.getLogger(__name__)
 
 SERVICE_SUBJECT_PREFIX = "service:"
+ADMIN_SUBJECT_PREFIX = "admin:"
 MAX_MESSAGE = 8 * 1024 * 1024
 
 current_identity: contextvars.ContextVar[str] = contextvars.ContextVar("current_identity", default="")
@@ -68,6 +73,7 @@ class Policy:
 
     public: frozenset[str] = frozenset()
     internal: frozenset[str] = frozenset()
+    admin: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -77,6 +83,12 @@ class Guard:
     verify_key: VerifyKey
     mode: str
     policies: dict[str, Policy] = field(default_factory=dict)  # full service name -> policy
+    admins: frozenset[str] = frozenset()  # identities whose user tokens may call admin methods
+
+    @classmethod
+    def for_config(cls, cfg: Config, policies: dict[str, Policy]) -> Guard:
+        """The guard of a gateway service configured by ``cfg``."""
+        return cls(signing_key(cfg.data_dir).verify_key, cfg.mode, policies, frozenset(cfg.admins))
 
     def check(self, full_method: str, metadata: Iterable[tuple[str, str | bytes]]) -> str:
         """Identity allowed to call ``full_method`` with this metadata, or Unauthenticated."""
@@ -98,6 +110,20 @@ class Guard:
             if not claims.subject.startswith(SERVICE_SUBJECT_PREFIX):
                 raise errors.PermissionDenied(f"{method} is internal to the gateway's services")
             return claims.subject
+        if method in policy.admin:
+            if not token:
+                raise errors.Unauthenticated(
+                    f"{method} is for the gateway's operators: send an admin token"
+                    " (`gridstor admin token` on the gateway machine)"
+                )
+            claims = tokens.verify(self.verify_key, token)
+            subject = claims.subject
+            if not (subject.startswith((ADMIN_SUBJECT_PREFIX, SERVICE_SUBJECT_PREFIX)) or subject in self.admins):
+                raise errors.PermissionDenied(
+                    f"{method} is for the gateway's operators: use a token from `gridstor admin token` on the"
+                    " gateway machine, or an identity listed in the config's admins"
+                )
+            return subject
         if self.mode == "public" and not token:
             return ""
         return tokens.verify(self.verify_key, token).subject
@@ -167,6 +193,11 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], authorize: Callable[[], str]
 def service_token(key: SigningKey, name: str, ttl: int = 86400) -> str:
     """A token for service-to-service calls (internal methods)."""
     return tokens.issue(key, SERVICE_SUBJECT_PREFIX + name, ttl)[0]
+
+
+def admin_token(key: SigningKey, name: str, ttl: int = 3600) -> str:
+    """An operator's token for admin methods (whoever can read the gateway key may mint one)."""
+    return tokens.issue(key, ADMIN_SUBJECT_PREFIX + name, ttl)[0]
 
 
 @dataclass

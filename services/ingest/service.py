@@ -214,7 +214,7 @@ async def build(
     cfg: Config, *, port: int | None = None, registry: Registry | None = None
 ) -> tuple[Running, Callable[[], Awaitable[None]]]:
     """Connect Redis, start the worker pool and the server; the cleanup stops the workers."""
-    key = signing_key(cfg.data_dir)
+    signing_key(cfg.data_dir)  # created 0600 on first start, before the workers need it
     spool.prepare_dir(cfg.spool_dir)
     redis = jobs.connect(cfg.redis_url)
     store = JobStore(redis)
@@ -242,7 +242,7 @@ async def build(
 
         tasks.append(asyncio.create_task(refresh_metrics(), name="ingest-metrics"))
         servicer = IngestServicer(cfg, store, notifier, metrics)
-        guard = Guard(verify_key=key.verify_key, mode=cfg.mode, policies={SERVICE_NAME: POLICY})
+        guard = Guard.for_config(cfg, {SERVICE_NAME: POLICY})
 
         def register(server: grpc.aio.Server) -> list[str]:
             ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, server)

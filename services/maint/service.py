@@ -26,7 +26,6 @@ from services.common import errors, rpc
 from services.common.config import Config
 from services.common.engine import Engine, FileRecord
 from services.common.gateway import ensure_local_dirs, open_engine
-from services.common.keys import signing_key
 from services.common.metrics import Registry
 from services.maint import backup as backups
 from services.maint import checks, cleanup, replicas
@@ -38,7 +37,9 @@ log = logging.getLogger(__name__)
 
 NAME = "maint"
 SERVICE = "gridstor.v1.MaintService"
-POLICY = rpc.Policy()  # every method needs a token unless the gateway is public
+# Read-only methods need a token unless the gateway is public; the ones that change or
+# expose stored data need an operator's token in every mode.
+POLICY = rpc.Policy(admin=frozenset({"Repair", "Scrub", "Backup", "Restore"}))
 REPLICA_REFUSAL = "this gateway is a read-only replica: {} runs on the master gateway"
 FIRST_BACKUP_DELAY = 60.0  # let meta come up before the first scheduled backup
 BACKUP_RETRY = 300.0
@@ -278,7 +279,7 @@ async def build(
         records = client = MetaRecords.for_config(cfg)
     maint = Maint(cfg, engine, records, registry or Registry())
     servicer = MaintServicer(maint)
-    guard = rpc.Guard(verify_key=signing_key(cfg.data_dir).verify_key, mode=cfg.mode, policies={SERVICE: POLICY})
+    guard = rpc.Guard.for_config(cfg, {SERVICE: POLICY})
 
     def register(server: grpc.aio.Server) -> list[str]:
         maint_pb2_grpc.add_MaintServiceServicer_to_server(servicer, server)

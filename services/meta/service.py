@@ -14,7 +14,6 @@ from services.common import errors, rpc
 from services.common.config import Config
 from services.common.engine import Engine
 from services.common.gateway import ensure_local_dirs, open_engine, open_metastore
-from services.common.keys import signing_key
 from services.common.metrics import Registry
 from services.meta import download
 from services.meta.catalog import Catalog, file_info
@@ -144,7 +143,7 @@ async def build(
         raise
     catalog = Catalog(store, read_only=cfg.role == "replica")
     servicer = MetaServicer(catalog, engine, Metrics(registry or Registry()))
-    guard = rpc.Guard(verify_key=signing_key(cfg.data_dir).verify_key, mode=cfg.mode, policies={SERVICE: POLICY})
+    guard = rpc.Guard.for_config(cfg, {SERVICE: POLICY})
 
     def register(server: grpc.aio.Server) -> list[str]:
         meta_pb2_grpc.add_MetaServiceServicer_to_server(servicer, server)

@@ -100,7 +100,7 @@ async def start(
     """Open accounts and Redis, start the SSH server and the gRPC server (ports None = configured)."""
     settings = SshSettings.from_config(cfg)
     settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = signing_key(cfg.data_dir)
+    signing_key(cfg.data_dir)  # fail early on a bad key file
     accounts = AccountStore.open(settings.state_dir)
     host_key = load_host_key(settings.state_dir)
     host_fp = fingerprint(host_key)
@@ -135,7 +135,7 @@ async def start(
         bound_ssh = await gateway.start(settings.listen_host, settings.port if ssh_port is None else ssh_port, host_key)
         resumed = processor.resume()
         servicer = SshServicer(gateway, processor, settings, host_fp)
-        guard = Guard(verify_key=key.verify_key, mode=cfg.mode, policies={SERVICE: POLICY})
+        guard = Guard.for_config(cfg, {SERVICE: POLICY})
 
         def register(server: grpc.aio.Server) -> list[str]:
             ssh_pb2_grpc.add_SshServiceServicer_to_server(servicer, server)

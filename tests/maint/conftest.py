@@ -35,6 +35,18 @@ FAST_MAINT = {
 }
 
 
+class BearerToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Adds ``authorization: Bearer <token>`` to every unary call of a channel."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or ()), ("authorization", f"Bearer {self.token}")]
+        details = details._replace(metadata=metadata)
+        return await continuation(details, request)
+
+
 def raw_config(data_dir: Path, *, backends: Sequence[Any] | None = None, **settings: Any) -> dict[str, Any]:
     """The settings of ``gateway_config`` as a YAML-ready mapping."""
     raw: dict[str, Any] = {
@@ -75,6 +87,13 @@ class Gateway:
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
     meta: meta_pb2_grpc.MetaServiceAsyncStub | None = None
     maint: maint_pb2_grpc.MaintServiceAsyncStub | None = None
+    _admin: maint_pb2_grpc.MaintServiceAsyncStub | None = None
+
+    @property
+    def admin(self) -> maint_pb2_grpc.MaintServiceAsyncStub:
+        """MaintService with an operator's token on every call (start_maint first)."""
+        assert self._admin is not None, "start maint first"
+        return self._admin
 
     @property
     def auth(self) -> tuple[tuple[str, str], ...]:
@@ -102,6 +121,14 @@ class Gateway:
         ch = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
         self._channels.append(ch)
         self.maint = maint_pb2_grpc.MaintServiceStub(ch)
+        # The operator's channel: Repair, Scrub, Backup and Restore need an admin token even in public mode.
+        token = rpc.admin_token(signing_key(self.cfg.data_dir), "tests")
+        ach = grpc.aio.insecure_channel(
+            f"127.0.0.1:{running.port}",
+            interceptors=[BearerToken(token)],  # type: ignore[list-item]
+        )
+        self._channels.append(ach)
+        self._admin = maint_pb2_grpc.MaintServiceStub(ach)
 
     async def stop(self) -> None:
         if self._maint is not None:
@@ -135,7 +162,7 @@ class Gateway:
     async def scrub(self, *, hard: bool = False, dry_run: bool = False) -> maint_pb2.ScrubProgress:
         """Run one scrub pass to its end; its final counters."""
         assert self.maint is not None
-        reply = await self.maint.Scrub(maint_pb2.ScrubRequest(hard=hard, dry_run=dry_run))
+        reply = await self.admin.Scrub(maint_pb2.ScrubRequest(hard=hard, dry_run=dry_run))
         assert reply.started
         while True:
             status = (await self.maint.ScrubStatus(maint_pb2.ScrubStatusRequest())).progress

@@ -66,7 +66,7 @@ async def test_backup_wipe_restore(kind: str, tmp_path: Path, request: pytest.Fi
     # Gaps in the ids: a repair (0-db: an update uses up an id) and a record removed from the namespace.
     first = next(iter(contents))
     await delete_shard(gw.engine, await gw.record(first), 0, 0)
-    assert (await gw.maint.Repair(maint_pb2.RepairRequest(id=first))).ok
+    assert (await gw.admin.Repair(maint_pb2.RepairRequest(id=first))).ok
     removed = list(contents)[2]
     records_ns = await open_backend(metadata["uri"], Mode.SEQ)
     await records_ns.delete(seq_key(int(removed[48:56], 16)))
@@ -77,7 +77,7 @@ async def test_backup_wipe_restore(kind: str, tmp_path: Path, request: pytest.Fi
     before = await raw_records(cfg)
     assert len(before) == 5
 
-    reply = await gw.maint.Backup(maint_pb2.BackupRequest())
+    reply = await gw.admin.Backup(maint_pb2.BackupRequest())
     assert reply.records == 5 and reply.last_id == max(before) and reply.size > 0 and reply.created > 0
     assert reply.record.hash.hex() == reply.backup_id[:48]
     saved = sorted((tmp_path / "gw" / "backups").glob("*.record"))
@@ -119,7 +119,7 @@ async def test_backup_wipe_restore(kind: str, tmp_path: Path, request: pytest.Fi
         assert proc.returncode == 0, proc.stderr
         assert f"restored 5 records (last id {max(before):08x})" in proc.stdout
     else:
-        restored = await gw.maint.Restore(maint_pb2.RestoreRequest(record=reply.record, backup_id=reply.backup_id))
+        restored = await gw.admin.Restore(maint_pb2.RestoreRequest(record=reply.record, backup_id=reply.backup_id))
         assert (restored.records, restored.last_id) == (5, max(before))
 
     assert await raw_records(cfg) == before  # same ids, byte-identical records, no filler left
@@ -133,7 +133,7 @@ async def test_backup_wipe_restore(kind: str, tmp_path: Path, request: pytest.Fi
 
     # A second restore into the now non-empty namespace is refused unless forced.
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await gw.maint.Restore(maint_pb2.RestoreRequest(record=reply.record))
+        await gw.admin.Restore(maint_pb2.RestoreRequest(record=reply.record))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "needs an empty one" in (info.value.details() or "")
 
@@ -142,7 +142,7 @@ async def test_restore_with_force_and_bad_input(tmp_path: Path, gateways: Make) 
     gw = await gateways(gateway_config(tmp_path / "gw"))
     assert gw.maint is not None
     ids = [await gw.store(os.urandom(n)) for n in (10, 20)]
-    reply = await gw.maint.Backup(maint_pb2.BackupRequest())
+    reply = await gw.admin.Backup(maint_pb2.BackupRequest())
     # Damage a record after the backup; a forced restore puts the snapshot's version back.
     record = await gw.record(ids[0])
     changed = FileRecord()
@@ -150,17 +150,17 @@ async def test_restore_with_force_and_bad_input(tmp_path: Path, gateways: Make) 
     changed.content_type = "text/x-changed"
     assert gw.meta is not None
     await gw.meta.UpdateRecord(meta_pb2.UpdateRecordRequest(id=ids[0], record=changed), metadata=gw.auth)
-    restored = await gw.maint.Restore(maint_pb2.RestoreRequest(backup_id=reply.backup_id, force=True))
+    restored = await gw.admin.Restore(maint_pb2.RestoreRequest(backup_id=reply.backup_id, force=True))
     assert restored.records == 2
     assert await gw.record(ids[0]) == record
     # The record must match the backup id it comes with.
     other = await gw.record(ids[1])
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await gw.maint.Restore(maint_pb2.RestoreRequest(backup_id=reply.backup_id, record=other, force=True))
+        await gw.admin.Restore(maint_pb2.RestoreRequest(backup_id=reply.backup_id, record=other, force=True))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # A file that is not a snapshot.
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await gw.maint.Restore(maint_pb2.RestoreRequest(backup_id=ids[1], force=True))
+        await gw.admin.Restore(maint_pb2.RestoreRequest(backup_id=ids[1], force=True))
     assert info.value.code() == grpc.StatusCode.DATA_LOSS
 
 

@@ -51,6 +51,12 @@ async def test_check_repair_scrub_replicas_backup_restore(tmp_path: Path, gatewa
     code, out, _ = await gridstor(gw, tmp_path, "check", "bad-id")
     assert code == 1 and out == ""
 
+    code, _, err = await gridstor(gw, tmp_path, "admin", "repair", file_id)
+    assert code == 1 and "gridstor admin token" in err  # operators only, even in public mode
+    code, _, err = await gridstor(gw, tmp_path, "admin", "token", "--data", str(tmp_path / "nowhere"))
+    assert code == 1 and "no gateway key" in err
+    code, out, _ = await gridstor(gw, tmp_path, "admin", "token", "--data", str(gw.cfg.data_dir))
+    assert code == 0 and "admin token valid until" in out
     code, out, _ = await gridstor(gw, tmp_path, "admin", "repair", file_id, "--json")
     assert code == 0
     assert json.loads(out)["shards_repaired"] == 1 and json.loads(out)["repaired"][0]["shards"] == [6]

@@ -143,7 +143,7 @@ async def test_a_replica_that_was_down_catches_up(tmp_path: Path, site: Site, ga
     repaired = next(iter(files))
     await delete_shard(gw.engine, await gw.record(repaired), 0, 3)
     assert gw.maint is not None
-    assert (await gw.maint.Repair(maint_pb2.RepairRequest(id=repaired))).ok
+    assert (await gw.admin.Repair(maint_pb2.RepairRequest(id=repaired))).ok
     away = await status(gw)
     assert not away.in_sync and away.master_entries == 6
     assert not away.replicas[0].reachable and away.replicas[0].error
@@ -207,10 +207,10 @@ async def test_a_replica_gateway_serves_every_file_with_the_master_stopped(
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     await m2.engine.delete_shards(record)
     for call, request in [
-        (m2.maint.Repair, maint_pb2.RepairRequest(id=next(iter(files)))),
-        (m2.maint.Backup, maint_pb2.BackupRequest()),
-        (m2.maint.Scrub, maint_pb2.ScrubRequest()),
-        (m2.maint.Restore, maint_pb2.RestoreRequest(backup_id=next(iter(files)))),
+        (m2.admin.Repair, maint_pb2.RepairRequest(id=next(iter(files)))),
+        (m2.admin.Backup, maint_pb2.BackupRequest()),
+        (m2.admin.Scrub, maint_pb2.ScrubRequest()),
+        (m2.admin.Restore, maint_pb2.RestoreRequest(backup_id=next(iter(files)))),
     ]:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call(request)  # type: ignore[operator]

@@ -165,7 +165,7 @@ async def test_m_plus_one_lost_shards_is_unrecoverable_and_kept(tmp_path: Path, 
     # Never dropped: the record is still there, untouched, and Repair says why it cannot help.
     assert await gw.record(lost) == record
     assert gw.maint is not None
-    reply = await gw.maint.Repair(maint_pb2.RepairRequest(id=lost))
+    reply = await gw.admin.Repair(maint_pb2.RepairRequest(id=lost))
     assert not reply.ok and list(reply.unrecoverable) == [1] and "fewer than 16 good shards" in reply.error
     for file_id, data in files.items():
         if file_id != lost:
@@ -203,7 +203,7 @@ async def test_repair_rpc_and_racing_repairs_leave_no_orphans(tmp_path: Path, ga
 
     assert gw.maint is not None
     await delete_shard(gw.engine, await gw.record(file_id), 1, 7)
-    reply = await gw.maint.Repair(maint_pb2.RepairRequest(id=file_id, hard=True))
+    reply = await gw.admin.Repair(maint_pb2.RepairRequest(id=file_id, hard=True))
     assert reply.ok and reply.shards_repaired == 1
     assert [(r.index, list(r.shards)) for r in reply.repaired] == [(1, [7])]
     assert reply.id == file_id and len(reply.repaired[0].backends) == 1
@@ -217,9 +217,9 @@ async def test_scrub_rpc_reports_the_running_pass_and_dry_run(tmp_path: Path, ga
     record = await gw.record(files[0])
     await delete_shard(gw.engine, record, 0, 0)
     assert gw.maint is not None
-    first = await gw.maint.Scrub(maint_pb2.ScrubRequest(dry_run=True))
+    first = await gw.admin.Scrub(maint_pb2.ScrubRequest(dry_run=True))
     assert first.started and first.progress.state == maint_pb2.SCRUB_STATE_RUNNING and first.progress.dry_run
-    second = await gw.maint.Scrub(maint_pb2.ScrubRequest(hard=True))
+    second = await gw.admin.Scrub(maint_pb2.ScrubRequest(hard=True))
     assert not second.started and second.progress.dry_run and not second.progress.hard
 
     async def idle() -> bool:

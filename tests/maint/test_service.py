@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -35,6 +36,36 @@ async def test_a_token_is_needed_unless_public(tmp_path: Path, gateways: Make) -
     user = tokens.issue(signing_key(gw.cfg.data_dir), "alice", 3600)[0]
     reply = await gw.maint.Check(maint_pb2.CheckRequest(id=file_id), metadata=(("authorization", f"Bearer {user}"),))
     assert reply.ok
+
+
+async def test_admin_methods_need_an_operator_token_even_in_public_mode(tmp_path: Path, gateways: Make) -> None:
+    gw = await gateways(gateway_config(tmp_path / "gw"))  # public mode
+    maint = gw.maint
+    assert maint is not None
+    file_id = await gw.store(b"data")
+    assert (await maint.Check(maint_pb2.CheckRequest(id=file_id))).ok  # read-only: open in public mode
+    user = (("authorization", "Bearer " + tokens.issue(signing_key(gw.cfg.data_dir), "alice", 3600)[0]),)
+    calls: dict[str, Callable[[Any], Awaitable[Any]]] = {
+        "Repair": lambda md: maint.Repair(maint_pb2.RepairRequest(id=file_id), metadata=md),
+        "Scrub": lambda md: maint.Scrub(maint_pb2.ScrubRequest(dry_run=True), metadata=md),
+        "Backup": lambda md: maint.Backup(maint_pb2.BackupRequest(), metadata=md),
+        "Restore": lambda md: maint.Restore(maint_pb2.RestoreRequest(force=True), metadata=md),
+    }
+    for name, call in calls.items():
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(())
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(user)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
+        assert "gridstor admin token" in (info.value.details() or "")
+    assert (await gw.admin.Repair(maint_pb2.RepairRequest(id=file_id))).ok
+    # An identity the config lists as an admin may use its ordinary login token.
+    gw2 = await gateways(gateway_config(tmp_path / "gw2", admins=["alice"]))
+    assert gw2.maint is not None
+    file2 = await gw2.store(b"more")
+    user2 = (("authorization", "Bearer " + tokens.issue(signing_key(gw2.cfg.data_dir), "alice", 3600)[0]),)
+    assert (await gw2.maint.Repair(maint_pb2.RepairRequest(id=file2), metadata=user2)).ok
 
 
 def test_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
