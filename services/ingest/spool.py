@@ -25,7 +25,7 @@ import blake3
 
 from services.common import errors
 from services.common.ids import HASH_BYTES, ext_from_name
-from services.meta.mime import content_type_for
+from services.common.mime import content_type_for
 
 log = logging.getLogger(__name__)
 

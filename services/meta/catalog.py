@@ -22,7 +22,7 @@ from services.common.engine import CHECKSUM_BYTES, RECORD_VERSION
 from services.common.errors import Conflict, InvalidInput, NotFound, Refused
 from services.common.ids import HASH_BYTES, FileId, check_ext, parse_file_id
 from services.common.metastore import FileRecord, MetaStore
-from services.meta.mime import content_type_for
+from services.common.mime import content_type_for
 
 REPLICA_REFUSAL = "this gateway is a read-only replica"
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from services.common.errors import InvalidInput, OutOfRange
 from services.common.ids import parse_file_id
+from services.common.mime import content_disposition, content_type_for, is_active, safe_filename
 from services.meta.catalog import Catalog, Entry
-from services.meta.mime import content_disposition, content_type_for, is_active, safe_filename
 
 MESSAGE_SIZE = 1024 * 1024  # measured fastest for downloads (ARCHITECTURE.md)
 

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from services.common.mime import content_disposition, content_type_for, is_active, safe_filename, type_for_ext
 from services.meta.catalog import KeyedLocks
 from services.meta.download import reslice
-from services.meta.mime import content_disposition, content_type_for, is_active, safe_filename, type_for_ext
 
 SIZE = 1000
 
