@@ -2,7 +2,10 @@
 
 On first start it writes a commented default config to ``DIR/gridstor.yaml``
 (20 dir backends under ``DIR/backends``, public mode on 127.0.0.1); starting
-again keeps the config and every stored file. It starts Debian's
+again keeps the config and every stored file. Unless the config turns TLS off,
+it makes a local CA and the gateway's certificate in ``DIR/tls`` on first start
+(services/common/tls.py; re-issued when it nears expiry or a name is added) and
+prints the CA's path and a curl example that trusts it. It starts Debian's
 ``redis-server`` (append-only, unix socket, data in ``DIR/redis``) and then
 each service as its own process (auth, meta, ingest; ssh and maint once they
 exist), waits until every one answers the gRPC health check, prints the
@@ -25,6 +28,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -39,11 +43,13 @@ import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import tls
 from services.common.config import (
     DEFAULT_PORTS,
     Config,
     ConfigError,
     MetadataConfig,
+    TlsConfig,
     default_backends,
     load_config,
 )
@@ -117,15 +123,54 @@ _NOTES: dict[str, dict[str, str]] = {
         "backup_interval": "seconds between metadata backups into the pool; 0 = only when asked",
     },
 }
+_NOTES["limits"] = {
+    "uploads_per_identity": "concurrent uploads of one identity (token subject); 0 = no limit",
+    "uploads_per_address": "concurrent uploads from one client address; 0 = no limit",
+    "rate_per_identity": "requests per second of one identity, sustained; 0 = no limit",
+    "burst_per_identity": "requests one identity may send at once",
+    "rate_per_address": "requests per second from one client address (IPv6: per /64); 0 = no limit",
+    "burst_per_address": "requests one address may send at once",
+    "upload_idle_timeout": "seconds an upload may send nothing before it is dropped",
+    "exempt": "client addresses / networks / host names never limited (this machine)",
+    "trusted_proxies": "peers whose forwarded client address is believed (Envoy's address)",
+    "edge_max_connections": "client connections Envoy holds open in total",
+    "edge_streams_per_connection": "concurrent HTTP/2 requests on one connection",
+    "edge_max_request_headers_kb": "largest request header block, KiB",
+    "edge_request_headers_timeout": "seconds a client has to send its request headers",
+    "edge_idle_timeout": "seconds a request or connection may move no bytes before Envoy ends it",
+}
 _HEADINGS = {
     "maint": "# Maintenance: scrub and repair, SSH home cleanup, metadata backups.",
+    "limits": (
+        "# Limits per client (shared through redis by every process; over a limit: RESOURCE_EXHAUSTED /\n"
+        "# HTTP 429 with retry-after) and Envoy's limits. docs/limits.md"
+    ),
 }
 # Top-level settings the template below writes by hand; any other Config field is appended.
 _WRITTEN = {
     "data_dir", "mode", "secret", "allowlist", "token_ttl", "auth_skew", "listen_host", "ports",
     "metrics_port_offset", "redis_url", "engine", "backends", "metadata", "max_upload", "workers",
-    "status_max_wait", "role",
+    "status_max_wait", "role", "tls",
 }  # fmt: skip
+
+
+def _tls_section(t: TlsConfig) -> str:
+    """The ``tls:`` section with its defaults and what each setting means."""
+    internal = "auto" if t.internal is None else t.internal
+    return f"""\
+# TLS (docs/tls.md). Relative paths are in data_dir; `make up` creates a local CA and the
+# gateway's certificate there on first start. For a public CA's certificate on Envoy, set
+# edge_cert and edge_key (and keep the local CA for the services).
+tls:
+  edge: {_q(t.edge)}  # Envoy serves HTTPS + gRPC over TLS; false = plain HTTP (local development only)
+  internal: {_q(internal)}  # the services' own ports: true, false, or auto (TLS unless listen_host is loopback)
+  ca: {_q(t.ca)}  # the CA clients and services verify the gateway's certificate against
+  cert: {_q(t.cert)}  # the gateway's certificate (services; Envoy unless edge_cert)
+  key: {_q(t.key)}  # its private key (0600)
+  edge_cert: {_q(t.edge_cert)}  # Envoy's own certificate chain, e.g. from Let's Encrypt; null = cert
+  edge_key: {_q(t.edge_key)}  # its private key; null = key
+  names: {_q(t.names)}  # more DNS names / IP addresses for the generated certificate (how clients reach it)
+"""
 
 
 def _section(name: str, obj: object) -> str:
@@ -204,7 +249,8 @@ workers: {cfg.workers}
 status_max_wait: {cfg.status_max_wait}
 # master, or replica: serve reads from the metadata replica alone.
 role: {_q(cfg.role)}
-{more}"""
+
+{_tls_section(cfg.tls)}{more}"""
 
 
 def ensure_config(data_dir: Path, config: str | None) -> tuple[Path, bool]:
@@ -474,9 +520,14 @@ class Child:
         return f"exited with code {rc}"
 
 
-def health_status(address: str, timeout: float = 1.0) -> int | None:
-    """The overall gRPC health status at ``address``, or None when it does not answer."""
-    with grpc.insecure_channel(address) as ch:
+def health_status(address: str, timeout: float = 1.0, ca: bytes | None = None) -> int | None:
+    """The overall gRPC health status at ``address`` (over TLS trusting ``ca`` if given), or None if no answer."""
+    channel = (
+        grpc.insecure_channel(address)
+        if ca is None
+        else grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca))
+    )
+    with channel as ch:
         try:
             reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
         except grpc.RpcError:
@@ -504,6 +555,20 @@ class Launcher:
         self.stop_signal: int | None = None
         self.stopping = False
         self.host = connect_host(cfg.listen_host)
+        self.tls_report: tls.Report | None = None
+
+    # tls ----------------------------------------------------------------------------------------
+
+    def prepare_tls(self) -> None:
+        """Create (first start) or check the TLS files; LaunchError (exit 2) naming a bad one."""
+        if not tls.tls_in_use(self.cfg):
+            return
+        try:
+            self.tls_report = tls.ensure_local(self.cfg)
+        except tls.TlsError as exc:
+            raise LaunchError(str(exc), 2) from None
+        for line in self.tls_report.lines():
+            print(f"gridstor: {line}", flush=True)
 
     # signals ------------------------------------------------------------------------------------
 
@@ -588,6 +653,7 @@ class Launcher:
     def wait_healthy(self) -> None:
         """Return once every service answers SERVING; LaunchError naming one that died or is too slow."""
         pending = {c.name: c for c in self.children if c.name in self.services}
+        ca = tls.ca_bytes(self.cfg) if self.cfg.internal_tls else None
         deadline = time.monotonic() + self.timeout
         while pending:
             self.check_stop()
@@ -598,7 +664,7 @@ class Launcher:
                         f"{log_tail(child.log_path)}"
                     )
                 if (
-                    health_status(hostport(self.host, self.cfg.ports[name]), 0.5)
+                    health_status(hostport(self.host, self.cfg.ports[name]), 0.5, ca)
                     == health_pb2.HealthCheckResponse.SERVING
                 ):
                     del pending[name]
@@ -631,7 +697,7 @@ class Launcher:
                     f"envoy {child.died()} while starting; last lines of {child.log_path}:\n{log_tail(child.log_path)}"
                 )
             with contextlib.suppress(OSError):
-                conn = http.client.HTTPConnection(self.host, self.cfg.envoy_port, timeout=1)
+                conn = self._edge_connection()
                 conn.request("GET", "/v1/files/-")  # a malformed id: any HTTP answer means Envoy is up
                 if conn.getresponse().status:
                     conn.close()
@@ -642,6 +708,16 @@ class Launcher:
                     f" last lines of {child.log_path}:\n{log_tail(child.log_path)}"
                 )
             time.sleep(0.1)
+
+    def _edge_connection(self) -> http.client.HTTPConnection:
+        if not self.cfg.tls.edge:
+            return http.client.HTTPConnection(self.host, self.cfg.envoy_port, timeout=1)
+        # Any TLS answer means Envoy is up; whether clients trust its certificate is theirs to check
+        # (a public CA's certificate for a real name does not verify as 127.0.0.1).
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return http.client.HTTPSConnection(self.host, self.cfg.envoy_port, timeout=1, context=context)
 
     # run ----------------------------------------------------------------------------------------
 
@@ -689,12 +765,32 @@ class Launcher:
             metrics = f"http://{hostport(self.host, self.cfg.ports[svc] + self.cfg.metrics_port_offset)}/metrics"
             lines.append(f"  {svc:<{width}}  grpc {grpc_addr:<21} metrics {metrics}")
         lines.append(f"  {'redis':<{width}}  {self.redis.where}")
-        rest = f"http://{hostport(self.host, self.cfg.envoy_port)}"
+        edge_tls = self.cfg.tls.edge
         edge = hostport(self.host, self.cfg.envoy_port)
-        lines.append(f"  {'envoy':<{width}}  REST {rest}/v1  (gRPC clients may use {edge} too)")
+        rest = f"{'https' if edge_tls else 'http'}://{edge}"
+        grpc_edge = f"https://{edge}" if edge_tls else edge
+        lines.append(f"  {'envoy':<{width}}  REST {rest}/v1  (gRPC clients may use {grpc_edge} too)")
         lines.append(f"config: {self.config_path}{'  (written now with the defaults)' if wrote_config else ''}")
         lines.append(f"data:   {self.data_dir}  (logs in {self.logs})")
         lines.append(f"mode:   {self.cfg.mode}")
+        files = tls.files(self.cfg)
+        cacert = ""
+        own_edge = edge_tls and files.edge_cert != files.cert
+        if edge_tls or self.cfg.internal_tls:
+            where = [w for w, on in (("envoy", edge_tls and not own_edge), ("services", self.cfg.internal_tls)) if on]
+            if own_edge:
+                lines.append(f"tls:    envoy: {files.edge_cert}  (its own certificate, e.g. a public CA's)")
+            if where:
+                head = "        " if own_edge else "tls:    "
+                lines.append(f"{head}CA {files.ca}  ({' and '.join(where)}; clients trust this file)")
+            report = self.tls_report
+            if report is not None and report.names:
+                expires = f", until {report.expires:%Y-%m-%d}" if report.expires else ""
+                lines.append(f"        certificate for {', '.join(report.names)}{expires}")
+            if edge_tls and not own_edge:
+                cacert = f" --cacert {files.ca}"
+        else:
+            lines.append("tls:    off (tls.edge: false): plain HTTP, for local development only")
         default_local = self.host == "127.0.0.1" and all(self.cfg.ports[s] == DEFAULT_PORTS[s] for s in self.services)
         opt = "" if default_local else f" --config {self.config_path}"
         cli = cli_command()
@@ -704,13 +800,16 @@ class Launcher:
             lines.append(f"  {cli}{opt} login {how}")
         lines.append(f"  {cli}{opt} put README.md --wait        # prints the file id")
         lines.append(f"  {cli}{opt} get <id> -o copy")
+        if edge_tls:
+            ca_opt = f" --ca {files.ca}" if cacert else ""
+            lines.append(f"  {cli} --gateway {grpc_edge}{ca_opt} stat <id>   # through Envoy, over TLS")
         lines.append("or over REST:")
         auth = "" if self.cfg.mode == "public" else " -H 'authorization: Bearer <token>'"
-        lines.append(f"  curl{auth} --data-binary @README.md '{rest}/v1/files?name=README.md'   # -> {{\"job\": ...}}")
         lines.append(
-            f'  curl \'{rest}/v1/jobs/<job>?wait=true\'                      # -> {{"result": "<id>.md", ...}}'
+            f"  curl{cacert}{auth} --data-binary @README.md '{rest}/v1/files?name=README.md'   # -> {{\"job\": ...}}"
         )
-        lines.append(f"  curl -o copy {rest}/v1/files/<id>          # or open it in a browser")
+        lines.append(f'  curl{cacert} \'{rest}/v1/jobs/<job>?wait=true\'   # -> {{"result": "<id>.md", ...}}')
+        lines.append(f"  curl{cacert} -o copy {rest}/v1/files/<id>   # or open it in a browser")
         lines.append("stop with Ctrl-C.")
         return "\n".join(lines)
 
@@ -775,6 +874,7 @@ def main(argv: list[str] | None = None) -> int:
             services = available_services()
             launcher = Launcher(cfg, config_path, services, timeout=args.timeout, grace=args.grace)
             check_ports(cfg, services, launcher.redis, config_path)
+            launcher.prepare_tls()
             for sig in old_handlers:
                 signal.signal(sig, launcher.on_signal)
             return run(launcher, wrote)

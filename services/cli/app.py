@@ -18,8 +18,10 @@ from services.cli.session import Session
 Handler = Callable[[Session, argparse.Namespace], int]
 
 EPILOG = """\
-addresses: --gateway HOST:PORT (all services behind one address), else --config FILE (a gateway config),
-else $GRIDSTOR_GATEWAY, $GRIDSTOR_CONFIG, else 127.0.0.1 with the default ports (what `make up` runs).
+addresses: --gateway [https://]HOST:PORT (all services behind one address, e.g. Envoy), else --config FILE
+(a gateway config), else $GRIDSTOR_GATEWAY, $GRIDSTOR_CONFIG, else 127.0.0.1 with the default ports.
+TLS: https:// in --gateway, or the config's tls section; the certificate is checked against --ca FILE
+(or $GRIDSTOR_CA, else the config's tls.ca, else the system's CAs).
 exit codes: 0 ok, 1 the operation failed (not found, job error, gateway unreachable ...), 2 usage error.
 GRIDSTOR_DEBUG=1 shows a traceback for failures.
 
@@ -28,7 +30,7 @@ example:
   gridstor get <id> -o copy
 """
 
-_GLOBAL_DEFAULTS = {"gateway": None, "config": None, "token": None, "json": False, "quiet": False}
+_GLOBAL_DEFAULTS = {"gateway": None, "config": None, "ca": None, "token": None, "json": False, "quiet": False}
 
 
 def _nonneg(text: str) -> int:
@@ -63,8 +65,11 @@ def _global_options(defaults: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     d = _GLOBAL_DEFAULTS if defaults else dict.fromkeys(_GLOBAL_DEFAULTS, argparse.SUPPRESS)
     g = p.add_argument_group("global options")
-    g.add_argument("--gateway", type=_gateway, metavar="HOST:PORT", default=d["gateway"], help="one address for all")
+    g.add_argument(
+        "--gateway", type=_gateway, metavar="[https://]HOST:PORT", default=d["gateway"], help="one address for all"
+    )
     g.add_argument("--config", metavar="FILE", default=d["config"], help="read host and ports from a gateway config")
+    g.add_argument("--ca", metavar="FILE", default=d["ca"], help="CA certificate to verify the gateway's TLS with")
     g.add_argument("--token", metavar="TOKEN", default=d["token"], help="use this token instead of the saved one")
     g.add_argument("--json", action="store_true", default=d["json"], help="machine-readable output (one JSON line)")
     g.add_argument("-q", "--quiet", action="store_true", default=d["quiet"], help="no remarks on stderr")
@@ -148,6 +153,7 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr:
     session = Session(
         gateway=args.gateway,
         config=args.config,
+        ca=args.ca,
         token_override=args.token,
         json=args.json,
         quiet=args.quiet,

@@ -1,9 +1,14 @@
 """Where the CLI finds the gateway, and the credentials it keeps in the user's config dir.
 
-Addresses, first match wins: ``--gateway HOST:PORT`` (every service behind one
-address, e.g. Envoy), ``--config FILE`` (the host and ports of a gateway
-config), ``$GRIDSTOR_GATEWAY``, ``$GRIDSTOR_CONFIG``, else the local defaults
-(127.0.0.1 and ``config.DEFAULT_PORTS``, what ``make up`` runs).
+Addresses, first match wins: ``--gateway [https://]HOST:PORT`` (every service
+behind one address, e.g. Envoy), ``--config FILE`` (the host and ports of a
+gateway config), ``$GRIDSTOR_GATEWAY``, ``$GRIDSTOR_CONFIG``, else the local
+defaults (127.0.0.1 and ``config.DEFAULT_PORTS``, what ``make up`` runs).
+
+TLS: ``https://`` in the gateway address, or a config whose services use TLS
+(``tls.internal``, on when they listen beyond loopback). The server's
+certificate is verified against ``--ca FILE``, else ``$GRIDSTOR_CA``, else (with
+a config) its ``tls.ca``, else the system's CAs (a public CA's certificate).
 
 Token, first match wins: ``--token``, ``$GRIDSTOR_TOKEN``, the token file
 (``$GRIDSTOR_TOKEN_FILE``, else ``~/.config/gridstor/token``) that ``login``
@@ -29,15 +34,25 @@ from services.cli.failures import EXIT_USAGE, CliFailure
 from services.common.config import DEFAULT_PORTS, ConfigError, load_config
 
 MAX_MESSAGE = 8 * 1024 * 1024
+HTTPS = "https://"
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 
 def parse_hostport(text: str) -> str:
-    """``text`` if it is ``HOST:PORT`` (``[v6]:PORT`` too), else ValueError with what is expected."""
-    m = _HOSTPORT.match(text.strip())
+    """``text`` if it is ``HOST:PORT`` or ``https://HOST:PORT`` ([v6]:PORT too), else ValueError saying what to give."""
+    text = text.strip()
+    m = _HOSTPORT.match(text.removeprefix(HTTPS))
     if not m or not 1 <= int(m.group(2)) <= 65535:
-        raise ValueError(f"expected HOST:PORT (like 127.0.0.1:8080), got {text!r}")
-    return text.strip()
+        raise ValueError(
+            f"expected HOST:PORT (plain, like 127.0.0.1:7103) or https://HOST:PORT (TLS, like"
+            f" https://gw.example.org:8080), got {text!r}"
+        )
+    return text
+
+
+def split_gateway(text: str) -> tuple[str, bool]:
+    """(HOST:PORT, whether TLS) of a gateway address checked by ``parse_hostport``."""
+    return text.removeprefix(HTTPS), text.startswith(HTTPS)
 
 
 def _hostport(host: str, port: int) -> str:
@@ -51,18 +66,28 @@ def _hostport(host: str, port: int) -> str:
 
 @dataclass(frozen=True)
 class Endpoints:
-    """The gRPC address of each service, and where that choice came from (for messages)."""
+    """The gRPC address of each service, whether they speak TLS (and the CA to trust), where that came from."""
 
     addresses: Mapping[str, str]
     source: str
+    tls: bool = False
+    ca: Path | None = None  # None: the system's CAs
 
     def of(self, service: str) -> str:
         return self.addresses[service]
 
 
-def resolve_endpoints(gateway: str | None, config: str | None, env: Mapping[str, str] | None = None) -> Endpoints:
+def resolve_endpoints(
+    gateway: str | None, config: str | None, env: Mapping[str, str] | None = None, ca: str | None = None
+) -> Endpoints:
     """The addresses to use (see the module docstring); CliFailure (exit 2) for a bad value."""
     env = os.environ if env is None else env
+    ca = ca or env.get("GRIDSTOR_CA") or None
+    ca_path = Path(ca).expanduser() if ca else None
+    if ca_path is not None and not ca_path.is_file():
+        raise CliFailure(
+            f"--ca / GRIDSTOR_CA: {ca_path} is not a readable file (the gateway's CA certificate)", EXIT_USAGE
+        )
     if gateway is None and config is None:
         gateway = env.get("GRIDSTOR_GATEWAY") or None
         if gateway is not None:
@@ -73,25 +98,35 @@ def resolve_endpoints(gateway: str | None, config: str | None, env: Mapping[str,
         else:
             config = env.get("GRIDSTOR_CONFIG") or None
     if gateway is not None:
-        return Endpoints(dict.fromkeys(DEFAULT_PORTS, gateway), f"gateway {gateway}")
+        address, secure = split_gateway(gateway)
+        return Endpoints(dict.fromkeys(DEFAULT_PORTS, address), f"gateway {gateway}", secure, ca_path)
     if config is not None:
         try:
             cfg = load_config(config)
         except ConfigError as exc:
             raise CliFailure(str(exc), EXIT_USAGE) from None
-        return Endpoints({s: _hostport(cfg.listen_host, p) for s, p in cfg.ports.items()}, f"config {config}")
+        addresses = {s: _hostport(cfg.listen_host, p) for s, p in cfg.ports.items()}
+        if cfg.internal_tls and ca_path is None:
+            ca_path = cfg.tls_path(cfg.tls.ca)
+        return Endpoints(addresses, f"config {config}", cfg.internal_tls, ca_path)
     return Endpoints({s: _hostport("127.0.0.1", p) for s, p in DEFAULT_PORTS.items()}, "local defaults")
 
 
-def open_channel(address: str) -> grpc.Channel:
-    """An insecure channel (loopback, or TLS terminated by the edge) with room for 1 MiB download messages."""
-    return grpc.insecure_channel(
-        address,
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-        ],
-    )
+def open_channel(address: str, tls: bool = False, ca: Path | None = None) -> grpc.Channel:
+    """A channel with room for 1 MiB download messages: plain, or TLS verified against ``ca`` (None: system CAs)."""
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+    ]
+    if not tls:
+        return grpc.insecure_channel(address, options=options)
+    roots = None
+    if ca is not None:
+        try:
+            roots = ca.read_bytes()
+        except OSError as exc:
+            raise CliFailure(f"cannot read the CA file {ca}: {exc.strerror}", EXIT_USAGE) from None
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots), options=options)
 
 
 # -- files in the user's config dir ------------------------------------------------------------------

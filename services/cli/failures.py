@@ -33,6 +33,10 @@ _FRIENDLY: dict[grpc.StatusCode, str] = {
     grpc.StatusCode.UNKNOWN: "gateway error",
 }
 
+# Substrings of grpc's messages when a TLS handshake failed.
+_TLS_FAILURE = ("handshake failed", "ssl_error", "certificate_verify_failed", "tsi_", "ssl routines")
+# What the edge answers a plain-text client on its TLS port (services/edge/envoy.py PLAINTEXT_MESSAGE).
+PLAINTEXT_REFUSED = "speaks TLS only"
 # Substrings of grpc's own messages when no connection could be made at all.
 _NO_CONNECTION = ("failed to connect to all addresses", "connection refused", "dns resolution failed", "connect failed")
 
@@ -45,15 +49,41 @@ class CliFailure(Exception):
         self.code = code
 
 
+def retry_after(err: grpc.RpcError) -> str:
+    """The ``retry-after`` trailer of a call refused for a rate or concurrency limit ("" if none)."""
+    if not isinstance(err, grpc.Call):
+        return ""
+    try:
+        trailers = err.trailing_metadata() or ()
+    except NotImplementedError:  # a Call that carries no metadata
+        return ""
+    for key, value in trailers:
+        if key == "retry-after":
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return ""
+
+
+def is_tls_failure(details: str) -> bool:
+    """Whether grpc's message says a TLS handshake failed (a certificate problem, usually)."""
+    text = details.lower()
+    return any(s in text for s in _TLS_FAILURE)
+
+
 def describe_rpc_error(err: grpc.RpcError, what: str, address: str) -> str:
     """One line for a failed call to service ``what`` at ``address``."""
     code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (err.details() if isinstance(err, grpc.Call) else "") or ""
+    if code is grpc.StatusCode.UNAVAILABLE and PLAINTEXT_REFUSED in details:
+        return f"the gateway at {address} speaks TLS only: use --gateway https://{address} (and --ca FILE for its CA)"
+    if code is grpc.StatusCode.UNAVAILABLE and is_tls_failure(details):
+        return f"TLS with the {what} service at {address} failed: {details}"
     if code is grpc.StatusCode.UNAVAILABLE and any(s in details.lower() for s in _NO_CONNECTION):
         return (
             f"cannot reach the {what} service at {address}: is the gateway running? (start it with `make up`;"
             " choose the address with --gateway HOST:PORT or --config FILE)"
         )
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after(err):
+        return f"over a limit: {details}"
     message = f"{_FRIENDLY.get(code, code.name.lower())}: {details or code.name}"
     if code is grpc.StatusCode.UNAUTHENTICATED:
         message += " (run `gridstor login`)"

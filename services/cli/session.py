@@ -15,7 +15,8 @@ import grpc
 
 from gridstor.v1 import auth_pb2_grpc, ingest_pb2_grpc, meta_pb2_grpc
 from services.cli.connect import Endpoints, load_token, open_channel, resolve_endpoints, token_expiry, token_path
-from services.cli.failures import rpc_failure
+from services.cli.failures import CliFailure, is_tls_failure, rpc_failure
+from services.common import tls
 
 UNARY_TIMEOUT = 30.0  # seconds for a call that does not stream or wait
 
@@ -26,6 +27,7 @@ class Session:
 
     gateway: str | None = None
     config: str | None = None
+    ca: str | None = None
     token_override: str | None = None
     json: bool = False
     quiet: bool = False
@@ -39,7 +41,7 @@ class Session:
     @property
     def endpoints(self) -> Endpoints:
         if self._endpoints is None:
-            self._endpoints = resolve_endpoints(self.gateway, self.config)
+            self._endpoints = resolve_endpoints(self.gateway, self.config, ca=self.ca)
         return self._endpoints
 
     def address(self, service: str) -> str:
@@ -49,7 +51,8 @@ class Session:
         address = self.address(service)
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = open_channel(address)
+            ep = self.endpoints
+            ch = self._channels[address] = open_channel(address, ep.tls, ep.ca)
         return ch
 
     def auth(self) -> auth_pb2_grpc.AuthServiceStub:
@@ -67,7 +70,25 @@ class Session:
         try:
             yield
         except grpc.RpcError as err:
-            raise rpc_failure(err, service, self.address(service)) from None
+            raise self._tls_failure(err, service) or rpc_failure(err, service, self.address(service)) from None
+
+    def _tls_failure(self, err: grpc.RpcError, service: str) -> CliFailure | None:
+        """A message naming the certificate problem when a connection failed over TLS (or TLS was needed)."""
+        if not isinstance(err, grpc.Call) or err.code() is not grpc.StatusCode.UNAVAILABLE:
+            return None
+        address = self.address(service)
+        host, _, port = address.rpartition(":")
+        ep = self.endpoints
+        if ep.tls and is_tls_failure(err.details() or ""):
+            reason = tls.diagnose(host, int(port), ep.ca) or (err.details() or "TLS handshake failed")
+            trust = f"the CA {ep.ca}" if ep.ca is not None else "the system's CAs; give its CA with --ca FILE"
+            return CliFailure(f"TLS with the gateway at {address} failed: {reason} (checked against {trust})")
+        if not ep.tls and "socket closed" in (err.details() or "").lower() and tls.speaks_tls(host, int(port)):
+            return CliFailure(
+                f"the {service} service at {address} speaks TLS: use --gateway https://{address}, or a --config"
+                " whose tls section says so (and --ca FILE for its CA)"
+            )
+        return None
 
     def close(self) -> None:
         for ch in self._channels.values():

@@ -12,12 +12,19 @@ namespaces on other machines, written through by meta), sync_interval, verify_in
 ``role: replica`` gateway points ``metadata.uri`` at its replica with
 ``metadata.mode: user`` and may name the master in ``metadata.master``.
 
+TLS (``tls:``, see TlsConfig and docs/tls.md): edge, internal, ca, cert, key,
+edge_cert, edge_key, names. Limits (``limits:``, see LimitsConfig and
+docs/limits.md): concurrent uploads and requests per second per identity and
+per client address, upload_idle_timeout, exempt, trusted_proxies, and Envoy's
+connection, stream, header and timeout limits (edge_*).
+
 Environment overrides: ``GRIDSTOR_DATA_DIR``, ``GRIDSTOR_REDIS_URL``,
 ``GRIDSTOR_MODE``, ``GRIDSTOR_LISTEN_HOST``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -96,6 +103,47 @@ class MaintConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS of the edge (Envoy) and of the services' own gRPC ports (``tls:`` in the YAML).
+
+    Relative paths are relative to the data dir (the defaults: ``DATA/tls/...``,
+    where ``make up`` creates a local CA and a server certificate on first start).
+    """
+
+    edge: bool = True  # Envoy serves HTTPS and gRPC over TLS; false = plain HTTP (local development only)
+    # The services' own ports (and their metrics): True, False, or None = auto: TLS unless listen_host is loopback.
+    internal: bool | None = None
+    ca: Path = Path("tls/ca.pem")  # the CA clients and services verify the gateway's certificate against
+    cert: Path = Path("tls/server.pem")  # the gateway's certificate chain (services; Envoy unless edge_cert)
+    key: Path = Path("tls/server.key")  # its private key (0600)
+    edge_cert: Path | None = None  # Envoy's own chain, e.g. from a public CA; None = cert
+    edge_key: Path | None = None  # its key; None = key
+    names: tuple[str, ...] = ()  # extra DNS names / IP addresses for the generated certificate
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Per-client limits (shared through Redis by every process) and Envoy's edge limits (``limits:``)."""
+
+    uploads_per_identity: int = 4  # concurrent uploads of one identity (token subject); 0 = no limit
+    uploads_per_address: int = 8  # concurrent uploads from one client address; 0 = no limit
+    rate_per_identity: float = 20.0  # requests per second of one identity, sustained; 0 = no limit
+    burst_per_identity: int = 100  # requests one identity may send at once above that rate
+    rate_per_address: float = 50.0  # requests per second from one client address; 0 = no limit
+    burst_per_address: int = 200
+    upload_idle_timeout: float = 60.0  # seconds an upload may send nothing before ingest drops it
+    # Client addresses never limited (IPs, networks, host names): local clients of a one-machine gateway.
+    exempt: tuple[str, ...] = ("127.0.0.0/8", "::1")
+    # Peers whose x-forwarded-for (the client address Envoy appends) is believed: Envoy's address.
+    trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1")
+    edge_max_connections: int = 10000  # open client connections Envoy accepts in total
+    edge_streams_per_connection: int = 100  # concurrent HTTP/2 streams (requests) on one connection
+    edge_max_request_headers_kb: int = 32  # largest request header block
+    edge_request_headers_timeout: float = 10.0  # seconds a client has to send its request headers
+    edge_idle_timeout: float = 300.0  # seconds a request or connection may pass with no bytes either way
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path
     mode: str = "public"
@@ -124,16 +172,40 @@ class Config:
     rrsync: str = ""  # rsync's restricted wrapper; "" = found (/usr/bin/rrsync on Debian 12)
     # Where each service is dialled by the others (compose: its container name); default listen_host.
     hosts: Mapping[str, str] = field(default_factory=dict)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+    @property
+    def internal_tls(self) -> bool:
+        """Whether the services' own ports use TLS (``tls.internal``; auto: unless they listen on loopback only)."""
+        if self.tls.internal is not None:
+            return self.tls.internal
+        return not is_loopback(self.listen_host)
+
+    def tls_path(self, path: Path) -> Path:
+        """A ``tls:`` path made absolute (relative ones are in the data dir)."""
+        return self.data_dir / path
 
     def address(self, service: str) -> str:
         host = self.hosts.get(service, self.listen_host)
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"{host}:{self.ports[service]}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a listen address) is reachable from this machine only."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def default_backends(data_dir: Path, n: int = 20) -> tuple[BackendSpec, ...]:
@@ -306,6 +378,8 @@ def build_config(raw: Mapping[str, Any], *, data_dir: str | Path | None = None) 
         homes_dir=None if homes_raw is None else Path(homes_raw).expanduser().absolute(),
         ssh_default_max_size=ssh_max,
         rrsync=_expect(raw.get("rrsync", ""), str, "rrsync", "a path to rrsync"),
+        tls=_tls(raw.get("tls")),
+        limits=_limits(raw.get("limits")),
     )
 
 
@@ -406,4 +480,110 @@ def _maint(value: object) -> MaintConfig:
         hard_every=_int(raw.get("hard_every", d.hard_every), "maint.hard_every", 1),
         cleanup_interval=_seconds_value(raw.get("cleanup_interval", d.cleanup_interval), "maint.cleanup_interval"),
         backup_interval=_seconds_value(raw.get("backup_interval", d.backup_interval), "maint.backup_interval"),
+    )
+
+
+def _tls(value: object) -> TlsConfig:
+    raw = _expect(value or {}, dict, "tls", "a mapping")
+    known = {f.name for f in fields(TlsConfig)}
+    bad = sorted(set(raw) - known)
+    if bad:
+        raise ConfigError(f"config: tls: unknown setting(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+    d = TlsConfig()
+    internal = raw.get("internal")
+    if internal == "auto":
+        internal = None
+    if internal is not None:
+        _expect(internal, bool, "tls.internal", "true, false or auto")
+
+    def path(name: str, default: Path | None) -> Path | None:
+        v = raw.get(name)
+        if v is None:
+            return default
+        text = _expect(v, str, f"tls.{name}", "a file path")
+        if not text.strip():
+            raise ConfigError(f"config: tls.{name}: expected a file path, got an empty string")
+        return Path(text).expanduser()
+
+    names = tuple(_expect(raw.get("names") or [], list, "tls.names", "a list of DNS names or IP addresses"))
+    for i, name in enumerate(names):
+        where = f"tls.names[{i}]"
+        _expect(name, str, where, "a DNS name or IP address")
+        if not re.fullmatch(r"[A-Za-z0-9*_.:-]{1,253}", name.strip("[]")):
+            raise ConfigError(f"config: {where}: {name!r} is not a DNS name or IP address")
+    edge_cert, edge_key = path("edge_cert", None), path("edge_key", None)
+    if (edge_cert is None) != (edge_key is None):
+        raise ConfigError("config: tls: edge_cert and edge_key go together (Envoy's own certificate and its key)")
+    ca, cert, key = path("ca", d.ca), path("cert", d.cert), path("key", d.key)
+    assert ca is not None and cert is not None and key is not None
+    return TlsConfig(
+        edge=_expect(raw.get("edge", d.edge), bool, "tls.edge", "true or false"),
+        internal=internal,
+        ca=ca,
+        cert=cert,
+        key=key,
+        edge_cert=edge_cert,
+        edge_key=edge_key,
+        names=tuple(n.strip("[]") for n in names),
+    )
+
+
+def _address_list(value: object, where: str) -> tuple[str, ...]:
+    items = _expect(value, list, where, "a list of IP addresses, networks (10.0.0.0/8) or host names")
+    out = []
+    for i, item in enumerate(items):
+        text = _expect(item, str, f"{where}[{i}]", "an IP address, a network or a host name").strip()
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,253}", text):
+                raise ConfigError(
+                    f"config: {where}[{i}]: {text!r} is not an IP address, a network (10.0.0.0/8) or a host name"
+                ) from None
+        out.append(text)
+    return tuple(out)
+
+
+def _limits(value: object) -> LimitsConfig:
+    raw = _expect(value or {}, dict, "limits", "a mapping")
+    known = {f.name for f in fields(LimitsConfig)}
+    bad = sorted(set(raw) - known)
+    if bad:
+        raise ConfigError(f"config: limits: unknown setting(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+    d = LimitsConfig()
+
+    def count(name: str, lo: int = 0, hi: int | None = None) -> int:
+        return _int(raw.get(name, getattr(d, name)), f"limits.{name}", lo, hi)
+
+    def rate(name: str) -> float:
+        v = _expect(raw.get(name, getattr(d, name)), (int, float), f"limits.{name}", "requests per second")
+        if v < 0:
+            raise ConfigError(f"config: limits.{name}: must be >= 0 (0 = no limit), got {v}")
+        return float(v)
+
+    return LimitsConfig(
+        uploads_per_identity=count("uploads_per_identity"),
+        uploads_per_address=count("uploads_per_address"),
+        rate_per_identity=rate("rate_per_identity"),
+        burst_per_identity=count("burst_per_identity", 1),
+        rate_per_address=rate("rate_per_address"),
+        burst_per_address=count("burst_per_address", 1),
+        upload_idle_timeout=_seconds_value(
+            raw.get("upload_idle_timeout", d.upload_idle_timeout), "limits.upload_idle_timeout", positive=True
+        ),
+        exempt=_address_list(raw.get("exempt", list(d.exempt)) or [], "limits.exempt"),
+        trusted_proxies=_address_list(
+            raw.get("trusted_proxies", list(d.trusted_proxies)) or [], "limits.trusted_proxies"
+        ),
+        edge_max_connections=count("edge_max_connections", 1),
+        edge_streams_per_connection=count("edge_streams_per_connection", 1, 2**31 - 1),
+        edge_max_request_headers_kb=count("edge_max_request_headers_kb", 1, 8192),
+        edge_request_headers_timeout=_seconds_value(
+            raw.get("edge_request_headers_timeout", d.edge_request_headers_timeout),
+            "limits.edge_request_headers_timeout",
+            positive=True,
+        ),
+        edge_idle_timeout=_seconds_value(
+            raw.get("edge_idle_timeout", d.edge_idle_timeout), "limits.edge_idle_timeout", positive=True
+        ),
     )

@@ -17,6 +17,8 @@ one place (``services/common/grpc_errors.py``).
     ├── Unauthenticated         no / bad / expired token or credentials (UNAUTHENTICATED)
     ├── PermissionDenied        authenticated, but not allowed (PERMISSION_DENIED)
     ├── LimitExceeded           over a size, quota or rate limit (RESOURCE_EXHAUSTED)
+    │   └── RateLimited         too many requests or uploads now; ``retry_after`` seconds (trailer retry-after)
+    ├── TimedOut                a client stopped sending, e.g. a stalled upload (DEADLINE_EXCEEDED)
     ├── Refused                 not possible in this state, e.g. writes on a replica (FAILED_PRECONDITION)
     ├── Conflict                a compare-and-swap lost: the stored value changed (ABORTED)
     └── BackendError            one backend misbehaved; the engine routes around it
@@ -84,6 +86,18 @@ class PermissionDenied(GridstorError):
 
 class LimitExceeded(GridstorError):
     """A size, quota or rate limit was hit."""
+
+
+class RateLimited(LimitExceeded):
+    """Over a per-client rate or concurrency limit; retrying after ``retry_after`` seconds may succeed."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TimedOut(GridstorError):
+    """The client went quiet for longer than allowed (a stalled upload); what it sent is dropped."""
 
 
 class Refused(GridstorError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl as ssl_module
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -20,6 +21,12 @@ def _fmt_labels(labels: Labels) -> str:
         return ""
     inner = ",".join(f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in labels)
     return "{" + inner + "}"
+
+
+def _fmt_value(v: float) -> str:
+    """Exact text for a sample: byte counters must not be rounded to 6 digits as ``:g`` does."""
+    f = float(v)
+    return str(int(f)) if f.is_integer() and abs(f) < 2**53 else repr(f)
 
 
 class Metric:
@@ -41,7 +48,7 @@ class Metric:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
         with self._lock:
             items = sorted(self._values.items()) or [((), 0.0)]
-        lines += [f"{self.name}{_fmt_labels(k)} {v:g}" for k, v in items]
+        lines += [f"{self.name}{_fmt_labels(k)} {_fmt_value(v)}" for k, v in items]
         return lines
 
 
@@ -104,8 +111,10 @@ class Registry:
         return "\n".join(lines) + "\n"
 
 
-async def serve_metrics(registry: Registry, host: str, port: int) -> asyncio.Server:
-    """A minimal HTTP/1.0 server: GET /metrics -> text format, anything else 404."""
+async def serve_metrics(
+    registry: Registry, host: str, port: int, *, ssl: ssl_module.SSLContext | None = None
+) -> asyncio.Server:
+    """A minimal HTTP/1.0 server: GET /metrics -> text format, anything else 404 (HTTPS with ``ssl``)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -128,4 +137,4 @@ async def serve_metrics(registry: Registry, host: str, port: int) -> asyncio.Ser
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    return await asyncio.start_server(handle, host, port)
+    return await asyncio.start_server(handle, host, port, ssl=ssl)

@@ -10,8 +10,14 @@
   token`` on the gateway machine) or an identity listed in ``admins``; every
   other method needs a valid token unless the gateway runs in ``public``
   mode. The caller's identity is in ``current_identity`` for the handler.
-* ``start_server`` binds a grpc.aio server with health and the guard;
-  ``run_service`` runs one until SIGTERM/SIGINT and stops it gracefully.
+* Limits (services.common.limits): after the token check, every call of a
+  client (not of a service or an operator) is counted per identity and per
+  client address; Upload also holds a concurrent-upload lease. Over a limit
+  answers RESOURCE_EXHAUSTED with the trailer ``retry-after: N``.
+* ``start_server`` binds a grpc.aio server with health, the guard and the
+  limits; with ``cfg.internal_tls`` the port (and the metrics) speak TLS with
+  the configured certificate. ``run_service`` runs one until SIGTERM/SIGINT and
+  stops it gracefully.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import contextvars
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +36,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from nacl.signing import SigningKey, VerifyKey
 
-from services.common import errors, tokens
+from services.common import errors, tls, tokens
 from services.common.config import Config
 from services.common.keys import signing_key
+from services.common.limits import Limiter
 from services.common.metrics import Registry, serve_metrics
 
 log = logging.getLogger(__name__)
@@ -39,6 +47,8 @@ log = logging.getLogger(__name__)
 SERVICE_SUBJECT_PREFIX = "service:"
 ADMIN_SUBJECT_PREFIX = "admin:"
 MAX_MESSAGE = 8 * 1024 * 1024
+
+Context = grpc.aio.ServicerContext[Any, Any]
 
 current_identity: contextvars.ContextVar[str] = contextvars.ContextVar("current_identity", default="")
 
@@ -49,6 +59,7 @@ _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.TimedOut, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.Refused, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.Conflict, grpc.StatusCode.ABORTED),
     (errors.WrongMasterKey, grpc.StatusCode.FAILED_PRECONDITION),
@@ -84,6 +95,7 @@ class Guard:
     mode: str
     policies: dict[str, Policy] = field(default_factory=dict)  # full service name -> policy
     admins: frozenset[str] = frozenset()  # identities whose user tokens may call admin methods
+    limiter: Limiter | None = None  # per-client limits; start_server sets the config's when None
 
     @classmethod
     def for_config(cls, cfg: Config, policies: dict[str, Policy]) -> Guard:
@@ -146,17 +158,37 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method: str = details.method
         metadata = tuple(details.invocation_metadata or ())
         guard = self.guard
-        return _wrap(handler, lambda: guard.check(method, metadata))
+        limiter = guard.limiter
+        if limiter is None or method.startswith("/grpc."):  # health and reflection are never limited
+            return _wrap(handler, lambda: guard.check(method, metadata), _no_limits)
+
+        async def admit(identity: str, context: Context) -> AbstractAsyncContextManager[None]:
+            address = await limiter.client_address(context.peer(), metadata)
+            return limiter.admit(method, identity, address)
+
+        return _wrap(handler, lambda: guard.check(method, metadata), admit)
+
+
+Admit = Callable[[str, Context], Awaitable[AbstractAsyncContextManager[None]]]
+
+
+async def _no_limits(identity: str, context: Context) -> AbstractAsyncContextManager[None]:
+    return contextlib.nullcontext()
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
     code, message = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("unexpected error in handler", exc_info=exc)
-    await context.abort(code, message)
+    trailers: tuple[tuple[str, str], ...] = ()
+    if isinstance(exc, errors.RateLimited):
+        trailers = (("retry-after", str(exc.retry_after)),)  # seconds, as HTTP's Retry-After
+    await context.abort(code, message, trailing_metadata=trailers)
 
 
-def _wrap(handler: grpc.RpcMethodHandler[Any, Any], authorize: Callable[[], str]) -> grpc.RpcMethodHandler[Any, Any]:
+def _wrap(
+    handler: grpc.RpcMethodHandler[Any, Any], authorize: Callable[[], str], admit: Admit
+) -> grpc.RpcMethodHandler[Any, Any]:
     h: Any = handler
 
     if h.unary_unary or h.stream_unary:
@@ -164,8 +196,10 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], authorize: Callable[[], str]
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
-                current_identity.set(authorize())
-                return await inner(request, context)
+                identity = authorize()
+                current_identity.set(identity)
+                async with await admit(identity, context):
+                    return await inner(request, context)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as exc:  # domain errors map to codes; anything else is INTERNAL, logged
@@ -178,9 +212,11 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], authorize: Callable[[], str]
 
     async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         try:
-            current_identity.set(authorize())
-            async for item in inner_s(request, context):
-                yield item
+            identity = authorize()
+            current_identity.set(identity)
+            async with await admit(identity, context):
+                async for item in inner_s(request, context):
+                    yield item
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
@@ -205,6 +241,7 @@ class Running:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer  # type: ignore[name-defined]
+    limiter: Limiter | None = None  # close it after the server stops (run_service does)
 
 
 async def start_server(
@@ -215,7 +252,17 @@ async def start_server(
     port: int,
     host: str | None = None,
 ) -> Running:
-    """Bind and start a server; ``register`` adds servicers and returns their full names."""
+    """Bind and start a server; ``register`` adds servicers and returns their full names.
+
+    The port speaks TLS when ``cfg.internal_tls`` (tls.TlsError naming a missing or expired file
+    otherwise); the guard gets the config's limits unless it has a limiter already.
+    """
+    credentials = None
+    if cfg.internal_tls:
+        key, chain = tls.server_pair(cfg)
+        credentials = grpc.ssl_server_credentials([(key, chain)])
+    if guard.limiter is None:
+        guard.limiter = Limiter(cfg.limits, cfg.redis_url)
     server = grpc.aio.server(
         interceptors=[GuardInterceptor(guard)],
         options=[
@@ -227,13 +274,14 @@ async def start_server(
     names = list(register(server))
     hs = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-    bound = server.add_insecure_port(f"{host or cfg.listen_host}:{port}")
+    address = f"{host or cfg.listen_host}:{port}"
+    bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if bound == 0:
         raise errors.InvalidInput(f"cannot listen on {host or cfg.listen_host}:{port} (port in use?)")
     await server.start()
     for name in [*names, ""]:
         await hs.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, bound, hs)
+    return Running(server, bound, hs, guard.limiter)
 
 
 async def run_service(
@@ -245,8 +293,13 @@ async def run_service(
     """Start via ``build`` (returns the server and a cleanup), serve metrics, stop on a signal."""
     running, cleanup = await build()
     metrics_port = cfg.ports[name] + cfg.metrics_port_offset
-    metrics = await serve_metrics(registry, cfg.listen_host, metrics_port)
-    log.info("%s listening", name, extra={"grpc": f"{cfg.listen_host}:{running.port}", "metrics": metrics_port})
+    ssl_context = tls.server_ssl_context(cfg) if cfg.internal_tls else None
+    metrics = await serve_metrics(registry, cfg.listen_host, metrics_port, ssl=ssl_context)
+    log.info(
+        "%s listening",
+        name,
+        extra={"grpc": f"{cfg.listen_host}:{running.port}", "metrics": metrics_port, "tls": cfg.internal_tls},
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -258,3 +311,5 @@ async def run_service(
     metrics.close()
     with contextlib.suppress(Exception):
         await cleanup()
+    if running.limiter is not None:
+        await running.limiter.close()

@@ -1,6 +1,7 @@
-"""Health probes for containers: ``python -m services.edge.probe grpc HOST:PORT`` or ``http URL``.
+"""Health probes for containers: ``python -m services.edge.probe grpc HOST:PORT [--ca FILE]`` or ``http URL``.
 
 Exit 0 when healthy, 1 otherwise (with the reason on stderr); compose health checks run these.
+With ``--ca`` the gRPC probe speaks TLS and verifies the service's certificate against that CA.
 """
 
 from __future__ import annotations
@@ -9,14 +10,23 @@ import argparse
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def grpc_ok(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
+def grpc_ok(address: str, service: str = "", timeout: float = 3.0, ca: str | None = None) -> tuple[bool, str]:
     """Whether the gRPC health service at ``address`` reports ``service`` ("" = the server) SERVING."""
-    with grpc.insecure_channel(address) as channel:
+    if ca is None:
+        channel = grpc.insecure_channel(address)
+    else:
+        try:
+            roots = Path(ca).read_bytes()
+        except OSError as exc:
+            return False, f"cannot read the CA file {ca}: {exc.strerror}"
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots))
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -42,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("grpc", help="gRPC health check")
     g.add_argument("address", help="HOST:PORT")
     g.add_argument("--service", default="", help="service name (default: the whole server)")
+    g.add_argument("--ca", metavar="FILE", help="speak TLS, verifying the server against this CA certificate")
     h = sub.add_parser("http", help="HTTP GET answering 200")
     h.add_argument("url")
     args = parser.parse_args(argv)
-    ok, why = grpc_ok(args.address, args.service) if args.kind == "grpc" else http_ok(args.url)
+    ok, why = grpc_ok(args.address, args.service, ca=args.ca) if args.kind == "grpc" else http_ok(args.url)
     print(why, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 

@@ -15,6 +15,7 @@ from services.common.errors import InvalidInput
 from services.common.logging import register_secret, setup_logging
 from services.common.metrics import Registry
 from services.common.rpc import run_service
+from services.common.tuning import tune_malloc
 from services.ingest.service import build
 from services.ingest.worker import claim_idle_ms
 
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ingest: {exc}", file=sys.stderr)
         return 2
     register_secret(cfg.secret)
+    # Upload messages (256 KiB) held for a spool batch would each be a fresh mmap without it:
+    # measured 370 -> 510-550 MB/s received on 100 MiB uploads.
+    tune_malloc()
     reg = Registry()
     try:
         asyncio.run(run_service("ingest", cfg, lambda: build(cfg, registry=reg), reg))

@@ -74,6 +74,28 @@ return n
 """
 
 
+def checkpoint() -> None:
+    """Raise CancelledError if this task was asked to stop, even if a library swallowed the request."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], step: float = 0.1) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling again while it keeps running.
+
+    redis-py's asyncio client (8.1 here) can swallow a cancellation that lands
+    while it connects or sends a command (the family of redis/redis-py#2028 and
+    #2551), so one ``cancel()`` is not always enough; a repeated one lands on a
+    later await.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=step)
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("task %s ended with %r while being cancelled", task.get_name(), task.exception())
+
+
 def new_job_id() -> str:
     """A random 128-bit job id, 32 lowercase hex."""
     return os.urandom(16).hex()
@@ -375,9 +397,7 @@ class Notifier:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def _run(self) -> None:
@@ -433,6 +453,7 @@ class Notifier:
             while True:
                 ev.clear()  # before the read: a notice arriving after it sets ev again
                 current = await store.get(job)
+                checkpoint()
                 if current is None:
                     raise errors.NotFound(f"no job {job} (unknown, or finished more than {JOB_TTL // 86400} days ago)")
                 remaining = deadline - loop.time()

@@ -17,6 +17,7 @@ from gridstor.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 from services.common import errors
 from services.common.config import Config
 from services.common.keys import signing_key
+from services.common.limits import idle_timeout
 from services.common.metrics import Registry
 from services.common.rpc import Guard, Policy, Running, current_identity, start_server
 from services.ingest import jobs, spool
@@ -87,8 +88,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         header: spool.UploadHeader | None = None
         sp = spool.Spool(self.cfg.spool_dir, limit)
         result = "failed"
+        committed: asyncio.Future[None] | None = None
         try:
-            async for msg in request_iterator:
+            # A client that stops sending is dropped after limits.upload_idle_timeout (its spool file too).
+            async for msg in idle_timeout(request_iterator, self.cfg.limits.upload_idle_timeout):
                 if header is None:
                     header = spool.UploadHeader.parse(
                         msg.name,
@@ -107,27 +110,35 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             if header is None:  # an empty stream is an empty, nameless file
                 header = spool.UploadHeader.parse("", "", "", None, limit)
             done = await sp.finish()
-            # grpc.aio ends the request iterator as if the client had finished when it cancels, and
-            # cancels this task just after: yield once so a cancelled upload stops here, before it is queued.
-            await asyncio.sleep(0)
             if header.declared_size is not None and header.declared_size != done.size:
                 raise errors.InvalidInput(
                     f"declared_size was {header.declared_size} bytes but {done.size} bytes arrived"
                 )
+            await _client_still_there(context)
             job = jobs.new_job_id()
             path = spool.job_path(self.cfg.spool_dir, job)
             os.rename(done.path, path)
-            sp.path = path  # so a failure below removes it under its new name
-            await self.store.submit(
-                job,
-                path=str(path),
-                size=done.size,
-                hash_hex=done.hash.hex(),
-                name=header.name,
-                ext=header.ext,
-                content_type=header.content_type,
-                identity=current_identity.get(),
+            sp.path = path
+            # Past this point the upload is complete: a cancellation no longer undoes it.
+            committed = asyncio.ensure_future(
+                self.store.submit(
+                    job,
+                    path=str(path),
+                    size=done.size,
+                    hash_hex=done.hash.hex(),
+                    name=header.name,
+                    ext=header.ext,
+                    content_type=header.content_type,
+                    identity=current_identity.get(),
+                )
             )
+
+            def drop_unless_queued(f: asyncio.Future[None]) -> None:
+                if f.cancelled() or f.exception() is not None:
+                    sp.discard()
+
+            committed.add_done_callback(drop_unless_queued)
+            await asyncio.shield(committed)
             result = "ok"
         except asyncio.CancelledError:
             result = "cancelled"
@@ -136,7 +147,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             result = "refused"
             raise
         finally:
-            if result != "ok":
+            if committed is None:
                 sp.discard()
             self.metrics.uploads.inc(result=result)
         log.info(
@@ -161,6 +172,24 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 raise errors.NotFound(f"no job {job_id} (unknown, or finished more than a few days ago)")
             job = found
         return status_reply(job, timed_out)
+
+
+async def _client_still_there(context: Context) -> None:
+    """Raise CancelledError if the client cancelled rather than finished its upload stream.
+
+    grpc.aio ends the request iterator the same way for both, and cancels the
+    handler task only a moment later. Yielding, then sending the response
+    headers (a batch on the call, completed after the core's cancellation
+    notice), lets that cancellation land here, before the upload is queued.
+    """
+    await asyncio.sleep(0)
+    try:
+        await context.send_initial_metadata(())
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the call is gone (the batch failed)
+        raise asyncio.CancelledError(f"the client went away ({type(exc).__name__})") from None
+    jobs.checkpoint()
 
 
 def status_reply(job: Job, timed_out: bool) -> ingest_pb2.StatusReply:
@@ -236,6 +265,7 @@ async def build(
                 with contextlib.suppress(errors.StoreFailed):
                     metrics.queue.set(await store.queue_length())
                     metrics.mirror(await store.stats())
+                jobs.checkpoint()
                 metrics.workers.set(len(pool.pids))
                 metrics.restarts.set(pool.restarts)
                 await asyncio.sleep(METRICS_INTERVAL)
@@ -264,8 +294,7 @@ async def build(
 
 async def _close(tasks: list[asyncio.Task[None]], pool: WorkerPool, notifier: Notifier, redis: Any) -> None:
     for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+        await jobs.cancel_and_wait(t)
     await pool.stop()
     await notifier.stop()
     with contextlib.suppress(Exception):

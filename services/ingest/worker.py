@@ -235,9 +235,7 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(task), STOP_GRACE)
             if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await jobs.cancel_and_wait(task)
                 log.info("stopping: job %s goes back to the queue", job)
                 with contextlib.suppress(RedisError):
                     await self.store.requeue(entry_id, job)
@@ -294,9 +292,7 @@ class Worker:
             await self._fail(job, entry_id, f"internal error ({type(exc).__name__}); see the ingest worker log")
             return
         finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
+            await jobs.cancel_and_wait(beat)
         receipt = sign_receipt(
             self.key, file_id=outcome.file_id, size=outcome.size, hash_hex=outcome.hash_hex, job=job_id
         )
@@ -322,12 +318,15 @@ class Worker:
         while True:
             await asyncio.sleep(self.heartbeat_every)
             try:
-                if not await self.store.heartbeat(self.consumer, entry_id):
-                    lost.set()
-                    work.cancel()
-                    return
+                owned = await self.store.heartbeat(self.consumer, entry_id)
             except RedisError as exc:
                 log.warning("job %s: heartbeat failed (%s)", job, exc)
+                owned = True
+            jobs.checkpoint()
+            if not owned:
+                lost.set()
+                await jobs.cancel_and_wait(work)
+                return
 
     async def _fail(self, job: Job, entry_id: str, reason: str) -> None:
         self._remove_spool(job)
@@ -389,6 +388,7 @@ class Worker:
                 last = now
                 with contextlib.suppress(RedisError):
                     await self.store.set_progress(job.id, done)
+                jobs.checkpoint()
 
 
 # ----------------------------------------------------------------------- the pool
@@ -475,12 +475,17 @@ class WorkerPool:
             if time.monotonic() - started > 30:
                 delay = 0.2  # it ran a while: not a crash loop
             log.warning("ingest worker %d (pid %d) exited with %s; restarting in %.1fs", slot, proc.pid, code, delay)
-            await asyncio.sleep(delay)
-            if self._stopping:
-                return
+            while True:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                if self._stopping:
+                    return
+                try:
+                    await self._spawn(slot)
+                    break
+                except OSError as exc:  # e.g. out of processes or memory: keep trying
+                    log.error("cannot start ingest worker %d (%s); retrying in %.1fs", slot, exc, delay)
             self.restarts += 1
-            await self._spawn(slot)
-            delay = min(delay * 2, 30.0)
 
     async def stop(self, grace: float = STOP_GRACE + 5.0) -> None:
         """SIGTERM every worker; SIGKILL those still running after ``grace`` seconds."""

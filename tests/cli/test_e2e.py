@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 import urllib.request
@@ -110,19 +111,22 @@ def test_put_get_stop_restart(tmp_path: Path, launched: list[Launcher]) -> None:
     gs.ok("-q", "get", small_id, "-o", out_dir)  # into a folder: named by the id
     assert (out_dir / small_id).read_bytes() == small.read_bytes()
 
-    # The same files over REST through the Envoy the launcher started.
-    rest = re.search(r"REST (http://\S+)/v1", banner)
+    # The same files over REST through the Envoy the launcher started: HTTPS with the local CA it made.
+    rest = re.search(r"REST (https://\S+)/v1", banner)
     assert rest, banner
     base = rest.group(1)
-    with urllib.request.urlopen(f"{base}/v1/files/{big_id}", timeout=60) as resp:
+    ca = data / "tls" / "ca.pem"
+    assert f"CA {ca}" in banner and f"curl --cacert {ca} " in banner
+    tls_ctx = ssl.create_default_context(cafile=str(ca))
+    with urllib.request.urlopen(f"{base}/v1/files/{big_id}", timeout=60, context=tls_ctx) as resp:
         assert resp.read() == big_bytes
     req = urllib.request.Request(f"{base}/v1/files?name=note.txt", data=b"via envoy\n", method="POST")
-    with urllib.request.urlopen(req, timeout=60) as resp:
+    with urllib.request.urlopen(req, timeout=60, context=tls_ctx) as resp:
         job = json.loads(resp.read())["job"]
-    with urllib.request.urlopen(f"{base}/v1/jobs/{job}?wait=true", timeout=90) as resp:
+    with urllib.request.urlopen(f"{base}/v1/jobs/{job}?wait=true", timeout=90, context=tls_ctx) as resp:
         status = json.loads(resp.read())
     assert status["state"] == "JOB_STATE_DONE", status
-    with urllib.request.urlopen(f"{base}/v1/files/{status['file_id']}", timeout=60) as resp:
+    with urllib.request.urlopen(f"{base}/v1/files/{status['file_id']}", timeout=60, context=tls_ctx) as resp:
         assert resp.read() == b"via envoy\n"
 
     # Ranges.

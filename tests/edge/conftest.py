@@ -239,6 +239,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
             "workers": 1,
             "max_upload": MAX_UPLOAD,
             "status_max_wait": 20,
+            "tls": {"edge": False},  # plain HTTP here (the browser test too); tests/tls covers TLS
         }
 
         async def start() -> dict[str, int]:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from services.common import tls
 from services.common.backends.uri import ZdbURI, parse_uri
 from services.common.config import Config, build_config
 from services.edge.envoy import envoy_binary
@@ -197,7 +198,13 @@ def test_gateway_configs_point_at_compose_services(m1_m2: dict[str, Any]) -> Non
 def test_compose_envoy_configs_validate_and_reach_compose_services(
     name: str, m1_m2: dict[str, Any], tmp_path: Path
 ) -> None:
-    config = yaml.safe_load((COMPOSE / "envoy" / name).read_text())
+    # The certificates compose mounts at /etc/gridstor/certs: made here (compose/certs holds none in git).
+    certs = tmp_path / "certs"
+    pem, key = certs / "server.pem", certs / "server.key"
+    tls.ensure_issued(tls.TlsFiles(certs / "ca.pem", pem, key, pem, key, certs / "ca.key"), ["localhost"])
+    text = (COMPOSE / "envoy" / name).read_text()
+    assert "/etc/gridstor/certs/server.pem" in text  # TLS towards clients and services
+    config = yaml.safe_load(text.replace("/etc/gridstor/certs/", f"{certs}/"))
     for cluster in config["static_resources"]["clusters"]:
         for ep in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]:
             assert ep["endpoint"]["address"]["socket_address"]["address"] in m1_m2["services"]

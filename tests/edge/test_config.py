@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from services.common import tls
 from services.common.config import build_config
 from services.common.errors import InvalidInput
 from services.edge.__main__ import main as edge_main
@@ -190,6 +191,7 @@ def test_a_bad_descriptor_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_generated_config_validates_with_real_envoy(tmp_path: Path) -> None:
     cfg = build_config({"data_dir": str(tmp_path)})
+    tls.ensure_local(cfg)  # TLS is on by default: Envoy loads the certificate files
     out = write_envoy_config(cfg, DESCRIPTOR, tmp_path / "envoy.yaml", 18080, 19901)
     assert out.read_text().startswith("# Envoy bootstrap")
     assert render(build_envoy_config(cfg, DESCRIPTOR, 18080, 19901)) == out.read_text()  # deterministic
@@ -201,6 +203,7 @@ def test_generated_config_validates_with_real_envoy(tmp_path: Path) -> None:
 def test_cli_writes_checks_and_validates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     gw = tmp_path / "gridstor.yaml"
     gw.write_text(f"data_dir: {tmp_path}\nmax_upload: 1MB\n")
+    tls.ensure_local(build_config({"data_dir": str(tmp_path)}))
     out = tmp_path / "envoy.yaml"
     assert edge_main(["--config", str(gw), "--out", str(out), "--validate", "--admin-port", "19901"]) == 0
     assert "local limit = 1000000" in out.read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -140,15 +141,8 @@ async def suite_factory(tmp_path: Path, redis_server: RedisProcess) -> AsyncIter
 
     yield start
     for fn in reversed(cleanups):
-        try:
-            await asyncio.wait_for(asyncio.shield(fn()), 20)
-        except TimeoutError:
-            import sys
-
-            print("CLEANUP HANG", fn, file=sys.stderr)
-            for t in asyncio.all_tasks():
-                t.print_stack(file=sys.stderr)
-            raise
+        with contextlib.suppress(Exception):
+            await fn()
 
 
 async def eventually(check: Callable[[], Any], within: float = 20.0, step: float = 0.05) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Awaitable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -110,3 +112,16 @@ async def test_bad_header(suite_factory: SuiteFactory) -> None:
     err = await rpc_error(suite.upload(b"abc", "a\nb.txt"))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert suite.spool_files == []
+
+
+async def test_start_sweeps_leftovers(suite_factory: SuiteFactory, tmp_path: Path) -> None:
+    """Partial uploads and spool files of unknown jobs left by a crash are removed at start."""
+    spool_dir = tmp_path / "data0" / "spool"  # the first suite's data dir
+    spool_dir.mkdir(parents=True)
+    stale, fresh, orphan = spool_dir / "up-x.part", spool_dir / "up-y.part", spool_dir / ("ab" * 16 + ".spool")
+    for p in (stale, fresh, orphan):
+        p.write_bytes(b"x")
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    suite = await suite_factory()
+    assert suite.spool_files == [fresh.name]
