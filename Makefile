@@ -8,7 +8,7 @@ DATA ?= $(CURDIR)/data
 APT_RUN := redis-server rsync
 APT_TEST := redis-server rsync openssh-client restic rclone curl chromium
 
-.PHONY: up test gen gen-check lint typecheck pytest venv dev-venv clean
+.PHONY: up test gen gen-check lint typecheck pytest venv dev-venv node-deps clean
 
 up: venv
 	@$(PY) -m services.launcher --data "$(DATA)"
@@ -64,8 +64,15 @@ lint: dev-venv
 typecheck: dev-venv
 	@$(VENV)/bin/mypy
 
+# The Node.js client test (tests/node) needs its npm packages; without npm it is skipped.
+node-deps:
+	@if command -v npm >/dev/null 2>&1; then \
+	  if [ ! -f tests/node/node_modules/.package-lock.json ] || [ tests/node/package-lock.json -nt tests/node/node_modules/.package-lock.json ]; then \
+	    npm ci --prefix tests/node --ignore-scripts --no-audit --no-fund --loglevel=error; fi; \
+	else echo "npm not found: the Node.js client test (tests/node) is skipped"; fi
+
 # pytest exit code 5 means it collected no test: that is a failure here too.
-pytest: dev-venv
+pytest: dev-venv node-deps
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

@@ -35,6 +35,7 @@ from services.common.backends.base import MAX_VALUE_SIZE, Backend
 from services.common.erasure import DEFAULT_EC_TYPE, FRAGMENT_HEADER, Coder
 from services.common.errors import (
     BackendError,
+    BackendUnavailable,
     IntegrityError,
     InvalidInput,
     StoreFailed,
@@ -266,9 +267,12 @@ class Engine:
         if record.cipher not in ("", crypto.CIPHER_NAME):
             raise IntegrityError(f"cipher {record.cipher!r} is not supported")
         coder = self.coder(record.k, record.m, record.ec_type or DEFAULT_EC_TYPE)
+        nb = len(record.backends)
         for i, c in enumerate(record.chunks):
             if len(c.shards) != coder.n:
                 raise IntegrityError(f"chunk {i} lists {len(c.shards)} shards, expected {coder.n}")
+            if any(sh.backend >= nb for sh in c.shards):
+                raise IntegrityError(f"chunk {i} names a backend the record does not list")
         return coder
 
     def file_cipher(self, record: FileRecord) -> crypto.ChunkCipher:
@@ -334,11 +338,19 @@ class Engine:
             return BackendError(name, "backend is not in the current configuration")
         try:
             async with asyncio.timeout(self.config.shard_timeout):
-                return await backend.get(ref.key)
+                value = await backend.get(ref.key)
         except TimeoutError:
+            self.pool.mark_down(name)
             return BackendError(name, f"no answer within {self.config.shard_timeout}s")
+        except BackendUnavailable as exc:
+            # Remembered for backend_cooldown: later chunks ask parity first instead of
+            # paying a failed fetch and a second round trip per chunk.
+            self.pool.mark_down(name)
+            return exc
         except BackendError as exc:
             return exc
+        self.pool.mark_up(name)
+        return value
 
     async def _gather(
         self, record: FileRecord, coder: Coder, ci: int, *, want: int, hedge: bool = True, verify: bool = True
@@ -351,7 +363,9 @@ class Engine:
         chunk = record.chunks[ci]
         health = ChunkHealth(ci)
         good: dict[int, bytes] = {}
-        order = list(range(coder.n))
+        # Shards on backends known to be down go last, so parity is asked for up front.
+        healthy = set(self.pool.healthy())
+        order = sorted(range(coder.n), key=lambda i: record.backends[chunk.shards[i].backend] not in healthy)
         queue = deque(order[want:]) if want < coder.n else deque()
         pending: dict[asyncio.Task[bytes | Exception | None], int] = {
             asyncio.create_task(self._fetch(record, ci, i)): i for i in order[:want]

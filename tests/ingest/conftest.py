@@ -43,6 +43,7 @@ class Suite:
     meta: meta_pb2_grpc.MetaServiceAsyncStub
     redis: aioredis.Redis
     registry: Registry
+    ingest_port: int = 0
 
     @property
     def spool_files(self) -> list[str]:
@@ -137,6 +138,7 @@ async def suite_factory(tmp_path: Path, redis_server: RedisProcess) -> AsyncIter
             meta_pb2_grpc.MetaServiceStub(ch_meta),
             client,
             registry,
+            running.port,
         )
 
     yield start

@@ -1,0 +1,1104 @@
+"""End-to-end benchmark of the running gateway against a bare gRPC stream over loopback.
+
+In one run it measures:
+  (a) a 100 MiB upload through IngestService.Upload in 256 KiB messages, timed from
+      the first byte sent until Status(wait=true) answers DONE (each run new content);
+  (b) its download through MetaService.Download (1 MiB messages), checked byte for
+      byte and against the id's BLAKE3-192 after the clock stops;
+  (c) the ceiling: a bare grpc.aio server in a child process of this one (a trivial
+      servicer on a free loopback port that counts an upload stream of the same
+      messages and streams 1 MiB messages of the same total back), so the ratios
+      upload / bare upload and download / bare download print;
+  (d) the download again with the folders of the 4 backends holding the file's data
+      shards moved away (put back afterwards), as a ratio to the healthy download;
+  (e) the peak RSS (VmHWM) of every process under the launcher: the services,
+      ingest's worker processes, redis-server and Envoy (after each phase, and at the end);
+  (f) 20 concurrent 10 MiB uploads, each on its own channel with its own content:
+      how many succeed, the total MB/s and the slowest.
+
+Each of (a)-(d) runs ``--runs`` times (default 9), bare and gateway runs alternating so
+drift hits both (the degraded runs follow as one block); the verdicts use the medians.
+Beside each figure it prints the CPU seconds each process spent (/proc/<pid>/stat): the
+suite's processes, this client, the bare server, kernel threads and anything else running
+on the machine, which shows where the time goes (and when someone else's work disturbs it).
+
+By default it starts its own suite (``python -m services.launcher``) on a temp data
+dir with free ports, from the launcher's default config (20 dir backends, workers
+one per core, TLS and limits as their defaults are) with only the ports and, when
+the upload would not fit, ``max_upload`` changed. ``--attach CONFIG`` measures a
+suite that is already running (the launcher's lock file in its data dir names the
+launcher, whose processes are measured). The services' own ports are used; when
+the config turns TLS on for them, the CA it names is trusted, and the bare server
+serves the same certificate so both sides pay for TLS alike.
+
+Targets are ratios to the bare stream in the same run (absolute MB/s swing on a
+shared machine). The exit code is 0 when every step ran, whether or not a target
+is met (this is a measurement), and 1 when something failed: an upload or
+download error, a byte mismatch. MB = 10^6 bytes.
+
+    .venv/bin/python bench/e2e.py                   # 100 MiB, well under a minute on 2 cores
+    .venv/bin/python bench/e2e.py --size-mib 20     # a quicker look
+    .venv/bin/python bench/e2e.py --attach data/gridstor.yaml
+    .venv/bin/python bench/e2e.py --profile /tmp/prof   # + py-spy raw profiles of the services
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
+
+import blake3  # noqa: E402
+import grpc  # noqa: E402
+import yaml  # noqa: E402
+from google.api import httpbody_pb2  # noqa: E402
+
+from gridstor.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc, meta_pb2, meta_pb2_grpc  # noqa: E402
+from services.common import tls  # noqa: E402
+from services.common.backends.uri import DirURI, parse_uri  # noqa: E402
+from services.common.config import SERVICES, Config, load_config  # noqa: E402
+
+MIB = 1024 * 1024
+UPLOAD_MESSAGE = 256 * 1024
+DOWNLOAD_MESSAGE = 1024 * 1024
+MAX_MESSAGE = 8 * MIB
+HASH_BYTES = 24
+DEGRADED_BACKENDS = 4
+UPLOAD_TARGET = 0.35  # x bare upload
+DOWNLOAD_TARGET = 0.75  # x bare download
+DEGRADED_TARGET = 0.9  # x healthy download
+RSS_TARGET_MIB = 300.0
+STATUS_WAIT = 60  # seconds per Status(wait=true) call; repeated while the job is ACTIVE
+JOB_DEADLINE = 600.0  # seconds an upload job may take before the run calls it failed
+START_TIMEOUT = 180.0  # seconds the launcher may take to print its banner
+BANNER_END = "stop with Ctrl-C."
+AWAY_SUFFIX = ".bench-away"
+PR_SET_PDEATHSIG = 1
+
+
+class BenchFailure(Exception):
+    """Something the benchmark needs failed (not a missed target)."""
+
+
+def mbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e6 if seconds > 0 else float("inf")
+
+
+def verdict(ok: bool) -> str:
+    return "ok" if ok else "BELOW TARGET"
+
+
+# ----------------------------------------------------------------------------- channels
+
+
+def channel_options() -> list[tuple[str, Any]]:
+    # A local subchannel pool: every channel gets its own connection, even to the same address.
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+
+
+def dial_address(cfg: Config, service: str) -> str:
+    """Where this machine reaches ``service`` (a wildcard listen address is dialled on loopback)."""
+    host = cfg.hosts.get(service, cfg.listen_host).strip("[]")
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    port = cfg.ports[service]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def open_channel(address: str, ca: bytes | None) -> grpc.aio.Channel:
+    """A plain channel, or TLS trusting ``ca``."""
+    if ca is None:
+        return grpc.aio.insecure_channel(address, options=channel_options())
+    creds = grpc.ssl_channel_credentials(root_certificates=ca)
+    return grpc.aio.secure_channel(address, creds, options=channel_options())
+
+
+# ----------------------------------------------------------------------------- the bare server (child)
+
+
+BareContext = grpc.aio.ServicerContext[Any, Any]
+
+
+async def bare_upload_handler(
+    request_iterator: AsyncIterator[ingest_pb2.UploadRequest], context: BareContext
+) -> ingest_pb2.UploadReply:
+    """Count the bytes of an upload stream."""
+    n = 0
+    async for msg in request_iterator:
+        n += len(msg.body.data)
+    return ingest_pb2.UploadReply(job="bare", size=n)
+
+
+BLOCK = os.urandom(DOWNLOAD_MESSAGE)
+
+
+async def bare_download_handler(
+    request: meta_pb2.DownloadRequest, context: BareContext
+) -> AsyncIterator[httpbody_pb2.HttpBody]:
+    """Stream ``request.length`` bytes back in 1 MiB messages."""
+    left = request.length
+    first = True
+    while left > 0:
+        n = min(left, DOWNLOAD_MESSAGE)
+        data = BLOCK if n == DOWNLOAD_MESSAGE else BLOCK[:n]
+        if first:
+            yield httpbody_pb2.HttpBody(content_type="application/octet-stream", data=data)
+            first = False
+        else:
+            yield httpbody_pb2.HttpBody(data=data)
+        left -= n
+
+
+def bare_handlers() -> list[grpc.GenericRpcHandler[Any, Any]]:
+    """IngestService.Upload and MetaService.Download only, with the real messages (and nothing else)."""
+    upload = grpc.stream_unary_rpc_method_handler(
+        bare_upload_handler,
+        request_deserializer=ingest_pb2.UploadRequest.FromString,
+        response_serializer=ingest_pb2.UploadReply.SerializeToString,
+    )
+    download = grpc.unary_stream_rpc_method_handler(
+        bare_download_handler,
+        request_deserializer=meta_pb2.DownloadRequest.FromString,
+        response_serializer=httpbody_pb2.HttpBody.SerializeToString,
+    )
+    return [
+        grpc.method_handlers_generic_handler("gridstor.v1.IngestService", {"Upload": upload}),
+        grpc.method_handlers_generic_handler("gridstor.v1.MetaService", {"Download": download}),
+    ]
+
+
+async def serve_bare(config: str | None) -> None:
+    """Serve BareIngest and BareMeta on a free loopback port; print it; stop when stdin closes."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    server.add_generic_rpc_handlers(bare_handlers())
+    if config:  # the same certificate as the services, so both sides pay for TLS alike
+        key, chain = tls.server_pair(load_config(config))
+        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, chain)]))
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    # The parent holds our stdin open while it lives: EOF means stop (also when it dies).
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await server.stop(0)
+
+
+@dataclass
+class BareServer:
+    proc: subprocess.Popen[str]
+    address: str
+    ca: bytes | None
+
+    @classmethod
+    def start(cls, cfg: Config, config_path: Path) -> BareServer:
+        argv = [sys.executable, __file__, "--bare-server"]
+        ca = None
+        if cfg.internal_tls:
+            argv += ["--bare-tls", str(config_path)]
+            ca = tls.ca_bytes(cfg)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        if not line.isdigit():
+            proc.kill()
+            raise BenchFailure(f"the bare gRPC server did not start (it printed {line!r})")
+        return cls(proc, f"127.0.0.1:{line}", ca)
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# ----------------------------------------------------------------------------- the suite
+
+
+def free_port(taken: set[int], offset: int = 0) -> int:
+    """A free loopback port (and ``port + offset`` free too, for a service's metrics) not in ``taken``."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        wanted = {port, port + offset}
+        if wanted & taken or port + offset > 65535:
+            continue
+        if offset:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + offset))
+                except OSError:
+                    continue
+        taken |= wanted
+        return port
+    raise BenchFailure("no free loopback ports")
+
+
+def write_config(data_dir: Path, size: int) -> tuple[Path, list[str]]:
+    """DIR/gridstor.yaml: the launcher's default config with free ports (and room for the upload)."""
+    from services.launcher import CONFIG_NAME, default_config_text
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    raw = yaml.safe_load(default_config_text(data_dir))
+    offset = int(raw.get("metrics_port_offset", 100))
+    taken: set[int] = set()
+    raw["ports"] = {svc: free_port(taken, offset) for svc in SERVICES}
+    raw["envoy_port"] = free_port(taken)
+    raw["ssh_port"] = free_port(taken)
+    notes = []
+    if int(raw.get("max_upload", 0)) < size:
+        notes.append(f"max_upload raised from {raw.get('max_upload')} to {size} bytes for the upload")
+        raw["max_upload"] = size
+    path = data_dir / CONFIG_NAME
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# Written by bench/e2e.py: the launcher's default config with free ports.\n")
+        yaml.safe_dump(raw, f, sort_keys=False)
+    return path, notes
+
+
+def _term_with_parent(parent: int) -> Callable[[], None]:
+    """A preexec hook: the launcher gets SIGTERM (and stops the suite) if this benchmark dies."""
+
+    def hook() -> None:
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
+
+
+class Suite:
+    """A launcher this run started (``proc``), or one it attached to (``pid`` from the lock file)."""
+
+    def __init__(self, cfg: Config, config_path: Path, launcher_pid: int, proc: subprocess.Popen[str] | None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.launcher_pid = launcher_pid
+        self.proc = proc
+        self.output: list[str] = []
+
+    @classmethod
+    def start(cls, data_dir: Path, size: int) -> tuple[Suite, list[str]]:
+        config_path, notes = write_config(data_dir, size)
+        argv = [sys.executable, "-m", "services.launcher", "--data", str(data_dir)]
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # Ctrl-C on the benchmark reaches the launcher only through stop()
+            preexec_fn=_term_with_parent(os.getpid()),
+        )
+        try:
+            return cls._wait_up(proc, config_path, data_dir), notes
+        except BaseException:
+            cls(load_config(config_path, data_dir=data_dir), config_path, proc.pid, proc).stop()
+            raise
+
+    @classmethod
+    def _wait_up(cls, proc: subprocess.Popen[str], config_path: Path, data_dir: Path) -> Suite:
+        lines: list[str] = []
+        up = threading.Event()
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line.rstrip("\n"))
+                if line.strip() == BANNER_END:
+                    up.set()
+            up.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        suite = cls(load_config(config_path, data_dir=data_dir), config_path, proc.pid, proc)
+        suite.output = lines
+        if not up.wait(START_TIMEOUT) or proc.poll() is not None:
+            tail = "\n".join("    " + line for line in lines[-25:])
+            raise BenchFailure(f"the launcher did not come up; its output:\n{tail}")
+        # The config the launcher wrote / used, read back as the services read it.
+        suite.cfg = load_config(config_path, data_dir=data_dir)
+        return suite
+
+    @classmethod
+    def attach(cls, config: str) -> Suite:
+        cfg = load_config(config)
+        lock = cfg.data_dir / "launcher.lock"
+        try:
+            pid = int(json.loads(lock.read_text())["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise BenchFailure(f"no running launcher found: {lock} names none (is the suite up?)") from None
+        if not Path(f"/proc/{pid}").exists():
+            raise BenchFailure(f"the launcher (pid {pid}, from {lock}) is not running")
+        return cls(cfg, Path(config).absolute(), pid, None)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+# ----------------------------------------------------------------------------- processes and RSS
+
+
+def _ppid_map() -> dict[int, int]:
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # comm may hold spaces and parentheses: the fields after the last ')' are fixed.
+        fields = stat.rsplit(")", 1)[1].split()
+        out[int(entry)] = int(fields[1])
+    return out
+
+
+def descendants(root: int) -> list[int]:
+    parents = _ppid_map()
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        kids = sorted(p for p, pp in parents.items() if pp == pid)
+        found += kids
+        todo += kids
+    return found
+
+
+def process_name(pid: int) -> str:
+    """``meta``, ``ingest-worker``, ``redis``, ``envoy``... from the command line."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    args = [a.decode(errors="replace") for a in argv if a]
+    if "-m" in args:
+        i = args.index("-m")
+        if i + 1 < len(args):
+            module = args[i + 1]
+            if module == "services.ingest.worker":
+                return "ingest-worker"
+            return module.removeprefix("services.")
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        comm = ""
+    # redis-server rewrites its command line into one string ("/usr/bin/redis-server unixsocket:...").
+    first = args[0].split()[0] if args else ""
+    base = os.path.basename(first) or comm or "?"
+    if "redis-server" in (base, comm):
+        return "redis"
+    if "envoy" in (base, comm):
+        return "envoy"
+    return base
+
+
+def status_kib(pid: int, field_name: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class Proc:
+    name: str
+    pid: int
+    hwm_mib: float
+    rss_mib: float
+
+
+def suite_processes(launcher_pid: int) -> list[Proc]:
+    """The launcher and everything under it, named, with VmHWM / VmRSS."""
+    out = []
+    counts: dict[str, int] = {}
+    for pid in [launcher_pid, *descendants(launcher_pid)]:
+        name = "launcher" if pid == launcher_pid else process_name(pid)
+        hwm, rss = status_kib(pid, "VmHWM"), status_kib(pid, "VmRSS")
+        if hwm is None or rss is None:
+            continue  # gone, or a kernel thread
+        counts[name] = counts.get(name, 0) + 1
+        out.append(Proc(name, pid, hwm / 1024, rss / 1024))
+    seen: dict[str, int] = {}
+    for p in out:
+        if counts[p.name] > 1:
+            seen[p.name] = seen.get(p.name, 0) + 1
+            p.name = f"{p.name}#{seen[p.name]}"
+    return out
+
+
+# ----------------------------------------------------------------------------- CPU accounting
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process (all its threads), in seconds."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (everything but idle and iowait), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS
+
+
+def _outside_name(pid: int) -> str:
+    """How a process outside the suite is counted: ``[kworker]`` for kernel threads by kind, else ``(comm)``."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        kernel = not Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "(?)"
+    if kernel:
+        return f"[{comm.split('/')[0]}]"
+    return f"({comm})"
+
+
+class CpuMeter:
+    """CPU seconds per step: each suite process by kind, the bench client, the bare server, and the rest.
+
+    The rest: kernel threads by kind (``[kworker]`` writing dirty pages back), ``[irq]`` (busy time in
+    /proc/stat that no process was charged with), and any other process on the machine by name
+    (``(python)``): on a shared machine that is someone else's work, and the figures are disturbed.
+    """
+
+    def __init__(self, launcher_pid: int, extra: dict[str, int]) -> None:
+        self.launcher_pid = launcher_pid
+        self.extra = extra
+        self.pids: dict[int, str] = {}
+        self.refresh()
+        self.steps: dict[str, dict[str, float]] = {}
+        self.walls: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def refresh(self) -> None:
+        """Look up the suite's processes again (a worker may have been restarted)."""
+        self.pids = {p.pid: p.name.split("#")[0] for p in suite_processes(self.launcher_pid)}
+        self.pids.update({pid: name for name, pid in self.extra.items()})
+
+    def _snapshot(self) -> dict[int, float]:
+        out = {0: machine_busy_seconds()}  # pid 0: the whole machine
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                t = cpu_seconds(int(entry))
+                if t is not None:
+                    out[int(entry)] = t
+        return out
+
+    async def run(self, step: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``fn`` once, adding the CPU each process spent and the wall time to ``step``."""
+        before = self._snapshot()
+        t0 = time.perf_counter()
+        try:
+            return await fn()
+        finally:
+            wall = time.perf_counter() - t0
+            after = self._snapshot()
+            acc = self.steps.setdefault(step, {})
+            charged = 0.0
+            for pid, t in after.items():
+                if pid == 0 or pid not in before or t - before[pid] <= 0:
+                    continue
+                delta = t - before[pid]
+                charged += delta
+                name = self.pids.get(pid) or _outside_name(pid)
+                acc[name] = acc.get(name, 0.0) + delta
+            acc["[irq]"] = acc.get("[irq]", 0.0) + max(0.0, after[0] - before[0] - charged)
+            self.walls[step] = self.walls.get(step, 0.0) + wall
+            self.counts[step] = self.counts.get(step, 0) + 1
+
+    def foreign(self) -> tuple[float, float, list[str]]:
+        """CPU-s of processes outside the suite and this benchmark (not kernel threads), measured wall, names."""
+        names: dict[str, float] = {}
+        for acc in self.steps.values():
+            for k, v in acc.items():
+                if k.startswith("("):
+                    names[k] = names.get(k, 0.0) + v
+        top = [f"{k} {v:.1f} s" for k, v in sorted(names.items(), key=lambda kv: -kv[1])[:3] if v >= 0.05]
+        return sum(names.values()), sum(self.walls.values()), top
+
+    def line(self, step: str) -> str:
+        """``ingest-worker 0.31, bench 0.20, (kworker) 0.12 ... = 0.80 CPU-s in 0.45 s wall (1.8 cores busy)``."""
+        n = self.counts.get(step, 0)
+        if not n:
+            return "(not measured)"
+        per = {k: v / n for k, v in self.steps[step].items()}
+        total = sum(per.values())
+        wall = self.walls[step] / n
+        shown = [(k, v) for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.005]
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in shown)
+        return f"{parts} = {total:.2f} CPU-s in {wall:.2f} s wall ({total / wall:.1f} cores busy)"
+
+
+# ----------------------------------------------------------------------------- profiling
+
+
+class Profiler:
+    """py-spy ``record -f raw`` of named suite processes while a step runs (``--profile DIR``)."""
+
+    def __init__(self, out: Path | None, launcher_pid: int) -> None:
+        self.out = out
+        self.launcher_pid = launcher_pid
+        self.binary = os.environ.get("PY_SPY") or shutil.which("py-spy") or ""
+        if out is not None and not self.binary:
+            raise BenchFailure("--profile needs py-spy: put it on PATH or name it in $PY_SPY")
+
+    @contextlib.contextmanager
+    def record(self, step: str, names: tuple[str, ...], seconds: int) -> Iterator[None]:
+        if self.out is None:
+            yield
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        procs = []
+        for p in suite_processes(self.launcher_pid):
+            if p.name.split("#")[0] in names:
+                path = self.out / f"{step}-{p.name}-{p.pid}.txt"
+                argv = [self.binary, "record", "-o", str(path), "-f", "raw", "--pid", str(p.pid)]
+                argv += ["--duration", str(seconds), "--rate", "200", "--nonblocking"]
+                procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(0.5)  # py-spy attaches before the step starts
+        try:
+            yield
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
+            for proc in procs:
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+# ----------------------------------------------------------------------------- client steps
+
+
+def upload_requests(data: bytes, name: str) -> Iterator[ingest_pb2.UploadRequest]:
+    """The upload stream: header fields in the first message, 256 KiB of bytes in each."""
+    for off in range(0, max(len(data), 1), UPLOAD_MESSAGE):
+        req = ingest_pb2.UploadRequest(body=httpbody_pb2.HttpBody(data=data[off : off + UPLOAD_MESSAGE]))
+        if off == 0:
+            req.name = name
+            req.declared_size = len(data)
+        yield req
+
+
+async def send_upload(stub: Any, data: bytes, name: str, metadata: Any) -> ingest_pb2.UploadReply:
+    call = stub.Upload(metadata=metadata)
+    for req in upload_requests(data, name):
+        await call.write(req)
+    await call.done_writing()
+    reply: ingest_pb2.UploadReply = await call
+    return reply
+
+
+async def wait_job(stub: Any, job: str) -> ingest_pb2.StatusReply:
+    """Long-poll Status until the job ends; BenchFailure if it fails or takes too long."""
+    deadline = time.monotonic() + JOB_DEADLINE
+    while True:
+        reply: ingest_pb2.StatusReply = await stub.Status(
+            ingest_pb2.StatusRequest(job=job, wait=True, timeout_seconds=STATUS_WAIT)
+        )
+        if reply.state == common_pb2.JOB_STATE_DONE:
+            return reply
+        if reply.state == common_pb2.JOB_STATE_ERROR:
+            raise BenchFailure(f"job {job} failed: {reply.error}")
+        if time.monotonic() > deadline:
+            raise BenchFailure(f"job {job} still {reply.result} after {JOB_DEADLINE:g} s")
+
+
+@dataclass
+class UploadResult:
+    file_id: str
+    received: float  # seconds from the first byte sent to the UploadReply
+    done: float  # seconds from the first byte sent to DONE
+    dedup: bool
+
+
+async def timed_upload(ingest: Any, data: bytes, name: str, metadata: Any) -> UploadResult:
+    t0 = time.perf_counter()
+    reply = await send_upload(ingest, data, name, metadata)
+    t1 = time.perf_counter()
+    status = await wait_job(ingest, reply.job)
+    t2 = time.perf_counter()
+    if reply.size != len(data):
+        raise BenchFailure(f"ingest received {reply.size} of {len(data)} bytes")
+    return UploadResult(status.file_id, t1 - t0, t2 - t0, status.deduplicated)
+
+
+async def timed_download(meta: Any, request: meta_pb2.DownloadRequest) -> tuple[list[bytes], float]:
+    parts = []
+    t0 = time.perf_counter()
+    async for msg in meta.Download(request):
+        parts.append(msg.data)
+    return parts, time.perf_counter() - t0
+
+
+def check_download(parts: list[bytes], data: bytes, file_id: str, what: str) -> None:
+    """Byte-for-byte and BLAKE3-192 against the id; BenchFailure on any difference."""
+    got = b"".join(parts)
+    if len(got) != len(data):
+        raise BenchFailure(f"{what}: {len(got)} bytes arrived, {len(data)} expected")
+    if got != data:
+        raise BenchFailure(f"{what}: the bytes differ from those uploaded")
+    digest = blake3.blake3(got, max_threads=blake3.blake3.AUTO).digest(HASH_BYTES).hex()
+    if not file_id.startswith(digest):
+        raise BenchFailure(f"{what}: BLAKE3-192 {digest} does not match the file id {file_id}")
+
+
+async def runs(n: int, fn: Callable[[], Awaitable[float]]) -> list[float]:
+    return [await fn() for _ in range(n)]
+
+
+def fmt_runs(values: list[float]) -> str:
+    """``median 412.3 MB/s  best 501.0  (runs: 380 412 ...)``."""
+    if len(values) == 1:
+        return f"{values[0]:7.1f} MB/s"
+    runs_text = " ".join(f"{v:.0f}" for v in values)
+    return f"median {statistics.median(values):6.1f} MB/s  best {max(values):6.1f}  (runs: {runs_text})"
+
+
+def ratio_text(num: list[float], den: list[float], of: str, target: float, report: Report, name: str) -> str:
+    """The ratio of the medians against ``target`` (the verdict), and of the best runs for context."""
+    ratio = statistics.median(num) / statistics.median(den)
+    best = max(num) / max(den)
+    return (
+        f"{ratio:5.3f}x {of} (medians; best runs {best:.2f}x)   target >= {target}x   "
+        f"{report.target(name, ratio >= target)}"
+    )
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Report:
+    failures: list[str] = field(default_factory=list)
+    met: int = 0
+    missed: list[str] = field(default_factory=list)
+    rss_marks: list[tuple[str, dict[int, float]]] = field(default_factory=list)  # (phase, pid -> VmHWM MiB)
+    notes: list[str] = field(default_factory=list)
+
+    def mark_rss(self, phase: str, launcher_pid: int) -> None:
+        self.rss_marks.append((phase, {p.pid: p.hwm_mib for p in suite_processes(launcher_pid)}))
+
+    def target(self, name: str, ok: bool) -> str:
+        if ok:
+            self.met += 1
+        else:
+            self.missed.append(name)
+        return verdict(ok)
+
+
+async def data_holders(cfg: Config, meta: Any, file_id: str, count: int) -> tuple[list[str], str]:
+    """The ``count`` backends holding the most data shards of ``file_id`` (from its record), and how many.
+
+    Taking away backends that hold only parity would measure nothing: with 20 backends and 16+4 each file
+    keeps one placement for all its chunks, starting at a random backend. The record is an internal
+    method: the token is minted from the gateway key in the data dir, as the services' own are.
+    """
+    from services.common.keys import SIGNING_KEY_FILE
+
+    if not (cfg.data_dir / SIGNING_KEY_FILE).is_file():
+        names = [b.name for b in cfg.backends[:count]]
+        return names, "the first configured; the file's placement is unknown (no gateway key to read its record)"
+    from services.common.gateway import service_metadata
+
+    reply = await meta.GetRecord(meta_pb2.GetRecordRequest(id=file_id), metadata=service_metadata(cfg, "bench"))
+    rec = reply.record
+    held: Counter[str] = Counter()
+    for chunk in rec.chunks:
+        for ref in chunk.shards[: rec.k]:
+            held[rec.backends[ref.backend]] += 1
+    chosen = [name for name, _ in held.most_common(count)]
+    total = rec.k * len(rec.chunks)
+    return chosen, f"holding {sum(held[n] for n in chosen)} of the file's {total} data shards"
+
+
+def move_away(cfg: Config, names: list[str]) -> list[tuple[Path, Path]]:
+    """Rename the folders of the named dir backends; the (from, to) pairs to put back."""
+    specs = {b.name: b for b in cfg.backends}
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for name in names:
+            if name not in specs:
+                raise BenchFailure(f"backend {name} of the file's record is not in the config")
+            parsed = parse_uri(specs[name].uri)
+            if not isinstance(parsed, DirURI):
+                raise BenchFailure(f"backend {name} is not a dir:// backend; cannot take it away here")
+            src = Path(parsed.path)
+            dst = src.with_name(src.name + AWAY_SUFFIX)
+            os.rename(src, dst)
+            moved.append((src, dst))
+    except BaseException:
+        put_back(moved)
+        raise
+    return moved
+
+
+def put_back(moved: list[tuple[Path, Path]]) -> None:
+    for src, dst in moved:
+        os.rename(dst, src)
+
+
+async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> None:
+    cfg = suite.cfg
+    size = args.size_mib * MIB
+    token = args.token or os.environ.get("GRIDSTOR_TOKEN", "")
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    if cfg.mode != "public" and not token:
+        raise BenchFailure(f"the gateway runs in {cfg.mode} mode: pass --token (or GRIDSTOR_TOKEN) for uploads")
+    if cfg.max_upload < size:
+        raise BenchFailure(
+            f"max_upload of the config is {cfg.max_upload} bytes, less than {size}: use a smaller --size-mib"
+            " or raise max_upload"
+        )
+    ca = tls.ca_bytes(cfg) if cfg.internal_tls else None
+    profiler = Profiler(Path(args.profile) if args.profile else None, suite.launcher_pid)
+    bare = BareServer.start(cfg, suite.config_path)
+    channels: list[grpc.aio.Channel] = []
+    try:
+        bare_ch = open_channel(bare.address, bare.ca)
+        ingest_ch = open_channel(dial_address(cfg, "ingest"), ca)
+        meta_ch = open_channel(dial_address(cfg, "meta"), ca)
+        channels += [bare_ch, ingest_ch, meta_ch]
+        bare_ingest = ingest_pb2_grpc.IngestServiceStub(bare_ch)
+        bare_meta = meta_pb2_grpc.MetaServiceStub(bare_ch)
+        ingest = ingest_pb2_grpc.IngestServiceStub(ingest_ch)
+        meta = meta_pb2_grpc.MetaServiceStub(meta_ch)
+        for ch in channels:
+            await asyncio.wait_for(ch.channel_ready(), 10)
+        data = os.urandom(size)
+        meter = CpuMeter(suite.launcher_pid, {"bench": os.getpid(), "bare-server": bare.proc.pid})
+
+        # (a) upload through the pipeline, each run right after (c) the bare stream of the same bytes
+        async def bare_upload() -> float:
+            t0 = time.perf_counter()
+            reply = await send_upload(bare_ingest, data, "bare.bin", None)
+            dt = time.perf_counter() - t0
+            if reply.size != size:
+                raise BenchFailure(f"bare upload: {reply.size} of {size} bytes counted")
+            return mbps(size, dt)
+
+        print(
+            f"\nupload {args.size_mib} MiB in {UPLOAD_MESSAGE // 1024} KiB messages, first byte -> job DONE"
+            f" ({args.runs} runs, each new content, alternating with the bare stream)",
+            flush=True,
+        )
+        bare_up: list[float] = []
+        uploads: list[UploadResult] = []
+        with profiler.record("upload", ("ingest", "ingest-worker"), 300):
+            for i in range(args.runs):
+                bare_up.append(await meter.run("bare upload", bare_upload))
+                content = data if i == 0 else os.urandom(size)  # new content: no dedup
+
+                def gateway_upload(content: bytes = content, i: int = i) -> Awaitable[UploadResult]:
+                    return timed_upload(ingest, content, f"bench-{args.size_mib}mib-{i}.bin", metadata)
+
+                uploads.append(await meter.run("upload", gateway_upload))
+        file_id = uploads[0].file_id
+        report.mark_rss("after uploads", suite.launcher_pid)
+        gw_up = [mbps(size, u.done) for u in uploads]
+        received = statistics.median(u.received for u in uploads)
+        stored = statistics.median(u.done - u.received for u in uploads)
+        print(f"  bare gRPC upload       : {fmt_runs(bare_up)}")
+        print(f"  gateway upload         : {fmt_runs(gw_up)}")
+        print(
+            f"  of which (median)      : stream received {received:.2f} s ({mbps(size, received):.1f} MB/s),"
+            f" then stored {stored:.2f} s ({mbps(size, stored):.1f} MB/s)"
+        )
+        print(f"  ratio                  : {ratio_text(gw_up, bare_up, 'bare', UPLOAD_TARGET, report, 'upload')}")
+        print(f"  cpu s/run, bare        : {meter.line('bare upload')}")
+        print(f"  cpu s/run, gateway     : {meter.line('upload')}")
+        dedup = sum(u.dedup for u in uploads)
+        fresh = f"  ({dedup} DEDUPLICATED, not fresh stores)" if dedup else ""
+        print(f"  file id (run 1)        : {file_id}{fresh}")
+
+        # (b) download healthy alternating with (c) the bare download, then (d) degraded
+        request = meta_pb2.DownloadRequest(id=file_id)
+
+        async def bare_download() -> float:
+            parts, dt = await timed_download(bare_meta, meta_pb2.DownloadRequest(id="bare", length=size))
+            got = sum(len(p) for p in parts)
+            if got != size:
+                raise BenchFailure(f"bare download: {got} of {size} bytes")
+            return mbps(size, dt)
+
+        async def download(step: str) -> float:
+            parts, dt = await meter.run(step, lambda: timed_download(meta, request))
+            check_download(parts, data, file_id, f"{step} download")  # after the clock stopped
+            return mbps(size, dt)
+
+        away, why = await data_holders(cfg, meta, file_id, DEGRADED_BACKENDS)
+        print(
+            f"\ndownload {args.size_mib} MiB in {DOWNLOAD_MESSAGE // MIB} MiB messages ({args.runs} runs of bare and"
+            " healthy, alternating, then of degraded; each download verified after its clock stopped)",
+            flush=True,
+        )
+        print(f"  degraded               : {', '.join(away)} moved away ({why})")
+        bare_down: list[float] = []
+        healthy: list[float] = []
+        degraded: list[float] = []
+        with profiler.record("download", ("meta",), 300):
+            for _ in range(args.runs):
+                bare_down.append(await meter.run("bare download", bare_download))
+                healthy.append(await download("healthy"))
+        # The backends stay away for the whole block, as a lost disk would (a gateway may rightly skip
+        # a backend that just failed for a while, so healthy runs in between would not be healthy).
+        moved = move_away(cfg, away)
+        try:
+            with profiler.record("degraded", ("meta",), 300):
+                for _ in range(args.runs):
+                    degraded.append(await download("degraded"))
+        finally:
+            put_back(moved)
+        print(f"  bare gRPC download     : {fmt_runs(bare_down)}")
+        print(f"  gateway download       : {fmt_runs(healthy)}")
+        ratio = ratio_text(healthy, bare_down, "bare", DOWNLOAD_TARGET, report, "download")
+        print(f"  ratio                  : {ratio}")
+        print(f"  cpu s/run, bare        : {meter.line('bare download')}")
+        print(f"  cpu s/run, gateway     : {meter.line('healthy')}")
+        print(f"  degraded download      : {fmt_runs(degraded)}")
+        ratio = ratio_text(degraded, healthy, "healthy", DEGRADED_TARGET, report, "degraded")
+        print(f"  ratio                  : {ratio}")
+        print(f"  cpu s/run, degraded    : {meter.line('degraded')}")
+
+        # (f) concurrent uploads
+        report.mark_rss("after downloads", suite.launcher_pid)
+        meter.refresh()
+        await concurrent_uploads(args, cfg, ca, metadata, report, profiler, meter)
+        busy, wall, top = meter.foreign()
+        if busy >= 0.05 * wall:
+            report.notes.append(
+                f"other processes on this machine used {busy:.1f} CPU-s during the {wall:.1f} s of measured runs"
+                f" ({', '.join(top)}): the figures are disturbed; run again on a quiet machine"
+            )
+    finally:
+        for ch in channels:
+            await ch.close(None)
+        bare.stop()
+
+
+async def concurrent_uploads(
+    args: argparse.Namespace,
+    cfg: Config,
+    ca: bytes | None,
+    metadata: Any,
+    report: Report,
+    profiler: Profiler,
+    meter: CpuMeter,
+) -> None:
+    n, each = args.concurrent, args.concurrent_mib * MIB
+    print(f"\n{n} concurrent {args.concurrent_mib} MiB uploads, each on its own channel, first byte -> job DONE")
+    contents = [os.urandom(each) for _ in range(n)]
+    digests = [blake3.blake3(c).digest(HASH_BYTES).hex() for c in contents]
+    channels = [open_channel(dial_address(cfg, "ingest"), ca) for _ in range(n)]
+    try:
+        for ch in channels:
+            await asyncio.wait_for(ch.channel_ready(), 10)
+
+        async def one(i: int) -> UploadResult:
+            stub = ingest_pb2_grpc.IngestServiceStub(channels[i])
+            res = await timed_upload(stub, contents[i], f"bench-concurrent-{i}.bin", metadata)
+            if not res.file_id.startswith(digests[i]):
+                raise BenchFailure(f"upload {i}: file id {res.file_id} does not start with its BLAKE3-192")
+            return res
+
+        with profiler.record("concurrent", ("ingest", "ingest-worker"), 120):
+            t0 = time.perf_counter()
+            results = await meter.run(
+                "concurrent", lambda: asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+            )
+            wall = time.perf_counter() - t0
+    finally:
+        for ch in channels:
+            await ch.close(None)
+    ok = [r for r in results if isinstance(r, UploadResult)]
+    failed = [r for r in results if not isinstance(r, UploadResult)]
+    total = len(ok) * each
+    print(f"  succeeded / failed     : {len(ok)} ok / {len(failed)} failed   target all succeed   "
+          f"{report.target('concurrent', not failed)}")  # fmt: skip
+    print(f"  total                  : {mbps(total, wall):7.1f} MB/s  ({total / 1e6:.0f} MB in {wall:.2f} s)")
+    if ok:
+        slow = max(ok, key=lambda r: r.done)
+        fast = min(ok, key=lambda r: r.done)
+        print(
+            f"  slowest / fastest      : {slow.done:.2f} s ({mbps(each, slow.done):.1f} MB/s) /"
+            f" {fast.done:.2f} s ({mbps(each, fast.done):.1f} MB/s);"
+            f" median {statistics.median(r.done for r in ok):.2f} s"
+        )
+    print(f"  cpu s                  : {meter.line('concurrent')}")
+    for i, err in enumerate(failed):
+        if isinstance(err, grpc.aio.AioRpcError):
+            text = f"{err.code().name}: {err.details()}"
+        else:
+            text = f"{type(err).__name__}: {err}"
+        report.failures.append(f"concurrent upload failed: {text}")
+        if i < 5:
+            print(f"  failure                : {text}")
+
+
+def print_rss(suite: Suite, report: Report) -> None:
+    print(f"\npeak RSS (VmHWM) of every process under the launcher (pid {suite.launcher_pid}), target <= "
+          f"{RSS_TARGET_MIB:.0f} MiB each")  # fmt: skip
+    procs = suite_processes(suite.launcher_pid)
+    if not procs:
+        report.failures.append("no suite processes found for the RSS figures")
+        print("  (none found)")
+        return
+    over = [p for p in procs if p.hwm_mib > RSS_TARGET_MIB]
+    phases = "".join(f"{label:>16s}" for label, _ in report.rss_marks)
+    print(f"  {'process':16s} {'pid':>7s}  {'peak at the end':>16s}{phases}{'now':>14s}")
+    for p in procs:
+        marks = "".join(f"{hwm[p.pid]:12.1f} MiB" if p.pid in hwm else f"{'-':>16s}" for _, hwm in report.rss_marks)
+        verdict_text = "ABOVE TARGET" if p in over else "ok"
+        print(f"  {p.name:16s} {p.pid:7d}  {p.hwm_mib:12.1f} MiB{marks}{p.rss_mib:10.1f} MiB   {verdict_text}")
+    report.target("rss", not over)
+
+
+def describe(cfg: Config, suite: Suite, attached: bool) -> None:
+    eng = cfg.engine
+    workers = cfg.workers or os.cpu_count() or 1
+    origin = "attached to" if attached else "started by this run:"
+    print(f"suite: {origin} launcher pid {suite.launcher_pid}, config {suite.config_path}")
+    print(
+        f"  {len(cfg.backends)} backends, {eng.k}+{eng.m}, chunk {eng.chunk_size / MIB:g} MiB, ingest workers"
+        f" {workers}{' (one per core)' if not cfg.workers else ''}, mode {cfg.mode},"
+        f" TLS services {'on' if cfg.internal_tls else 'off'} / edge {'on' if cfg.tls.edge else 'off'}"
+    )
+
+
+async def amain(args: argparse.Namespace) -> int:
+    print("command:", shlex.join(sys.orig_argv), flush=True)
+    print(
+        f"gridstor end-to-end benchmark: {args.size_mib} MiB; {os.cpu_count()} cores, python"
+        f" {sys.version.split()[0]}, grpcio {grpc.__version__}; MB = 10^6 bytes"
+    )
+    report = Report()
+    scratch: Path | None = None
+    suite: Suite | None = None
+    try:
+        if args.attach:
+            suite = Suite.attach(args.attach)
+        else:
+            # Short: the redis socket path lives in the data dir and unix socket paths are limited.
+            scratch = Path(tempfile.mkdtemp(prefix="gs-e2e-", dir=args.dir))
+            t0 = time.perf_counter()
+            suite, notes = Suite.start(scratch / "data", args.size_mib * MIB)  # main thread: see _term_with_parent
+            for note in notes:
+                print(f"  config: {note}")
+            print(f"  the suite came up in {time.perf_counter() - t0:.1f} s (data {scratch / 'data'})")
+        running: Suite = suite
+        describe(running.cfg, running, bool(args.attach))
+        try:
+            await measure(args, running, report)
+        except BenchFailure as exc:
+            report.failures.append(str(exc))
+        except grpc.aio.AioRpcError as exc:
+            report.failures.append(f"gRPC call failed: {exc.code().name}: {exc.details()}")
+        print_rss(running, report)
+    except BenchFailure as exc:
+        report.failures.append(str(exc))
+    finally:
+        if suite is not None and not args.attach:
+            suite.stop()
+        if scratch is not None:
+            if args.keep:
+                print(f"kept {scratch}")
+            else:
+                shutil.rmtree(scratch, ignore_errors=True)
+    total = report.met + len(report.missed)
+    missed = f"; missed: {', '.join(report.missed)}" if report.missed else ""
+    print(f"\ntargets: {report.met} of {total} met{missed}")
+    for note in report.notes:
+        print(f"note: {note}")
+    if report.failures:
+        for text in report.failures:
+            print(f"FAILED: {text}")
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=100, help="size of the single upload/download (default 100)")
+    ap.add_argument(
+        "--runs", type=int, default=9, help="runs of each upload, download and bare stream (median; default 9)"
+    )
+    ap.add_argument("--concurrent", type=int, default=20, help="concurrent uploads (default 20)")
+    ap.add_argument("--concurrent-mib", type=int, default=10, help="size of each concurrent upload (default 10)")
+    ap.add_argument("--attach", metavar="CONFIG", help="measure the suite already running with this config")
+    ap.add_argument("--token", help="bearer token for uploads when the gateway is not public (or GRIDSTOR_TOKEN)")
+    ap.add_argument("--profile", metavar="DIR", help="py-spy raw profiles of ingest, its workers and meta into DIR")
+    ap.add_argument("--dir", help="where the temp data dir goes (default: the system temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp data dir (logs) afterwards")
+    ap.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--bare-tls", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.bare_server:
+        asyncio.run(serve_bare(args.bare_tls))
+        return 0
+    if args.size_mib < 1 or args.runs < 1 or args.concurrent < 1 or args.concurrent_mib < 1:
+        ap.error("sizes and counts must be at least 1")
+    return asyncio.run(amain(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
