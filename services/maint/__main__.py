@@ -9,44 +9,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from pathlib import Path
 
-from services.common.config import Config, ConfigError, load_config
+from services.common.config import Config
 from services.common.errors import GridstorError
 from services.common.gateway import ensure_local_dirs, open_engine
-from services.common.logging import setup_logging
-from services.common.metrics import Registry
-from services.common.rpc import run_service
-from services.common.tuning import tune_malloc
+from services.common.service_main import common_options, load, serve
 from services.maint import backup as backups
 from services.maint.service import NAME, build
-
-
-def _options(defaults: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    d: dict[str, object] = (
-        {"config": None, "data": None, "log_level": os.environ.get("GRIDSTOR_LOG_LEVEL", "INFO")}
-        if defaults
-        else dict.fromkeys(("config", "data", "log_level"), argparse.SUPPRESS)
-    )
-    p.add_argument("--config", metavar="FILE", default=d["config"], help="gateway config (YAML); defaults if omitted")
-    p.add_argument("--data", metavar="DIR", default=d["data"], help="data dir (overrides the config's data_dir)")
-    p.add_argument("--log-level", default=d["log_level"], help="DEBUG, INFO, WARNING, ERROR")
-    return p
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m services.maint",
         description="gridstor maint service (checks, scrub, repair, replicas, backups, home cleanup)",
-        parents=[_options(True)],
+        parents=[common_options()],
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("serve", help="run the service (the default)", parents=[_options(False)])
+    sub.add_parser("serve", help="run the service (the default)", parents=[common_options(False)])
     r = sub.add_parser(
-        "restore", help="rebuild the metadata namespace from a backup record file", parents=[_options(False)]
+        "restore", help="rebuild the metadata namespace from a backup record file", parents=[common_options(False)]
     )
     r.add_argument("--record", required=True, metavar="FILE", help="the backup's record (DATA/backups/<time>.record)")
     r.add_argument("--force", action="store_true", help="restore into a namespace that is not empty")
@@ -71,15 +54,9 @@ async def restore_from_file(cfg: Config, record_path: Path, *, force: bool) -> b
 def main(argv: list[str] | None = None) -> int:
     """Serve, or restore; 2 for a bad config or arguments, 1 when the work fails."""
     args = _parser().parse_args(argv)
-    try:
-        setup_logging(NAME, args.log_level)
-        cfg = load_config(args.config, data_dir=args.data)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    except GridstorError as exc:  # a bad --log-level
-        print(f"{NAME}: {exc}", file=sys.stderr)
-        return 2
+    cfg = load(NAME, args)
+    if isinstance(cfg, int):
+        return cfg
     if args.command == "restore":
         try:
             result = asyncio.run(restore_from_file(cfg, Path(args.record), force=args.force))
@@ -88,16 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"restored {result.records} records (last id {max(0, result.last_id):08x})")
         return 0
-    tune_malloc()
-    registry = Registry()
-    try:
-        asyncio.run(run_service(NAME, cfg, lambda: build(cfg, registry=registry), registry))
-    except GridstorError as exc:
-        print(f"{NAME}: cannot start: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return serve(NAME, cfg, build, tune=True)
 
 
 if __name__ == "__main__":
