@@ -5,7 +5,9 @@ Keys (``redis.asyncio``, strings decoded as UTF-8):
 * ``gridstor:job:<id>``     hash: state (ACTIVE / DONE / ERROR), name, ext, content_type,
   size, hash (hex), spool (path), remove (1 = delete the spool file when done),
   identity, created, progress, file_id, error, dedup, receipt (hex of a serialized
-  Receipt), attempts, worker, worker_pid, updated. Finished jobs expire after ``JOB_TTL``.
+  Receipt), attempts, worker, worker_pid, updated, receiving (1 = the upload is still
+  arriving in the spool file: size and hash are set once it is complete). Finished jobs
+  expire after ``JOB_TTL``; uploads aborted while receiving after ``ABORTED_TTL``.
 * ``gridstor:jobs``         Stream of ``{job: <id>}`` read by the consumer group ``workers``.
   An entry is acknowledged and deleted once its job ended, so the stream length is
   the number of queued plus running jobs. An entry whose worker died stays pending
@@ -43,6 +45,8 @@ GROUP = "workers"
 CHANNEL_PREFIX = "gridstor:jobdone:"
 STATS = "gridstor:ingest:stats"
 JOB_TTL = 7 * 86400  # finished jobs answer Status this long
+ABORTED_TTL = 3600  # an aborted upload's job id was never handed out: keep it only for the worker to see
+ABORTED = "aborted: "  # error prefix of a job whose upload failed while it was being stored
 
 ACTIVE = "ACTIVE"
 DONE = "DONE"
@@ -139,10 +143,16 @@ class Job:
     receipt: bytes = b""
     attempts: int = 0
     worker: str = ""
+    receiving: bool = False
 
     @property
     def finished(self) -> bool:
         return self.state in (DONE, ERROR)
+
+    @property
+    def aborted(self) -> bool:
+        """Whether the upload failed while the job was already queued (nobody has its id)."""
+        return self.state == ERROR and self.error.startswith(ABORTED)
 
     @classmethod
     def from_hash(cls, job: str, h: Mapping[str, str]) -> Job:
@@ -175,6 +185,7 @@ class Job:
             receipt=receipt,
             attempts=num("attempts"),
             worker=h.get("worker", ""),
+            receiving=h.get("receiving") == "1",
         )
 
 
@@ -219,8 +230,12 @@ class JobStore:
         content_type: str = "",
         identity: str = "",
         remove: bool = True,
+        receiving: bool = False,
     ) -> None:
-        """Record a job and queue it, atomically. ``hash_hex`` may be empty: the worker hashes the file."""
+        """Record a job and queue it, atomically. ``hash_hex`` may be empty: the worker hashes the file.
+
+        With ``receiving`` the file is still being written: ``received`` or ``abort`` follows.
+        """
         fields: dict[Any, Any] = {
             "state": ACTIVE,
             "name": name,
@@ -234,6 +249,7 @@ class JobStore:
             "created": f"{time.time():.3f}",
             "progress": "0",
             "attempts": "0",
+            "receiving": "1" if receiving else "0",
         }
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -242,6 +258,33 @@ class JobStore:
                 await pipe.execute()
         except RedisError as exc:
             raise _unavailable(exc) from None
+
+    async def received(self, job: str, *, size: int, hash_hex: str) -> None:
+        """The upload of a ``receiving`` job is complete: record its final size and hash."""
+        fields: dict[Any, Any] = {"receiving": "0", "size": str(size), "hash": hash_hex, "updated": _now()}
+        try:
+            await self.redis.hset(job_key(job), mapping=fields)
+        except RedisError as exc:
+            raise _unavailable(exc) from None
+
+    async def abort(self, job: str, reason: str) -> None:
+        """The upload of a ``receiving`` job failed: end the job so its worker stops and cleans up."""
+        fields: dict[Any, Any] = {"state": ERROR, "error": ABORTED + reason, "receiving": "0", "updated": _now()}
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(job_key(job), mapping=fields)
+                pipe.expire(job_key(job), ABORTED_TTL)
+                await pipe.execute()
+        except RedisError as exc:
+            raise _unavailable(exc) from None
+
+    async def tail_state(self, job: str) -> tuple[str, bool, int, str, str] | None:
+        """(state, receiving, size, hash, error) of a job whose upload may still arrive; None if gone."""
+        raw: Any = await self.redis.hmget(job_key(job), ["state", "receiving", "size", "hash", "error"])
+        state, receiving, size, hash_hex, error = raw
+        if state is None:
+            return None
+        return state, receiving == "1", int(size or 0), hash_hex or "", error or ""
 
     # ----------------------------------------------------------------- reading
 

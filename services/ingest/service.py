@@ -32,6 +32,9 @@ DEFAULT_WAIT = 60  # seconds a Status(wait) with timeout_seconds 0 waits
 METRICS_INTERVAL = 1.0
 # Answer TIMEOUT a little before the client's own deadline would cut the call.
 DEADLINE_MARGIN = 0.25
+# Uploads this big are queued while they still arrive, so storing overlaps receiving. Smaller
+# ones arrive in a few ms: they keep the simple path (queued complete, FindByHash before any write).
+STREAM_FROM = 8 * 1024 * 1024
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -89,6 +92,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         sp = spool.Spool(self.cfg.spool_dir, limit)
         result = "failed"
         committed: asyncio.Future[None] | None = None
+        job = ""
+        streaming = False  # the job is queued already and a worker may be storing the spool as it grows
         try:
             # A client that stops sending is dropped after limits.upload_idle_timeout (its spool file too).
             async for msg in idle_timeout(request_iterator, self.cfg.limits.upload_idle_timeout):
@@ -107,6 +112,11 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     raise errors.InvalidInput(
                         f"more bytes arrived than the declared_size of {header.declared_size} bytes"
                     )
+                if not streaming and _big(header, sp.size):
+                    job = jobs.new_job_id()
+                    await self._spool_as_job(job, sp)
+                    streaming = True  # set before submit: a cancellation cutting it short must still abort
+                    await self._queue_receiving(job, sp, header)
             if header is None:  # an empty stream is an empty, nameless file
                 header = spool.UploadHeader.parse("", "", "", None, limit)
             done = await sp.finish()
@@ -115,27 +125,30 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     f"declared_size was {header.declared_size} bytes but {done.size} bytes arrived"
                 )
             await _client_still_there(context)
-            job = jobs.new_job_id()
-            path = spool.job_path(self.cfg.spool_dir, job)
-            os.rename(done.path, path)
-            sp.path = path
-            # Past this point the upload is complete: a cancellation no longer undoes it.
-            committed = asyncio.ensure_future(
-                self.store.submit(
-                    job,
-                    path=str(path),
-                    size=done.size,
-                    hash_hex=done.hash.hex(),
-                    name=header.name,
-                    ext=header.ext,
-                    content_type=header.content_type,
-                    identity=current_identity.get(),
+            if streaming:
+                # Past this point the upload is complete: a cancellation no longer undoes it.
+                committed = asyncio.ensure_future(self.store.received(job, size=done.size, hash_hex=done.hash.hex()))
+            else:
+                job = jobs.new_job_id()
+                path = spool.job_path(self.cfg.spool_dir, job)
+                os.rename(done.path, path)
+                sp.path = path
+                committed = asyncio.ensure_future(
+                    self.store.submit(
+                        job,
+                        path=str(path),
+                        size=done.size,
+                        hash_hex=done.hash.hex(),
+                        name=header.name,
+                        ext=header.ext,
+                        content_type=header.content_type,
+                        identity=current_identity.get(),
+                    )
                 )
-            )
 
             def drop_unless_queued(f: asyncio.Future[None]) -> None:
                 if f.cancelled() or f.exception() is not None:
-                    sp.discard()
+                    sp.discard()  # a streamed job's worker then stalls and fails it
 
             committed.add_done_callback(drop_unless_queued)
             await asyncio.shield(committed)
@@ -148,6 +161,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             raise
         finally:
             if committed is None:
+                if streaming:
+                    await self._abort(job, result)
                 sp.discard()
             self.metrics.uploads.inc(result=result)
         log.info(
@@ -155,6 +170,35 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             extra={"job": job, "size": done.size, "ext": header.ext, "identity": current_identity.get()},
         )
         return ingest_pb2.UploadReply(job=job, size=done.size, hash=done.hash.hex())
+
+    async def _spool_as_job(self, job: str, sp: spool.Spool) -> None:
+        """Give the growing spool file its job name, with what arrived so far on disk."""
+        await sp.sync()  # the first batch is on disk before a worker looks
+        path = spool.job_path(self.cfg.spool_dir, job)
+        os.rename(sp.path, path)  # the open descriptor keeps writing to the same file
+        sp.path = path
+
+    async def _queue_receiving(self, job: str, sp: spool.Spool, header: spool.UploadHeader) -> None:
+        """Queue ``job`` while its upload still arrives, so a worker stores the spool file as it grows."""
+        await self.store.submit(
+            job,
+            path=str(sp.path),
+            size=0,
+            name=header.name,
+            ext=header.ext,
+            content_type=header.content_type,
+            identity=current_identity.get(),
+            receiving=True,
+        )
+
+    async def _abort(self, job: str, result: str) -> None:
+        """Tell the worker of a streamed job that its upload failed, before its spool file goes."""
+        aborting = asyncio.ensure_future(self.store.abort(job, f"the upload was {result}"))
+        try:
+            await asyncio.shield(aborting)
+        except (asyncio.CancelledError, errors.StoreFailed) as exc:
+            # The worker then finds the spool file gone or stalled and fails the job itself.
+            log.warning("upload of job %s failed; could not tell its worker (%s)", job, exc)
 
     async def Status(self, request: ingest_pb2.StatusRequest, context: Context) -> ingest_pb2.StatusReply:
         """Where a job stands; with wait, once it ends or the timeout passes."""
@@ -190,6 +234,13 @@ async def _client_still_there(context: Context) -> None:
     except Exception as exc:  # the call is gone (the batch failed)
         raise asyncio.CancelledError(f"the client went away ({type(exc).__name__})") from None
     jobs.checkpoint()
+
+
+def _big(header: spool.UploadHeader, received: int) -> bool:
+    """Whether to queue an upload now: it is (declared, or so far) at least STREAM_FROM, a batch is on its way."""
+    return received >= max(STREAM_FROM, spool.BATCH_BYTES) or (
+        received >= spool.BATCH_BYTES and (header.declared_size or 0) >= STREAM_FROM
+    )
 
 
 def status_reply(job: Job, timed_out: bool) -> ingest_pb2.StatusReply:

@@ -133,6 +133,11 @@ class Spool:
                 raise errors.LimitExceeded("the gateway's spool disk is full; try again later") from None
             raise errors.StoreFailed(f"cannot write the spool file: {exc.strerror}") from None
 
+    async def sync(self) -> None:
+        """Wait until every byte written so far is in the file (readable by another process)."""
+        await self._flush()
+        await self._flush()  # waits for the batch the first call started
+
     async def finish(self) -> Spooled:
         """Write what is left and close the file; the caller owns it from here."""
         await self._flush()

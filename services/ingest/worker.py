@@ -12,6 +12,13 @@ group, one job at a time:
 3. DONE with the file id and a receipt signed by the gateway key, XACK, spool file removed.
    Any failure: ERROR with the reason, spool file removed, XACK.
 
+A big upload is queued while it still arrives (job field ``receiving``): its
+worker follows the growing spool file, and at its end reads the job hash: the
+final size and hash (then PutRecord, which dedups; the stored hash must equal
+the upload's), an abort by ingest (the engine deletes what it wrote; the job is
+left as ingest ended it), or not yet (look again in TAIL_POLL). No FindByHash
+first there: the hash is known only once the upload is complete.
+
 Entries of a worker that died are taken over with XAUTOCLAIM after
 ``GRIDSTOR_CLAIM_IDLE_MS`` (default 60000) of silence; a live worker sends a
 heartbeat well within that. The shards a dead attempt wrote are orphans (logged;
@@ -63,6 +70,8 @@ STOP_GRACE = 5.0  # a stopping worker lets its job run this long before putting 
 META_TIMEOUT = 60.0
 META_RETRY_FOR = 30.0  # keep retrying an unreachable meta this long before failing the job
 PRUNE_IDLE_MS = 3_600_000
+TAIL_POLL = 0.003  # seconds between looks at a spool file that is still growing
+DEFAULT_STALL_TIMEOUT = 90.0  # a growing spool file silent this long: its upload died with its ingest process
 ROOT = Path(__file__).resolve().parents[2]
 
 _T = TypeVar("_T")
@@ -181,8 +190,18 @@ class Outcome:
 class Worker:
     """Consumes the job stream; see the module docstring."""
 
-    def __init__(self, store: JobStore, engine: Engine, meta: MetaClient, key: SigningKey, *, claim_idle: int) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        engine: Engine,
+        meta: MetaClient,
+        key: SigningKey,
+        *,
+        claim_idle: int,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+    ) -> None:
         self.store = store
+        self.stall_timeout = stall_timeout
         self.engine = engine
         self.meta = meta
         self.key = key
@@ -284,6 +303,11 @@ class Worker:
                 return
             raise
         except errors.GridstorError as exc:
+            if job.receiving and await self._aborted(job_id):
+                log.info("job %s: its upload was aborted; nothing kept", job_id)
+                self._remove_spool(job)
+                await self.store.ack(entry_id)
+                return
             log.info("job %s failed: %s", job_id, exc)
             await self._fail(job, entry_id, str(exc))
             return
@@ -328,6 +352,11 @@ class Worker:
                 await jobs.cancel_and_wait(work)
                 return
 
+    async def _aborted(self, job_id: str) -> bool:
+        """Whether the job's upload was aborted (it ended without this worker: leave its state be)."""
+        current = await self.store.get(job_id)
+        return current is None or current.aborted
+
     async def _fail(self, job: Job, entry_id: str, reason: str) -> None:
         self._remove_spool(job)
         await self.store.fail(job.id, reason)
@@ -343,6 +372,8 @@ class Worker:
         path = Path(job.spool)
         if not await asyncio.to_thread(path.is_file):
             raise errors.NotFound("the uploaded data is gone (spool file missing); upload the file again")
+        if job.receiving:
+            return await self._store_streamed(job, path)
         if job.hash:
             digest, size = bytes.fromhex(job.hash), job.size
         else:  # queued without a hash (e.g. by ssh Process): hash it here
@@ -351,8 +382,40 @@ class Worker:
         if found.found:
             return Outcome(found.file_id, size, digest.hex(), dedup=True)
         record = await self.engine.store(self._source(job, path), ext=job.ext, content_type=job.content_type)
+        return await self._register(job, record, digest, size)
+
+    async def _store_streamed(self, job: Job, path: Path) -> Outcome:
+        """Store a spool file while its upload still arrives; the hash is known only at its end.
+
+        No FindByHash first: PutRecord answers ``deduplicated`` for content already
+        stored, and the shards just written are deleted then.
+        """
+        final: list[tuple[int, str]] = []
+        source = self._source(job, path, tail=final)
+        record = await self.engine.store(source, ext=job.ext, content_type=job.content_type)
+        if not final:  # the source always ends by noting the upload's final size and hash
+            await self.engine.delete_shards(record)
+            raise errors.IntegrityError("the upload's final size and hash were not recorded")
+        size, hash_hex = final[0]
+        try:
+            digest = bytes.fromhex(hash_hex)
+        except ValueError:
+            digest = b""
+        return await self._register(job, record, digest, size)
+
+    async def _register(self, job: Job, record: FileRecord, digest: bytes, size: int) -> Outcome:
+        """PutRecord a just-stored file whose content must hash to ``digest``; undo the shards on refusal."""
         try:
             if record.hash != digest or record.size != size:
+                if job.receiving:
+                    log.error(
+                        "job %s: stored %d bytes hashing to %s, but the upload recorded %d bytes hashing to %s",
+                        job.id,
+                        record.size,
+                        record.hash.hex(),
+                        size,
+                        digest.hex(),
+                    )
                 raise errors.IntegrityError(
                     "the spooled file changed while it was being stored (its hash or size differs from the upload)"
                 )
@@ -376,11 +439,18 @@ class Worker:
                 log.info("job %s: content stored meanwhile by another job; removed %d new shards", job.id, removed)
         return Outcome(reply.file_id, size, digest.hex(), dedup=dedup)
 
-    async def _source(self, job: Job, path: Path) -> AsyncIterator[bytes]:
-        """The spool file's bytes, noting progress in the job hash as the engine takes them."""
+    async def _source(self, job: Job, path: Path, tail: list[tuple[int, str]] | None = None) -> AsyncIterator[bytes]:
+        """The spool file's bytes, noting progress in the job hash as the engine takes them.
+
+        With ``tail`` the file may still be growing: at its end the job hash says
+        whether the upload is complete (then its final size and hash go into
+        ``tail``), was aborted (raise, so the engine deletes what it wrote) or is
+        still arriving (look again shortly).
+        """
         done = 0
         last = time.monotonic()
-        async for piece in file_source(path, block=self.engine.config.chunk_size):
+        pieces = file_source(path, block=self.engine.config.chunk_size) if tail is None else self._tail(job, path, tail)
+        async for piece in pieces:
             yield piece
             done += len(piece)
             now = time.monotonic()
@@ -389,6 +459,43 @@ class Worker:
                 with contextlib.suppress(RedisError):
                     await self.store.set_progress(job.id, done)
                 jobs.checkpoint()
+
+    async def _tail(self, job: Job, path: Path, final: list[tuple[int, str]]) -> AsyncIterator[bytes]:
+        """Follow a spool file that its upload is still writing; see ``_source``."""
+        block = self.engine.config.chunk_size
+        fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+        try:
+            offset = 0
+            grew = time.monotonic()
+            while True:
+                data = await asyncio.to_thread(os.pread, fd, block, offset)
+                if data:
+                    offset += len(data)
+                    grew = time.monotonic()
+                    yield data
+                    continue
+                state = await self.store.tail_state(job.id)
+                if state is None:
+                    raise errors.NotFound("the job's record is gone (expired?) while its upload arrived")
+                status, receiving, size, hash_hex, error = state
+                if status != jobs.ACTIVE:
+                    raise errors.Refused(error or f"the job ended ({status}) while its upload arrived")
+                if not receiving:
+                    if offset == size:
+                        final.append((size, hash_hex))
+                        return
+                    if offset > size:
+                        raise errors.IntegrityError(
+                            f"the spool file holds {offset} bytes but the upload recorded {size} bytes"
+                        )
+                    continue  # the rest is in the file already: read it
+                if time.monotonic() - grew > self.stall_timeout:
+                    raise errors.TimedOut(
+                        f"the upload stopped arriving ({offset} bytes in {self.stall_timeout:.0f}s); upload it again"
+                    )
+                await asyncio.sleep(TAIL_POLL)
+        finally:
+            os.close(fd)
 
 
 # ----------------------------------------------------------------------- the pool
@@ -535,7 +642,12 @@ async def serve(cfg: Config, parent_pid: int | None = None) -> None:
 
         watch = asyncio.create_task(orphaned())
     try:
-        worker = Worker(JobStore(redis), engine, meta, signing_key(cfg.data_dir), claim_idle=claim_idle_ms())
+        # An upload still arriving is dropped by ingest after upload_idle_timeout; past that and a
+        # margin, a silent spool file means its ingest process died without saying so.
+        stall = cfg.limits.upload_idle_timeout + 30.0
+        worker = Worker(
+            JobStore(redis), engine, meta, signing_key(cfg.data_dir), claim_idle=claim_idle_ms(), stall_timeout=stall
+        )
         await worker.run(stop)
     finally:
         if watch is not None:
