@@ -27,7 +27,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -220,6 +220,16 @@ def _expect(value: object, kind: type | tuple[type, ...], where: str, what: str)
     return value
 
 
+def _section(value: object, name: str, known: Iterable[str], what: str = "a mapping") -> dict[str, Any]:
+    """A config section as a mapping; ConfigError naming any setting not in ``known``."""
+    raw: dict[str, Any] = _expect(value, dict, name, what)
+    allowed = set(known)
+    bad = sorted(set(raw) - allowed)
+    if bad:
+        raise ConfigError(f"config: {name}: unknown setting(s) {', '.join(bad)}; known: {', '.join(sorted(allowed))}")
+    return raw
+
+
 def _int(value: object, where: str, lo: int, hi: int | None = None) -> int:
     n = _expect(value, int, where, "an integer")
     if n < lo or (hi is not None and n > hi):
@@ -283,11 +293,7 @@ def build_config(raw: Mapping[str, Any], *, data_dir: str | Path | None = None) 
     if len(set(ports.values())) != len(ports):
         raise ConfigError(f"config: ports: two services share a port: {ports}")
 
-    eng_raw = _expect(raw.get("engine") or {}, dict, "engine", "a mapping")
-    eng_known = {f.name for f in fields(EngineConfig)}
-    bad = sorted(set(eng_raw) - eng_known)
-    if bad:
-        raise ConfigError(f"config: engine: unknown setting(s) {', '.join(bad)}; known: {', '.join(sorted(eng_known))}")
+    eng_raw = _section(raw.get("engine") or {}, "engine", (f.name for f in fields(EngineConfig)))
     eng_kwargs: dict[str, Any] = {}
     for key, value in eng_raw.items():
         if key == "chunk_size":
@@ -417,11 +423,12 @@ def _metadata(value: object, data_dir: Path) -> MetadataConfig:
     default_index = f"dir://{data_dir}/meta/index"
     if value is None:
         return MetadataConfig(uri=f"dir://{data_dir}/meta/records", index_uri=default_index)
-    raw = _expect(value, dict, "metadata", "a mapping with uri, index_uri, replicas")
-    allowed = {"uri", "index_uri", "replicas", "mode", "master", "sync_interval", "verify_interval"}
-    bad = sorted(set(raw) - allowed)
-    if bad:
-        raise ConfigError(f"config: metadata: unknown setting(s) {', '.join(bad)}; known: {', '.join(sorted(allowed))}")
+    raw = _section(
+        value,
+        "metadata",
+        ("uri", "index_uri", "replicas", "mode", "master", "sync_interval", "verify_interval"),
+        "a mapping with uri, index_uri, replicas",
+    )
     uri = _expect(raw.get("uri"), str, "metadata.uri", "a backend URI")
     # A replica gateway does not use the dedup index, so it may leave index_uri out.
     index_uri = _expect(
@@ -462,11 +469,7 @@ def _seconds_value(value: object, where: str, *, positive: bool = False) -> floa
 
 
 def _maint(value: object) -> MaintConfig:
-    raw = _expect(value or {}, dict, "maint", "a mapping")
-    known = {f.name for f in fields(MaintConfig)}
-    bad = sorted(set(raw) - known)
-    if bad:
-        raise ConfigError(f"config: maint: unknown setting(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+    raw = _section(value or {}, "maint", (f.name for f in fields(MaintConfig)))
     d = MaintConfig()
     files_ps = _seconds_value(
         raw.get("scrub_files_per_second", d.scrub_files_per_second), "maint.scrub_files_per_second", positive=True
@@ -484,11 +487,7 @@ def _maint(value: object) -> MaintConfig:
 
 
 def _tls(value: object) -> TlsConfig:
-    raw = _expect(value or {}, dict, "tls", "a mapping")
-    known = {f.name for f in fields(TlsConfig)}
-    bad = sorted(set(raw) - known)
-    if bad:
-        raise ConfigError(f"config: tls: unknown setting(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+    raw = _section(value or {}, "tls", (f.name for f in fields(TlsConfig)))
     d = TlsConfig()
     internal = raw.get("internal")
     if internal == "auto":
@@ -545,11 +544,7 @@ def _address_list(value: object, where: str) -> tuple[str, ...]:
 
 
 def _limits(value: object) -> LimitsConfig:
-    raw = _expect(value or {}, dict, "limits", "a mapping")
-    known = {f.name for f in fields(LimitsConfig)}
-    bad = sorted(set(raw) - known)
-    if bad:
-        raise ConfigError(f"config: limits: unknown setting(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+    raw = _section(value or {}, "limits", (f.name for f in fields(LimitsConfig)))
     d = LimitsConfig()
 
     def count(name: str, lo: int = 0, hi: int | None = None) -> int:
