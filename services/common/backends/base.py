@@ -21,6 +21,8 @@ import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from services.common.errors import InvalidInput, ValueTooLarge
+
 MAX_VALUE_SIZE = 8 * 1024 * 1024
 """0-db's hard value limit (8 MiB); every driver enforces it so data can move between kinds."""
 
@@ -88,6 +90,26 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def info(self) -> BackendInfo:
         """Entries, bytes used and bytes free (raises BackendUnavailable when down)."""
+
+    def _check_key(self, key: bytes) -> None:
+        """InvalidInput unless ``key`` is 1 to MAX_KEY_SIZE bytes."""
+        if not isinstance(key, bytes | bytearray):
+            raise InvalidInput(f"{self.name}: a key is bytes, got {type(key).__name__}")
+        if not 1 <= len(key) <= MAX_KEY_SIZE:
+            raise InvalidInput(f"{self.name}: a key has 1 to {MAX_KEY_SIZE} bytes, got {len(key)}")
+
+    def _check_value(self, value: bytes) -> None:
+        """InvalidInput unless bytes; ValueTooLarge over MAX_VALUE_SIZE (checked before anything is sent)."""
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise InvalidInput(f"{self.name}: a value is bytes, got {type(value).__name__}")
+        size = value.nbytes if isinstance(value, memoryview) else len(value)
+        if size > MAX_VALUE_SIZE:
+            raise ValueTooLarge(f"{self.name}: value of {size} bytes is over the {MAX_VALUE_SIZE} byte limit (0-db's)")
+
+    def _is_possible_key(self, key: bytes) -> bool:
+        """Whether ``key`` could be stored here (a seq namespace only has 8-byte keys)."""
+        self._check_key(key)
+        return self.mode is Mode.USER or len(key) == SEQ_KEY_SIZE
 
     #: True when ``put_blocking`` works (local storage): the engine may then write
     #: several backends' shards from one worker thread instead of one hop each.

@@ -95,7 +95,6 @@ from typing import Final, TypeVar
 
 from services.common import errors
 from services.common.backends.base import (
-    MAX_KEY_SIZE,
     MAX_VALUE_SIZE,
     SEQ_KEY_SIZE,
     Backend,
@@ -578,23 +577,6 @@ class DirBackend(Backend):
     def _check_open(self, op: str) -> None:
         if self._closed:
             raise errors.BackendUnavailable(self.name, f"{op}: the backend is closed")
-
-    def _check_key(self, key: bytes) -> None:
-        if not isinstance(key, bytes | bytearray):
-            raise errors.InvalidInput(f"{self.name}: a key is bytes, got {type(key).__name__}")
-        if not 1 <= len(key) <= MAX_KEY_SIZE:
-            raise errors.InvalidInput(f"{self.name}: a key has 1 to {MAX_KEY_SIZE} bytes, got {len(key)}")
-
-    def _check_value(self, value: bytes) -> None:
-        if not isinstance(value, bytes | bytearray | memoryview):
-            raise errors.InvalidInput(f"{self.name}: a value is bytes, got {type(value).__name__}")
-        size = value.nbytes if isinstance(value, memoryview) else len(value)
-        if size > MAX_VALUE_SIZE:
-            raise errors.ValueTooLarge(f"{self.name}: value of {size} bytes is over the {MAX_VALUE_SIZE} byte limit")
-
-    def _is_possible_key(self, key: bytes) -> bool:
-        self._check_key(key)
-        return self.mode is Mode.USER or len(key) == SEQ_KEY_SIZE
 
     def _after_write(self) -> None:
         """Arm the background flush (fsync="batch") on the running loop."""

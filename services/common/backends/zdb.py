@@ -37,8 +37,6 @@ from redis.backoff import NoBackoff
 
 from services.common import errors
 from services.common.backends.base import (
-    MAX_KEY_SIZE,
-    MAX_VALUE_SIZE,
     SEQ_KEY_SIZE,
     Backend,
     BackendInfo,
@@ -275,27 +273,6 @@ class ZdbBackend(Backend):
 
     async def _nsinfo(self) -> dict[str, str]:
         return _parse_nsinfo(await self._call("NSINFO", self.uri.namespace))
-
-    @staticmethod
-    def _check_key(key: bytes) -> None:
-        if not isinstance(key, bytes | bytearray):
-            raise errors.InvalidInput(f"a key is bytes, got {type(key).__name__}")
-        if not 1 <= len(key) <= MAX_KEY_SIZE:
-            raise errors.InvalidInput(f"a key has 1 to {MAX_KEY_SIZE} bytes, got {len(key)}")
-
-    def _check_value(self, value: bytes) -> None:
-        if not isinstance(value, bytes | bytearray | memoryview):
-            raise errors.InvalidInput(f"a value is bytes, got {type(value).__name__}")
-        size = len(value) if not isinstance(value, memoryview) else value.nbytes
-        if size > MAX_VALUE_SIZE:
-            raise errors.ValueTooLarge(
-                f"{self.name}: value of {size} bytes is over 0-db's limit of {MAX_VALUE_SIZE} bytes"
-            )
-
-    def _is_possible_key(self, key: bytes) -> bool:
-        """Whether ``key`` could be stored here (a seq namespace only has 8-byte keys)."""
-        self._check_key(key)
-        return self.mode is Mode.USER or len(key) == SEQ_KEY_SIZE
 
     # -- Backend ----------------------------------------------------------
 
