@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from pathlib import Path
 
 import grpc
@@ -49,6 +50,8 @@ async def open_pool(cfg: Config) -> BackendPool:
     ``LazyBackend`` that keeps trying. A malformed URI still fails at once.
     """
 
+    ensure_local_dirs(cfg)
+
     async def one(uri: str) -> Backend:
         try:
             return await open_backend(uri, Mode.SEQ)
@@ -88,6 +91,7 @@ async def open_metastore(cfg: Config) -> MetaStore:
     namespace keyed by the master's ids, without the dedup index.
     """
     assert cfg.metadata is not None
+    ensure_local_dirs(cfg)
     md = cfg.metadata
     if md.mode == "user":
         return MetaStore(await open_backend(md.uri, Mode.USER), None)
@@ -136,6 +140,29 @@ def channel(cfg: Config, service: str) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(address, credentials, options=options)
 
 
+class ServiceCredentials:
+    """Call metadata carrying a service token for internal methods, as ``service:<name>``.
+
+    The token is minted once and renewed hourly (tokens live a day), so a
+    long-running caller stays authorized without reading the key per call.
+    """
+
+    REFRESH = 3600.0
+
+    def __init__(self, cfg: Config, name: str) -> None:
+        self._key = signing_key(cfg.data_dir)
+        self._name = name
+        self._md: tuple[tuple[str, str]] | None = None
+        self._at = 0.0
+
+    def __call__(self) -> tuple[tuple[str, str]]:
+        now = time.monotonic()
+        if self._md is None or now - self._at > self.REFRESH:
+            self._md = (("authorization", "Bearer " + service_token(self._key, self._name)),)
+            self._at = now
+        return self._md
+
+
 def service_metadata(cfg: Config, name: str) -> tuple[tuple[str, str]]:
-    """Call metadata carrying a service token for internal methods."""
-    return (("authorization", "Bearer " + service_token(signing_key(cfg.data_dir), name)),)
+    """One-off call metadata with a fresh service token (see ServiceCredentials for long-running callers)."""
+    return ServiceCredentials(cfg, name)()

@@ -141,14 +141,7 @@ class MetaClient:
         self.cfg = cfg
         self.channel = gateway.channel(cfg, "meta")
         self.stub = meta_pb2_grpc.MetaServiceStub(self.channel)
-        self._md: tuple[tuple[str, str]] | None = None
-        self._md_at = 0.0
-
-    def _metadata(self) -> tuple[tuple[str, str]]:
-        if self._md is None or time.monotonic() - self._md_at > 3600:  # tokens last a day
-            self._md = gateway.service_metadata(self.cfg, "ingest")
-            self._md_at = time.monotonic()
-        return self._md
+        self._metadata = gateway.ServiceCredentials(cfg, "ingest")
 
     async def _call(self, method: str, fn: Callable[..., Awaitable[_T]], request: Any) -> _T:
         """Call ``fn``; while meta is unreachable retry with backoff for up to META_RETRY_FOR seconds."""
@@ -624,7 +617,6 @@ async def serve(cfg: Config, parent_pid: int | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    gateway.ensure_local_dirs(cfg)
     redis = jobs.connect(cfg.redis_url)
     engine = await gateway.open_engine(cfg)
     meta = MetaClient(cfg)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -11,10 +10,9 @@ from gridstor.v1 import meta_pb2, meta_pb2_grpc
 from services.common import errors
 from services.common.config import Config
 from services.common.engine import FileRecord
-from services.common.gateway import channel, service_metadata
+from services.common.gateway import ServiceCredentials, channel
 from services.maint.records import Entry
 
-TOKEN_REFRESH = 3600.0  # service tokens live a day; a fresh one each hour keeps a long-running maint authorized
 UNARY_TIMEOUT = 60.0
 
 _ERRORS: dict[grpc.StatusCode, Callable[[str], errors.GridstorError]] = {
@@ -44,20 +42,12 @@ class MetaRecords:
     def __init__(self, chan: grpc.aio.Channel, token: Callable[[], tuple[tuple[str, str], ...]]) -> None:
         self.channel = chan
         self.stub = meta_pb2_grpc.MetaServiceStub(chan)
-        self._token = token
-        self._auth: tuple[tuple[str, str], ...] = ()
-        self._auth_at = 0.0
+        self._metadata = token
 
     @classmethod
     def for_config(cls, cfg: Config, name: str = "maint") -> MetaRecords:
         """A client of this gateway's meta service (cfg.address("meta")) calling as ``service:<name>``."""
-        return cls(channel(cfg, "meta"), lambda: service_metadata(cfg, name))
-
-    def _metadata(self) -> tuple[tuple[str, str], ...]:
-        now = time.monotonic()
-        if not self._auth or now - self._auth_at > TOKEN_REFRESH:
-            self._auth, self._auth_at = self._token(), now
-        return self._auth
+        return cls(channel(cfg, "meta"), ServiceCredentials(cfg, name))
 
     async def get(self, file_id: str) -> Entry:
         try:

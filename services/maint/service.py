@@ -25,7 +25,7 @@ from gridstor.v1 import maint_pb2, maint_pb2_grpc
 from services.common import errors, rpc
 from services.common.config import Config
 from services.common.engine import Engine, FileRecord
-from services.common.gateway import ensure_local_dirs, open_engine
+from services.common.gateway import open_engine
 from services.common.metrics import Registry
 from services.maint import backup as backups
 from services.maint import checks, cleanup, replicas
@@ -272,7 +272,6 @@ async def build(
 
     ``records`` replaces the meta client (tests); ``schedules=False`` starts no background task.
     """
-    ensure_local_dirs(cfg)
     engine = await open_engine(cfg)
     client: MetaRecords | None = None
     if records is None:

@@ -13,7 +13,7 @@ from gridstor.v1 import meta_pb2, meta_pb2_grpc
 from services.common import errors, rpc
 from services.common.config import Config
 from services.common.engine import Engine
-from services.common.gateway import ensure_local_dirs, open_engine, open_metastore
+from services.common.gateway import open_engine, open_metastore
 from services.common.metrics import Registry
 from services.meta import download
 from services.meta.catalog import Catalog, file_info
@@ -134,7 +134,6 @@ async def build(
     cfg: Config, *, port: int | None = None, registry: Registry | None = None
 ) -> tuple[rpc.Running, Callable[[], Awaitable[None]]]:
     """Open the metadata store and the engine, start the server; return it and an async cleanup."""
-    ensure_local_dirs(cfg)
     store = await open_metastore(cfg)
     try:
         engine = await open_engine(cfg)
