@@ -49,7 +49,7 @@ $(VENV)/bin/gridstor: $(VENV)/.stamp-run
 dev-venv: venv $(VENV)/.stamp-dev
 
 # --- generated code ------------------------------------------------------------
-# Generated code is committed; `make gen` rewrites it after a .proto change.
+# Generated files are committed; `make gen` rewrites them after a .proto, compose config or setting change.
 gen: dev-venv
 	@$(PY) protos/gen.py
 

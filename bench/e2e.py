@@ -273,15 +273,16 @@ def free_port(taken: set[int], offset: int = 0) -> int:
 
 def write_config(data_dir: Path, size: int) -> tuple[Path, list[str]]:
     """DIR/gridstor.yaml: the launcher's default config with free ports (and room for the upload)."""
-    from services.launcher import CONFIG_NAME, default_config_text
+    from services.common.config_text import default_yaml
+    from services.launcher import CONFIG_NAME
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    raw = yaml.safe_load(default_config_text(data_dir))
+    raw = yaml.safe_load(default_yaml(data_dir))
     offset = int(raw.get("metrics_port_offset", 100))
     taken: set[int] = set()
     raw["ports"] = {svc: free_port(taken, offset) for svc in SERVICES}
     raw["envoy_port"] = free_port(taken)
-    raw["ssh_port"] = free_port(taken)
+    raw["ssh"]["port"] = free_port(taken)
     notes = []
     if int(raw.get("max_upload", 0)) < size:
         notes.append(f"max_upload raised from {raw.get('max_upload')} to {size} bytes for the upload")

@@ -14,14 +14,15 @@ so error details render as JSON); and the compose deployment's Envoy configs,
 ``compose/envoy/envoy.yaml`` from ``compose/gridstor.yaml`` and
 ``compose/envoy/envoy-replica.yaml`` from ``compose/gridstor-replica.yaml``
 (services/edge/envoy.py, from the fresh descriptor set; only when that config
-exists). The output depends only on the protos, those configs and the pinned
-tool versions, so two runs give identical bytes.
+exists); and the table of every gateway setting, ``docs/config.md``, from the
+settings' definitions (services/common/config_text.py; only when docs/ exists).
+The output depends only on the protos, those configs, the settings' definitions
+and the pinned tool versions, so two runs give identical bytes.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import os
 import shutil
@@ -34,6 +35,7 @@ from pathlib import Path
 TOOL_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "gridstor"
 DESCRIPTOR = Path("compose/envoy/gridstor.pb")
+CONFIG_DOC = Path("docs/config.md")
 # Compose Envoy configs: (output, the gateway config it is generated from, services it serves or None = all).
 ENVOY_CONFIGS = (
     (Path("compose/envoy/envoy.yaml"), Path("compose/gridstor.yaml"), None),
@@ -41,7 +43,7 @@ ENVOY_CONFIGS = (
 )
 # Inside the Envoy container (compose mounts compose/envoy there).
 ENVOY_DESCRIPTOR_REF = "/etc/envoy/gridstor.pb"
-ENVOY_LISTEN = ("0.0.0.0", 8080)
+ENVOY_LISTEN_ADDRESS = "0.0.0.0"  # inside the container; the port is the config's envoy_port
 ENVOY_ADMIN_PORT = 9901  # bound to 127.0.0.1 inside the container, for its health check
 # Not compiled to Python, only added to the descriptor set (ENVOY_NOTES item 4).
 DESCRIPTOR_EXTRAS = ("google/rpc/error_details.proto",)
@@ -159,16 +161,31 @@ def generate(root: Path, work: Path) -> dict[str, bytes]:
     for target, source, only in ENVOY_CONFIGS:
         if (root / source).is_file():
             out[target.as_posix()] = envoy_config(root / source, descriptor, only).encode()
+    if (root / CONFIG_DOC.parent).is_dir():
+        out[CONFIG_DOC.as_posix()] = config_doc().encode()
     return dict(sorted(out.items()))
+
+
+def _import_services() -> None:
+    """Make the services package of this checkout importable (the generator runs as a plain script)."""
+    if str(TOOL_ROOT) not in sys.path:
+        sys.path.insert(0, str(TOOL_ROOT))
+
+
+def config_doc() -> str:
+    """docs/config.md: the table of every gateway setting."""
+    _import_services()
+    from services.common.config_text import markdown
+
+    return markdown()
 
 
 def envoy_config(source: Path, descriptor: Path, only: tuple[str, ...] | None) -> str:
     """The compose Envoy config for the gateway config ``source`` (services/edge/envoy.py does the work)."""
-    if str(TOOL_ROOT) not in sys.path:
-        sys.path.insert(0, str(TOOL_ROOT))
+    _import_services()
     import yaml
 
-    from services.common.config import Config, build_config
+    from services.common.config import build_config
     from services.common.errors import GridstorError
     from services.edge.envoy import build_envoy_config, render
 
@@ -176,30 +193,20 @@ def envoy_config(source: Path, descriptor: Path, only: tuple[str, ...] | None) -
         raw = yaml.safe_load(source.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise GenError(f"cannot read {source}: {exc}") from None
-    known = {f.name for f in dataclasses.fields(Config)}
-    # service -> host of each service's container; read here until the config itself has the field.
-    hosts = raw.pop("hosts", None) if "hosts" not in known else None
-    if hosts is not None and not (isinstance(hosts, dict) and all(isinstance(v, str) for v in hosts.values())):
-        raise GenError(f"{source}: hosts: expected a mapping of service: host name")
-    # The file alone decides: GRIDSTOR_* overrides of the shell running this must not leak in.
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("GRIDSTOR_")}
     try:
-        cfg = build_config(raw)
-        listen_port = int(getattr(cfg, "envoy_port", 0) or ENVOY_LISTEN[1])
+        # The file alone decides: GRIDSTOR_* overrides of the shell running this must not leak in.
+        cfg = build_config(raw, env={})
         bootstrap = build_envoy_config(
             cfg,
             descriptor,
-            listen_port,
+            None,
             ENVOY_ADMIN_PORT,
-            hosts=hosts,
-            listen_address=ENVOY_LISTEN[0],
+            listen_address=ENVOY_LISTEN_ADDRESS,
             descriptor_ref=ENVOY_DESCRIPTOR_REF,
             only=only,
         )
     except GridstorError as exc:
         raise GenError(f"{source}: {exc}") from None
-    finally:
-        os.environ.update(saved)
     return render(bootstrap)
 
 
@@ -213,7 +220,7 @@ def existing_outputs(root: Path) -> set[str]:
                 continue
             if path.name == "__init__.py" or path.name.endswith(GENERATED_SUFFIXES):
                 owned.add(path.relative_to(root).as_posix())
-    for path in (DESCRIPTOR, *(target for target, _, _ in ENVOY_CONFIGS)):
+    for path in (DESCRIPTOR, CONFIG_DOC, *(target for target, _, _ in ENVOY_CONFIGS)):
         if (root / path).is_file():
             owned.add(path.as_posix())
     return owned
@@ -298,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     drift = compare(root, fresh)
     if args.check:
         if drift:
-            print(f"gen.py --check: generated code under {root} is out of date with the protos:", file=sys.stderr)
+            print(f"gen.py --check: generated files under {root} are out of date with their sources:", file=sys.stderr)
             print("\n".join(drift.lines()), file=sys.stderr)
             print(f"Fix: {FIX_HINT}.", file=sys.stderr)
             print(f"(generated with {tool_versions()})", file=sys.stderr)

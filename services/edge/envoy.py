@@ -51,7 +51,6 @@ from services.common.errors import InvalidInput
 PACKAGE = "gridstor.v1"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DESCRIPTOR = REPO_ROOT / "compose" / "envoy" / "gridstor.pb"
-DEFAULT_LISTEN_PORT = 8080
 TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 # Timeouts. Streams (uploads, downloads) have no total limit: a 100 MB upload over a slow
 # link may take many minutes; a stalled stream is cut by the idle timeout (limits.edge_idle_timeout).
@@ -350,10 +349,9 @@ def size_guard_lua(bindings: Iterable[Binding], max_upload: int) -> str:
 def build_envoy_config(
     cfg: Config,
     descriptor_path: Path,
-    listen_port: int = DEFAULT_LISTEN_PORT,
+    listen_port: int | None = None,
     admin_port: int | None = None,
     *,
-    hosts: Mapping[str, str] | None = None,
     listen_address: str | None = None,
     descriptor_ref: str | None = None,
     only: Iterable[str] | None = None,
@@ -363,7 +361,7 @@ def build_envoy_config(
     * ``descriptor_path``: the descriptor set to read the services from; Envoy loads the
       file named by ``descriptor_ref`` (default: the same path, absolute), e.g. the path
       inside a container.
-    * ``hosts``: service -> host to connect to (default: cfg.listen_host for every service).
+    * ``listen_port``: Envoy's port (default: cfg.envoy_port).
     * ``listen_address``: where Envoy listens (default: cfg.listen_host).
     * ``admin_port``: Envoy's admin interface on 127.0.0.1 only; None disables it.
     * ``only``: serve just these services (e.g. a replica gateway: auth, meta, maint).
@@ -375,13 +373,11 @@ def build_envoy_config(
         if unknown:
             raise InvalidInput(f"envoy: only= names unknown service(s) {', '.join(sorted(unknown))}")
         services = [s for s in services if s.key in wanted]
-    configured = getattr(cfg, "hosts", None)  # a per-service host field, once the config has one
-    host_of = dict(hosts or configured or {})
     files = tls.files(cfg)
     upstream_ca = files.ca if cfg.internal_tls else None
     clusters = []
     for svc in services:
-        host = dial_host(host_of.get(svc.key, cfg.listen_host))
+        host = dial_host(cfg.hosts.get(svc.key, cfg.listen_host))
         clusters.append(_cluster(svc.key, host, cfg.ports[svc.key], upstream_ca))
     ref = descriptor_ref or str(descriptor_path.absolute())
     http_filters: list[dict[str, Any]] = []
@@ -469,7 +465,12 @@ def build_envoy_config(
     }
     listener: dict[str, Any] = {
         "name": "gridstor",
-        "address": {"socket_address": {"address": listen_address or cfg.listen_host, "port_value": listen_port}},
+        "address": {
+            "socket_address": {
+                "address": listen_address or cfg.listen_host,
+                "port_value": listen_port or cfg.envoy_port,
+            }
+        },
         "per_connection_buffer_limit_bytes": CONNECTION_BUFFER,
         "filter_chains": [{"filters": [{"name": HCM_FILTER, "typed_config": hcm}]}],
     }
@@ -606,7 +607,7 @@ def write_envoy_config(
     cfg: Config,
     descriptor_path: Path,
     out: Path,
-    listen_port: int = DEFAULT_LISTEN_PORT,
+    listen_port: int | None = None,
     admin_port: int | None = None,
     **options: Any,
 ) -> Path:

@@ -40,7 +40,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,7 +52,7 @@ from redis.exceptions import RedisError
 
 from gridstor.v1 import common_pb2, meta_pb2, meta_pb2_grpc, record_pb2
 from services.common import errors, gateway
-from services.common.config import Config, build_config, load_config
+from services.common.config import Config, build_config, dump_config, load_config
 from services.common.engine import Engine, FileRecord, file_source
 from services.common.ids import HASH_BYTES
 from services.common.keys import key_id, signing_key
@@ -494,36 +494,13 @@ class Worker:
 # ----------------------------------------------------------------------- the pool
 
 
-def config_to_raw(cfg: Config) -> dict[str, Any]:
-    """A mapping that ``build_config`` turns back into ``cfg`` (to hand the config to a worker)."""
-    raw: dict[str, Any] = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        key = "redis" if f.name == "redis_url" else f.name
-        raw[key] = _plain(value)
-    return raw
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    return value
-
-
 class WorkerPool:
     """Spawns ``size`` worker processes, restarts any that exits, stops them all on ``stop``."""
 
     def __init__(self, cfg: Config, size: int) -> None:
         self.size = size
-        self._config = yaml.safe_dump(config_to_raw(cfg)).encode()
-        if build_config(config_to_raw(cfg)) != cfg:
-            log.warning("the config handed to workers differs from the service's (GRIDSTOR_* overrides changed?)")
+        # Each worker reads the service's config from stdin (dump_config round-trips through build_config).
+        self._config = yaml.safe_dump(dump_config(cfg)).encode()
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False

@@ -187,15 +187,13 @@ def sweep_homes(cfg: Config) -> dict[str, list[Removed]]:
     """Enforce every SSH account's limit on its home; removed files per user (only users with removals)."""
     try:
         from services.ssh.accounts import AccountStore, home_path
-        from services.ssh.settings import SshSettings
     except ImportError:  # the ssh service is not installed here: no homes to keep
         return {}
-    settings = SshSettings.from_config(cfg)
-    if not (settings.state_dir / "accounts.json").exists():
+    if not (cfg.ssh_state_dir / "accounts.json").exists():
         return {}
     out: dict[str, list[Removed]] = {}
-    for account in AccountStore.open(settings.state_dir):
-        home = home_path(settings.homes_dir, account.username)
+    for account in AccountStore.open(cfg.ssh_state_dir):
+        home = home_path(cfg.ssh.homes_dir, account.username)
         with contextlib.suppress(FileNotFoundError):
             removed = enforce_quota(home, account.max_bytes)
             if removed:

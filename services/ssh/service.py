@@ -7,12 +7,13 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from gridstor.v1 import ssh_pb2, ssh_pb2_grpc
-from services.common.config import Config
+from services.common.config import Config, SshConfig
 from services.common.keys import signing_key
 from services.common.metrics import Registry
 from services.common.rpc import Guard, Policy, Running, current_identity, start_server
@@ -21,8 +22,8 @@ from services.ingest.jobs import JobStore, Notifier
 from services.ssh.accounts import AccountStore, check_username, ensure_home
 from services.ssh.audit import SshMetrics
 from services.ssh.processing import Processor
+from services.ssh.rrsync import find_rrsync
 from services.ssh.server import SshGateway, fingerprint, load_host_key
-from services.ssh.settings import SshSettings, find_rrsync
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class SshServicer(ssh_pb2_grpc.SshServiceServicer):
     """Unpacks requests, calls the gateway / processor, builds replies."""
 
-    def __init__(self, gateway: SshGateway, processor: Processor, settings: SshSettings, host_fp: str) -> None:
+    def __init__(self, gateway: SshGateway, processor: Processor, settings: SshConfig, host_fp: str) -> None:
         self.gateway = gateway
         self.processor = processor
         self.settings = settings
@@ -47,7 +48,7 @@ class SshServicer(ssh_pb2_grpc.SshServiceServicer):
     ) -> ssh_pb2.EnableAccountReply:
         """Create an account with a home folder, or update its key and size."""
         acct, created = await self.gateway.enable(
-            request.username, request.public_key, request.max_size_mb, self.settings.default_max_bytes
+            request.username, request.public_key, request.max_size_mb, self.settings.default_max_size
         )
         log.info("EnableAccount", extra={"user": acct.username, "caller": current_identity.get()})
         return ssh_pb2.EnableAccountReply(
@@ -89,7 +90,8 @@ class SshService:
     ssh_port: int
     gateway: SshGateway
     processor: Processor
-    settings: SshSettings
+    settings: SshConfig
+    state_dir: Path  # accounts, host key, pending removals
     host_key_fingerprint: str
     cleanup: Callable[[], Awaitable[None]]
 
@@ -98,14 +100,15 @@ async def start(
     cfg: Config, *, port: int | None = None, ssh_port: int | None = None, registry: Registry | None = None
 ) -> SshService:
     """Open accounts and Redis, start the SSH server and the gRPC server (ports None = configured)."""
-    settings = SshSettings.from_config(cfg)
-    settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings, state_dir = cfg.ssh, cfg.ssh_state_dir
+    listen_host = settings.listen_host or cfg.listen_host
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     signing_key(cfg.data_dir)  # fail early on a bad key file
-    accounts = AccountStore.open(settings.state_dir)
-    host_key = load_host_key(settings.state_dir)
+    accounts = AccountStore.open(state_dir)
+    host_key = load_host_key(state_dir)
     host_fp = fingerprint(host_key)
     metrics = SshMetrics(registry or Registry())
-    rrsync = find_rrsync(settings.rrsync, settings.state_dir)
+    rrsync = find_rrsync(settings.rrsync, state_dir)
     for acct in accounts:
         await asyncio.to_thread(ensure_home, settings.homes_dir, acct.username)
     spool.prepare_dir(cfg.spool_dir)
@@ -115,7 +118,7 @@ async def start(
     gateway = SshGateway(accounts, settings.homes_dir, metrics, rrsync)
     processor = Processor(
         spool_dir=cfg.spool_dir,
-        state_dir=settings.state_dir,
+        state_dir=state_dir,
         limit=cfg.max_upload,
         store=store,
         notifier=notifier,
@@ -132,7 +135,7 @@ async def start(
 
     try:
         await notifier.start()
-        bound_ssh = await gateway.start(settings.listen_host, settings.port if ssh_port is None else ssh_port, host_key)
+        bound_ssh = await gateway.start(listen_host, settings.port if ssh_port is None else ssh_port, host_key)
         resumed = processor.resume()
         servicer = SshServicer(gateway, processor, settings, host_fp)
         guard = Guard.for_config(cfg, {SERVICE: POLICY})
@@ -148,7 +151,7 @@ async def start(
     log.info(
         "ssh ready",
         extra={
-            "ssh": f"{settings.listen_host}:{bound_ssh}",
+            "ssh": f"{listen_host}:{bound_ssh}",
             "host_key": host_fp,
             "accounts": len(list(accounts)),
             "rsync": str(rrsync) if rrsync else "disabled",
@@ -161,7 +164,7 @@ async def start(
         await running.server.stop(1)
         await close()
 
-    return SshService(running, bound_ssh, gateway, processor, settings, host_fp, cleanup)
+    return SshService(running, bound_ssh, gateway, processor, settings, state_dir, host_fp, cleanup)
 
 
 async def build(

@@ -49,7 +49,7 @@ def write_config(data: Path, **extra: object) -> Path:
     cfg = {
         "ports": ports,
         "envoy_port": edge,
-        "ssh_port": sshd,
+        "ssh": {"port": sshd},
         "metrics_port_offset": METRICS_OFFSET,
         "workers": 1,
         **extra,

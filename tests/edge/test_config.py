@@ -128,7 +128,7 @@ def test_one_http2_cluster_per_service_at_the_configured_address(tmp_path: Path)
     options = meta["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
     assert options["explicit_http_config"] == {"http2_protocol_options": {}}
     named = build_envoy_config(
-        build_config({"data_dir": str(tmp_path)}), DESCRIPTOR, hosts={"meta": "meta", "auth": "10.0.0.5"}
+        build_config({"data_dir": str(tmp_path), "hosts": {"meta": "meta", "auth": "10.0.0.5"}}), DESCRIPTOR
     )
     by_name = {c["name"]: c for c in named["static_resources"]["clusters"]}
     assert by_name["gridstor_meta"]["type"] == "STRICT_DNS"

@@ -7,10 +7,10 @@ import signal
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gridstor.v1 import common_pb2
-from services.common.config import build_config
-from services.ingest.worker import config_to_raw
+from services.common.config import build_config, dump_config
 from tests.ingest.conftest import MiB, SuiteFactory, eventually
 
 
@@ -62,4 +62,4 @@ async def test_config_hand_over_round_trips(tmp_path: Path) -> None:
             "redis": "redis://127.0.0.1:6390/2",
         }
     )
-    assert build_config(config_to_raw(cfg)) == cfg
+    assert build_config(yaml.safe_load(yaml.safe_dump(dump_config(cfg)))) == cfg  # what the workers read

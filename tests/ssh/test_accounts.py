@@ -22,11 +22,11 @@ MiB = 1024 * 1024
 async def test_enable_is_idempotent_and_updates(ssh_factory: SshFactory, tmp_path: Path) -> None:
     env = await ssh_factory()
     first = await env.enable("alice", mb=0)
-    assert first.created and first.max_bytes == env.svc.settings.default_max_bytes == 1 << 30
+    assert first.created and first.max_bytes == env.svc.settings.default_max_size == 1 << 30
     assert first.host_key_fingerprint == env.svc.host_key_fingerprint and first.host_key_fingerprint.startswith(
         "SHA256:"
     )
-    out = await run("ssh-keygen", "-lf", env.svc.settings.state_dir / "host_key")
+    out = await run("ssh-keygen", "-lf", env.svc.state_dir / "host_key")
     assert first.host_key_fingerprint in out.out  # what OpenSSH shows when it first connects
     home = env.home("alice")
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
@@ -68,7 +68,7 @@ async def test_enable_validates(ssh_factory: SshFactory, username: str, key: str
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert needle in (info.value.details() or ""), info.value.details()
-    assert not (env.svc.settings.state_dir / "accounts.json").exists()
+    assert not (env.svc.state_dir / "accounts.json").exists()
 
 
 async def test_disable_and_remove_home(ssh_factory: SshFactory, tmp_path: Path) -> None:
@@ -118,7 +118,7 @@ async def test_accounts_and_host_key_survive_a_restart(ssh_factory: SshFactory) 
     await env.enable("bob", key="bob")
     await env.stub.DisableAccount(ssh_pb2.DisableAccountRequest(username="bob"))
     fp = env.svc.host_key_fingerprint
-    state = env.svc.settings.state_dir
+    state = env.svc.state_dir
     for name in ("accounts.json", "host_key"):
         assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
     doc = json.loads((state / "accounts.json").read_text())
@@ -139,7 +139,7 @@ async def test_damaged_accounts_file_stops_the_start(ssh_factory: SshFactory) ->
     env = await ssh_factory()
     await env.enable("alice")
     await env.svc.cleanup()
-    (env.svc.settings.state_dir / "accounts.json").write_text("{not json")
+    (env.svc.state_dir / "accounts.json").write_text("{not json")
     with pytest.raises(errors.InvalidInput, match=r"accounts file .* is damaged"):
         await ssh_service.start(env.cfg, port=0, ssh_port=0)
 
@@ -163,24 +163,3 @@ async def test_token_required_unless_public(ssh_factory: SshFactory) -> None:
     assert (await env.stub.HomeSize(ssh_pb2.HomeSizeRequest(username="alice"), metadata=md)).max_bytes == MiB
     svc_md = (("authorization", f"Bearer {service_token(key, 'maint')}"),)
     assert (await env.stub.HomeSize(ssh_pb2.HomeSizeRequest(username="alice"), metadata=svc_md)).enabled
-
-
-def test_settings_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from services.common.config import ConfigError, build_config
-    from services.ssh.settings import SshSettings
-
-    cfg = build_config({"data_dir": str(tmp_path)})
-    s = SshSettings.from_config(cfg)
-    assert (s.port, s.homes_dir, s.default_max_bytes) == (2222, tmp_path / "homes", 1 << 30)
-    monkeypatch.setenv("GRIDSTOR_SSH_PORT", "2022")
-    monkeypatch.setenv("GRIDSTOR_HOMES_DIR", str(tmp_path / "h"))
-    monkeypatch.setenv("GRIDSTOR_SSH_DEFAULT_MAX", "500MB")
-    s = SshSettings.from_config(cfg)
-    assert (s.port, s.homes_dir, s.default_max_bytes) == (2022, tmp_path / "h", 500 * 10**6)
-    monkeypatch.setenv("GRIDSTOR_SSH_PORT", "70000")
-    with pytest.raises(ConfigError, match="GRIDSTOR_SSH_PORT: must be between 0 and 65535"):
-        SshSettings.from_config(cfg)
-    monkeypatch.delenv("GRIDSTOR_SSH_PORT")
-    assert SshSettings.from_config(build_config({"data_dir": str(tmp_path), "ssh_port": 2200})).port == 2200
-    with pytest.raises(ConfigError, match="ssh_port"):
-        build_config({"data_dir": str(tmp_path), "ssh_port": 70000})

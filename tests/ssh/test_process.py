@@ -28,7 +28,7 @@ async def process(env: SshEnv, path: str, remove: bool | None = None, user: str 
 
 
 def pending(env: SshEnv) -> list[str]:
-    d = env.svc.settings.state_dir / "pending"
+    d = env.svc.state_dir / "pending"
     return sorted(os.listdir(d)) if d.exists() else []
 
 

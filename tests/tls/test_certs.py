@@ -10,8 +10,7 @@ import pytest
 from cryptography import x509
 
 from services.common import tls
-from services.common.config import ConfigError, LimitsConfig, TlsConfig, build_config
-from services.ingest.worker import config_to_raw
+from services.common.config import ConfigError, LimitsConfig, TlsConfig, build_config, dump_config
 
 
 def mode(path: Path) -> int:
@@ -155,6 +154,6 @@ def test_sections_round_trip_to_the_ingest_workers(tmp_path: Path) -> None:
         names=("a",),
     )  # fmt: skip
     assert cfg.limits.trusted_proxies == ("envoy", "10.0.0.0/8") and cfg.limits.exempt == ()
-    assert build_config(config_to_raw(cfg)) == cfg  # what ingest hands its worker processes
+    assert build_config(dump_config(cfg)) == cfg  # what ingest hands its worker processes
     assert tls.files(cfg).edge_cert == tmp_path / "e.pem"  # relative paths are in the data dir
     assert build_config({}).limits == LimitsConfig()

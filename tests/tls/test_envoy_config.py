@@ -57,9 +57,9 @@ def test_tls_edge_serves_h2_and_http1_and_answers_plain_text_itself(tmp_path: Pa
 
 
 def test_internal_tls_verifies_each_service_by_name(tmp_path: Path) -> None:
-    cfg = build_config({"data_dir": str(tmp_path), "tls": {"internal": True}})
+    cfg = build_config({"data_dir": str(tmp_path), "tls": {"internal": True}, "hosts": {"meta": "meta.internal"}})
     tls.ensure_local(cfg)
-    boot = build_envoy_config(cfg, DESCRIPTOR, 18443, hosts={"meta": "meta.internal"})
+    boot = build_envoy_config(cfg, DESCRIPTOR, 18443)
     clusters = {c["name"]: c for c in boot["static_resources"]["clusters"]}
     meta = clusters["gridstor_meta"]["transport_socket"]["typed_config"]
     assert meta["sni"] == "meta.internal"
