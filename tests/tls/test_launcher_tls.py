@@ -30,7 +30,7 @@ def test_the_launcher_makes_the_certificates_and_shows_how_to_trust_them(
     assert f"gridstor: created a local CA: {ca}" in out
     assert "issued the gateway certificate" in out and "localhost, 127.0.0.1, ::1" in out
     assert (tmp_path / "tls" / "server.key").stat().st_mode & 0o777 == 0o600
-    text = launcher.banner(True)
+    text = L.banner(launcher, True)
     assert f"tls:    CA {ca}  (envoy; clients trust this file)" in text
     assert f"REST https://127.0.0.1:{cfg.envoy_port}/v1" in text
     assert f"curl --cacert {ca} -o copy https://127.0.0.1:{cfg.envoy_port}/v1/files/<id>" in text
@@ -45,7 +45,7 @@ def test_plain_http_only_when_the_config_says_so(tmp_path: Path) -> None:
     launcher = L.Launcher(cfg, tmp_path / "g.yaml", ["meta"], timeout=1, grace=1)
     launcher.prepare_tls()
     assert not (tmp_path / "tls").exists()  # nothing speaks TLS: nothing made
-    text = launcher.banner(False)
+    text = L.banner(launcher, False)
     assert "tls:    off (tls.edge: false)" in text and f"REST http://127.0.0.1:{cfg.envoy_port}/v1" in text
     assert "--cacert" not in text
 
@@ -74,7 +74,7 @@ def test_a_public_edge_certificate_needs_no_ca_file_for_clients(tmp_path: Path) 
     )
     launcher = L.Launcher(cfg, tmp_path / "g.yaml", ["meta"], timeout=1, grace=1)
     launcher.prepare_tls()
-    text = launcher.banner(False)
+    text = L.banner(launcher, False)
     assert f"tls:    envoy: {tmp_path / 'le/fullchain.pem'}  (its own certificate" in text
     assert "--cacert" not in text and "--ca " not in text
     (tmp_path / "le" / "privkey.pem").write_bytes(tls.key_pem(tls.new_key()))
