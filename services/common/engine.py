@@ -3,10 +3,10 @@
 Write path, per chunk (``chunk_size`` plaintext bytes, 4 MiB by default):
 BLAKE3 of the plaintext is updated, the chunk is encrypted (AES-256-GCM, per
 file key, chunk index bound), coded into k data + m parity fragments, and the
-k+m fragments go to k+m distinct backends in parallel. CPU work for chunk i+1
-runs in a worker thread while the shards of chunk i are being written, and at
-most ``write_ahead`` chunks are in flight, so memory is bounded by a few chunks
-whatever the file size.
+k+m fragments go to k+m distinct backends at once (``put_each``). CPU work for
+chunk i+1 runs in a worker thread while the shards of chunk i are being
+written, and at most ``write_ahead`` chunks are in flight, so memory is
+bounded by a few chunks whatever the file size.
 
 Read path: for each chunk the k data shards are fetched; a missing, failing,
 slow (``hedge_after``) or corrupt (checksum) shard brings in parity shards,
@@ -31,7 +31,7 @@ import blake3
 
 from gridstor.v1 import record_pb2
 from services.common import crypto
-from services.common.backends.base import MAX_VALUE_SIZE, Backend
+from services.common.backends.base import MAX_VALUE_SIZE, Backend, put_each
 from services.common.erasure import DEFAULT_EC_TYPE, FRAGMENT_HEADER, Coder
 from services.common.errors import (
     BackendError,
@@ -576,61 +576,30 @@ class _ChunkWriter:
             ref.key = key
             ref.checksum = sums[si]
 
-        def failed(name: str, exc: BaseException) -> None:
-            self.pool.mark_down(name)
-            errors.append(str(exc) or f"{name}: timed out")
-            log.warning("shard write refused, trying another backend: %s", errors[-1])
-
-        # Local backends: one worker thread writes the whole chunk (a thread hop
-        # and a task per shard cost more than the write itself).
-        first = [(si, candidates[i]) for i, si in enumerate(frags)]
-        retry = list(frags)
-        if all(self.pool.backends[name].local for _, name in first):
-            for _ in first:
-                candidates.popleft()
-
-            def write_all() -> list[bytes | BaseException]:
-                out: list[bytes | BaseException] = []
-                for si, name in first:
-                    try:
-                        out.append(self.pool.backends[name].put_blocking(frags[si]))
-                    except BackendError as exc:
-                        out.append(exc)
-                return out
-
-            results0 = await asyncio.to_thread(write_all)
-            retry = []
-            for (si, name), res in zip(first, results0, strict=True):
-                self.pool.backends[name].after_blocking_put()
-                if isinstance(res, BaseException):
-                    failed(name, res)
-                    retry.append(si)
+        # Each round puts every shard still unplaced on the next candidate, all
+        # at once and through one call (dir backends: one worker thread for the
+        # round; a thread hop per shard costs more than the write). Shards
+        # refused go to further candidates in the next round. A round ends when
+        # every put has, so no write lands after cleanup().
+        pending = dict(frags)
+        while pending:
+            if len(candidates) < len(pending):
+                raise StoreFailed(
+                    f"chunk {ci}: no backend accepted shard {', '.join(map(str, sorted(pending)))}; fewer than"
+                    f" {self.cfg.k + self.cfg.m} backends are usable ({'; '.join(errors[-4:])})"
+                )
+            tries = [(si, candidates.popleft()) for si in pending]
+            results = await put_each(
+                [(self.pool.backends[name], pending[si]) for si, name in tries], self.cfg.shard_timeout
+            )
+            for (si, name), result in zip(tries, results, strict=True):
+                if isinstance(result, BackendError):
+                    self.pool.mark_down(name)
+                    errors.append(str(result))
+                    log.warning("shard write refused, trying another backend: %s", result)
                 else:
-                    record(si, name, res)
-
-        async def one(si: int, frag: bytes) -> None:
-            while True:
-                if not candidates:
-                    raise StoreFailed(
-                        f"chunk {ci}: no backend accepted shard {si}; fewer than {self.cfg.k + self.cfg.m}"
-                        f" backends are usable ({'; '.join(errors[-4:])})"
-                    )
-                name = candidates.popleft()
-                backend = self.pool.backends[name]
-                try:
-                    async with asyncio.timeout(self.cfg.shard_timeout):
-                        key = await backend.put(frag)
-                except (BackendError, TimeoutError) as exc:
-                    failed(name, exc)
-                    continue
-                record(si, name, key)
-                return
-
-        # Let every shard finish before failing, so no write lands after cleanup().
-        results = await asyncio.gather(*(one(si, frags[si]) for si in retry), return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+                    record(si, name, result)
+                    del pending[si]
 
     async def cleanup(self) -> None:
         """Delete every shard this writer put (after a failed store or repair)."""

@@ -181,20 +181,28 @@ async def test_two_instances_see_each_other(tmp_path: Path) -> None:
     await b.close()
 
 
-async def test_put_blocking(tmp_path: Path) -> None:
-    backend = await open_dir(tmp_path / "pb", fsync="batch", fsync_interval=0.05)
-    assert backend.local
-    keys = await asyncio.to_thread(lambda: [backend.put_blocking(b"v%d" % i) for i in range(3)])
-    backend.after_blocking_put()
-    assert keys == [seq_key(i) for i in range(3)]
-    assert await backend.get(keys[2]) == b"v2"
-    with pytest.raises(errors.ValueTooLarge):
-        backend.put_blocking(bytes(MAX_VALUE_SIZE + 1))
-    await backend.close()
-    user = await open_dir(tmp_path / "pbu", Mode.USER)
-    with pytest.raises(errors.InvalidInput, match="seq"):
-        user.put_blocking(b"x")
-    await user.close()
+async def test_put_batch(tmp_path: Path) -> None:
+    a = await open_dir(tmp_path / "a", fsync="batch", fsync_interval=0.05)
+    b = await open_dir(tmp_path / "b")
+    closed = await open_dir(tmp_path / "closed")
+    await closed.close()
+    results = await DirBackend.put_batch([(a, b"a0"), (b, b"b0"), (closed, b"c0"), (a, b"a1")])
+    assert results[:2] == [seq_key(0), seq_key(0)] and results[3] == seq_key(1)
+    assert isinstance(results[2], errors.BackendUnavailable) and "closed" in str(results[2])
+    assert [await a.get(seq_key(i)) for i in range(2)] == [b"a0", b"a1"]
+    assert await b.get(seq_key(0)) == b"b0"
+    assert a._flush_handle is not None  # the batch armed the background fsync like put does
+
+    user = await open_dir(tmp_path / "u", Mode.USER)
+    for bad, error, match in (
+        ((a, bytes(MAX_VALUE_SIZE + 1)), errors.ValueTooLarge, "limit"),
+        ((user, b"x"), errors.InvalidInput, "seq"),
+    ):
+        with pytest.raises(error, match=match):  # refused before anything is written
+            await DirBackend.put_batch([(b, b"not written"), bad])
+    assert await keys_of(b) == [seq_key(0)]
+    for backend in (a, b, user):
+        await backend.close()
 
 
 async def test_closed_backend(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ async def test_pool_opens_with_a_backend_down_and_picks_it_up_later(tmp_path: Pa
     lazy._next_try = 0.0  # skip the retry delay
     key = await lazy.put(b"back")
     assert await lazy.get(key) == b"back"
-    assert lazy.local  # now a real dir backend: batched writes apply again
+    assert lazy.batch_target() is lazy._inner  # now a real dir backend: batched writes go its way
     await pool.close()
 
 

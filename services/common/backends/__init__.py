@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from services.common.backends.base import Backend, BackendInfo, Mode
+from services.common.backends.base import Backend, BackendInfo, Mode, put_each
 from services.common.backends.uri import DirURI, ZdbURI, parse_uri
 
-__all__ = ["Backend", "BackendInfo", "Mode", "open_backend", "parse_uri"]
+__all__ = ["Backend", "BackendInfo", "Mode", "open_backend", "parse_uri", "put_each"]
 
 
 async def open_backend(uri: str, mode: Mode) -> Backend:

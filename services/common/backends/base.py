@@ -12,16 +12,23 @@ modes, mirroring 0-db:
 Every method is a coroutine. Errors are the ``BackendError`` family from
 ``services.common.errors``; a missing key is ``None`` from ``get`` (not an
 error), but ``KeyNotFound`` from ``delete`` and from ``set`` in seq mode.
+
+``put_each`` stores one value in each of several backends at once, the way
+the engine spreads a chunk's shards: each driver class writes its share with
+its ``put_batch`` (by default ``put`` concurrently; dir backends override it to
+write the whole share from one worker thread).
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Self, cast
 
-from services.common.errors import InvalidInput, ValueTooLarge
+from services.common.errors import BackendError, BackendUnavailable, InvalidInput, ValueTooLarge
 
 MAX_VALUE_SIZE = 8 * 1024 * 1024
 """0-db's hard value limit (8 MiB); every driver enforces it so data can move between kinds."""
@@ -106,21 +113,49 @@ class Backend(abc.ABC):
         if size > MAX_VALUE_SIZE:
             raise ValueTooLarge(f"{self.name}: value of {size} bytes is over the {MAX_VALUE_SIZE} byte limit (0-db's)")
 
+    def _check_put(self, value: bytes) -> None:
+        """What ``put`` refuses before writing: InvalidInput in user mode, then ``_check_value``."""
+        if self.mode is not Mode.SEQ:
+            raise InvalidInput(f"{self.name}: put() allocates keys and needs a seq backend; use set(key, value)")
+        self._check_value(value)
+
     def _is_possible_key(self, key: bytes) -> bool:
         """Whether ``key`` could be stored here (a seq namespace only has 8-byte keys)."""
         self._check_key(key)
         return self.mode is Mode.USER or len(key) == SEQ_KEY_SIZE
 
-    #: True when ``put_blocking`` works (local storage): the engine may then write
-    #: several backends' shards from one worker thread instead of one hop each.
-    local: bool = False
+    @classmethod
+    async def put_batch(
+        cls, items: Sequence[tuple[Self, bytes]], put_timeout: float | None = None
+    ) -> list[bytes | BackendError]:
+        """``put`` each value into its backend (all of this class); the new key or the BackendError, in order.
 
-    def put_blocking(self, value: bytes) -> bytes:
-        """``put`` for a caller on a worker thread; call ``after_blocking_put`` on the loop afterwards."""
-        raise NotImplementedError(f"{type(self).__name__} has no blocking put")
+        Raises InvalidInput / ValueTooLarge before anything is written when a
+        value or a backend's mode is wrong. This default runs the puts
+        concurrently, each within ``put_timeout`` seconds (BackendUnavailable after
+        that); a driver overrides it when it can write a batch more cheaply.
+        """
+        for backend, value in items:
+            backend._check_put(value)
 
-    def after_blocking_put(self) -> None:  # noqa: B027 - an optional hook; most backends need nothing here
-        """Loop-side bookkeeping after ``put_blocking`` calls (e.g. arm a background flush)."""
+        async def one(backend: Self, value: bytes) -> bytes | BackendError:
+            try:
+                async with asyncio.timeout(put_timeout):
+                    return await backend.put(value)
+            except BackendError as exc:
+                return exc
+            except TimeoutError:
+                return BackendUnavailable(backend.name, f"put: no answer within {put_timeout:g} s")
+
+        results = await asyncio.gather(*(one(backend, value) for backend, value in items), return_exceptions=True)
+        for result in results:
+            if not isinstance(result, bytes | BackendError):
+                raise result  # not a refusal but a bug: raised once every other put has ended
+        return cast(list[bytes | BackendError], results)
+
+    def batch_target(self) -> Backend:
+        """The backend whose class's ``put_batch`` writes this one's values (a wrapper gives what it wraps)."""
+        return self
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -128,3 +163,31 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {self.mode.value}>"
+
+
+async def put_each(
+    items: Sequence[tuple[Backend, bytes]], put_timeout: float | None = None
+) -> list[bytes | BackendError]:
+    """Store each value in its own backend, all at once; the new key or the BackendError per item, in order.
+
+    Items are grouped by the class of each backend's ``batch_target`` and each
+    group goes through that class's ``put_batch``; the groups run concurrently.
+    ``put_timeout`` bounds each put where the driver can abandon one (not dir
+    backends: a write on a worker thread always runs to its end).
+    """
+    targets = [(backend.batch_target(), value) for backend, value in items]
+    groups: dict[type[Backend], list[int]] = {}
+    for i, (target, value) in enumerate(targets):
+        target._check_put(value)  # every group's caller errors before any group writes
+        groups.setdefault(type(target), []).append(i)
+    done = await asyncio.gather(
+        *(cls.put_batch([targets[i] for i in where], put_timeout) for cls, where in groups.items()),
+        return_exceptions=True,  # no group is still writing when this returns or raises
+    )
+    results: list[bytes | BackendError] = [b""] * len(items)
+    for where, group in zip(groups.values(), done, strict=True):
+        if isinstance(group, BaseException):
+            raise group
+        for i, result in zip(where, group, strict=True):
+            results[i] = result
+    return results

@@ -33,10 +33,6 @@ class LazyBackend(Backend):
         self._lock = asyncio.Lock()
         self._closed = False
 
-    @property
-    def local(self) -> bool:  # type: ignore[override]
-        return self._inner is not None and self._inner.local
-
     async def _backend(self) -> Backend:
         if self._inner is not None:
             return self._inner
@@ -58,13 +54,9 @@ class LazyBackend(Backend):
     async def put(self, value: bytes) -> bytes:
         return await (await self._backend()).put(value)
 
-    def put_blocking(self, value: bytes) -> bytes:
-        assert self._inner is not None, "put_blocking is only used while local is True"
-        return self._inner.put_blocking(value)
-
-    def after_blocking_put(self) -> None:
-        if self._inner is not None:
-            self._inner.after_blocking_put()
+    def batch_target(self) -> Backend:
+        """The opened backend once there is one, so batched writes go its way (``put_each``)."""
+        return self if self._inner is None else self._inner.batch_target()
 
     async def set(self, key: bytes, value: bytes) -> None:
         await (await self._backend()).set(key, value)

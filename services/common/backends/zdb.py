@@ -277,9 +277,7 @@ class ZdbBackend(Backend):
     # -- Backend ----------------------------------------------------------
 
     async def put(self, value: bytes) -> bytes:
-        if self.mode is not Mode.SEQ:
-            raise errors.InvalidInput(f"{self.name}: put() allocates keys and needs a seq backend; use set(key, value)")
-        self._check_value(value)
+        self._check_put(value)
         # Not repeated on a dropped connection: the first SET may have been
         # stored, and a second one would allocate a second id.
         key = await self._call("SET", b"", bytes(value), retry=False)

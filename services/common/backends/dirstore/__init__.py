@@ -63,8 +63,8 @@ checksum in its record, so maint repairs what a power cut drops, while
 the backends a file went to before acknowledging it if a hard guarantee is needed.
 
 Blocking IO runs in worker threads (``asyncio.to_thread``, one hop per call;
-``put_blocking`` for callers already on a worker thread); values are read with
-``os.pread`` from cached read-only descriptors. Each process keeps the whole
+``DirBackend.put_batch`` writes a batch across backends in one hop); values
+are read with ``os.pread`` from cached read-only descriptors. Each process keeps the whole
 index in memory, like 0-db: 16 bytes per id ever issued in seq mode (arrays),
 a dict entry per key in user mode; opening parses about a million records per
 2 s on this machine.

@@ -14,9 +14,9 @@ import fcntl
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final, Self, TypeVar
 
 from services.common import errors
 from services.common.backends.base import SEQ_KEY_SIZE, Backend, BackendInfo, Mode, seq_key
@@ -79,8 +79,6 @@ class DirUsage:
 
 class DirBackend(Backend):
     """One folder used as a 0-db-like namespace; see the package docstring."""
-
-    local = True  # put_blocking works: the engine may write several backends from one thread
 
     def __init__(
         self,
@@ -181,22 +179,37 @@ class DirBackend(Backend):
     # -- Backend ------------------------------------------------------------
 
     async def put(self, value: bytes) -> bytes:
-        if self.mode is not Mode.SEQ:
-            raise errors.InvalidInput(f"{self.name}: put() allocates keys and needs a seq backend; use set(key, value)")
-        self._check_value(value)
+        self._check_put(value)
         key = await self._thread("put", self._write, SET, None, value)
         self._after_write()
         return key
 
-    def put_blocking(self, value: bytes) -> bytes:
-        if self.mode is not Mode.SEQ:
-            raise errors.InvalidInput(f"{self.name}: put() allocates keys and needs a seq backend; use set(key, value)")
-        self._check_value(value)
-        self._check_open("put")
-        return backend_call(self.name, self.path, "put", self._write, SET, None, value)
+    @classmethod
+    async def put_batch(
+        cls, items: Sequence[tuple[Self, bytes]], put_timeout: float | None = None
+    ) -> list[bytes | errors.BackendError]:
+        """Write the whole batch from one worker thread: a thread hop per value costs more than the write.
 
-    def after_blocking_put(self) -> None:
-        self._after_write()
+        ``put_timeout`` is not applied: a write on a worker thread cannot be
+        abandoned, and one landing after its caller gave up would be an orphan.
+        """
+        for backend, value in items:
+            backend._check_put(value)
+
+        def write_all() -> list[bytes | errors.BackendError]:
+            out: list[bytes | errors.BackendError] = []
+            for backend, value in items:
+                try:
+                    backend._check_open("put")
+                    out.append(backend_call(backend.name, backend.path, "put", backend._write, SET, None, value))
+                except errors.BackendError as exc:
+                    out.append(exc)
+            return out
+
+        results = await asyncio.to_thread(write_all)
+        for backend, _ in items:
+            backend._after_write()
+        return results
 
     async def set(self, key: bytes, value: bytes) -> None:
         self._check_value(value)
