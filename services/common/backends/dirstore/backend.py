@@ -20,7 +20,7 @@ from typing import Final, Self, TypeVar
 
 from services.common import errors
 from services.common.backends.base import SEQ_KEY_SIZE, Backend, BackendInfo, Mode, seq_key
-from services.common.backends.dirstore.compact import compact
+from services.common.backends.dirstore.compact import Snapshot, compact
 from services.common.backends.dirstore.folder import (
     ModeMismatch,
     Segments,
@@ -682,24 +682,13 @@ class DirBackend(Backend):
             self._refresh(writer=True)
             if self._readonly:
                 raise errors.ReadOnly(self.name, f"{self._index_path} is not writable")
-            live = self._index.live()
-            generation, next_id, cur_seg = self._generation, self._next, self._cur_seg
+            snap = Snapshot(self._id, self._generation, self._next, self._cur_seg, self._index.live())
 
         def reload() -> None:
             with self._lock:
                 self._reload()
 
-        return compact(
-            name=self.name,
-            segments=self._segments,
-            backend_id=self._id,
-            segment_size=self._segment_size,
-            live=live,
-            generation=generation,
-            next_id=next_id,
-            cur_seg=cur_seg,
-            reload=reload,
-        )
+        return compact(self.name, self._segments, self._segment_size, snap, reload)
 
     def _close(self) -> None:
         with self._wlock, self._lock:

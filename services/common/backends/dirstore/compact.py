@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from services.common import errors
 from services.common.backends.dirstore.folder import Segments, fsync_dir, pwrite_all, remove_temp_files
@@ -21,27 +22,27 @@ from services.common.backends.dirstore.index import Entry
 log = logging.getLogger(__name__)
 
 
-def compact(
-    *,
-    name: str,
-    segments: Segments,
-    backend_id: bytes,
-    segment_size: int,
-    live: list[tuple[bytes, Entry]],
-    generation: int,
-    next_id: int,
-    cur_seg: int,
-    reload: Callable[[], None],
-) -> int:
-    """Rewrite ``live`` (from the index at ``generation``) into new segments; return the bytes freed.
+@dataclass(frozen=True)
+class Snapshot:
+    """The index as compaction starts from it, taken under the backend's lock."""
+
+    backend_id: bytes
+    generation: int
+    next_id: int
+    cur_seg: int  # the segment writers append to
+    live: list[tuple[bytes, Entry]]  # in write order
+
+
+def compact(name: str, segments: Segments, segment_size: int, snap: Snapshot, reload: Callable[[], None]) -> int:
+    """Rewrite ``snap.live`` into new segments; return the bytes freed.
 
     ``reload`` makes the backend read the new index, before the old segments go.
     """
     folder = segments.folder
     remove_temp_files(folder)
     old = segments.sizes()
-    first = max([cur_seg, *old]) + 1
-    created = _rewrite(name, segments, backend_id, segment_size, live, generation, next_id, first)
+    first = max([snap.cur_seg, *old]) + 1
+    created = _rewrite(name, segments, segment_size, snap, first)
     fsync_dir(folder)
     reload()
     for n in old:
@@ -53,17 +54,8 @@ def compact(
     return freed
 
 
-def _rewrite(
-    name: str,
-    segments: Segments,
-    backend_id: bytes,
-    segment_size: int,
-    live: list[tuple[bytes, Entry]],
-    generation: int,
-    next_id: int,
-    first: int,
-) -> list[int]:
-    """Copy ``live`` into segments numbered from ``first`` and rename a new index.log over the old one.
+def _rewrite(name: str, segments: Segments, segment_size: int, snap: Snapshot, first: int) -> list[int]:
+    """Copy ``snap.live`` into segments numbered from ``first`` and rename a new index.log over the old one.
 
     Returns the segments created; on failure removes them and the temporary index.
     """
@@ -74,7 +66,7 @@ def _rewrite(
     index_path = os.path.join(segments.folder, INDEX)
     tmp_index = f"{index_path}{TMP_MARK}{os.getpid()}"
     try:
-        for key, (n, off, length, order) in live:
+        for key, (n, off, length, order) in snap.live:
             if length == 0:
                 records.append(pack_record(SET, key, 0, 0, 0, order))
                 continue
@@ -100,7 +92,7 @@ def _rewrite(
         base = out_seg if created else first
         fd = os.open(tmp_index, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            pwrite_all(fd, pack_header(backend_id, generation + 1, base, next_id) + b"".join(records), 0)
+            pwrite_all(fd, pack_header(snap.backend_id, snap.generation + 1, base, snap.next_id) + b"".join(records), 0)
             os.fsync(fd)
         finally:
             os.close(fd)
