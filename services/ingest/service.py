@@ -14,14 +14,13 @@ import grpc
 from redis.exceptions import RedisError
 
 from gridstor.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
-from services.common import errors
+from services.common import errors, jobs, spool
 from services.common.config import Config
+from services.common.jobs import Job, JobStore, Notifier
 from services.common.keys import signing_key
 from services.common.limits import idle_timeout
 from services.common.metrics import Registry
 from services.common.rpc import Guard, Policy, Running, current_identity, start_server
-from services.ingest import jobs, spool
-from services.ingest.jobs import Job, JobStore, Notifier
 from services.ingest.worker import WorkerPool
 
 log = logging.getLogger(__name__)

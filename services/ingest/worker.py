@@ -51,13 +51,12 @@ from nacl.signing import SigningKey
 from redis.exceptions import RedisError
 
 from gridstor.v1 import common_pb2, meta_pb2, meta_pb2_grpc, record_pb2
-from services.common import errors, gateway
+from services.common import errors, gateway, jobs
 from services.common.config import Config, build_config, dump_config, load_config
 from services.common.engine import Engine, FileRecord, file_source
 from services.common.ids import HASH_BYTES
+from services.common.jobs import Job, JobStore
 from services.common.keys import key_id, signing_key
-from services.ingest import jobs
-from services.ingest.jobs import Job, JobStore
 
 log = logging.getLogger(__name__)
 

@@ -37,10 +37,9 @@ from typing import Any
 
 import blake3
 
-from services.common import errors
+from services.common import errors, jobs, spool
 from services.common.ids import HASH_BYTES
-from services.ingest import jobs, spool
-from services.ingest.jobs import JobStore, Notifier
+from services.common.jobs import JobStore, Notifier
 from services.ssh.accounts import write_atomic
 from services.ssh.audit import SshMetrics
 from services.ssh.server import SshGateway

@@ -16,8 +16,8 @@ import pytest
 import redis
 
 from gridstor.v1 import ingest_pb2, ingest_pb2_grpc, meta_pb2, meta_pb2_grpc
+from services.common import jobs
 from services.edge import probe
-from services.ingest import jobs
 from tests.edge.conftest import MAX_UPLOAD, Edge, MiB, upload, wait_done
 
 CURL = shutil.which("curl")

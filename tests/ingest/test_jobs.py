@@ -7,9 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from services.common import errors
-from services.ingest import jobs
-from services.ingest.jobs import JobStore, Notifier
+from services.common import errors, jobs
+from services.common.jobs import JobStore, Notifier
 from tests.redis_server import RedisProcess
 
 

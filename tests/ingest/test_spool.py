@@ -9,9 +9,8 @@ from pathlib import Path
 import blake3
 import pytest
 
-from services.common import errors
-from services.ingest import spool
-from services.ingest.spool import Spool, UploadHeader
+from services.common import errors, spool
+from services.common.spool import Spool, UploadHeader
 
 
 async def test_writes_hashes_and_counts(tmp_path: Path) -> None:

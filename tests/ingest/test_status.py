@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from gridstor.v1 import common_pb2, ingest_pb2
-from services.ingest.jobs import JobStore
+from services.common.jobs import JobStore
 from tests.ingest.conftest import Suite, SuiteFactory
 
 

@@ -10,7 +10,7 @@ import pytest
 from google.api import httpbody_pb2
 
 from gridstor.v1 import common_pb2, ingest_pb2
-from services.ingest import jobs
+from services.common import jobs
 from services.ingest.service import STREAM_FROM
 from tests.ingest.conftest import MESSAGE, MiB, Suite, SuiteFactory, eventually
 

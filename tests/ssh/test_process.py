@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from gridstor.v1 import common_pb2, ssh_pb2
-from services.ingest.jobs import JobStore, connect
+from services.common.jobs import JobStore, connect
 from tests.ssh.conftest import SshEnv, SshFactory, eventually, restart
 from tests.ssh.test_clients import make_tree, tree
 

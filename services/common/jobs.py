@@ -17,7 +17,8 @@ Keys (``redis.asyncio``, strings decoded as UTF-8):
 * ``gridstor:ingest:stats`` hash of counters kept by the workers (done, failed, dedup,
   bytes_stored), mirrored into the ingest service's metrics.
 
-Nothing here imports grpc: the ssh service can queue jobs with ``submit`` too.
+Shared by the services that queue uploads: ingest (Upload, its store workers) and
+ssh (Process queues a file of a home with ``submit``). Nothing here imports grpc.
 """
 
 from __future__ import annotations
@@ -431,7 +432,7 @@ class Notifier:
 
     async def start(self, confirm_within: float = 10.0) -> None:
         """Subscribe; StoreFailed if Redis does not confirm within ``confirm_within`` seconds."""
-        self._task = asyncio.create_task(self._run(), name="ingest-notifier")
+        self._task = asyncio.create_task(self._run(), name="job-notifier")
         try:
             await asyncio.wait_for(self._ready.wait(), confirm_within)
         except TimeoutError:
