@@ -11,7 +11,7 @@ so a symlink (or a folder swapped for a symlink while we work) is never
 followed, and other file systems mounted inside are skipped. Symlinks, sockets,
 fifos and devices are neither counted nor removed; folders are kept.
 
-``sweep_homes`` applies it to every SSH account (services.ssh.accounts).
+``sweep_homes`` applies it to every SSH account (services/common/accounts.py).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common import accounts
 from services.common.config import Config
 from services.common.errors import InvalidInput
 
@@ -184,16 +185,14 @@ def _open_parent(root: int, parts: tuple[str, ...]) -> int | None:
 
 
 def sweep_homes(cfg: Config) -> dict[str, list[Removed]]:
-    """Enforce every SSH account's limit on its home; removed files per user (only users with removals)."""
-    try:
-        from services.ssh.accounts import AccountStore, home_path
-    except ImportError:  # the ssh service is not installed here: no homes to keep
-        return {}
-    if not (cfg.ssh_state_dir / "accounts.json").exists():
-        return {}
+    """Enforce every SSH account's limit on its home; removed files per user (only users with removals).
+
+    The accounts are a snapshot of the ssh service's accounts file (it replaces
+    the file whole, so the snapshot is the old or the new one); nothing is written to it.
+    """
     out: dict[str, list[Removed]] = {}
-    for account in AccountStore.open(cfg.ssh_state_dir):
-        home = home_path(cfg.ssh.homes_dir, account.username)
+    for account in accounts.read_accounts(cfg.ssh_state_dir / accounts.ACCOUNTS_FILE).values():
+        home = accounts.home_path(cfg.ssh.homes_dir, account.username)
         with contextlib.suppress(FileNotFoundError):
             removed = enforce_quota(home, account.max_bytes)
             if removed:

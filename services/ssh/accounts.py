@@ -1,7 +1,8 @@
-"""SSH accounts and their homes: validation, a JSON file that survives restarts, usage counting.
+"""SSH accounts and their homes: the writer of the accounts file, home folders, usage counting.
 
-Accounts live in ``DATA/ssh/accounts.json`` (0600), rewritten atomically (temp
-file, fsync, rename) on every change; only the ssh service writes it. A home is
+The account record and the file's format are in services/common/accounts.py
+(maint reads the file too); ``AccountStore`` is its one writer, rewriting it
+atomically (temp file, fsync, rename) on every change. A home is
 ``HOMES/<username>`` (0700). ``Home`` keeps the bytes used by a home for the
 quota checks of SFTP writes: a full scan when it is stale, deltas in between.
 """
@@ -10,98 +11,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import re
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-import asyncssh
 
 from services.common import errors
+from services.common.accounts import (
+    ACCOUNTS_FILE,
+    Account,
+    encode_accounts,
+    home_path,
+    parse_public_key,
+    read_accounts,
+)
 
 log = logging.getLogger(__name__)
 
-USERNAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-ACCOUNTS_FILE = "accounts.json"
 MIB = 1024 * 1024
 MAX_SIZE_MB = 1 << 30  # 1 PiB: a typo guard, not a policy
-MAX_KEY_LINE = 16 * 1024
-REFUSED_KEY_TYPES = frozenset({"ssh-dss"})  # DSA: disabled by OpenSSH itself
 SCAN_MAX_AGE = 30.0  # seconds a usage scan is trusted before a new session rescans
 RECOUNT_AFTER = 5.0  # a write over the limit recounts first when the last count is older than this
-
-
-def check_username(name: str) -> str:
-    """The username, or InvalidInput saying what a username may be."""
-    if not USERNAME.match(name):
-        shown = name if len(name) <= 40 else name[:40] + "..."
-        raise errors.InvalidInput(
-            f"username {shown!r} is not valid: 1-32 of lowercase letters, digits, '-' and '_', starting with a letter"
-        )
-    return name
-
-
-def parse_public_key(text: str) -> tuple[str, bytes]:
-    """One OpenSSH public key line as (normalized line, key blob); InvalidInput says what is wrong."""
-    line = text.strip()
-    if not line:
-        raise errors.InvalidInput("public_key is empty: give one OpenSSH public key line, e.g. 'ssh-ed25519 AAAA...'")
-    if len(line) > MAX_KEY_LINE:
-        raise errors.InvalidInput(f"public_key is {len(line)} characters; one key line is at most {MAX_KEY_LINE}")
-    if "\n" in line or "\r" in line:
-        raise errors.InvalidInput("public_key must be a single key line (one key per account)")
-    if "PRIVATE KEY" in line:
-        raise errors.InvalidInput("public_key looks like a PRIVATE key; send the .pub file's line instead")
-    try:
-        key = asyncssh.import_public_key(line)
-    except (asyncssh.KeyImportError, ValueError) as exc:
-        raise errors.InvalidInput(f"public_key is not an OpenSSH public key line: {exc}") from None
-    algorithm = key.get_algorithm()
-    if algorithm in REFUSED_KEY_TYPES:
-        raise errors.InvalidInput(f"public_key type {algorithm} is not accepted; use ssh-ed25519 (or ecdsa, rsa)")
-    normalized = key.export_public_key("openssh").decode().strip()
-    return normalized, bytes(key.public_data)
-
-
-@dataclass(frozen=True)
-class Account:
-    """One SSH account as stored."""
-
-    username: str
-    public_key: str  # the OpenSSH line, normalized (with its comment)
-    key_blob: bytes  # wire form of the key, compared at login
-    max_bytes: int
-    enabled: bool = True
-    created: float = 0.0
-    updated: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "public_key": self.public_key,
-            "max_bytes": self.max_bytes,
-            "enabled": self.enabled,
-            "created": round(self.created, 3),
-            "updated": round(self.updated, 3),
-        }
-
-    @classmethod
-    def from_json(cls, username: str, raw: dict[str, Any]) -> Account:
-        line, blob = parse_public_key(str(raw["public_key"]))
-        return cls(
-            username=check_username(username),
-            public_key=line,
-            key_blob=blob,
-            max_bytes=int(raw["max_bytes"]),
-            enabled=bool(raw.get("enabled", True)),
-            created=float(raw.get("created", 0.0)),
-            updated=float(raw.get("updated", 0.0)),
-        )
 
 
 class AccountStore:
@@ -117,18 +50,7 @@ class AccountStore:
         """Load ``state_dir/accounts.json`` (an empty store when missing); InvalidInput when unreadable."""
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         store = cls(state_dir / ACCOUNTS_FILE)
-        try:
-            text = store.path.read_text()
-        except FileNotFoundError:
-            return store
-        try:
-            raw = json.loads(text)
-            for name, entry in raw["accounts"].items():
-                store._accounts[name] = Account.from_json(name, entry)
-        except (ValueError, KeyError, TypeError, AttributeError, errors.InvalidInput) as exc:
-            raise errors.InvalidInput(
-                f"accounts file {store.path} is damaged ({exc}); restore it from a backup or move it away"
-            ) from None
+        store._accounts = read_accounts(store.path)
         return store
 
     def get(self, username: str) -> Account | None:
@@ -168,9 +90,7 @@ class AccountStore:
             return old
 
     async def _save(self, accounts: dict[str, Account]) -> None:
-        doc = {"version": 1, "accounts": {n: a.to_json() for n, a in sorted(accounts.items())}}
-        data = (json.dumps(doc, indent=1) + "\n").encode()
-        await asyncio.to_thread(write_atomic, self.path, data)
+        await asyncio.to_thread(write_atomic, self.path, encode_accounts(accounts))
         self._accounts = accounts
 
 
@@ -192,10 +112,6 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 # ----------------------------------------------------------------------- homes
-
-
-def home_path(homes_dir: Path, username: str) -> Path:
-    return homes_dir / check_username(username)
 
 
 def ensure_home(homes_dir: Path, username: str) -> Path:

@@ -27,16 +27,8 @@ from typing import Any
 import asyncssh
 
 from services.common import errors
-from services.ssh.accounts import (
-    MAX_SIZE_MB,
-    MIB,
-    Account,
-    AccountStore,
-    Home,
-    check_username,
-    ensure_home,
-    home_path,
-)
+from services.common.accounts import Account, check_username, home_path
+from services.ssh.accounts import MAX_SIZE_MB, MIB, AccountStore, Home, ensure_home
 from services.ssh.audit import SshMetrics, refused
 from services.ssh.sftp import HomeSFTPServer, install_write_padding_fix
 

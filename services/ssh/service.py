@@ -14,12 +14,13 @@ import grpc
 
 from gridstor.v1 import ssh_pb2, ssh_pb2_grpc
 from services.common import jobs, spool
+from services.common.accounts import check_username
 from services.common.config import Config, SshConfig
 from services.common.jobs import JobStore, Notifier
 from services.common.keys import signing_key
 from services.common.metrics import Registry
 from services.common.rpc import Guard, Policy, Running, current_identity, start_server
-from services.ssh.accounts import AccountStore, check_username, ensure_home
+from services.ssh.accounts import AccountStore, ensure_home
 from services.ssh.audit import SshMetrics
 from services.ssh.processing import Processor
 from services.ssh.rrsync import find_rrsync

@@ -119,7 +119,6 @@ def test_special_files_and_missing_home(home: Path, tmp_path: Path) -> None:
 
 
 def test_sweep_uses_the_ssh_accounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("services.ssh.accounts")
     key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test"
     data = tmp_path / "gw"
     state = data / "ssh"
