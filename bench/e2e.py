@@ -75,14 +75,13 @@ import yaml  # noqa: E402
 from google.api import httpbody_pb2  # noqa: E402
 
 from gridstor.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc, meta_pb2, meta_pb2_grpc  # noqa: E402
-from services.common import tls  # noqa: E402
+from services.common import net, tls  # noqa: E402
 from services.common.backends.uri import DirURI, parse_uri  # noqa: E402
 from services.common.config import SERVICES, Config, load_config  # noqa: E402
 
 MIB = 1024 * 1024
 UPLOAD_MESSAGE = 256 * 1024
 DOWNLOAD_MESSAGE = 1024 * 1024
-MAX_MESSAGE = 8 * MIB
 HASH_BYTES = 24
 DEGRADED_BACKENDS = 4
 UPLOAD_TARGET = 0.35  # x bare upload
@@ -112,32 +111,9 @@ def verdict(ok: bool) -> str:
 # ----------------------------------------------------------------------------- channels
 
 
-def channel_options() -> list[tuple[str, Any]]:
-    # A local subchannel pool: every channel gets its own connection, even to the same address.
-    return [
-        ("grpc.max_receive_message_length", MAX_MESSAGE),
-        ("grpc.max_send_message_length", MAX_MESSAGE),
-        ("grpc.use_local_subchannel_pool", 1),
-    ]
-
-
-def dial_address(cfg: Config, service: str) -> str:
-    """Where this machine reaches ``service`` (a wildcard listen address is dialled on loopback)."""
-    host = cfg.hosts.get(service, cfg.listen_host).strip("[]")
-    if host in ("", "0.0.0.0"):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    port = cfg.ports[service]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def open_channel(address: str, ca: bytes | None) -> grpc.aio.Channel:
-    """A plain channel, or TLS trusting ``ca``."""
-    if ca is None:
-        return grpc.aio.insecure_channel(address, options=channel_options())
-    creds = grpc.ssl_channel_credentials(root_certificates=ca)
-    return grpc.aio.secure_channel(address, creds, options=channel_options())
+    """A plain channel, or TLS trusting ``ca``; its own connection, even to an address dialled already."""
+    return net.aio_channel(address, tls=ca is not None, ca=ca, options=[("grpc.use_local_subchannel_pool", 1)])
 
 
 # ----------------------------------------------------------------------------- the bare server (child)
@@ -198,8 +174,8 @@ async def serve_bare(config: str | None) -> None:
     """Serve BareIngest and BareMeta on a free loopback port; print it; stop when stdin closes."""
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.max_receive_message_length", net.MAX_MESSAGE),
+            ("grpc.max_send_message_length", net.MAX_MESSAGE),
             ("grpc.so_reuseport", 0),
         ]
     )
@@ -817,8 +793,8 @@ async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> Non
     channels: list[grpc.aio.Channel] = []
     try:
         bare_ch = open_channel(bare.address, bare.ca)
-        ingest_ch = open_channel(dial_address(cfg, "ingest"), ca)
-        meta_ch = open_channel(dial_address(cfg, "meta"), ca)
+        ingest_ch = open_channel(net.dial(cfg.address("ingest")), ca)
+        meta_ch = open_channel(net.dial(cfg.address("meta")), ca)
         channels += [bare_ch, ingest_ch, meta_ch]
         bare_ingest = ingest_pb2_grpc.IngestServiceStub(bare_ch)
         bare_meta = meta_pb2_grpc.MetaServiceStub(bare_ch)
@@ -950,7 +926,7 @@ async def concurrent_uploads(
     print(f"\n{n} concurrent {args.concurrent_mib} MiB uploads, each on its own channel, first byte -> job DONE")
     contents = [os.urandom(each) for _ in range(n)]
     digests = [blake3.blake3(c).digest(HASH_BYTES).hex() for c in contents]
-    channels = [open_channel(dial_address(cfg, "ingest"), ca) for _ in range(n)]
+    channels = [open_channel(net.dial(cfg.address("ingest")), ca) for _ in range(n)]
     try:
         for ch in channels:
             await asyncio.wait_for(ch.channel_ready(), 10)

@@ -16,7 +16,8 @@ import pytest
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor, ServiceDescriptor
 
-ROOT = Path(__file__).resolve().parent.parent
+from services.common.net import REPO_ROOT as ROOT
+
 GEN = ROOT / "protos" / "gen.py"
 PROTO_DIR = ROOT / "protos" / "gridstor" / "v1"
 DESCRIPTOR_SET = ROOT / "compose" / "envoy" / "gridstor.pb"

@@ -31,9 +31,9 @@ import grpc
 from nacl.signing import SigningKey
 
 from services.cli.failures import EXIT_USAGE, CliFailure
+from services.common import net
 from services.common.config import DEFAULT_PORTS, ConfigError, load_config
 
-MAX_MESSAGE = 8 * 1024 * 1024
 HTTPS = "https://"
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
@@ -53,15 +53,6 @@ def parse_hostport(text: str) -> str:
 def split_gateway(text: str) -> tuple[str, bool]:
     """(HOST:PORT, whether TLS) of a gateway address checked by ``parse_hostport``."""
     return text.removeprefix(HTTPS), text.startswith(HTTPS)
-
-
-def _hostport(host: str, port: int) -> str:
-    if host in ("", "0.0.0.0"):
-        host = "127.0.0.1"
-    elif host in ("::", "[::]"):
-        host = "::1"
-    host = host.strip("[]")
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -105,28 +96,22 @@ def resolve_endpoints(
             cfg = load_config(config)
         except ConfigError as exc:
             raise CliFailure(str(exc), EXIT_USAGE) from None
-        addresses = {s: _hostport(cfg.listen_host, p) for s, p in cfg.ports.items()}
+        addresses = {s: net.hostport(net.dial_host(cfg.listen_host), p) for s, p in cfg.ports.items()}
         if cfg.internal_tls and ca_path is None:
             ca_path = cfg.tls_path(cfg.tls.ca)
         return Endpoints(addresses, f"config {config}", cfg.internal_tls, ca_path)
-    return Endpoints({s: _hostport("127.0.0.1", p) for s, p in DEFAULT_PORTS.items()}, "local defaults")
+    return Endpoints({s: net.hostport("127.0.0.1", p) for s, p in DEFAULT_PORTS.items()}, "local defaults")
 
 
 def open_channel(address: str, tls: bool = False, ca: Path | None = None) -> grpc.Channel:
     """A channel with room for 1 MiB download messages: plain, or TLS verified against ``ca`` (None: system CAs)."""
-    options = [
-        ("grpc.max_receive_message_length", MAX_MESSAGE),
-        ("grpc.max_send_message_length", MAX_MESSAGE),
-    ]
-    if not tls:
-        return grpc.insecure_channel(address, options=options)
     roots = None
-    if ca is not None:
+    if tls and ca is not None:
         try:
             roots = ca.read_bytes()
         except OSError as exc:
             raise CliFailure(f"cannot read the CA file {ca}: {exc.strerror}", EXIT_USAGE) from None
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots), options=options)
+    return net.channel(address, tls=tls, ca=roots)
 
 
 # -- files in the user's config dir ------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from services.common import tls
+from services.common import net, tls
 from services.common.backends import Backend, Mode, open_backend
 from services.common.backends.lazy import LazyBackend
 from services.common.backends.uri import DirURI, parse_uri
@@ -129,15 +129,8 @@ def channel(cfg: Config, service: str) -> grpc.aio.Channel:
 
     A wildcard listen address (0.0.0.0, ::) is dialled on loopback, the name the certificate carries.
     """
-    address = cfg.address(service)
-    host, _, port = address.rpartition(":")
-    if host.strip("[]") in ("0.0.0.0", "::", ""):
-        address = f"127.0.0.1:{port}" if host.strip("[]") != "::" else f"[::1]:{port}"
-    options = [("grpc.max_receive_message_length", 8 * 1024 * 1024)]
-    if not cfg.internal_tls:
-        return grpc.aio.insecure_channel(address, options=options)
-    credentials = grpc.ssl_channel_credentials(root_certificates=tls.ca_bytes(cfg))
-    return grpc.aio.secure_channel(address, credentials, options=options)
+    ca = tls.ca_bytes(cfg) if cfg.internal_tls else None
+    return net.aio_channel(net.dial(cfg.address(service)), tls=cfg.internal_tls, ca=ca)
 
 
 class ServiceCredentials:

@@ -36,7 +36,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from nacl.signing import SigningKey, VerifyKey
 
-from services.common import errors, tls, tokens
+from services.common import errors, net, tls, tokens
 from services.common.config import Config
 from services.common.keys import signing_key
 from services.common.limits import Limiter
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_SUBJECT_PREFIX = "service:"
 ADMIN_SUBJECT_PREFIX = "admin:"
-MAX_MESSAGE = 8 * 1024 * 1024
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -266,8 +265,8 @@ async def start_server(
     server = grpc.aio.server(
         interceptors=[GuardInterceptor(guard)],
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.max_receive_message_length", net.MAX_MESSAGE),
+            ("grpc.max_send_message_length", net.MAX_MESSAGE),
             ("grpc.so_reuseport", 0),
         ],
     )

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from services.common import net
 from services.common.config import Config, ConfigError
 
 CA_DAYS = 3650
@@ -42,7 +43,6 @@ CLOCK_SKEW = dt.timedelta(hours=1)  # certificates start a little in the past: c
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 TLS_DIR = "tls"
 CA_KEY_NAME = "ca.key"  # beside ca.pem: only a CA made here has one, and only then are certificates issued here
-WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
 Key = ec.EllipticCurvePrivateKey
 
@@ -219,7 +219,7 @@ def wanted_names(cfg: Config) -> list[str]:
     out: list[str] = []
     for name in [*LOCAL_NAMES, cfg.listen_host, *cfg.hosts.values(), *cfg.tls.names]:
         name = name.strip("[]")
-        if name in WILDCARD_HOSTS:
+        if name in net.WILDCARD_HOSTS:
             continue
         with contextlib.suppress(ValueError):
             name = str(ipaddress.ip_address(name))  # one spelling per address

@@ -44,13 +44,12 @@ import yaml
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
-from services.common import tls
+from services.common import net, tls
 from services.common.config import SERVICES, Config
 from services.common.errors import InvalidInput
 
 PACKAGE = "gridstor.v1"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DESCRIPTOR = REPO_ROOT / "compose" / "envoy" / "gridstor.pb"
+DEFAULT_DESCRIPTOR = net.REPO_ROOT / "compose" / "envoy" / "gridstor.pb"
 TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 # Timeouts. Streams (uploads, downloads) have no total limit: a 100 MB upload over a slow
 # link may take many minutes; a stalled stream is cut by the idle timeout (limits.edge_idle_timeout).
@@ -170,15 +169,6 @@ def read_services(descriptor_path: Path) -> list[Service]:
             f"envoy: no method in {descriptor_path} has a google.api.http option (built without the annotations?)"
         )
     return found
-
-
-def dial_host(host: str) -> str:
-    """Where to connect to a service listening on ``host`` (a wildcard address means this machine)."""
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host in ("::", "[::]"):
-        return "::1"
-    return host.strip("[]")
 
 
 def _is_ip(host: str) -> bool:
@@ -377,7 +367,7 @@ def build_envoy_config(
     upstream_ca = files.ca if cfg.internal_tls else None
     clusters = []
     for svc in services:
-        host = dial_host(cfg.hosts.get(svc.key, cfg.listen_host))
+        host = net.dial_host(cfg.hosts.get(svc.key, cfg.listen_host))
         clusters.append(_cluster(svc.key, host, cfg.ports[svc.key], upstream_ca))
     ref = descriptor_ref or str(descriptor_path.absolute())
     http_filters: list[dict[str, Any]] = []

@@ -12,29 +12,21 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
+
+from services.common import net
 
 
 def grpc_ok(address: str, service: str = "", timeout: float = 3.0, ca: str | None = None) -> tuple[bool, str]:
     """Whether the gRPC health service at ``address`` reports ``service`` ("" = the server) SERVING."""
-    if ca is None:
-        channel = grpc.insecure_channel(address)
-    else:
+    roots = None
+    if ca is not None:
         try:
             roots = Path(ca).read_bytes()
         except OSError as exc:
             return False, f"cannot read the CA file {ca}: {exc.strerror}"
-        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots))
-    with channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout
-            )
-        except grpc.RpcError as exc:
-            return False, f"{address}: {exc.code().name} {exc.details() or ''}".strip()
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    return reply.status == health_pb2.HealthCheckResponse.SERVING, f"{address}: {status}"
+    status, why = net.health_status(address, service=service, timeout=timeout, tls=ca is not None, ca=roots)
+    return status == health_pb2.HealthCheckResponse.SERVING, why
 
 
 def http_ok(url: str, timeout: float = 3.0) -> tuple[bool, str]:

@@ -51,7 +51,7 @@ from nacl.signing import SigningKey
 from redis.exceptions import RedisError
 
 from gridstor.v1 import common_pb2, meta_pb2, meta_pb2_grpc, record_pb2
-from services.common import errors, gateway, jobs
+from services.common import errors, gateway, jobs, net
 from services.common.config import Config, build_config, dump_config, load_config
 from services.common.engine import Engine, FileRecord, file_source
 from services.common.ids import HASH_BYTES
@@ -71,7 +71,6 @@ META_RETRY_FOR = 30.0  # keep retrying an unreachable meta this long before fail
 PRUNE_IDLE_MS = 3_600_000
 TAIL_POLL = 0.003  # seconds between looks at a spool file that is still growing
 DEFAULT_STALL_TIMEOUT = 90.0  # a growing spool file silent this long: its upload died with its ingest process
-ROOT = Path(__file__).resolve().parents[2]
 
 _T = TypeVar("_T")
 
@@ -516,10 +515,6 @@ class WorkerPool:
             self._tasks.append(asyncio.create_task(self._supervise(slot), name=f"ingest-worker-{slot}"))
 
     async def _spawn(self, slot: int) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(ROOT), str(ROOT / "protos"), env.get("PYTHONPATH", "")) if p
-        )
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -529,8 +524,8 @@ class WorkerPool:
             "--parent-pid",
             str(os.getpid()),
             stdin=asyncio.subprocess.PIPE,
-            cwd=ROOT,
-            env=env,
+            cwd=net.REPO_ROOT,
+            env=net.child_env(),
         )
         assert proc.stdin is not None
         proc.stdin.write(self._config)

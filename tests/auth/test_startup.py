@@ -18,15 +18,15 @@ import yaml
 
 from gridstor.v1 import auth_pb2, auth_pb2_grpc
 from services.auth.service import build
-from services.common import tokens
+from services.common import net, tokens
 from services.common.config import build_config
 from services.common.errors import InvalidInput
 from services.common.keys import SIGNING_KEY_FILE
+from services.common.net import REPO_ROOT as ROOT
 from tests.auth.conftest import SECRET, AuthServer
 from tests.redis_server import RedisProcess
 
 Start = Callable[..., Awaitable[AuthServer]]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 async def test_key_file_is_0600_and_stable_across_restarts(start_auth: Start, data_dir: Path) -> None:
@@ -76,9 +76,7 @@ def _free_port_pair() -> int:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDSTOR_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "protos")])
-    return env
+    return net.child_env({k: v for k, v in os.environ.items() if not k.startswith("GRIDSTOR_")})
 
 
 async def _spawn(config: Path) -> asyncio.subprocess.Process:

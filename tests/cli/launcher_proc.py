@@ -14,7 +14,9 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from services.common import net
+from services.common.net import REPO_ROOT as ROOT
+
 SERVICES = ("auth", "ingest", "meta", "ssh", "maint")
 METRICS_OFFSET = 5
 
@@ -60,9 +62,7 @@ def write_config(data: Path, **extra: object) -> Path:
 
 
 def env() -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("GRIDSTOR_")}
-    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "protos")])
-    return e
+    return net.child_env({k: v for k, v in os.environ.items() if not k.startswith("GRIDSTOR_")})
 
 
 def children_of(pid: int) -> set[int]:

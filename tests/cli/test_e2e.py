@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.launcher_proc import ROOT, Launcher, alive, children_of, env, write_config
+from services.common.net import REPO_ROOT as ROOT
+from tests.cli.launcher_proc import Launcher, alive, children_of, env, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -29,12 +29,12 @@ import yaml
 
 from services.auth import service as auth_service
 from services.common.config import Config, build_config
+from services.common.net import REPO_ROOT as ROOT
 from services.edge.envoy import TRANSCODER, build_envoy_config, envoy_binary, render
 from services.ingest import service as ingest_service
 from services.meta import service as meta_service
 from tests.redis_server import RedisProcess
 
-ROOT = Path(__file__).resolve().parents[2]
 DESCRIPTOR = ROOT / "compose" / "envoy" / "gridstor.pb"
 SECRET = "edge-test-secret-0123456789"
 MAX_UPLOAD = 60 * 1024 * 1024

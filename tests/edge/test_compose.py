@@ -17,9 +17,9 @@ import yaml
 from services.common import tls
 from services.common.backends.uri import ZdbURI, parse_uri
 from services.common.config import Config, build_config
+from services.common.net import REPO_ROOT as ROOT
 from services.edge.envoy import envoy_binary
 
-ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose"
 BASE = "docker-compose.yml"
 REPLICA = "docker-compose.replica.yml"

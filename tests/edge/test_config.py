@@ -15,6 +15,7 @@ import yaml
 from services.common import tls
 from services.common.config import build_config
 from services.common.errors import InvalidInput
+from services.common.net import REPO_ROOT as ROOT
 from services.edge.__main__ import main as edge_main
 from services.edge.envoy import (
     LONG_POLL_MARGIN,
@@ -24,7 +25,7 @@ from services.edge.envoy import (
     render,
     write_envoy_config,
 )
-from tests.edge.conftest import DESCRIPTOR, ROOT
+from tests.edge.conftest import DESCRIPTOR
 
 GEN = ROOT / "protos" / "gen.py"
 SERVICES = {

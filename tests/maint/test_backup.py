@@ -16,17 +16,18 @@ import pytest
 import yaml
 
 from gridstor.v1 import maint_pb2, meta_pb2
+from services.common import net
 from services.common.backends import Mode, open_backend
 from services.common.backends.base import seq_key
 from services.common.backends.zdb import ensure_namespace
 from services.common.engine import FileRecord
 from services.common.errors import IntegrityError
+from services.common.net import REPO_ROOT as REPO
 from services.maint.backup import MAGIC, read_snapshot
 from tests.maint.conftest import CHUNK, Gateway, delete_shard, gateway_config, raw_config, raw_records
 from tests.zdb_server import ZdbProcess
 
 Make = Callable[..., Awaitable[Gateway]]
-REPO = Path(__file__).resolve().parents[2]
 
 
 async def metadata_site(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[dict[str, Any], Any]:
@@ -114,7 +115,7 @@ async def test_backup_wipe_restore(kind: str, tmp_path: Path, request: pytest.Fi
             capture_output=True,
             text=True,
             timeout=60,
-            env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'protos'}"},
+            env=net.child_env(),
         )
         assert proc.returncode == 0, proc.stderr
         assert f"restored 5 records (last id {max(before):08x})" in proc.stdout

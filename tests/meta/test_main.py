@@ -15,8 +15,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gridstor.v1 import meta_pb2, meta_pb2_grpc
-
-ROOT = Path(__file__).resolve().parents[2]
+from services.common import net
+from services.common.net import REPO_ROOT as ROOT
 
 
 def free_port() -> int:
@@ -65,7 +65,7 @@ def run_meta(*args: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{ROOT / 'protos'}"},
+        env=net.child_env({"PATH": "/usr/bin:/bin"}),
     )
 
 

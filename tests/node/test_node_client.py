@@ -21,12 +21,12 @@ import pytest
 
 from gridstor.v1 import meta_pb2
 from services.common.ids import HASH_HEX, META_HEX
+from services.common.net import REPO_ROOT as ROOT
 
 # Reused fixtures: meta + ingest + redis in-process, and the autouse GRIDSTOR_* cleanup.
 from tests.ingest.conftest import Suite, SuiteFactory, _clean_env, suite_factory  # noqa: F401
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
 CLIENT = HERE / "client.js"
 NODE = shutil.which("node")
 # The folder holding google/api/*.proto (googleapis-common-protos ships them beside its modules).
