@@ -8,23 +8,29 @@ from __future__ import annotations
 
 import grpc
 
+from services.common import errors, rpc
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-# Friendly words for each status code; the server's message follows them.
-_FRIENDLY: dict[grpc.StatusCode, str] = {
-    grpc.StatusCode.NOT_FOUND: "not found",
-    grpc.StatusCode.INVALID_ARGUMENT: "invalid request",
-    grpc.StatusCode.OUT_OF_RANGE: "out of range",
-    grpc.StatusCode.UNAUTHENTICATED: "not authenticated",
-    grpc.StatusCode.PERMISSION_DENIED: "permission denied",
-    grpc.StatusCode.RESOURCE_EXHAUSTED: "too large",
-    grpc.StatusCode.FAILED_PRECONDITION: "refused",
-    grpc.StatusCode.ABORTED: "conflict, try again",
+# Friendly words for the domain error a status stands for (services.common.rpc.error_for);
+# the server's message follows them.
+_FRIENDLY: dict[type[errors.GridstorError], str] = {
+    errors.NotFound: "not found",
+    errors.OutOfRange: "out of range",
+    errors.InvalidInput: "invalid request",
+    errors.Unauthenticated: "not authenticated",
+    errors.PermissionDenied: "permission denied",
+    errors.LimitExceeded: "too large",
+    errors.Refused: "refused",
+    errors.Conflict: "conflict, try again",
+    errors.IntegrityError: "data integrity error",
+}
+# ... and for the codes that stand for no domain error (the gateway could not answer).
+_FRIENDLY_CODES: dict[grpc.StatusCode, str] = {
     grpc.StatusCode.ALREADY_EXISTS: "already exists",
-    grpc.StatusCode.DATA_LOSS: "data integrity error",
     grpc.StatusCode.UNAVAILABLE: "unavailable",
     grpc.StatusCode.DEADLINE_EXCEEDED: "timed out",
     grpc.StatusCode.CANCELLED: "cancelled",
@@ -84,10 +90,19 @@ def describe_rpc_error(err: grpc.RpcError, what: str, address: str) -> str:
         )
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after(err):
         return f"over a limit: {details}"
-    message = f"{_FRIENDLY.get(code, code.name.lower())}: {details or code.name}"
+    message = f"{_words(code, details, what)}: {details or code.name}"
     if code is grpc.StatusCode.UNAUTHENTICATED:
         message += " (run `gridstor login`)"
     return message
+
+
+def _words(code: grpc.StatusCode, details: str, what: str) -> str:
+    """A few words for what the status means, from the domain error it stands for."""
+    error = rpc.error_for(code, details, what)
+    for cls in type(error).__mro__:
+        if cls in _FRIENDLY:
+            return _FRIENDLY[cls]
+    return _FRIENDLY_CODES.get(code, code.name.lower())
 
 
 def rpc_failure(err: grpc.RpcError, what: str, address: str) -> CliFailure:

@@ -1,7 +1,8 @@
 """gRPC plumbing every service shares: error mapping, token checks, server start/stop.
 
 * Domain errors (services.common.errors) become status codes in ONE place,
-  ``status_for``; handlers just raise.
+  ``status_for``; handlers just raise. A caller of another gateway service
+  turns a status back into the domain error with ``error_for`` / ``rpc_error``.
 * ``GuardInterceptor`` checks tokens locally (ed25519, no call to auth):
   public methods pass; internal methods (service to service) need a token
   whose subject starts with ``service:``; admin methods (repair, scrub,
@@ -51,7 +52,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 current_identity: contextvars.ContextVar[str] = contextvars.ContextVar("current_identity", default="")
 
-_STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
+_STATUS: list[tuple[type[errors.GridstorError], grpc.StatusCode]] = [
     (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),  # before its base class InvalidInput
     (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.NotFound, grpc.StatusCode.NOT_FOUND),
@@ -75,6 +76,34 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         if isinstance(exc, cls):
             return code, str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the service log"
+
+
+# The way back, for a caller of the gateway's own services: the class the first row of _STATUS
+# gives for each code. UNAVAILABLE and DEADLINE_EXCEEDED are left out: grpc answers them itself
+# when a call never reached the service, so they say nothing about the request.
+_TRANSPORT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_ERRORS: dict[grpc.StatusCode, type[errors.GridstorError]] = {
+    code: cls for cls, code in reversed(_STATUS) if code not in _TRANSPORT
+}
+
+
+def error_for(code: grpc.StatusCode, details: str, service: str) -> errors.GridstorError:
+    """The domain error a failed call to the gateway's ``service`` stands for (``status_for`` in reverse).
+
+    A code no domain error maps to (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL ...)
+    means the service could not answer: BackendUnavailable naming it.
+    """
+    cls = _ERRORS.get(code)
+    if cls is None:
+        return errors.BackendUnavailable(f"{service} service", f"{code.name}: {details or code.name}")
+    return cls(details or code.name)
+
+
+def rpc_error(exc: grpc.RpcError, service: str) -> errors.GridstorError:
+    """``error_for`` the code and details of a failed call (UNKNOWN when it carries none)."""
+    if isinstance(exc, grpc.Call | grpc.aio.AioRpcError):
+        return error_for(exc.code(), exc.details() or "", service)
+    return error_for(grpc.StatusCode.UNKNOWN, str(exc), service)
 
 
 @dataclass(frozen=True)

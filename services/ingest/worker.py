@@ -40,23 +40,23 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import blake3
-import grpc
 import yaml
 from nacl.signing import SigningKey
 from redis.exceptions import RedisError
 
-from gridstor.v1 import common_pb2, meta_pb2, meta_pb2_grpc, record_pb2
-from services.common import errors, gateway, jobs, net
+from gridstor.v1 import common_pb2
+from services.common import errors, gateway, jobs, net, rpc
 from services.common.config import Config, build_config, dump_config, load_config
 from services.common.engine import Engine, FileRecord, file_source
 from services.common.ids import HASH_BYTES
 from services.common.jobs import Job, JobStore
 from services.common.keys import key_id, signing_key
+from services.common.metaclient import MetaClient
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,6 @@ DEFAULT_CLAIM_IDLE_MS = 60_000
 MAX_ATTEMPTS = 3  # a job whose workers die this often (e.g. it crashes them) fails instead of looping
 PROGRESS_INTERVAL = 0.1  # seconds between progress writes to the job hash
 STOP_GRACE = 5.0  # a stopping worker lets its job run this long before putting it back in the queue
-META_TIMEOUT = 60.0
 META_RETRY_FOR = 30.0  # keep retrying an unreachable meta this long before failing the job
 PRUNE_IDLE_MS = 3_600_000
 TAIL_POLL = 0.003  # seconds between looks at a spool file that is still growing
@@ -111,63 +110,27 @@ def _same_shards(a: FileRecord, b: FileRecord) -> bool:
 
 
 # Meta answered, and what it answered means the record was not stored: the shards can go.
-_REFUSED = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.UNIMPLEMENTED,
-        grpc.StatusCode.OUT_OF_RANGE,
-    }
-)
+_REFUSED = (errors.InvalidInput, errors.Refused, errors.PermissionDenied, errors.Unauthenticated, errors.LimitExceeded)
 
 
 class MetaCallFailed(errors.StoreFailed):
-    """A call to the meta service failed; ``code`` is its status."""
+    """A call to the meta service failed; ``refused`` when meta answered that it did not do it."""
 
-    def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"meta {method} failed: {code.name}: {details}")
-        self.code = code
+    def __init__(self, method: str, cause: errors.GridstorError) -> None:
+        if isinstance(cause, errors.BackendUnavailable):  # meta could not answer: the reason names the code
+            what = cause.reason
+        else:
+            what = f"{rpc.status_for(cause)[0].name}: {cause}"
+        super().__init__(f"meta {method} failed: {what}")
+        self.refused = isinstance(cause, _REFUSED)
 
 
-class MetaClient:
-    """The internal MetaService calls a worker makes, with a service token and retries."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.channel = gateway.channel(cfg, "meta")
-        self.stub = meta_pb2_grpc.MetaServiceStub(self.channel)
-        self._metadata = gateway.ServiceCredentials(cfg, "ingest")
-
-    async def _call(self, method: str, fn: Callable[..., Awaitable[_T]], request: Any) -> _T:
-        """Call ``fn``; while meta is unreachable retry with backoff for up to META_RETRY_FOR seconds."""
-        give_up = time.monotonic() + META_RETRY_FOR
-        delay = 0.2
-        while True:
-            try:
-                return await fn(request, metadata=self._metadata(), timeout=META_TIMEOUT)
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                if code is grpc.StatusCode.UNAVAILABLE and time.monotonic() + delay < give_up:
-                    log.warning("meta %s unavailable (%s); retrying in %.1fs", method, exc.details(), delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-                    continue
-                raise MetaCallFailed(method, code, exc.details() or "") from None
-
-    async def find_by_hash(self, digest: bytes) -> meta_pb2.FindByHashReply:
-        return await self._call("FindByHash", self.stub.FindByHash, meta_pb2.FindByHashRequest(hash=digest))
-
-    async def put_record(self, record: record_pb2.FileRecord) -> meta_pb2.PutRecordReply:
-        return await self._call("PutRecord", self.stub.PutRecord, meta_pb2.PutRecordRequest(record=record))
-
-    async def get_record(self, file_id: str) -> meta_pb2.GetRecordReply:
-        return await self._call("GetRecord", self.stub.GetRecord, meta_pb2.GetRecordRequest(id=file_id))
-
-    async def close(self) -> None:
-        await self.channel.close(None)
+async def _meta(method: str, call: Awaitable[_T]) -> _T:
+    """Await a MetaClient call; its failure as MetaCallFailed (which fails the job with that message)."""
+    try:
+        return await call
+    except errors.GridstorError as exc:
+        raise MetaCallFailed(method, exc) from None
 
 
 @dataclasses.dataclass
@@ -369,9 +332,9 @@ class Worker:
             digest, size = bytes.fromhex(job.hash), job.size
         else:  # queued without a hash (e.g. by ssh Process): hash it here
             digest, size = await asyncio.to_thread(_hash_file, path)
-        found = await self.meta.find_by_hash(digest)
-        if found.found:
-            return Outcome(found.file_id, size, digest.hex(), dedup=True)
+        found = await _meta("FindByHash", self.meta.find_by_hash(digest))
+        if found is not None:
+            return Outcome(found, size, digest.hex(), dedup=True)
         record = await self.engine.store(self._source(job, path), ext=job.ext, content_type=job.content_type)
         return await self._register(job, record, digest, size)
 
@@ -410,9 +373,9 @@ class Worker:
                 raise errors.IntegrityError(
                     "the spooled file changed while it was being stored (its hash or size differs from the upload)"
                 )
-            reply = await self.meta.put_record(record)
+            entry, dedup = await _meta("PutRecord", self.meta.put(record))
         except MetaCallFailed as exc:
-            if exc.code in _REFUSED:
+            if exc.refused:
                 await self.engine.delete_shards(record)
             else:  # meta may have stored the record before the failure: keep the shards it might reference
                 log.warning("job %s: PutRecord outcome unknown; its shards may be orphans", job.id)
@@ -420,15 +383,14 @@ class Worker:
         except errors.IntegrityError:
             await self.engine.delete_shards(record)
             raise
-        dedup = reply.deduplicated
         if dedup:
-            existing = await self.meta.get_record(reply.file_id)
+            existing = await _meta("GetRecord", self.meta.get(entry.file_id))
             if _same_shards(existing.record, record):
                 dedup = False  # a retried PutRecord found our own first write
             else:
                 removed = await self.engine.delete_shards(record)
                 log.info("job %s: content stored meanwhile by another job; removed %d new shards", job.id, removed)
-        return Outcome(reply.file_id, size, digest.hex(), dedup=dedup)
+        return Outcome(entry.file_id, size, digest.hex(), dedup=dedup)
 
     async def _source(self, job: Job, path: Path, tail: list[tuple[int, str]] | None = None) -> AsyncIterator[bytes]:
         """The spool file's bytes, noting progress in the job hash as the engine takes them.
@@ -590,7 +552,7 @@ async def serve(cfg: Config, parent_pid: int | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     redis = jobs.connect(cfg.redis_url)
     engine = await gateway.open_engine(cfg)
-    meta = MetaClient(cfg)
+    meta = MetaClient.for_config(cfg, "ingest", retry_for=META_RETRY_FOR)
     watch: asyncio.Task[None] | None = None
     if parent_pid is not None:
 

@@ -41,7 +41,7 @@ from services.common.engine import Engine, FileRecord, file_source
 from services.common.errors import BackendError, IntegrityError, InvalidInput, KeyNotFound, Refused
 from services.common.ids import HASH_BYTES, MAX_META_ID, parse_file_id
 from services.common.metastore import FILLER, MetaStore
-from services.maint.records import Records
+from services.common.records import Records
 
 log = logging.getLogger(__name__)
 

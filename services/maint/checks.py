@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from services.common.engine import CheckReport, Engine, FileRecord
 from services.common.errors import BackendError, Conflict, StoreFailed, Unrecoverable
-from services.maint.records import Entry, Records
+from services.common.records import Entry, Records
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from services.common.config import MaintConfig
 from services.common.engine import Engine, FileRecord
 from services.common.errors import GridstorError
 from services.common.metrics import Registry
+from services.common.records import Entry, Records
 from services.maint import checks
-from services.maint.records import Entry, Records
 
 log = logging.getLogger(__name__)
 

@@ -26,11 +26,11 @@ from services.common import errors, rpc
 from services.common.config import Config
 from services.common.engine import Engine, FileRecord
 from services.common.gateway import open_engine
+from services.common.metaclient import MetaClient
 from services.common.metrics import Registry
+from services.common.records import Records
 from services.maint import backup as backups
 from services.maint import checks, cleanup, replicas
-from services.maint.metaclient import MetaRecords
-from services.maint.records import Records
 from services.maint.scrub import Progress, Scrubber, ScrubMetrics
 
 log = logging.getLogger(__name__)
@@ -273,9 +273,9 @@ async def build(
     ``records`` replaces the meta client (tests); ``schedules=False`` starts no background task.
     """
     engine = await open_engine(cfg)
-    client: MetaRecords | None = None
+    client: MetaClient | None = None
     if records is None:
-        records = client = MetaRecords.for_config(cfg)
+        records = client = MetaClient.for_config(cfg, NAME)
     maint = Maint(cfg, engine, records, registry or Registry())
     servicer = MaintServicer(maint)
     guard = rpc.Guard.for_config(cfg, {SERVICE: POLICY})

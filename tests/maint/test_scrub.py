@@ -17,8 +17,8 @@ from services.common.backends import Mode
 from services.common.backends.zdb import ensure_namespace
 from services.common.engine import EngineConfig
 from services.common.gateway import open_engine
+from services.common.metaclient import MetaClient
 from services.maint import checks
-from services.maint.metaclient import MetaRecords
 from services.maint.scrub import RateLimiter, ScrubState
 from tests.common.engine_util import corrupt_shard
 from tests.maint.conftest import (
@@ -187,7 +187,7 @@ async def test_repair_rpc_and_racing_repairs_leave_no_orphans(tmp_path: Path, ga
 
     before = await entries()
     # Two repairs at once: one wins the compare-and-swap, the other retries on the new record.
-    client = MetaRecords.for_config(dataclasses.replace(gw.cfg, ports={**gw.cfg.ports, "meta": gw.meta_port}))
+    client = MetaClient.for_config(dataclasses.replace(gw.cfg, ports={**gw.cfg.ports, "meta": gw.meta_port}), "maint")
     engine2 = await open_engine(gw.cfg)
     try:
         results = await asyncio.gather(

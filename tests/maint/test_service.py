@@ -16,9 +16,9 @@ import pytest
 from gridstor.v1 import maint_pb2, maint_pb2_grpc
 from services.common import tokens
 from services.common.keys import signing_key
+from services.common.metaclient import MetaClient
 from services.maint import service as maint_service
 from services.maint.__main__ import main
-from services.maint.metaclient import MetaRecords
 from services.maint.scrub import Scrubber, ScrubState
 from tests.maint.conftest import Gateway, gateway_config, wait_for
 
@@ -84,7 +84,7 @@ async def test_scheduled_passes_alternate_soft_and_hard(tmp_path: Path, gateways
     cfg = gateway_config(tmp_path / "gw", maint={"scrub_interval": 0.05, "hard_every": 2})
     gw = await gateways(cfg, maint=False)
     await gw.store(os.urandom(1000))
-    client = MetaRecords.for_config(dataclasses.replace(cfg, ports={**cfg.ports, "meta": gw.meta_port}))
+    client = MetaClient.for_config(dataclasses.replace(cfg, ports={**cfg.ports, "meta": gw.meta_port}), "maint")
     state = tmp_path / "scrub.json"
     scrubber = Scrubber(gw.engine, client, cfg.maint, state_path=state)
     task = asyncio.create_task(scrubber.run_schedule())

@@ -1,6 +1,6 @@
 """What maint needs from the metadata: read, list, put and compare-and-swap records (no grpc here).
 
-``MetaRecords`` (services/maint/metaclient.py) implements it over meta's
+``MetaClient`` (services/common/metaclient.py) implements it over meta's
 internal RPCs; tests may pass any object with these methods.
 """
 
