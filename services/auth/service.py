@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import grpc
 
 from gridstor.v1 import auth_pb2, auth_pb2_grpc
-from services.auth.authn import Authenticator, AuthRefused, RedisReplayGuard, ReplayGuard
-from services.common import errors
+from services.auth.authn import Authenticator, AuthRefused, RedisReplayGuard
+from services.common import errors, readiness
 from services.common.config import Config
 from services.common.keys import signing_key
 from services.common.metrics import Registry
-from services.common.rpc import Guard, Policy, Running, start_server
+from services.common.rpc import Policy
+from services.common.server import READY_EVERY, Cleanup, Running, Wiring, create_server
 
 log = logging.getLogger(__name__)
 
@@ -73,30 +75,24 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
 
 async def build(
-    cfg: Config, *, port: int | None = None, registry: Registry | None = None
-) -> tuple[Running, Callable[[], Awaitable[None]]]:
-    """Load (or create) the gateway key, connect the replay store, start the server."""
-    key = signing_key(cfg.data_dir)
-    # Only allowlist mode has signatures to replay, so only it needs Redis.
-    replay: ReplayGuard | None = RedisReplayGuard.from_url(cfg.redis_url) if cfg.mode == "allowlist" else None
-    try:
+    cfg: Config, *, port: int | None = None, registry: Registry | None = None, ready_every: float = READY_EVERY
+) -> tuple[Running, Cleanup]:
+    """Load (or create) the gateway key, connect the replay store, start the server.
+
+    Serving always, except in allowlist mode while Redis (the replay store) does not answer.
+    """
+
+    async def setup(stack: contextlib.AsyncExitStack) -> Wiring:
+        key = signing_key(cfg.data_dir)
+        replay: RedisReplayGuard | None = None
+        ready = None
+        if cfg.mode == "allowlist":  # only allowlist mode has signatures to replay, so only it needs Redis
+            replay = RedisReplayGuard.from_url(cfg.redis_url)
+            stack.push_async_callback(replay.close)
+            ready = partial(readiness.redis, replay.client, "replay protection")
         authn = Authenticator.from_config(cfg, key, replay)
-        guard = Guard.for_config(cfg, {SERVICE_NAME: POLICY})
         servicer = AuthServicer(authn, registry or Registry())
+        log.info("auth ready", extra={"mode": cfg.mode, "key_id": authn.key_id, "identities": len(cfg.allowlist)})
+        return Wiring(SERVICE_NAME, partial(auth_pb2_grpc.add_AuthServiceServicer_to_server, servicer), POLICY, ready)
 
-        def register(server: grpc.aio.Server) -> list[str]:
-            auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
-            return [SERVICE_NAME]
-
-        running = await start_server(cfg, guard, register, port=cfg.ports["auth"] if port is None else port)
-    except BaseException:
-        if replay is not None:
-            await replay.close()
-        raise
-    log.info("auth ready", extra={"mode": cfg.mode, "key_id": authn.key_id, "identities": len(cfg.allowlist)})
-
-    async def cleanup() -> None:
-        if replay is not None:
-            await replay.close()
-
-    return running, cleanup
+    return await create_server(cfg, "auth", setup, port=port, ready_every=ready_every)

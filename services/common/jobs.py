@@ -16,6 +16,8 @@ Keys (``redis.asyncio``, strings decoded as UTF-8):
 * ``gridstor:jobdone:<id>`` pub/sub channel: a message when the job ends.
 * ``gridstor:ingest:stats`` hash of counters kept by the workers (done, failed, dedup,
   bytes_stored), mirrored into the ingest service's metrics.
+* ``gridstor:worker:<consumer>`` a store worker's last readiness report (``1`` or ``0 <why>``),
+  renewed every few seconds and expiring otherwise; ingest's health follows its workers' reports.
 
 Shared by the services that queue uploads: ingest (Upload, its store workers) and
 ssh (Process queues a file of a home with ``submit``). Nothing here imports grpc.
@@ -45,6 +47,7 @@ STREAM = "gridstor:jobs"
 GROUP = "workers"
 CHANNEL_PREFIX = "gridstor:jobdone:"
 STATS = "gridstor:ingest:stats"
+WORKER_PREFIX = "gridstor:worker:"
 JOB_TTL = 7 * 86400  # finished jobs answer Status this long
 ABORTED_TTL = 3600  # an aborted upload's job id was never handed out: keep it only for the worker to see
 ABORTED = "aborted: "  # error prefix of a job whose upload failed while it was being stored
@@ -195,6 +198,14 @@ def connect(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
 
 
+async def disconnect(redis: aioredis.Redis) -> None:
+    """Close a client from ``connect``; a failure to close is only logged (the connections are gone anyway)."""
+    try:
+        await redis.aclose()
+    except (RedisError, OSError) as exc:
+        log.debug("closing the redis client: %s", exc)
+
+
 def _unavailable(exc: RedisError) -> errors.StoreFailed:
     return errors.StoreFailed(f"the job queue (redis) is unavailable: {exc}")
 
@@ -311,6 +322,38 @@ class JobStore:
         except RedisError as exc:
             raise _unavailable(exc) from None
         return {k: int(v) for k, v in raw.items()}
+
+    # ------------------------------------------------------------ worker health
+
+    async def report_worker(self, consumer: str, ready: bool, reason: str, ttl: float) -> None:
+        """Note whether the worker ``consumer`` can store now; the note lapses after ``ttl`` seconds."""
+        value = "1" if ready else f"0 {reason}"
+        try:
+            await self.redis.set(WORKER_PREFIX + consumer, value, px=max(1, int(ttl * 1000)))
+        except RedisError as exc:
+            raise _unavailable(exc) from None
+
+    async def forget_worker(self, consumer: str) -> None:
+        """Drop the worker's report (it is stopping)."""
+        try:
+            await self.redis.delete(WORKER_PREFIX + consumer)
+        except RedisError as exc:
+            raise _unavailable(exc) from None
+
+    async def worker_reports(self, consumers: list[str]) -> dict[str, tuple[bool, str]]:
+        """The live reports of these workers: consumer -> (can store, why not)."""
+        if not consumers:
+            return {}
+        try:
+            raw = cast(list[str | None], await self.redis.mget([WORKER_PREFIX + c for c in consumers]))
+        except RedisError as exc:
+            raise _unavailable(exc) from None
+        out: dict[str, tuple[bool, str]] = {}
+        for consumer, value in zip(consumers, raw, strict=True):
+            if value is not None:
+                flag, _, reason = value.partition(" ")
+                out[consumer] = (flag == "1", reason)
+        return out
 
     # ------------------------------------------------------------------ worker
 

@@ -1,4 +1,4 @@
-"""gRPC plumbing every service shares: error mapping, token checks, server start/stop.
+"""gRPC plumbing every service shares: error mapping, token checks, limits.
 
 * Domain errors (services.common.errors) become status codes in ONE place,
   ``status_for``; handlers just raise. A caller of another gateway service
@@ -15,10 +15,8 @@
   client (not of a service or an operator) is counted per identity and per
   client address; Upload also holds a concurrent-upload lease. Over a limit
   answers RESOURCE_EXHAUSTED with the trailer ``retry-after: N``.
-* ``start_server`` binds a grpc.aio server with health, the guard and the
-  limits; with ``cfg.internal_tls`` the port (and the metrics) speak TLS with
-  the configured certificate. ``run_service`` runs one until SIGTERM/SIGINT and
-  stops it gracefully.
+
+Starting and running a server with these is services/common/server.py.
 """
 
 from __future__ import annotations
@@ -27,21 +25,18 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from nacl.signing import SigningKey, VerifyKey
 
-from services.common import errors, net, tls, tokens
+from services.common import errors, tokens
 from services.common.config import Config
 from services.common.keys import signing_key
 from services.common.limits import Limiter
-from services.common.metrics import Registry, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +118,7 @@ class Guard:
     mode: str
     policies: dict[str, Policy] = field(default_factory=dict)  # full service name -> policy
     admins: frozenset[str] = frozenset()  # identities whose user tokens may call admin methods
-    limiter: Limiter | None = None  # per-client limits; start_server sets the config's when None
+    limiter: Limiter | None = None  # per-client limits; server.start_server sets the config's when None
 
     @classmethod
     def for_config(cls, cfg: Config, policies: dict[str, Policy]) -> Guard:
@@ -181,13 +176,15 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(details)
-        if handler is None:
-            return handler
         method: str = details.method
+        # Health and reflection need no token and are never limited; left unwrapped, since grpc's
+        # own handlers (Health.Watch) stream with context.write rather than as generators.
+        if handler is None or method.startswith("/grpc."):
+            return handler
         metadata = tuple(details.invocation_metadata or ())
         guard = self.guard
         limiter = guard.limiter
-        if limiter is None or method.startswith("/grpc."):  # health and reflection are never limited
+        if limiter is None:
             return _wrap(handler, lambda: guard.check(method, metadata), _no_limits)
 
         async def admit(identity: str, context: Context) -> AbstractAsyncContextManager[None]:
@@ -262,82 +259,3 @@ def service_token(key: SigningKey, name: str, ttl: int = 86400) -> str:
 def admin_token(key: SigningKey, name: str, ttl: int = 3600) -> str:
     """An operator's token for admin methods (whoever can read the gateway key may mint one)."""
     return tokens.issue(key, ADMIN_SUBJECT_PREFIX + name, ttl)[0]
-
-
-@dataclass
-class Running:
-    server: grpc.aio.Server
-    port: int
-    health: health.aio.HealthServicer  # type: ignore[name-defined]
-    limiter: Limiter | None = None  # close it after the server stops (run_service does)
-
-
-async def start_server(
-    cfg: Config,
-    guard: Guard,
-    register: Callable[[grpc.aio.Server], Iterable[str]],
-    *,
-    port: int,
-    host: str | None = None,
-) -> Running:
-    """Bind and start a server; ``register`` adds servicers and returns their full names.
-
-    The port speaks TLS when ``cfg.internal_tls`` (tls.TlsError naming a missing or expired file
-    otherwise); the guard gets the config's limits unless it has a limiter already.
-    """
-    credentials = None
-    if cfg.internal_tls:
-        key, chain = tls.server_pair(cfg)
-        credentials = grpc.ssl_server_credentials([(key, chain)])
-    if guard.limiter is None:
-        guard.limiter = Limiter(cfg.limits, cfg.redis_url)
-    server = grpc.aio.server(
-        interceptors=[GuardInterceptor(guard)],
-        options=[
-            ("grpc.max_receive_message_length", net.MAX_MESSAGE),
-            ("grpc.max_send_message_length", net.MAX_MESSAGE),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
-    names = list(register(server))
-    hs = health.aio.HealthServicer()  # type: ignore[attr-defined]
-    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-    address = f"{host or cfg.listen_host}:{port}"
-    bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
-    if bound == 0:
-        raise errors.InvalidInput(f"cannot listen on {host or cfg.listen_host}:{port} (port in use?)")
-    await server.start()
-    for name in [*names, ""]:
-        await hs.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, bound, hs, guard.limiter)
-
-
-async def run_service(
-    name: str,
-    cfg: Config,
-    build: Callable[[], Awaitable[tuple[Running, Callable[[], Awaitable[None]]]]],
-    registry: Registry,
-) -> None:
-    """Start via ``build`` (returns the server and a cleanup), serve metrics, stop on a signal."""
-    running, cleanup = await build()
-    metrics_port = cfg.ports[name] + cfg.metrics_port_offset
-    ssl_context = tls.server_ssl_context(cfg) if cfg.internal_tls else None
-    metrics = await serve_metrics(registry, cfg.listen_host, metrics_port, ssl=ssl_context)
-    log.info(
-        "%s listening",
-        name,
-        extra={"grpc": f"{cfg.listen_host}:{running.port}", "metrics": metrics_port, "tls": cfg.internal_tls},
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("%s stopping", name)
-    await running.health.enter_graceful_shutdown()
-    await running.server.stop(5)
-    metrics.close()
-    with contextlib.suppress(Exception):
-        await cleanup()
-    if running.limiter is not None:
-        await running.limiter.close()

@@ -18,10 +18,10 @@ from services.common.config import Config, ConfigError, load_config
 from services.common.errors import GridstorError, InvalidInput
 from services.common.logging import register_secret, setup_logging
 from services.common.metrics import Registry
-from services.common.rpc import Running, run_service
+from services.common.server import Cleanup, Running, run_service
 from services.common.tuning import tune_malloc
 
-Build = Callable[..., Awaitable[tuple[Running, Callable[[], Awaitable[None]]]]]
+Build = Callable[..., Awaitable[tuple[Running, Cleanup]]]
 
 
 def common_options(defaults: bool = True) -> argparse.ArgumentParser:
@@ -65,7 +65,11 @@ def serve(name: str, cfg: Config, build: Build, *, tune: bool = False) -> int:
     except InvalidInput as exc:  # e.g. a key file readable by others
         print(f"{name}: cannot start: {exc}", file=sys.stderr)
         return 2
-    except (GridstorError, OSError) as exc:  # a port in use, a store unreachable ...
+    except OSError as exc:  # a port in use ...
+        reason = exc.strerror if exc.strerror and exc.filename is None else exc  # no "[Errno 98]" without a path
+        print(f"{name}: cannot start: {reason}", file=sys.stderr)
+        return 1
+    except GridstorError as exc:  # a store unreachable ...
         print(f"{name}: cannot start: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

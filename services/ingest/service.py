@@ -1,4 +1,4 @@
-"""IngestService over grpc.aio: thin servicer over the spool, the job store and the worker pool."""
+"""IngestService over grpc.aio: a thin servicer over uploads (upload.py), the job store and the store workers."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import grpc
@@ -18,9 +18,10 @@ from services.common import errors, jobs, spool
 from services.common.config import Config
 from services.common.jobs import Job, JobStore, Notifier
 from services.common.keys import signing_key
-from services.common.limits import idle_timeout
 from services.common.metrics import Registry
-from services.common.rpc import Guard, Policy, Running, current_identity, start_server
+from services.common.rpc import Policy, current_identity
+from services.common.server import READY_EVERY, Cleanup, Running, Wiring, create_server
+from services.ingest import upload
 from services.ingest.worker import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,6 @@ DEFAULT_WAIT = 60  # seconds a Status(wait) with timeout_seconds 0 waits
 METRICS_INTERVAL = 1.0
 # Answer TIMEOUT a little before the client's own deadline would cut the call.
 DEADLINE_MARGIN = 0.25
-# Uploads this big are queued while they still arrive, so storing overlaps receiving. Smaller
-# ones arrive in a few ms: they keep the simple path (queued complete, FindByHash before any write).
-STREAM_FROM = 8 * 1024 * 1024
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -86,118 +84,12 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, request_iterator: AsyncIterator[ingest_pb2.UploadRequest], context: Context
     ) -> ingest_pb2.UploadReply:
         """Receive one file; reply with the job that stores it."""
-        limit = self.cfg.max_upload
-        header: spool.UploadHeader | None = None
-        sp = spool.Spool(self.cfg.spool_dir, limit)
-        result = "failed"
-        committed: asyncio.Future[None] | None = None
-        job = ""
-        streaming = False  # the job is queued already and a worker may be storing the spool as it grows
+        up = upload.Upload(self.cfg, self.store, current_identity.get(), self.metrics.bytes.inc)
         try:
-            # A client that stops sending is dropped after limits.upload_idle_timeout (its spool file too).
-            async for msg in idle_timeout(request_iterator, self.cfg.limits.upload_idle_timeout):
-                if header is None:
-                    header = spool.UploadHeader.parse(
-                        msg.name,
-                        msg.content_type,
-                        msg.body.content_type,
-                        msg.declared_size if msg.HasField("declared_size") else None,
-                        limit,
-                    )
-                data = msg.body.data
-                self.metrics.bytes.inc(len(data))
-                await sp.write(data)
-                if header.declared_size is not None and sp.size > header.declared_size:
-                    raise errors.InvalidInput(
-                        f"more bytes arrived than the declared_size of {header.declared_size} bytes"
-                    )
-                if not streaming and _big(header, sp.size):
-                    job = jobs.new_job_id()
-                    await self._spool_as_job(job, sp)
-                    streaming = True  # set before submit: a cancellation cutting it short must still abort
-                    await self._queue_receiving(job, sp, header)
-            if header is None:  # an empty stream is an empty, nameless file
-                header = spool.UploadHeader.parse("", "", "", None, limit)
-            done = await sp.finish()
-            if header.declared_size is not None and header.declared_size != done.size:
-                raise errors.InvalidInput(
-                    f"declared_size was {header.declared_size} bytes but {done.size} bytes arrived"
-                )
-            await _client_still_there(context)
-            if streaming:
-                # Past this point the upload is complete: a cancellation no longer undoes it.
-                committed = asyncio.ensure_future(self.store.received(job, size=done.size, hash_hex=done.hash.hex()))
-            else:
-                job = jobs.new_job_id()
-                path = spool.job_path(self.cfg.spool_dir, job)
-                os.rename(done.path, path)
-                sp.path = path
-                committed = asyncio.ensure_future(
-                    self.store.submit(
-                        job,
-                        path=str(path),
-                        size=done.size,
-                        hash_hex=done.hash.hex(),
-                        name=header.name,
-                        ext=header.ext,
-                        content_type=header.content_type,
-                        identity=current_identity.get(),
-                    )
-                )
-
-            def drop_unless_queued(f: asyncio.Future[None]) -> None:
-                if f.cancelled() or f.exception() is not None:
-                    sp.discard()  # a streamed job's worker then stalls and fails it
-
-            committed.add_done_callback(drop_unless_queued)
-            await asyncio.shield(committed)
-            result = "ok"
-        except asyncio.CancelledError:
-            result = "cancelled"
-            raise
-        except (errors.InvalidInput, errors.LimitExceeded):
-            result = "refused"
-            raise
+            received = await up.receive(request_iterator, context)
         finally:
-            if committed is None:
-                if streaming:
-                    await self._abort(job, result)
-                sp.discard()
-            self.metrics.uploads.inc(result=result)
-        log.info(
-            "upload received",
-            extra={"job": job, "size": done.size, "ext": header.ext, "identity": current_identity.get()},
-        )
-        return ingest_pb2.UploadReply(job=job, size=done.size, hash=done.hash.hex())
-
-    async def _spool_as_job(self, job: str, sp: spool.Spool) -> None:
-        """Give the growing spool file its job name, with what arrived so far on disk."""
-        await sp.sync()  # the first batch is on disk before a worker looks
-        path = spool.job_path(self.cfg.spool_dir, job)
-        os.rename(sp.path, path)  # the open descriptor keeps writing to the same file
-        sp.path = path
-
-    async def _queue_receiving(self, job: str, sp: spool.Spool, header: spool.UploadHeader) -> None:
-        """Queue ``job`` while its upload still arrives, so a worker stores the spool file as it grows."""
-        await self.store.submit(
-            job,
-            path=str(sp.path),
-            size=0,
-            name=header.name,
-            ext=header.ext,
-            content_type=header.content_type,
-            identity=current_identity.get(),
-            receiving=True,
-        )
-
-    async def _abort(self, job: str, result: str) -> None:
-        """Tell the worker of a streamed job that its upload failed, before its spool file goes."""
-        aborting = asyncio.ensure_future(self.store.abort(job, f"the upload was {result}"))
-        try:
-            await asyncio.shield(aborting)
-        except (asyncio.CancelledError, errors.StoreFailed) as exc:
-            # The worker then finds the spool file gone or stalled and fails the job itself.
-            log.warning("upload of job %s failed; could not tell its worker (%s)", job, exc)
+            self.metrics.uploads.inc(result=up.result)
+        return ingest_pb2.UploadReply(job=received.job, size=received.size, hash=received.hash)
 
     async def Status(self, request: ingest_pb2.StatusRequest, context: Context) -> ingest_pb2.StatusReply:
         """Where a job stands; with wait, once it ends or the timeout passes."""
@@ -215,31 +107,6 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 raise errors.NotFound(f"no job {job_id} (unknown, or finished more than a few days ago)")
             job = found
         return status_reply(job, timed_out)
-
-
-async def _client_still_there(context: Context) -> None:
-    """Raise CancelledError if the client cancelled rather than finished its upload stream.
-
-    grpc.aio ends the request iterator the same way for both, and cancels the
-    handler task only a moment later. Yielding, then sending the response
-    headers (a batch on the call, completed after the core's cancellation
-    notice), lets that cancellation land here, before the upload is queued.
-    """
-    await asyncio.sleep(0)
-    try:
-        await context.send_initial_metadata(())
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # the call is gone (the batch failed)
-        raise asyncio.CancelledError(f"the client went away ({type(exc).__name__})") from None
-    jobs.checkpoint()
-
-
-def _big(header: spool.UploadHeader, received: int) -> bool:
-    """Whether to queue an upload now: it is (declared, or so far) at least STREAM_FROM, a batch is on its way."""
-    return received >= max(STREAM_FROM, spool.BATCH_BYTES) or (
-        received >= spool.BATCH_BYTES and (header.declared_size or 0) >= STREAM_FROM
-    )
 
 
 def status_reply(job: Job, timed_out: bool) -> ingest_pb2.StatusReply:
@@ -267,85 +134,51 @@ def status_reply(job: Job, timed_out: bool) -> ingest_pb2.StatusReply:
     return reply
 
 
-async def _sweep_spool(directory: Path, store: JobStore) -> None:
-    """Remove spool files no live job needs: stale partial uploads, files of finished or unknown jobs."""
-    await asyncio.to_thread(spool.sweep_partials, directory)
-    removed = 0
-    for entry in await asyncio.to_thread(lambda: list(os.scandir(directory))):
-        name = entry.name
-        if not name.endswith(spool.JOB_SUFFIX):
-            continue
-        job_id = name[: -len(spool.JOB_SUFFIX)]
-        try:
-            jobs.check_job_id(job_id)
-        except errors.InvalidInput:
-            continue
-        job = await store.get(job_id)
-        if job is None or job.finished:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed += 1
-    if removed:
-        log.info("removed %d spool files of finished or unknown jobs", removed)
-
-
 async def build(
-    cfg: Config, *, port: int | None = None, registry: Registry | None = None
-) -> tuple[Running, Callable[[], Awaitable[None]]]:
-    """Connect Redis, start the worker pool and the server; the cleanup stops the workers."""
-    signing_key(cfg.data_dir)  # created 0600 on first start, before the workers need it
-    spool.prepare_dir(cfg.spool_dir)
-    redis = jobs.connect(cfg.redis_url)
-    store = JobStore(redis)
-    notifier = Notifier(redis)
-    metrics = Metrics(registry or Registry())
-    pool = WorkerPool(cfg, cfg.workers or os.cpu_count() or 1)
-    tasks: list[asyncio.Task[None]] = []
-    try:
+    cfg: Config, *, port: int | None = None, registry: Registry | None = None, ready_every: float = READY_EVERY
+) -> tuple[Running, Cleanup]:
+    """Connect Redis, start the worker pool and the server; the cleanup stops the workers.
+
+    Serving while Redis answers and at least one of the pool's workers reports that it can store.
+    """
+
+    async def setup(stack: contextlib.AsyncExitStack) -> Wiring:
+        signing_key(cfg.data_dir)  # created 0600 on first start, before the workers need it
+        spool.prepare_dir(cfg.spool_dir)
+        redis = jobs.connect(cfg.redis_url)
+        stack.push_async_callback(jobs.disconnect, redis)
+        store = JobStore(redis)
+        notifier = Notifier(redis)
         try:
             await store.ensure_group()
         except RedisError as exc:
             raise errors.StoreFailed(f"the job queue (redis at {cfg.redis_url}) is unavailable: {exc}") from None
-        await _sweep_spool(cfg.spool_dir, store)
+        await upload.sweep_spool(cfg.spool_dir, store)
         await notifier.start()
+        stack.push_async_callback(notifier.stop)
+        pool = WorkerPool(cfg, cfg.workers or os.cpu_count() or 1)
+        stack.push_async_callback(pool.stop)
         await pool.start()
-
-        async def refresh_metrics() -> None:
-            while True:
-                with contextlib.suppress(errors.StoreFailed):
-                    metrics.queue.set(await store.queue_length())
-                    metrics.mirror(await store.stats())
-                jobs.checkpoint()
-                metrics.workers.set(len(pool.pids))
-                metrics.restarts.set(pool.restarts)
-                await asyncio.sleep(METRICS_INTERVAL)
-
-        tasks.append(asyncio.create_task(refresh_metrics(), name="ingest-metrics"))
+        metrics = Metrics(registry or Registry())
+        task = asyncio.create_task(_refresh_metrics(metrics, store, pool), name="ingest-metrics")
+        stack.push_async_callback(jobs.cancel_and_wait, task)
         servicer = IngestServicer(cfg, store, notifier, metrics)
-        guard = Guard.for_config(cfg, {SERVICE_NAME: POLICY})
+        log.info("ingest ready", extra={"workers": pool.size, "max_upload": cfg.max_upload, "mode": cfg.mode})
+        add = partial(ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)
+        return Wiring(SERVICE_NAME, add, POLICY, partial(pool.ready, store))
 
-        def register(server: grpc.aio.Server) -> list[str]:
-            ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, server)
-            return [SERVICE_NAME]
-
-        running = await start_server(cfg, guard, register, port=cfg.ports["ingest"] if port is None else port)
-    except BaseException:
-        await _close(tasks, pool, notifier, redis)
-        raise
-    log.info("ingest ready", extra={"workers": pool.size, "max_upload": cfg.max_upload, "mode": cfg.mode})
-
-    async def cleanup() -> None:
-        # run_service has stopped the server gracefully already; a second stop is a no-op there.
-        await running.server.stop(1)
-        await _close(tasks, pool, notifier, redis)
-
-    return running, cleanup
+    return await create_server(cfg, "ingest", setup, port=port, ready_every=ready_every)
 
 
-async def _close(tasks: list[asyncio.Task[None]], pool: WorkerPool, notifier: Notifier, redis: Any) -> None:
-    for t in tasks:
-        await jobs.cancel_and_wait(t)
-    await pool.stop()
-    await notifier.stop()
-    with contextlib.suppress(Exception):
-        await redis.aclose()
+async def _refresh_metrics(metrics: Metrics, store: JobStore, pool: WorkerPool) -> None:
+    """Mirror the queue length, the workers' counters and the pool's size into the metrics, every second."""
+    while True:
+        try:
+            metrics.queue.set(await store.queue_length())
+            metrics.mirror(await store.stats())
+        except errors.StoreFailed as exc:  # Redis away: the readiness check reports it; the numbers wait
+            log.debug("metrics not refreshed: %s", exc)
+        jobs.checkpoint()
+        metrics.workers.set(len(pool.pids))
+        metrics.restarts.set(pool.restarts)
+        await asyncio.sleep(METRICS_INTERVAL)

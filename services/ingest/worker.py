@@ -40,9 +40,9 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import blake3
 import yaml
@@ -50,13 +50,15 @@ from nacl.signing import SigningKey
 from redis.exceptions import RedisError
 
 from gridstor.v1 import common_pb2
-from services.common import errors, gateway, jobs, net, rpc
+from services.common import errors, gateway, jobs, net, readiness, rpc
+from services.common.backends import Backend
 from services.common.config import Config, build_config, dump_config, load_config
 from services.common.engine import Engine, FileRecord, file_source
 from services.common.ids import HASH_BYTES
 from services.common.jobs import Job, JobStore
 from services.common.keys import key_id, signing_key
 from services.common.metaclient import MetaClient
+from services.common.readiness import READY, Ready
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ META_RETRY_FOR = 30.0  # keep retrying an unreachable meta this long before fail
 PRUNE_IDLE_MS = 3_600_000
 TAIL_POLL = 0.003  # seconds between looks at a spool file that is still growing
 DEFAULT_STALL_TIMEOUT = 90.0  # a growing spool file silent this long: its upload died with its ingest process
+REPORT_EVERY = 2.0  # seconds between a worker's readiness reports (they lapse after REPORT_TTL)
+REPORT_TTL = 3 * REPORT_EVERY
 
 _T = TypeVar("_T")
 
@@ -84,6 +88,11 @@ def claim_idle_ms() -> int:
     if value < 100:
         raise errors.InvalidInput(f"{CLAIM_IDLE_ENV}: must be at least 100 ms, got {value}")
     return value
+
+
+def consumer_name(pid: int) -> str:
+    """The consumer name of the worker process ``pid`` on this machine (in the group and in its reports)."""
+    return f"{socket.gethostname()}-{pid}"
 
 
 def sign_receipt(key: SigningKey, *, file_id: str, size: int, hash_hex: str, job: str) -> common_pb2.Receipt:
@@ -160,7 +169,7 @@ class Worker:
         self.meta = meta
         self.key = key
         self.claim_idle = claim_idle
-        self.consumer = f"{socket.gethostname()}-{os.getpid()}"
+        self.consumer = consumer_name(os.getpid())
         self.heartbeat_every = max(0.05, claim_idle / 4000)
         self.claim_every = min(max(0.05, claim_idle / 2000), 5.0)
 
@@ -471,6 +480,18 @@ class WorkerPool:
         """Process ids of the running workers."""
         return [p.pid for p in self._procs.values() if p.returncode is None]
 
+    async def ready(self, store: JobStore) -> Ready:
+        """Serving while Redis answers and one of these workers reports it can store (``report_readiness``)."""
+        try:
+            reports = await store.worker_reports([consumer_name(pid) for pid in self.pids])
+        except errors.StoreFailed as exc:
+            return Ready(False, str(exc))
+        if any(can for can, _ in reports.values()):
+            return READY
+        if not reports:
+            return Ready(False, f"none of the {len(self.pids)} running store workers has reported yet")
+        return Ready(False, f"no store worker can store: {next(iter(reports.values()))[1]}")
+
     async def start(self) -> None:
         for slot in range(self.size):
             await self._spawn(slot)
@@ -566,20 +587,42 @@ async def serve(cfg: Config, parent_pid: int | None = None) -> None:
             stop.set()
 
         watch = asyncio.create_task(orphaned())
+    store = JobStore(redis)
+    # A store writes each shard of a chunk to its own backend: every one of k+m must take writes.
+    need = cfg.engine.k + cfg.engine.m
+    reports = asyncio.create_task(report_readiness(store, engine.pool.backends.values(), need, stop))
     try:
         # An upload still arriving is dropped by ingest after upload_idle_timeout; past that and a
         # margin, a silent spool file means its ingest process died without saying so.
         stall = cfg.limits.upload_idle_timeout + 30.0
-        worker = Worker(
-            JobStore(redis), engine, meta, signing_key(cfg.data_dir), claim_idle=claim_idle_ms(), stall_timeout=stall
-        )
+        worker = Worker(store, engine, meta, signing_key(cfg.data_dir), claim_idle=claim_idle_ms(), stall_timeout=stall)
         await worker.run(stop)
     finally:
         if watch is not None:
             watch.cancel()
+        stop.set()
+        await reports
         await meta.close()
         await engine.pool.close()
-        await redis.aclose()
+        await jobs.disconnect(redis)
+
+
+async def report_readiness(store: JobStore, pool: Iterable[Backend], need: int, stop: asyncio.Event) -> None:
+    """Until ``stop``: every REPORT_EVERY seconds, whether ``need`` backends answer, into Redis for ingest's health."""
+    consumer = consumer_name(os.getpid())
+    backends = list(pool)
+    while not stop.is_set():
+        ready = await readiness.backends(backends, need)
+        try:
+            await store.report_worker(consumer, ready.serving, ready.reason, REPORT_TTL)
+        except errors.StoreFailed as exc:  # the job loop logs the queue's trouble; the report lapses meanwhile
+            log.debug("readiness report not stored: %s", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), REPORT_EVERY)
+    try:
+        await store.forget_worker(consumer)
+    except errors.StoreFailed as exc:
+        log.debug("readiness report not removed (it lapses): %s", exc)
 
 
 def main(argv: list[str] | None = None) -> int:

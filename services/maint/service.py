@@ -14,21 +14,24 @@ methods with FAILED_PRECONDITION.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
+from functools import partial
 from typing import Any
 
 import grpc
 
 from gridstor.v1 import maint_pb2, maint_pb2_grpc
-from services.common import errors, rpc
+from services.common import errors, readiness, rpc
 from services.common.config import Config
 from services.common.engine import Engine, FileRecord
 from services.common.gateway import open_engine
 from services.common.metaclient import MetaClient
 from services.common.metrics import Registry
 from services.common.records import Records
+from services.common.server import READY_EVERY, Cleanup, Running, Wiring, create_server
 from services.maint import backup as backups
 from services.maint import checks, cleanup, replicas
 from services.maint.scrub import Progress, Scrubber, ScrubMetrics
@@ -267,38 +270,28 @@ async def build(
     registry: Registry | None = None,
     records: Records | None = None,
     schedules: bool = True,
-) -> tuple[rpc.Running, Callable[[], Awaitable[None]]]:
+    ready_every: float = READY_EVERY,
+) -> tuple[Running, Cleanup]:
     """Open the engine and a meta client, start the server and the schedules; return it and an async cleanup.
 
     ``records`` replaces the meta client (tests); ``schedules=False`` starts no background task.
+    Serving while at least k shard backends answer.
     """
-    engine = await open_engine(cfg)
-    client: MetaClient | None = None
-    if records is None:
-        records = client = MetaClient.for_config(cfg, NAME)
-    maint = Maint(cfg, engine, records, registry or Registry())
-    servicer = MaintServicer(maint)
-    guard = rpc.Guard.for_config(cfg, {SERVICE: POLICY})
 
-    def register(server: grpc.aio.Server) -> list[str]:
-        maint_pb2_grpc.add_MaintServiceServicer_to_server(servicer, server)
-        return [SERVICE]
+    async def setup(stack: contextlib.AsyncExitStack) -> Wiring:
+        engine = await open_engine(cfg)
+        stack.push_async_callback(engine.pool.close)
+        source = records
+        if source is None:
+            client = source = MetaClient.for_config(cfg, NAME)
+            stack.push_async_callback(client.close)
+        maint = Maint(cfg, engine, source, registry or Registry())
+        stack.push_async_callback(maint.close)
+        if schedules:
+            maint.start()
+        ready = partial(readiness.backends, engine.pool.backends.values(), cfg.engine.k)
+        return Wiring(
+            SERVICE, partial(maint_pb2_grpc.add_MaintServiceServicer_to_server, MaintServicer(maint)), POLICY, ready
+        )
 
-    try:
-        running = await rpc.start_server(cfg, guard, register, port=cfg.ports[NAME] if port is None else port)
-    except BaseException:
-        await engine.pool.close()
-        if client is not None:
-            await client.close()
-        raise
-    if schedules:
-        maint.start()
-
-    async def cleanup() -> None:
-        await maint.close()
-        await running.server.stop(1)
-        if client is not None:
-            await client.close()
-        await engine.pool.close()
-
-    return running, cleanup
+    return await create_server(cfg, NAME, setup, port=port, ready_every=ready_every)

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from typing import Any
 
 import grpc
 from google.api import httpbody_pb2
 
 from gridstor.v1 import meta_pb2, meta_pb2_grpc
-from services.common import errors, rpc
+from services.common import errors, readiness, rpc
 from services.common.config import Config
 from services.common.engine import Engine
 from services.common.gateway import open_engine, open_metastore
 from services.common.metrics import Registry
+from services.common.server import READY_EVERY, Cleanup, Running, Wiring, create_server
 from services.meta import download
 from services.meta.catalog import Catalog, file_info
 
@@ -131,34 +133,24 @@ class MetaServicer(meta_pb2_grpc.MetaServiceServicer):
 
 
 async def build(
-    cfg: Config, *, port: int | None = None, registry: Registry | None = None
-) -> tuple[rpc.Running, Callable[[], Awaitable[None]]]:
-    """Open the metadata store and the engine, start the server; return it and an async cleanup."""
-    store = await open_metastore(cfg)
-    try:
+    cfg: Config, *, port: int | None = None, registry: Registry | None = None, ready_every: float = READY_EVERY
+) -> tuple[Running, Cleanup]:
+    """Open the metadata store and the engine, start the server; return it and an async cleanup.
+
+    Serving while the metadata namespace and at least k shard backends answer.
+    """
+
+    async def setup(stack: contextlib.AsyncExitStack) -> Wiring:
+        store = await open_metastore(cfg)
+        stack.push_async_callback(store.close)
         engine = await open_engine(cfg)
-    except BaseException:
-        await store.close()
-        raise
-    catalog = Catalog(store, read_only=cfg.role == "replica")
-    servicer = MetaServicer(catalog, engine, Metrics(registry or Registry()))
-    guard = rpc.Guard.for_config(cfg, {SERVICE: POLICY})
+        stack.push_async_callback(engine.pool.close)
+        catalog = Catalog(store, read_only=cfg.role == "replica")
+        servicer = MetaServicer(catalog, engine, Metrics(registry or Registry()))
+        ready = readiness.all_of(
+            partial(readiness.store, store.records, "metadata namespace"),
+            partial(readiness.backends, engine.pool.backends.values(), cfg.engine.k),
+        )
+        return Wiring(SERVICE, partial(meta_pb2_grpc.add_MetaServiceServicer_to_server, servicer), POLICY, ready)
 
-    def register(server: grpc.aio.Server) -> list[str]:
-        meta_pb2_grpc.add_MetaServiceServicer_to_server(servicer, server)
-        return [SERVICE]
-
-    try:
-        running = await rpc.start_server(cfg, guard, register, port=cfg.ports[NAME] if port is None else port)
-    except BaseException:
-        await engine.pool.close()
-        await store.close()
-        raise
-
-    async def cleanup() -> None:
-        # run_service has stopped the server gracefully already; a second stop is a no-op there.
-        await running.server.stop(1)
-        await engine.pool.close()
-        await store.close()
-
-    return running, cleanup
+    return await create_server(cfg, NAME, setup, port=port, ready_every=ready_every)

@@ -5,21 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from gridstor.v1 import ssh_pb2, ssh_pb2_grpc
-from services.common import jobs, spool
+from services.common import jobs, readiness, spool
 from services.common.accounts import check_username
 from services.common.config import Config, SshConfig
 from services.common.jobs import JobStore, Notifier
 from services.common.keys import signing_key
 from services.common.metrics import Registry
-from services.common.rpc import Guard, Policy, Running, current_identity, start_server
+from services.common.rpc import Policy, current_identity
+from services.common.server import READY_EVERY, Cleanup, Running, Wiring, create_server
 from services.ssh.accounts import AccountStore, ensure_home
 from services.ssh.audit import SshMetrics
 from services.ssh.processing import Processor
@@ -94,83 +95,78 @@ class SshService:
     settings: SshConfig
     state_dir: Path  # accounts, host key, pending removals
     host_key_fingerprint: str
-    cleanup: Callable[[], Awaitable[None]]
+    cleanup: Cleanup
 
 
 async def start(
-    cfg: Config, *, port: int | None = None, ssh_port: int | None = None, registry: Registry | None = None
+    cfg: Config,
+    *,
+    port: int | None = None,
+    ssh_port: int | None = None,
+    registry: Registry | None = None,
+    ready_every: float = READY_EVERY,
 ) -> SshService:
-    """Open accounts and Redis, start the SSH server and the gRPC server (ports None = configured)."""
+    """Open accounts and Redis, start the SSH server and the gRPC server (ports None = configured).
+
+    Serving while Redis (the job queue Process submits to) answers.
+    """
     settings, state_dir = cfg.ssh, cfg.ssh_state_dir
     listen_host = settings.listen_host or cfg.listen_host
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    signing_key(cfg.data_dir)  # fail early on a bad key file
-    accounts = AccountStore.open(state_dir)
-    host_key = load_host_key(state_dir)
-    host_fp = fingerprint(host_key)
-    metrics = SshMetrics(registry or Registry())
-    rrsync = find_rrsync(settings.rrsync, state_dir)
-    for acct in accounts:
-        await asyncio.to_thread(ensure_home, settings.homes_dir, acct.username)
-    spool.prepare_dir(cfg.spool_dir)
-    redis = jobs.connect(cfg.redis_url)
-    store = JobStore(redis)
-    notifier = Notifier(redis)
-    gateway = SshGateway(accounts, settings.homes_dir, metrics, rrsync)
-    processor = Processor(
-        spool_dir=cfg.spool_dir,
-        state_dir=state_dir,
-        limit=cfg.max_upload,
-        store=store,
-        notifier=notifier,
-        homes=gateway,
-        metrics=metrics,
-    )
+    opened: list[tuple[int, SshGateway, Processor, str]] = []
 
-    async def close() -> None:
-        await processor.stop()
-        await gateway.stop()
-        await notifier.stop()
-        with contextlib.suppress(Exception):
-            await redis.aclose()
-
-    try:
+    async def setup(stack: contextlib.AsyncExitStack) -> Wiring:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        signing_key(cfg.data_dir)  # fail early on a bad key file
+        accounts = AccountStore.open(state_dir)
+        host_key = load_host_key(state_dir)
+        host_fp = fingerprint(host_key)
+        metrics = SshMetrics(registry or Registry())
+        rrsync = find_rrsync(settings.rrsync, state_dir)
+        for acct in accounts:
+            await asyncio.to_thread(ensure_home, settings.homes_dir, acct.username)
+        spool.prepare_dir(cfg.spool_dir)
+        redis = jobs.connect(cfg.redis_url)
+        stack.push_async_callback(jobs.disconnect, redis)
+        notifier = Notifier(redis)
+        stack.push_async_callback(notifier.stop)
+        gateway = SshGateway(accounts, settings.homes_dir, metrics, rrsync)
+        stack.push_async_callback(gateway.stop)
+        processor = Processor(
+            spool_dir=cfg.spool_dir,
+            state_dir=state_dir,
+            limit=cfg.max_upload,
+            store=JobStore(redis),
+            notifier=notifier,
+            homes=gateway,
+            metrics=metrics,
+        )
+        stack.push_async_callback(processor.stop)
         await notifier.start()
         bound_ssh = await gateway.start(listen_host, settings.port if ssh_port is None else ssh_port, host_key)
         resumed = processor.resume()
+        log.info(
+            "ssh ready",
+            extra={
+                "ssh": f"{listen_host}:{bound_ssh}",
+                "host_key": host_fp,
+                "accounts": len(list(accounts)),
+                "rsync": str(rrsync) if rrsync else "disabled",
+                "pending_removals": resumed,
+            },
+        )
+        opened.append((bound_ssh, gateway, processor, host_fp))
         servicer = SshServicer(gateway, processor, settings, host_fp)
-        guard = Guard.for_config(cfg, {SERVICE: POLICY})
+        add = partial(ssh_pb2_grpc.add_SshServiceServicer_to_server, servicer)
+        return Wiring(SERVICE, add, POLICY, partial(readiness.redis, redis, "job queue"))
 
-        def register(server: grpc.aio.Server) -> list[str]:
-            ssh_pb2_grpc.add_SshServiceServicer_to_server(servicer, server)
-            return [SERVICE]
-
-        running = await start_server(cfg, guard, register, port=cfg.ports[NAME] if port is None else port)
-    except BaseException:
-        await close()
-        raise
-    log.info(
-        "ssh ready",
-        extra={
-            "ssh": f"{listen_host}:{bound_ssh}",
-            "host_key": host_fp,
-            "accounts": len(list(accounts)),
-            "rsync": str(rrsync) if rrsync else "disabled",
-            "pending_removals": resumed,
-        },
-    )
-
-    async def cleanup() -> None:
-        # run_service has stopped the server gracefully already; a second stop is a no-op there.
-        await running.server.stop(1)
-        await close()
-
+    running, cleanup = await create_server(cfg, NAME, setup, port=port, ready_every=ready_every)
+    bound_ssh, gateway, processor, host_fp = opened[0]
     return SshService(running, bound_ssh, gateway, processor, settings, state_dir, host_fp, cleanup)
 
 
 async def build(
-    cfg: Config, *, port: int | None = None, registry: Registry | None = None
-) -> tuple[Running, Callable[[], Awaitable[None]]]:
+    cfg: Config, *, port: int | None = None, registry: Registry | None = None, ready_every: float = READY_EVERY
+) -> tuple[Running, Cleanup]:
     """Start the service (see ``start``); return the gRPC server and an async cleanup."""
-    svc = await start(cfg, port=port, registry=registry)
+    svc = await start(cfg, port=port, registry=registry, ready_every=ready_every)
     return svc.running, svc.cleanup

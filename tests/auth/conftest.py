@@ -17,7 +17,7 @@ from gridstor.v1 import auth_pb2, auth_pb2_grpc
 from services.auth.service import build
 from services.common.config import Config, build_config
 from services.common.metrics import Registry
-from services.common.rpc import Running
+from services.common.server import Running
 from tests.redis_server import RedisProcess
 
 SECRET = "correct-horse-battery-staple-42"

@@ -14,7 +14,8 @@ from gridstor.v1 import auth_pb2
 from services.common import errors, tokens
 from services.common.config import build_config
 from services.common.keys import signing_key
-from services.common.rpc import Guard, Policy, current_identity, service_token, start_server
+from services.common.rpc import Guard, Policy, current_identity, service_token
+from services.common.server import start_server
 from tests.auth.conftest import SECRET, AuthServer
 
 PROBE = "test.Probe"

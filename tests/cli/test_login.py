@@ -18,7 +18,7 @@ from services.cli import main
 from services.cli.connect import load_signing_key
 from services.common.config import build_config
 from services.common.keys import signing_key
-from services.common.rpc import Running
+from services.common.server import Running
 from services.common.tokens import verify
 from tests.redis_server import RedisProcess
 

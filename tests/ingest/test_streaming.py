@@ -11,7 +11,7 @@ from google.api import httpbody_pb2
 
 from gridstor.v1 import common_pb2, ingest_pb2
 from services.common import jobs
-from services.ingest.service import STREAM_FROM
+from services.ingest.upload import STREAM_FROM
 from tests.ingest.conftest import MESSAGE, MiB, Suite, SuiteFactory, eventually
 
 

@@ -22,6 +22,7 @@ from services.common.engine import Engine, FileRecord
 from services.common.gateway import ensure_local_dirs, open_engine
 from services.common.keys import MASTER_KEY_FILE, SIGNING_KEY_FILE, signing_key
 from services.common.metrics import Registry
+from services.common.server import Running
 from services.maint import service as maint_service
 from services.meta import service as meta_service
 
@@ -82,8 +83,8 @@ class Gateway:
     registry: Registry = field(default_factory=Registry)
     meta_port: int = 0
     maint_port: int = 0
-    _meta: tuple[rpc.Running, Callable[[], Awaitable[None]]] | None = None
-    _maint: tuple[rpc.Running, Callable[[], Awaitable[None]]] | None = None
+    _meta: tuple[Running, Callable[[], Awaitable[None]]] | None = None
+    _maint: tuple[Running, Callable[[], Awaitable[None]]] | None = None
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
     meta: meta_pb2_grpc.MetaServiceAsyncStub | None = None
     maint: maint_pb2_grpc.MaintServiceAsyncStub | None = None

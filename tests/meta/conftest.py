@@ -19,6 +19,7 @@ from services.common.engine import Engine, FileRecord
 from services.common.gateway import open_engine
 from services.common.keys import signing_key
 from services.common.metrics import Registry
+from services.common.server import Running
 from services.meta.service import build
 
 CHUNK = 256 * 1024  # small engine chunks keep the tests fast and give many chunks per file
@@ -60,7 +61,7 @@ class Fetched:
 @dataclass
 class MetaServer:
     cfg: Config
-    running: rpc.Running
+    running: Running
     cleanup: Callable[[], Awaitable[None]]
     channel: grpc.aio.Channel
     stub: meta_pb2_grpc.MetaServiceAsyncStub

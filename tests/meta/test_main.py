@@ -105,3 +105,18 @@ async def test_serves_until_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_port_in_use_exits_1(tmp_path: Path) -> None:
+    """As services/common/service_main.py promises: a start that fails for a port in use is exit 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "gridstor.yaml"
+        cfg.write_text(yaml.safe_dump({"ports": {"meta": port}, "engine": {"chunk_size": 65536}}))
+        proc = run_meta("--config", str(cfg), "--data", str(tmp_path / "data"))
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert f"meta: cannot start: cannot listen on 127.0.0.1:{port} (port in use?)" in err
+    assert "Traceback" not in err

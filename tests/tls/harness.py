@@ -18,7 +18,7 @@ from typing import Any
 from services.auth import service as auth_service
 from services.common import tls
 from services.common.config import Config, build_config
-from services.common.rpc import Running
+from services.common.server import Running
 from services.edge.envoy import build_envoy_config
 from services.ingest import service as ingest_service
 from services.meta import service as meta_service

@@ -1,0 +1,223 @@
+"""One upload, from its first message to a queued job: what IngestService.Upload does.
+
+1. The first message's header is checked (name, content type, declared size);
+   every message's bytes go to a spool file, hashed and counted, within the
+   upload limit and the declared size. A client that stops sending is dropped
+   after ``limits.upload_idle_timeout``.
+2. A big upload (``STREAM_FROM`` bytes, declared or so far) is queued while
+   it still arrives: its spool file takes the job's name and the job is
+   submitted ``receiving``, so a worker stores the file as it grows.
+3. At the end of the stream the client must still be there (grpc.aio ends the
+   stream the same way for a cancel), then the upload commits: a streamed
+   job gets its final size and hash (``received``); any other is submitted
+   complete. Past that point a cancellation no longer undoes it.
+4. Anything failing before the commit removes the spool file; a streamed
+   job is aborted first, so its worker stops and deletes what it wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from gridstor.v1 import ingest_pb2
+from services.common import errors, jobs, spool
+from services.common.config import Config
+from services.common.jobs import JobStore
+from services.common.limits import idle_timeout
+
+log = logging.getLogger(__name__)
+
+# Uploads this big are queued while they still arrive, so storing overlaps receiving. Smaller
+# ones arrive in a few ms: they keep the simple path (queued complete, FindByHash before any write).
+STREAM_FROM = 8 * 1024 * 1024
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+@dataclass(frozen=True)
+class Received:
+    """A complete upload and the job storing it."""
+
+    job: str
+    size: int
+    hash: str  # hex
+    ext: str
+
+
+class Upload:
+    """One upload being received (see the module docstring); ``result`` says how it ended.
+
+    ``result`` is ``ok``, ``refused`` (bad input, over a limit), ``cancelled`` or ``failed``.
+    """
+
+    def __init__(self, cfg: Config, store: JobStore, identity: str, on_bytes: Callable[[int], object]) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.identity = identity
+        self.on_bytes = on_bytes  # counts every byte received, kept or not
+        self.result = "failed"
+
+    async def receive(self, messages: AsyncIterator[ingest_pb2.UploadRequest], context: Context) -> Received:
+        """Spool ``messages`` and queue the job; the spool file is gone again unless the job is queued."""
+        limit = self.cfg.max_upload
+        header: spool.UploadHeader | None = None
+        sp = spool.Spool(self.cfg.spool_dir, limit)
+        committed: asyncio.Future[None] | None = None
+        job = ""
+        streaming = False  # the job is queued already and a worker may be storing the spool as it grows
+        try:
+            async for msg in idle_timeout(messages, self.cfg.limits.upload_idle_timeout):
+                if header is None:
+                    header = spool.UploadHeader.parse(
+                        msg.name,
+                        msg.content_type,
+                        msg.body.content_type,
+                        msg.declared_size if msg.HasField("declared_size") else None,
+                        limit,
+                    )
+                data = msg.body.data
+                self.on_bytes(len(data))
+                await sp.write(data)
+                if header.declared_size is not None and sp.size > header.declared_size:
+                    raise errors.InvalidInput(
+                        f"more bytes arrived than the declared_size of {header.declared_size} bytes"
+                    )
+                if not streaming and big(header, sp.size):
+                    job = jobs.new_job_id()
+                    await self._spool_as_job(job, sp)
+                    streaming = True  # set before submit: a cancellation cutting it short must still abort
+                    await self._queue_receiving(job, sp, header)
+            if header is None:  # an empty stream is an empty, nameless file
+                header = spool.UploadHeader.parse("", "", "", None, limit)
+            done = await sp.finish()
+            if header.declared_size is not None and header.declared_size != done.size:
+                raise errors.InvalidInput(
+                    f"declared_size was {header.declared_size} bytes but {done.size} bytes arrived"
+                )
+            await client_still_there(context)
+            if streaming:
+                # Past this point the upload is complete: a cancellation no longer undoes it.
+                committed = asyncio.ensure_future(self.store.received(job, size=done.size, hash_hex=done.hash.hex()))
+            else:
+                job = jobs.new_job_id()
+                path = spool.job_path(self.cfg.spool_dir, job)
+                os.rename(done.path, path)
+                sp.path = path
+                committed = asyncio.ensure_future(
+                    self.store.submit(
+                        job,
+                        path=str(path),
+                        size=done.size,
+                        hash_hex=done.hash.hex(),
+                        name=header.name,
+                        ext=header.ext,
+                        content_type=header.content_type,
+                        identity=self.identity,
+                    )
+                )
+
+            def drop_unless_queued(f: asyncio.Future[None]) -> None:
+                if f.cancelled() or f.exception() is not None:
+                    sp.discard()  # a streamed job's worker then stalls and fails it
+
+            committed.add_done_callback(drop_unless_queued)
+            await asyncio.shield(committed)
+            self.result = "ok"
+        except asyncio.CancelledError:
+            self.result = "cancelled"
+            raise
+        except (errors.InvalidInput, errors.LimitExceeded):
+            self.result = "refused"
+            raise
+        finally:
+            if committed is None:
+                if streaming:
+                    await self._abort(job)
+                sp.discard()
+        log.info("upload received", extra={"job": job, "size": done.size, "ext": header.ext, "identity": self.identity})
+        return Received(job, done.size, done.hash.hex(), header.ext)
+
+    async def _spool_as_job(self, job: str, sp: spool.Spool) -> None:
+        """Give the growing spool file its job name, with what arrived so far on disk."""
+        await sp.sync()  # the first batch is on disk before a worker looks
+        path = spool.job_path(self.cfg.spool_dir, job)
+        os.rename(sp.path, path)  # the open descriptor keeps writing to the same file
+        sp.path = path
+
+    async def _queue_receiving(self, job: str, sp: spool.Spool, header: spool.UploadHeader) -> None:
+        """Queue ``job`` while its upload still arrives, so a worker stores the spool file as it grows."""
+        await self.store.submit(
+            job,
+            path=str(sp.path),
+            size=0,
+            name=header.name,
+            ext=header.ext,
+            content_type=header.content_type,
+            identity=self.identity,
+            receiving=True,
+        )
+
+    async def _abort(self, job: str) -> None:
+        """Tell the worker of a streamed job that its upload failed, before its spool file goes."""
+        aborting = asyncio.ensure_future(self.store.abort(job, f"the upload was {self.result}"))
+        try:
+            await asyncio.shield(aborting)
+        except (asyncio.CancelledError, errors.StoreFailed) as exc:
+            # The worker then finds the spool file gone or stalled and fails the job itself.
+            log.warning("upload of job %s failed; could not tell its worker (%s)", job, exc)
+
+
+async def client_still_there(context: Context) -> None:
+    """Raise CancelledError if the client cancelled rather than finished its upload stream.
+
+    grpc.aio ends the request iterator the same way for both, and cancels the
+    handler task only a moment later. Yielding, then sending the response
+    headers (a batch on the call, completed after the core's cancellation
+    notice), lets that cancellation land here, before the upload is queued.
+    """
+    await asyncio.sleep(0)
+    try:
+        await context.send_initial_metadata(())
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the call is gone (the batch failed): that is the answer, not an error to log
+        raise asyncio.CancelledError(f"the client went away ({type(exc).__name__})") from None
+    jobs.checkpoint()
+
+
+def big(header: spool.UploadHeader, received: int) -> bool:
+    """Whether to queue an upload now: it is (declared, or so far) at least STREAM_FROM, a batch is on its way."""
+    return received >= max(STREAM_FROM, spool.BATCH_BYTES) or (
+        received >= spool.BATCH_BYTES and (header.declared_size or 0) >= STREAM_FROM
+    )
+
+
+async def sweep_spool(directory: Path, store: JobStore) -> None:
+    """Remove spool files no live job needs: stale partial uploads, files of finished or unknown jobs."""
+    await asyncio.to_thread(spool.sweep_partials, directory)
+    removed = 0
+    for entry in await asyncio.to_thread(lambda: list(os.scandir(directory))):
+        name = entry.name
+        if not name.endswith(spool.JOB_SUFFIX):
+            continue
+        job_id = name[: -len(spool.JOB_SUFFIX)]
+        try:
+            jobs.check_job_id(job_id)
+        except errors.InvalidInput:
+            continue
+        job = await store.get(job_id)
+        if job is None or job.finished:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+    if removed:
+        log.info("removed %d spool files of finished or unknown jobs", removed)
