@@ -507,8 +507,10 @@ class Notifier:
                 log.warning("status subscription lost (%s); reconnecting in %.1fs", exc, delay)
             finally:
                 self._ready.clear()
-                with contextlib.suppress(Exception):
+                try:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+                except (RedisError, OSError) as exc:  # the connection is gone already
+                    log.debug("closing the status subscription: %s", exc)
             self._wake_all()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)

@@ -327,8 +327,10 @@ class Limiter:
 
     async def close(self) -> None:
         if self._redis is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await self._redis.aclose()
+            except (RedisError, OSError) as exc:
+                log.debug("closing the limits' redis client: %s", exc)
             self._redis = None
             self._scripts.clear()
 

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import ssl as ssl_module
 import threading
-from collections.abc import Callable
 from typing import TypeVar
 
 Labels = tuple[tuple[str, str], ...]
@@ -81,7 +80,6 @@ class Registry:
     def __init__(self, prefix: str = "gridstor") -> None:
         self.prefix = prefix
         self._metrics: dict[str, Metric] = {}
-        self._collectors: list[Callable[[], None]] = []
 
     def counter(self, name: str, help_text: str) -> Counter:
         return self._add(Counter(f"{self.prefix}_{name}", help_text))
@@ -97,14 +95,7 @@ class Registry:
         self._metrics[metric.name] = metric
         return metric
 
-    def on_collect(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` before each scrape (to refresh gauges)."""
-        self._collectors.append(fn)
-
     def render(self) -> str:
-        for fn in self._collectors:
-            with contextlib.suppress(Exception):
-                fn()
         lines: list[str] = []
         for m in self._metrics.values():
             lines += m.render()
@@ -134,7 +125,7 @@ async def serve_metrics(
             pass
         finally:
             writer.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(OSError):  # the client left first (reset, TLS cut short): nothing to tell
                 await writer.wait_closed()
 
     return await asyncio.start_server(handle, host, port, ssl=ssl)

@@ -82,6 +82,7 @@ class HealthWatch:
         self.label = label
         self.every = every
         self.state: Ready | None = None
+        self._served = False  # whether it has been SERVING before (for the log)
         self._task: asyncio.Task[None] | None = None
 
     async def update(self) -> Ready:
@@ -95,7 +96,8 @@ class HealthWatch:
             ready = Ready(False, f"the readiness check failed: {type(exc).__name__}: {exc}")
         if ready != self.state:
             if ready.serving:
-                log.info("%s serving%s", self.label, " again" if self.state is not None else "")
+                log.info("%s serving%s", self.label, " again" if self._served else "")
+                self._served = True
             else:
                 log.warning("%s not serving: %s", self.label, ready.reason)
             self.state = ready

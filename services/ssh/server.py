@@ -286,8 +286,10 @@ class SshGateway:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
             if not finished.done():
-                with contextlib.suppress(Exception):  # rsync is gone; its output has nowhere to go
+                try:
                     await asyncio.wait_for(asyncio.shield(finished), 2)
+                except Exception as exc:  # rsync is killed; its output has nowhere to go
+                    log.debug("rsync's last output dropped: %r", exc, extra={"user": home.username, "peer": peer})
                 finished.cancel()
             feed.cancel()
             closed.cancel()
