@@ -23,7 +23,7 @@ PROTO_DIR = ROOT / "protos" / "gridstor" / "v1"
 DESCRIPTOR_SET = ROOT / "compose" / "envoy" / "gridstor.pb"
 PROTO_NAMES = sorted(p.stem for p in PROTO_DIR.glob("*.proto"))
 
-# The methods ARCHITECTURE.md's table and the issues name, per service (at least these).
+# The methods the design names, per service (at least these).
 REQUIRED_METHODS = {
     "AuthService": {"Authenticate", "PublicKey"},
     "IngestService": {"Upload", "Status"},

@@ -26,7 +26,7 @@ from services.cli.session import UNARY_TIMEOUT, Session
 from services.common.errors import InvalidFileId
 from services.common.ids import parse_file_id
 
-UPLOAD_MESSAGE = 256 * 1024  # measured fastest for uploads (ARCHITECTURE.md)
+UPLOAD_MESSAGE = 256 * 1024  # measured fastest for uploads when the design was made
 AUTH_DOMAIN = "gridstor/v1/auth"
 RECEIPT_DOMAIN = b"gridstor/v1/receipt\n"
 HASH_BYTES = 24

@@ -1,7 +1,7 @@
 """Domain errors shared by every gridstor service.
 
 Nothing here imports grpc: the services map these classes to status codes in
-one place (``services/common/grpc_errors.py``).
+one place (``status_for`` in services/common/rpc.py, and back with ``error_for``).
 
     GridstorError
     ├── InvalidInput            bad id, URI, config value, range ... (INVALID_ARGUMENT)

@@ -3,8 +3,8 @@
 One listener takes both kinds of client on one address:
 
 * REST: Envoy's grpc_json_transcoder turns each annotated binding into a
-  call of its gRPC method (ENVOY_NOTES.md lists the settings that were
-  tested with Envoy 1.40), then routes it like a gRPC call;
+  call of its gRPC method (the settings below were tried with Envoy 1.40),
+  then routes it like a gRPC call;
 * gRPC: routed by path prefix ``/gridstor.v1.<Service>/`` to that
   service's HTTP/2 cluster.
 
@@ -412,7 +412,8 @@ def build_envoy_config(
         "normalize_path": True,
         "merge_slashes": True,
         "path_with_escaped_slashes_action": "REJECT_REQUEST",
-        # Chunked trailers carry grpc-status when a download fails after its 200 (ENVOY_NOTES item 2).
+        # A download failing after its 200: on HTTP/1.1 only chunked trailers can carry grpc-status,
+        # otherwise the body just ends and the truncation is silent.
         "http_protocol_options": {"enable_trailers": True},
         "http2_protocol_options": {
             "max_concurrent_streams": lim.edge_streams_per_connection,

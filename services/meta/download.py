@@ -16,7 +16,7 @@ from services.common.ids import parse_file_id
 from services.common.mime import content_disposition, content_type_for, is_active, safe_filename
 from services.meta.catalog import Catalog, Entry
 
-MESSAGE_SIZE = 1024 * 1024  # measured fastest for downloads (ARCHITECTURE.md)
+MESSAGE_SIZE = 1024 * 1024  # measured fastest for downloads when the design was made
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,15 @@
 """The SFTP (and SCP) server of a home: chroot with symlink containment, quota, per-user statvfs.
 
 asyncssh's ``chroot=`` maps client paths under the home, but follows symlinks
-that already exist there (SSH_NOTES.md §2). So every path operation checks
+that already exist there (tried: a link pointing outside let a client read,
+put and rename files outside its home). So every path operation checks
 that the real path of the parent folder is inside the home, and the
 operations that follow the last component (open, stat, setstat, scandir)
 check the real path of the whole path too. Creating symlinks and hard links
-is refused. Writes count against the home's maximum size (§4) and a write
+is refused. Writes count against the home's maximum size and a write
 that does not fit fails with "quota exceeded: home is N of M bytes".
 
-Two fixes for stock clients (§1): ``exit`` sends exit status 0 (OpenSSH scp in
+Two fixes for stock clients: ``exit`` sends exit status 0 (OpenSSH scp in
 SFTP mode exits 1 without it) and FXP_WRITE ignores bytes after the data
 (rclone's Go client pads a short last write to 32 KiB). The latter replaces a
 handler in asyncssh's private table: asyncssh is pinned (2.24.1) for it.

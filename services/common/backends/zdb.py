@@ -1,7 +1,7 @@
 """The 0-db (zdb) backend: one namespace on one 0-db server.
 
-0-db speaks RESP but is not Redis; see ``/work/shared/ZDB_NOTES.md``. What this
-driver does about the differences:
+0-db speaks RESP but is not Redis. What this driver does about the
+differences (docs/engine.md, "0-db backends"):
 
 * RESP2 only (``protocol=2``): redis-py 8 sends ``HELLO 3`` by default, which
   0-db refuses, and no ``CLIENT SETINFO`` (``driver_info=None``).
