@@ -18,6 +18,7 @@ from services.common import tokens
 from services.common.keys import signing_key
 from services.common.metaclient import MetaClient
 from services.maint import service as maint_service
+from services.maint import tasks as maint_tasks
 from services.maint.__main__ import main
 from services.maint.scrub import Scrubber, ScrubState
 from tests.maint.conftest import Gateway, gateway_config, wait_for
@@ -105,7 +106,7 @@ async def test_scheduled_passes_alternate_soft_and_hard(tmp_path: Path, gateways
 
 
 async def test_backup_and_cleanup_schedules(tmp_path: Path, gateways: Make, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(maint_service, "FIRST_BACKUP_DELAY", 0.0)
+    monkeypatch.setattr(maint_tasks, "FIRST_BACKUP_DELAY", 0.0)
     data = tmp_path / "gw"
     cfg = gateway_config(data, maint={"scrub_interval": 0, "backup_interval": 3600, "cleanup_interval": 0.05})
     (data / "ssh").mkdir(parents=True)
