@@ -128,8 +128,6 @@ class Guard:
     def check(self, full_method: str, metadata: Iterable[tuple[str, str | bytes]]) -> str:
         """Identity allowed to call ``full_method`` with this metadata, or Unauthenticated."""
         service, _, method = full_method.lstrip("/").partition("/")
-        if service.startswith("grpc."):  # health, reflection
-            return ""
         policy = self.policies.get(service, Policy())
         if method in policy.public:
             return ""
