@@ -17,7 +17,7 @@ Exit codes: 0 after a requested stop, 1 when something failed to start or a chil
 The modules: ``cli`` (arguments, the start sequence), ``config_file`` (the default
 config), ``checks`` (data dir lock, free ports), ``redis_server``, ``children`` (one
 child process), ``supervisor`` (the Launcher: start, health-wait, watch, stop),
-``banner``, ``net`` (address and health-probe helpers), ``errors``.
+``banner``, ``net`` (is a port free), ``errors``; dialling and the health probe are services/common/net.py.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from services.common import tls
 from services.common.config import DEFAULT_PORTS
-from services.launcher.net import hostport
+from services.common.net import hostport
 
 if TYPE_CHECKING:
     from services.launcher.supervisor import Launcher

@@ -1,35 +1,12 @@
-"""Network and process-environment helpers of the launcher, kept together in one place.
+"""The launcher's one network helper of its own: whether a port is free before anything starts.
 
-The wildcard-to-loopback rule, ``host:port`` with IPv6 brackets, the gRPC health probe and the
-PYTHONPATH of child processes are written here once for the launcher; they move to a shared
-module in services/common when one exists.
+Dialling (wildcard to loopback, ``host:port``), the health probe and the child
+processes' environment are services/common/net.py's.
 """
 
 from __future__ import annotations
 
-import os
 import socket
-from pathlib import Path
-
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-ROOT = Path(__file__).resolve().parents[2]  # the repository: children run from here
-
-
-def connect_host(host: str) -> str:
-    """Where a local client reaches a server listening on ``host`` (wildcards become loopback)."""
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host in ("::", "[::]"):
-        return "::1"
-    return host
-
-
-def hostport(host: str, port: int) -> str:
-    """``host:port``, with brackets around an IPv6 literal."""
-    host = host.strip("[]")
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def port_free(host: str, port: int) -> bool:
@@ -46,26 +23,3 @@ def port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def health_status(address: str, timeout: float = 1.0, ca: bytes | None = None) -> int | None:
-    """The overall gRPC health status at ``address`` (over TLS trusting ``ca`` if given), or None if no answer."""
-    channel = (
-        grpc.insecure_channel(address)
-        if ca is None
-        else grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca))
-    )
-    with channel as ch:
-        try:
-            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-        except grpc.RpcError:
-            return None
-    return int(reply.status)
-
-
-def child_env() -> dict[str, str]:
-    """The environment of a child process: ours, with the repository and its protos on PYTHONPATH."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "protos"), env.get("PYTHONPATH")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env

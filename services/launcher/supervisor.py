@@ -16,12 +16,11 @@ from types import FrameType
 
 from grpc_health.v1 import health_pb2
 
-from services.common import tls
+from services.common import net, tls
 from services.common.config import Config
 from services.edge.envoy import DEFAULT_DESCRIPTOR, envoy_binary, write_envoy_config
 from services.launcher.children import Child, log_tail
 from services.launcher.errors import LaunchError, Stop
-from services.launcher.net import ROOT, child_env, connect_host, health_status, hostport
 from services.launcher.redis_server import redis_plan, write_redis_conf
 
 # The services in start order: meta before the services that dial it.
@@ -44,7 +43,7 @@ class Launcher:
         self.children: list[Child] = []
         self.stop_signal: int | None = None
         self.stopping = False
-        self.host = connect_host(cfg.listen_host)
+        self.host = net.dial_host(cfg.listen_host)
         self.tls_report: tls.Report | None = None
 
     # tls ----------------------------------------------------------------------------------------
@@ -78,7 +77,7 @@ class Launcher:
     def _start(self, name: str, argv: list[str], cwd: Path) -> Child:
         child = Child(name, argv, self.logs / f"{name}.log")
         self.children.append(child)
-        child.start(child_env(), cwd)
+        child.start(net.child_env() | {"PYTHONUNBUFFERED": "1"}, cwd)
         return child
 
     def _wait(self, child: Child | None, ready: Callable[[], bool], timeout: float, slow: str) -> None:
@@ -123,7 +122,7 @@ class Launcher:
                 sys.executable, "-m", f"services.{svc}",
                 "--config", str(self.config_path), "--data", str(self.data_dir),
             ]  # fmt: skip
-            self._start(svc, argv, ROOT)
+            self._start(svc, argv, net.REPO_ROOT)
 
     def wait_healthy(self) -> None:
         """Return once every service answers SERVING; LaunchError naming one that died or is too slow."""
@@ -135,13 +134,14 @@ class Launcher:
             for name, child in list(pending.items()):
                 if not child.running:
                     raise LaunchError(f"{name} {child.died()} while starting; {child.last_lines()}")
-                address = hostport(self.host, self.cfg.ports[name])
-                if health_status(address, 0.5, ca) == health_pb2.HealthCheckResponse.SERVING:
+                address = net.hostport(self.host, self.cfg.ports[name])
+                status, _ = net.health_status(address, timeout=0.5, tls=ca is not None, ca=ca)
+                if status == health_pb2.HealthCheckResponse.SERVING:
                     del pending[name]
             if pending and time.monotonic() > deadline:
                 name, child = next(iter(pending.items()))
                 raise LaunchError(
-                    f"{name} did not answer the gRPC health check on {hostport(self.host, self.cfg.ports[name])}"
+                    f"{name} did not answer the gRPC health check on {net.hostport(self.host, self.cfg.ports[name])}"
                     f" within {self.timeout:g} s; {child.last_lines()}"
                 )
             if pending:
