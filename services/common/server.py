@@ -98,8 +98,10 @@ class HealthWatch:
             if ready.serving:
                 log.info("%s serving%s", self.label, " again" if self._served else "")
                 self._served = True
-            else:
+            elif self._served:
                 log.warning("%s not serving: %s", self.label, ready.reason)
+            else:  # still starting (e.g. ingest's workers): worth a line, not a warning
+                log.info("%s not serving yet: %s", self.label, ready.reason)
             self.state = ready
             for name in self.names:
                 await self.servicer.set(name, SERVING if ready.serving else NOT_SERVING)

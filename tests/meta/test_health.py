@@ -46,7 +46,10 @@ async def test_health_follows_the_shard_backends(data_dir: Path, caplog: pytest.
         await cleanup()
 
 
-async def test_health_starts_not_serving_without_enough_backends(data_dir: Path) -> None:
+async def test_health_starts_not_serving_without_enough_backends(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="services.common.server")
     cfg = build_config({"data_dir": str(data_dir), "engine": {"chunk_size": CHUNK}})
     running, cleanup = await build(cfg, port=0)  # creates the backends
     await cleanup()
@@ -59,6 +62,7 @@ async def test_health_starts_not_serving_without_enough_backends(data_dir: Path)
     try:
         await watch.until(NOT_SERVING)
         assert watch.seen == [NOT_SERVING]
+        assert "meta not serving yet: 15 of 20 shard backends answer; 16 are needed" in caplog.text
     finally:
         await watch.close()
         await cleanup()
