@@ -92,7 +92,7 @@ async def build(
             ready = partial(readiness.redis, replay.client, "replay protection")
         authn = Authenticator.from_config(cfg, key, replay)
         servicer = AuthServicer(authn, registry or Registry())
-        log.info("auth ready", extra={"mode": cfg.mode, "key_id": authn.key_id, "identities": len(cfg.allowlist)})
+        log.info("auth started", extra={"mode": cfg.mode, "key_id": authn.key_id, "identities": len(cfg.allowlist)})
         return Wiring(SERVICE_NAME, partial(auth_pb2_grpc.add_AuthServiceServicer_to_server, servicer), POLICY, ready)
 
     return await create_server(cfg, "auth", setup, port=port, ready_every=ready_every)

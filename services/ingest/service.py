@@ -163,7 +163,7 @@ async def build(
         task = asyncio.create_task(_refresh_metrics(metrics, store, pool), name="ingest-metrics")
         stack.push_async_callback(jobs.cancel_and_wait, task)
         servicer = IngestServicer(cfg, store, notifier, metrics)
-        log.info("ingest ready", extra={"workers": pool.size, "max_upload": cfg.max_upload, "mode": cfg.mode})
+        log.info("ingest started", extra={"workers": pool.size, "max_upload": cfg.max_upload, "mode": cfg.mode})
         add = partial(ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)
         return Wiring(SERVICE_NAME, add, POLICY, partial(pool.ready, store))
 

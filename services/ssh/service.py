@@ -145,7 +145,7 @@ async def start(
         bound_ssh = await gateway.start(listen_host, settings.port if ssh_port is None else ssh_port, host_key)
         resumed = processor.resume()
         log.info(
-            "ssh ready",
+            "ssh started",
             extra={
                 "ssh": f"{listen_host}:{bound_ssh}",
                 "host_key": host_fp,
