@@ -45,7 +45,8 @@ ENVOY_CONFIGS = (
 ENVOY_DESCRIPTOR_REF = "/etc/envoy/gridstor.pb"
 ENVOY_LISTEN_ADDRESS = "0.0.0.0"  # inside the container; the port is the config's envoy_port
 ENVOY_ADMIN_PORT = 9901  # bound to 127.0.0.1 inside the container, for its health check
-# Not compiled to Python, only added to the descriptor set (ENVOY_NOTES item 4).
+# Not compiled to Python, only added to the descriptor set: Envoy's transcoder renders rich error
+# details as JSON only for types in its descriptor (otherwise the error reply has an empty body).
 DESCRIPTOR_EXTRAS = ("google/rpc/error_details.proto",)
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 PLUGINS = ("protoc-gen-mypy", "protoc-gen-mypy_grpc")
