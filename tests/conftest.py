@@ -1,4 +1,4 @@
-"""Shared pytest fixtures."""
+"""Fixtures for every test: a clean environment, real 0-db and redis servers, a private home."""
 
 from __future__ import annotations
 
@@ -9,8 +9,28 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import clear_gridstor_env
 from tests.redis_server import RedisProcess
 from tests.zdb_server import ZdbProcess, start_zdb
+
+# -- environment -----------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GRIDSTOR_* variable from the developer's shell changes what a test builds or runs."""
+    clear_gridstor_env(monkeypatch)
+
+
+@pytest.fixture
+def private_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """HOME and XDG_CONFIG_HOME in a temp dir: the user's real token and config are never touched."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    return home
+
 
 # -- 0-db --------------------------------------------------------------------
 

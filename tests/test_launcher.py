@@ -20,13 +20,6 @@ from services.common.setting import fields_of
 from tests.cli.launcher_proc import Launcher, alive, children_of, write_config
 
 
-@pytest.fixture(autouse=True)
-def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("GRIDSTOR_"):
-            monkeypatch.delenv(name)
-
-
 @pytest.fixture
 def launched() -> Iterator[list[Launcher]]:
     started: list[Launcher] = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -49,14 +48,6 @@ class AuthServer:
         await self.channel.close(None)
         await self.running.server.stop(None)
         await self.cleanup()
-
-
-@pytest.fixture(autouse=True)
-def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Environment overrides of the config must not leak into these tests."""
-    for name in list(os.environ):
-        if name.startswith("GRIDSTOR_"):
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture

@@ -234,8 +234,8 @@ def test_unexpected_errors_have_no_traceback_unless_debug(monkeypatch: pytest.Mo
 # -- files in the config dir ----------------------------------------------------------------------------
 
 
-def test_token_file_location_and_mode(tmp_path: Path, clean_environ: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert token_path() == clean_environ / ".config" / "gridstor" / "token"
+def test_token_file_location_and_mode(tmp_path: Path, private_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert token_path() == private_home / ".config" / "gridstor" / "token"
     monkeypatch.setenv("GRIDSTOR_TOKEN_FILE", str(tmp_path / "t"))
     assert token_path() == tmp_path / "t"
     write_private(token_path(), "gs1.abc.def\n")
@@ -269,10 +269,10 @@ def test_keygen_writes_a_private_key_and_prints_the_public_hex(tmp_path: Path) -
     assert code == 0 and json.loads(out)["public_key"] != public
 
 
-def test_keygen_default_path(clean_environ: Path) -> None:
+def test_keygen_default_path(private_home: Path) -> None:
     code, out, _ = run("-q", "keygen")
     assert code == 0
-    assert load_signing_key(clean_environ / ".config" / "gridstor" / "id_ed25519").verify_key.encode().hex() == (
+    assert load_signing_key(private_home / ".config" / "gridstor" / "id_ed25519").verify_key.encode().hex() == (
         out.strip()
     )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -37,12 +36,6 @@ SERVICES = {
 }
 INTERNAL = {"PutRecord", "FindByHash", "GetRecord", "UpdateRecord", "ListRecords"}
 ENVOY_DEFAULT_ROUTE_TIMEOUT = 15
-
-
-@pytest.fixture(autouse=True)
-def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in [n for n in os.environ if n.startswith("GRIDSTOR_")]:
-        monkeypatch.delenv(name)
 
 
 def config(tmp_path: Path, **raw: Any) -> dict[str, Any]:

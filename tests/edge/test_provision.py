@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,6 @@ from services.common.backends import Mode, open_backend
 from services.common.config import build_config
 from services.edge.provision import ADMIN_ENV, main, namespaces
 from tests.zdb_server import ZdbProcess
-
-
-@pytest.fixture(autouse=True)
-def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in [n for n in os.environ if n.startswith("GRIDSTOR_")]:
-        monkeypatch.delenv(name)
 
 
 def zdb_config(tmp_path: Path, host: str, port: int) -> dict[str, Any]:

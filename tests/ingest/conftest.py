@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import inspect
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -26,14 +24,6 @@ from tests.redis_server import RedisProcess
 
 MiB = 1024 * 1024
 MESSAGE = 256 * 1024
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No GRIDSTOR_* override from the developer's shell changes what the tests build."""
-    for name in list(os.environ):
-        if name.startswith("GRIDSTOR_"):
-            monkeypatch.delenv(name)
 
 
 @dataclass
@@ -145,18 +135,3 @@ async def suite_factory(tmp_path: Path, redis_server: RedisProcess) -> AsyncIter
     for fn in reversed(cleanups):
         with contextlib.suppress(Exception):
             await fn()
-
-
-async def eventually(check: Callable[[], Any], within: float = 20.0, step: float = 0.05) -> None:
-    """Poll ``check`` (plain or async) until it is true; fail the test after ``within`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            pytest.fail(f"condition not met within {within}s")
-        await asyncio.sleep(step)

@@ -11,7 +11,8 @@ from nacl.signing import VerifyKey
 from gridstor.v1 import common_pb2, meta_pb2
 from services.common.keys import key_id, signing_key
 from services.ingest.worker import RECEIPT_DOMAIN
-from tests.ingest.conftest import MiB, Suite, SuiteFactory, eventually
+from tests.helpers import wait_until_async
+from tests.ingest.conftest import MiB, Suite, SuiteFactory
 
 
 def digest(data: bytes) -> str:
@@ -54,7 +55,7 @@ async def test_sizes_round_trip(suite_factory: SuiteFactory) -> None:
     stat = await suite.meta.Stat(meta_pb2.StatRequest(id=(await suite.wait(reply.job)).file_id))
     assert stat.info.content_type == "application/gzip"  # derived from .tar.gz
 
-    await eventually(lambda: _metric(suite, "ingest_jobs_done_total", 4))
+    await wait_until_async(lambda: _metric(suite, "ingest_jobs_done_total", 4), "4 jobs counted done")
     assert await _metric(suite, "ingest_uploads_total", 4, result="ok")
     assert await _metric(suite, "ingest_bytes_received_total", 1 + 5 * MiB + 20 * MiB + 12345)
     assert await _metric(suite, "ingest_bytes_stored_total", 1 + 5 * MiB + 20 * MiB + 12345)
@@ -99,4 +100,4 @@ async def test_dedup_stores_once(suite_factory: SuiteFactory) -> None:
     assert sum(r.deduplicated for r in results) == 1
     assert await suite.shard_count() == shards + 12 * 20
     assert await suite.download(results[0].file_id) == fresh
-    await eventually(lambda: _metric(suite, "ingest_dedup_hits_total", 2))
+    await wait_until_async(lambda: _metric(suite, "ingest_dedup_hits_total", 2), "2 dedup hits counted")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Any
 
 import grpc
 import pytest
@@ -12,11 +13,31 @@ from google.api import httpbody_pb2
 from gridstor.v1 import common_pb2, ingest_pb2
 from services.common import jobs
 from services.ingest.upload import STREAM_FROM
-from tests.ingest.conftest import MESSAGE, MiB, Suite, SuiteFactory, eventually
+from tests.helpers import wait_until_async
+from tests.ingest.conftest import MESSAGE, MiB, Suite, SuiteFactory
 
 
 def body(data: bytes, **header: object) -> ingest_pb2.UploadRequest:
     return ingest_pb2.UploadRequest(body=httpbody_pb2.HttpBody(data=data), **header)  # type: ignore[arg-type]
+
+
+async def send(call: Any, data: bytes, off: int, end: int) -> int:
+    """Write ``data[off:end]`` to an Upload call in MESSAGE-sized requests; the offset reached."""
+    while off < end:
+        await call.write(body(data[off : off + MESSAGE]))
+        off += MESSAGE
+    return off
+
+
+async def begin(suite: Suite, data: bytes, end: int) -> tuple[Any, int]:
+    """Start a streamed upload of ``data`` (its size declared) and send it up to ``end``: (the call, the offset)."""
+    call = suite.ingest.Upload(None)
+    await call.write(body(data[:MESSAGE], name="big.bin", declared_size=len(data)))
+    return call, await send(call, data, MESSAGE, end)
+
+
+async def queue_length(suite: Suite) -> int:
+    return int(await suite.redis.xlen(jobs.STREAM))
 
 
 async def only_job(suite: Suite) -> str:
@@ -27,22 +48,15 @@ async def only_job(suite: Suite) -> str:
 async def test_streamed_upload_is_stored_and_deduplicated(suite_factory: SuiteFactory) -> None:
     suite = await suite_factory()
     data = os.urandom(STREAM_FROM + 3 * MiB + 7)
-    call = suite.ingest.Upload(None)
-    await call.write(body(data[:MESSAGE], name="big.bin", declared_size=len(data)))
-    off = MESSAGE
-    while off < 2 * MiB:
-        await call.write(body(data[off : off + MESSAGE]))
-        off += MESSAGE
+    call, off = await begin(suite, data, 2 * MiB)
 
     async def storing() -> bool:
         job = await only_job(suite)
         h = await suite.job_hash(job) if job else {}
         return h.get("receiving") == "1" and bool(h.get("worker"))
 
-    await eventually(storing)  # queued and taken by a worker while the upload is incomplete
-    while off < len(data):
-        await call.write(body(data[off : off + MESSAGE]))
-        off += MESSAGE
+    await wait_until_async(storing, "the job queued and taken by a worker while the upload is incomplete")
+    await send(call, data, off, len(data))
     await call.done_writing()
     reply = await call
     status = await suite.wait(reply.job)
@@ -57,7 +71,7 @@ async def test_streamed_upload_is_stored_and_deduplicated(suite_factory: SuiteFa
     assert again.state == common_pb2.JOB_STATE_DONE and again.deduplicated
     assert again.file_id == status.file_id
     assert await suite.shard_count() == shards
-    await eventually(lambda: not suite.spool_files)
+    await wait_until_async(lambda: suite.spool_files, "the spool to be empty", until=lambda f: f == [])
 
 
 async def test_cancel_while_streaming_leaves_nothing(suite_factory: SuiteFactory) -> None:
@@ -72,14 +86,14 @@ async def test_cancel_while_streaming_leaves_nothing(suite_factory: SuiteFactory
         job = await only_job(suite)
         return bool(job) and bool((await suite.job_hash(job)).get("worker")) and await suite.shard_count() > 0
 
-    await eventually(stored_some)
+    await wait_until_async(stored_some, "a worker storing some shards")
     job = await only_job(suite)
     call.cancel()
-    await eventually(lambda: not suite.spool_files)
+    await wait_until_async(lambda: suite.spool_files, "the spool to be empty", until=lambda f: f == [])
     h = await suite.job_hash(job)
     assert h["state"] == jobs.ERROR and h["error"].startswith(jobs.ABORTED)
-    await eventually(lambda: _queue_empty(suite))  # the worker stopped and acknowledged it
-    await eventually(lambda: _no_shards(suite))
+    await wait_until_async(lambda: queue_length(suite), "the worker to acknowledge the job", until=lambda n: n == 0)
+    await wait_until_async(suite.shard_count, "the shards to be removed", until=lambda n: n == 0)
     assert (await suite.job_hash(job))["state"] == jobs.ERROR
 
 
@@ -89,8 +103,8 @@ async def test_oversize_while_streaming(suite_factory: SuiteFactory) -> None:
         await suite.upload(os.urandom(STREAM_FROM + 3 * MiB))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert suite.spool_files == []
-    await eventually(lambda: _queue_empty(suite))
-    await eventually(lambda: _no_shards(suite))
+    await wait_until_async(lambda: queue_length(suite), "an empty job queue", until=lambda n: n == 0)
+    await wait_until_async(suite.shard_count, "the shards to be removed", until=lambda n: n == 0)
     job = await only_job(suite)
     assert (await suite.job_hash(job))["state"] == jobs.ERROR
 
@@ -99,19 +113,14 @@ async def test_worker_killed_while_receiving(suite_factory: SuiteFactory, monkey
     monkeypatch.setenv("GRIDSTOR_CLAIM_IDLE_MS", "1000")
     suite = await suite_factory(workers=2, engine={"chunk_size": "64KiB"})
     data = os.urandom(16 * MiB)
-    call = suite.ingest.Upload(None)
-    await call.write(body(data[:MESSAGE], name="big.bin", declared_size=len(data)))
-    off = MESSAGE
-    while off < 4 * MiB:
-        await call.write(body(data[off : off + MESSAGE]))
-        off += MESSAGE
+    call, off = await begin(suite, data, 4 * MiB)
 
     async def storing() -> bool:
         job = await only_job(suite)
         h = await suite.job_hash(job) if job else {}
         return bool(h.get("worker_pid")) and await suite.shard_count() > 0
 
-    await eventually(storing)
+    await wait_until_async(storing, "a worker storing shards of the upload")
     job = await only_job(suite)
     victim = int((await suite.job_hash(job))["worker_pid"])
     os.kill(victim, signal.SIGKILL)
@@ -119,11 +128,9 @@ async def test_worker_killed_while_receiving(suite_factory: SuiteFactory, monkey
     async def taken_over() -> bool:
         return (await suite.job_hash(job)).get("attempts") == "2"
 
-    await eventually(taken_over)  # the new worker tails the upload that is still arriving
+    await wait_until_async(taken_over, "a second worker to take over the upload still arriving")
     assert (await suite.job_hash(job))["receiving"] == "1"
-    while off < len(data):
-        await call.write(body(data[off : off + MESSAGE]))
-        off += MESSAGE
+    await send(call, data, off, len(data))
     await call.done_writing()
     reply = await call
     status = await suite.wait(reply.job)
@@ -131,12 +138,4 @@ async def test_worker_killed_while_receiving(suite_factory: SuiteFactory, monkey
     assert status.hash == reply.hash and status.size == len(data)
     assert int((await suite.job_hash(job))["worker_pid"]) != victim
     assert await suite.download(status.file_id) == data
-    await eventually(lambda: not suite.spool_files)
-
-
-async def _queue_empty(suite: Suite) -> bool:
-    return bool(await suite.redis.xlen(jobs.STREAM) == 0)
-
-
-async def _no_shards(suite: Suite) -> bool:
-    return await suite.shard_count() == 0
+    await wait_until_async(lambda: suite.spool_files, "the spool to be empty", until=lambda f: f == [])

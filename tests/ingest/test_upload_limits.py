@@ -14,7 +14,8 @@ from google.api import httpbody_pb2
 from gridstor.v1 import common_pb2, ingest_pb2
 from services.common import tokens
 from services.common.keys import signing_key
-from tests.ingest.conftest import MESSAGE, MiB, Suite, SuiteFactory, eventually, requests
+from tests.helpers import wait_until_async
+from tests.ingest.conftest import MESSAGE, MiB, Suite, SuiteFactory, requests
 
 
 async def rpc_error(aw: Awaitable[object]) -> grpc.aio.AioRpcError:
@@ -76,10 +77,10 @@ async def test_cancel_mid_upload_leaves_nothing(suite_factory: SuiteFactory) -> 
         files = suite.spool_files
         return bool(files) and os.path.getsize(suite.cfg.spool_dir / files[0]) > 0
 
-    await eventually(partial_on_disk)
+    await wait_until_async(partial_on_disk, "part of the upload on disk in the spool")
     call.cancel()
-    await eventually(lambda: not suite.spool_files)
-    await eventually(lambda: uploads(suite, "cancelled") == 1)
+    await wait_until_async(lambda: suite.spool_files, "the spool to be empty", until=lambda f: f == [])
+    await wait_until_async(lambda: uploads(suite, "cancelled"), "a cancelled upload counted", until=lambda n: n == 1)
     assert await suite.redis.keys("gridstor:job:*") == []  # no job was queued for the partial upload
 
 

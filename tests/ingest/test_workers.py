@@ -11,7 +11,8 @@ import yaml
 
 from gridstor.v1 import common_pb2
 from services.common.config import build_config, dump_config
-from tests.ingest.conftest import MiB, SuiteFactory, eventually
+from tests.helpers import wait_until_async
+from tests.ingest.conftest import MiB, SuiteFactory
 
 
 async def test_killed_worker_job_is_reclaimed(suite_factory: SuiteFactory, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -25,7 +26,7 @@ async def test_killed_worker_job_is_reclaimed(suite_factory: SuiteFactory, monke
         h = await suite.job_hash(reply.job)
         return int(h.get("progress") or 0) > 0 and bool(h.get("worker_pid"))
 
-    await eventually(storing)
+    await wait_until_async(storing, "a worker storing the job")
     victim = int((await suite.job_hash(reply.job))["worker_pid"])
     os.kill(victim, signal.SIGKILL)
 
@@ -41,9 +42,9 @@ async def test_killed_worker_job_is_reclaimed(suite_factory: SuiteFactory, monke
     assert pending["pending"] == 0
     # The pool replaced the dead process.
     restarts = suite.registry.gauge("ingest_worker_restarts", "")
-    await eventually(lambda: restarts.value() >= 1)
+    await wait_until_async(restarts.value, "a worker restart counted", until=lambda n: n >= 1)
     workers = suite.registry.gauge("ingest_workers", "")
-    await eventually(lambda: workers.value() == 2)
+    await wait_until_async(workers.value, "two workers running", until=lambda n: n == 2)
 
 
 async def test_config_hand_over_round_trips(tmp_path: Path) -> None:

@@ -1,10 +1,9 @@
-"""Helpers for the limits tests: uploads held open from a test thread, polling, tokens."""
+"""Helpers for the limits tests: uploads held open from a test thread, lease counts, tokens."""
 
 from __future__ import annotations
 
 import queue
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -55,14 +54,6 @@ class HeldUpload:
         finally:
             self.q.put(None)
         raise AssertionError(f"the upload succeeded: {reply}")
-
-
-def eventually(check: Callable[[], object], within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within} s")
-        time.sleep(0.05)
 
 
 def leases(gw: Gateway, kind: str, who: str) -> int:

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.limits.helpers import eventually, leases
+from tests.helpers import wait_until
+from tests.limits.helpers import leases
 from tests.tls.harness import Gateway, curl, run_gateway
 
 LIMITS = {
@@ -84,8 +85,8 @@ def stalled_upload(gw: Gateway, address: str) -> Iterator[ssl.SSLSocket]:
 
 def test_a_stalled_upload_holds_its_slot_until_envoy_cuts_it_off(gw: Gateway) -> None:
     with stalled_upload(gw, "127.0.0.4") as slow:
-        eventually(lambda: leases(gw, "addr", "127.0.0.4") == 1)
-        eventually(lambda: len(partials(gw)) == 1)  # its partial spool file
+        wait_until(lambda: leases(gw, "addr", "127.0.0.4"), "the upload lease of 127.0.0.4", until=lambda n: n == 1)
+        wait_until(lambda: partials(gw), "its partial spool file", until=lambda p: len(p) == 1)
         # The same client may not start another upload meanwhile ...
         status, headers, body = upload_from(gw, "127.0.0.4")
         assert status == 429 and headers["retry-after"] == "5"
@@ -103,7 +104,7 @@ def test_a_stalled_upload_holds_its_slot_until_envoy_cuts_it_off(gw: Gateway) ->
                 answer += chunk
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     # ingest saw the stream reset: the spool file and the upload slot are gone.
-    eventually(lambda: leases(gw, "addr", "127.0.0.4") == 0)
-    eventually(lambda: partials(gw) == [])
+    wait_until(lambda: leases(gw, "addr", "127.0.0.4"), "the lease of 127.0.0.4 to go", until=lambda n: n == 0)
+    wait_until(lambda: partials(gw), "the partial spool file to go", until=lambda p: p == [])
     status, _, body = upload_from(gw, "127.0.0.4")
     assert status == 200, body

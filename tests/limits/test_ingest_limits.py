@@ -13,7 +13,8 @@ import pytest
 
 from gridstor.v1 import ingest_pb2_grpc
 from services.cli.app import main as cli_main
-from tests.limits.helpers import HeldUpload, bearer, eventually, leases, piece, token, trailer
+from tests.helpers import wait_until
+from tests.limits.helpers import HeldUpload, bearer, leases, piece, token, trailer
 from tests.tls.harness import Gateway, run_gateway
 
 LIMITS = {
@@ -42,7 +43,8 @@ def stub(gw: Gateway) -> Iterator[ingest_pb2_grpc.IngestServiceStub]:
 def test_concurrent_uploads_per_identity(gw: Gateway, stub: ingest_pb2_grpc.IngestServiceStub) -> None:
     alice, bob = bearer(token(gw, "alice")), bearer(token(gw, "bob"))
     held = [HeldUpload(stub, alice, f"a{i}.bin") for i in range(2)]
-    eventually(lambda: leases(gw, "id", "alice") == 2)  # counted in Redis, where every ingest process looks
+    # Counted in Redis, where every ingest process looks.
+    wait_until(lambda: leases(gw, "id", "alice"), "alice's two upload leases", until=lambda n: n == 2)
     with pytest.raises(grpc.RpcError) as info:
         stub.Upload(iter([piece(b"third")]), metadata=alice, timeout=30)
     err = info.value
@@ -53,7 +55,7 @@ def test_concurrent_uploads_per_identity(gw: Gateway, stub: ingest_pb2_grpc.Inge
     for i in range(2):
         assert len(stub.Upload(iter([piece(b"bob's bytes %d" % i, "b.txt")]), metadata=bob, timeout=30).job) == 32
     assert all(len(h.finish().job) == 32 for h in held)
-    eventually(lambda: leases(gw, "id", "alice") == 0)
+    wait_until(lambda: leases(gw, "id", "alice"), "alice's leases to be released", until=lambda n: n == 0)
     assert stub.Upload(iter([piece(b"again", "c.txt")]), metadata=alice, timeout=30).job
 
 
@@ -93,7 +95,11 @@ def test_a_stalled_upload_is_dropped_with_its_spool_file(tmp_path: Path) -> None
         err = held.error()
         assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert (err.details() or "").startswith("the upload stalled: nothing arrived for 1 s, so it was dropped")
-        eventually(lambda: not [f for f in gw.spool_files() if f.endswith(".part")])
-        eventually(lambda: leases(gw, "id", "erin") == 0)
+        wait_until(
+            lambda: [f for f in gw.spool_files() if f.endswith(".part")],
+            "the stalled upload's spool file to go",
+            until=lambda parts: parts == [],
+        )
+        wait_until(lambda: leases(gw, "id", "erin"), "erin's lease to be released", until=lambda n: n == 0)
         # Uploads that keep sending are not affected.
         assert stub.Upload(iter([piece(b"quick", "q.txt")]), metadata=erin, timeout=30).job

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import shutil
@@ -17,6 +16,7 @@ import pytest
 from gridstor.v1 import maint_pb2, maint_pb2_grpc, meta_pb2, meta_pb2_grpc
 from services.common import rpc
 from services.common.backends import Mode, open_backend
+from services.common.backends.base import SEQ_KEY_SIZE
 from services.common.config import Config, build_config
 from services.common.engine import Engine, FileRecord
 from services.common.gateway import ensure_local_dirs, open_engine
@@ -25,6 +25,7 @@ from services.common.metrics import Registry
 from services.common.server import Running
 from services.maint import service as maint_service
 from services.meta import service as meta_service
+from tests.helpers import wait_until_async
 
 CHUNK = 64 * 1024  # k=16: 4 KiB shards, several chunks per file, fast tests
 FAST_MAINT = {
@@ -165,11 +166,19 @@ class Gateway:
         assert self.maint is not None
         reply = await self.admin.Scrub(maint_pb2.ScrubRequest(hard=hard, dry_run=dry_run))
         assert reply.started
-        while True:
-            status = (await self.maint.ScrubStatus(maint_pb2.ScrubStatusRequest())).progress
-            if status.state == maint_pb2.SCRUB_STATE_IDLE:
-                return status
-            await asyncio.sleep(0.02)
+        return await self.scrub_ended()
+
+    async def scrub_ended(self) -> maint_pb2.ScrubProgress:
+        """Wait until no scrub pass runs; the last pass's counters."""
+
+        async def progress() -> maint_pb2.ScrubProgress:
+            assert self.maint is not None
+            return (await self.maint.ScrubStatus(maint_pb2.ScrubStatusRequest())).progress
+
+        ended: maint_pb2.ScrubProgress = await wait_until_async(
+            progress, "the scrub pass to end", until=lambda p: p.state == maint_pb2.SCRUB_STATE_IDLE, within=120
+        )
+        return ended
 
     async def check(self, file_id: str, *, hard: bool = False) -> maint_pb2.CheckReply:
         assert self.maint is not None
@@ -194,37 +203,30 @@ def copy_keys(src: Path, dst: Path) -> None:
         os.chmod(dst / name, 0o600)
 
 
-async def raw_records(cfg: Config) -> dict[int, bytes]:
-    """The stored values of the master records namespace, by id (read directly)."""
-    assert cfg.metadata is not None
-    backend = await open_backend(cfg.metadata.uri, Mode.SEQ)
+async def stored_values(uri: str, mode: Mode, *, key_size: int | None = None) -> dict[int, bytes]:
+    """Every value a backend holds, by its key read as a little-endian id (only keys of ``key_size`` bytes if given)."""
+    backend = await open_backend(uri, mode)
     try:
         out: dict[int, bytes] = {}
         async for key in backend.scan():
-            value = await backend.get(key)
-            assert value is not None
-            out[int.from_bytes(key, "little")] = value
+            if key_size is None or len(key) == key_size:
+                value = await backend.get(key)
+                assert value is not None
+                out[int.from_bytes(key, "little")] = value
         return out
     finally:
         await backend.close()
 
 
-async def wait_for(predicate: Callable[[], Awaitable[bool]], what: str, limit: float = 20.0) -> None:
-    """Poll ``predicate`` until it holds; fail naming ``what`` after ``limit`` seconds."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit
-    while not await predicate():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+async def raw_records(cfg: Config) -> dict[int, bytes]:
+    """The stored values of the master records namespace, by id (read directly)."""
+    assert cfg.metadata is not None
+    return await stored_values(cfg.metadata.uri, Mode.SEQ)
 
 
-@pytest.fixture(autouse=True)
-def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Environment overrides of the config must not leak into these tests."""
-    for name in list(os.environ):
-        if name.startswith("GRIDSTOR_"):
-            monkeypatch.delenv(name)
+async def replica_records(uri: str) -> dict[int, bytes]:
+    """A metadata replica's records by id (read directly; its cursor left out)."""
+    return await stored_values(uri, Mode.USER, key_size=SEQ_KEY_SIZE)
 
 
 @pytest.fixture

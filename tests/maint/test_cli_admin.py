@@ -17,15 +17,7 @@ from services.common.config import DEFAULT_PORTS
 from tests.maint.conftest import CHUNK, Gateway, delete_shard, gateway_config
 
 Make = Callable[..., Awaitable[Gateway]]
-
-
-@pytest.fixture(autouse=True)
-def private_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The user's real token and config are never touched."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+pytestmark = pytest.mark.usefixtures("private_home")  # the user's real token and config are never touched
 
 
 async def gridstor(gw: Gateway, tmp_path: Path, *args: str) -> tuple[int, str, str]:

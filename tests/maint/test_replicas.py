@@ -19,6 +19,7 @@ from gridstor.v1 import maint_pb2, meta_pb2
 from services.common.backends import Mode, open_backend
 from services.common.backends.zdb import ensure_namespace
 from services.common.metastore import REPLICA_CURSOR_KEY
+from tests.helpers import wait_until_async
 from tests.maint.conftest import (
     CHUNK,
     Gateway,
@@ -28,7 +29,7 @@ from tests.maint.conftest import (
     gateway_config,
     names,
     raw_records,
-    wait_for,
+    replica_records,
 )
 from tests.zdb_server import ZdbProcess
 
@@ -109,28 +110,10 @@ async def status(gw: Gateway) -> maint_pb2.ReplicaStatusReply:
     return await gw.maint.ReplicaStatus(maint_pb2.ReplicaStatusRequest())
 
 
-async def in_sync(gw: Gateway) -> bool:
-    return (await status(gw)).in_sync
-
-
-async def replica_values(uri: str) -> dict[int, bytes]:
-    backend = await open_backend(uri, Mode.USER)
-    try:
-        out: dict[int, bytes] = {}
-        async for key in backend.scan():
-            if len(key) == 8:
-                value = await backend.get(key)
-                assert value is not None
-                out[int.from_bytes(key, "little")] = value
-        return out
-    finally:
-        await backend.close()
-
-
 async def test_a_replica_that_was_down_catches_up(tmp_path: Path, site: Site, gateways: Make) -> None:
     gw = await gateways(master_config(tmp_path, site))
     files = {await gw.store(os.urandom(n)): n for n in (10, CHUNK + 5, 3000)}
-    await wait_for(lambda: in_sync(gw), "both replicas in sync")
+    await wait_until_async(lambda: status(gw), "both replicas in sync", until=lambda s: s.in_sync)
     first = await status(gw)
     assert first.role == "master" and first.master_reachable and first.master_entries == 3
     assert [(r.reachable, r.entries, r.last_id, r.lag) for r in first.replicas] == [
@@ -150,11 +133,11 @@ async def test_a_replica_that_was_down_catches_up(tmp_path: Path, site: Site, ga
     assert away.replicas[1].reachable and away.replicas[1].lag == 0
 
     site.up(0)
-    await wait_for(lambda: in_sync(gw), "the replica caught up")
+    await wait_until_async(lambda: status(gw), "the replica caught up", until=lambda s: s.in_sync)
     master = await raw_records(gw.cfg)
     assert len(master) == 6
     for uri in site.replicas:
-        assert await replica_values(uri) == master  # same ids, byte-identical records, the update included
+        assert await replica_records(uri) == master  # same ids, byte-identical records, the update included
     for fid in more:
         assert await gw.fetch(fid)
 
@@ -175,7 +158,7 @@ async def test_a_replica_gateway_serves_every_file_with_the_master_stopped(
     backends = dir_backends(shards, names(20))
     gw = await gateways(master_config(tmp_path, site, backends=backends))
     files = {await gw.store(os.urandom(n), ext=".dat"): n for n in (1, CHUNK * 2 + 3, 50_000, CHUNK)}
-    await wait_for(lambda: in_sync(gw), "replicas in sync")
+    await wait_until_async(lambda: status(gw), "replicas in sync", until=lambda s: s.in_sync)
     contents = {fid: await gw.fetch(fid) for fid in files}
 
     # M2: its own data dir with the gateway's keys, its metadata = the replica namespace, same shard backends.
@@ -232,5 +215,5 @@ async def test_master_starts_while_a_replica_is_down(tmp_path: Path, gateways: M
     st = await status(gw)
     assert st.replicas[0].reachable and not st.replicas[1].reachable and not st.in_sync
     site.up(1)
-    await wait_for(lambda: in_sync(gw), "the late replica caught up")
+    await wait_until_async(lambda: status(gw), "the late replica caught up", until=lambda s: s.in_sync)
     assert await gw.fetch(fid)

@@ -16,6 +16,7 @@ from services.common.backends.zdb import ensure_namespace
 from services.common.engine import RECORD_VERSION, FileRecord
 from services.common.errors import Refused
 from services.common.metastore import REPLICA_CURSOR_KEY, MetaStore, Replica, ReplicatedMetaStore, load_cursor
+from tests.maint.conftest import replica_records
 
 
 def record(n: int) -> FileRecord:
@@ -34,20 +35,12 @@ async def store(tmp_path: Path) -> AsyncIterator[ReplicatedMetaStore]:
     await s.close()
 
 
-async def values(backend_uri: str) -> dict[bytes, bytes]:
-    b = await open_backend(backend_uri, Mode.USER)
-    try:
-        return {k: v for k in [k async for k in b.scan()] if len(k) == 8 and (v := await b.get(k)) is not None}
-    finally:
-        await b.close()
-
-
 async def test_write_through_wiped_replica_and_full_compare(store: ReplicatedMetaStore, tmp_path: Path) -> None:
     r = store.replicas[0]
     ids = [await store.put(record(i)) for i in range(5)]
     assert ids == [0, 1, 2, 3, 4]
-    master = {seq_key(i): await store.records.get(seq_key(i)) for i in ids}
-    assert await values(r.uri) == master  # written through on every put
+    master = {i: await store.records.get(seq_key(i)) for i in ids}
+    assert await replica_records(r.uri) == master  # written through on every put
     assert await store.sync(r) == 0  # the first round compares everything (no cursor yet): nothing to copy
     assert r.synced and await load_cursor(r.backend) == 4  # type: ignore[arg-type]
 
@@ -57,14 +50,14 @@ async def test_write_through_wiped_replica_and_full_compare(store: ReplicatedMet
     r.backend = None
     r.synced = False
     assert await store.sync(r) == 5
-    assert await values(r.uri) == master
+    assert await replica_records(r.uri) == master
 
     # A replica record changed behind meta's back is found by the full compare only.
     assert r.backend is not None
     await r.backend.set(seq_key(2), b"tampered")
     assert await store.sync(r) == 0
     assert await store.sync(r, full=True) == 1
-    assert await values(r.uri) == master
+    assert await replica_records(r.uri) == master
 
 
 async def test_a_missed_write_never_fails_the_put(store: ReplicatedMetaStore, tmp_path: Path) -> None:
@@ -81,8 +74,8 @@ async def test_a_missed_write_never_fails_the_put(store: ReplicatedMetaStore, tm
     (tmp_path / "m2.off").rename(tmp_path / "m2")
     await store.sync(r)
     assert r.synced and not r.dirty and r.floor is None
-    master = {seq_key(i): await store.records.get(seq_key(i)) for i in range(4)}
-    assert await values(r.uri) == master
+    master = {i: await store.records.get(seq_key(i)) for i in range(4)}
+    assert await replica_records(r.uri) == master
     assert await r.backend.get(REPLICA_CURSOR_KEY) == seq_key(3)
 
 
@@ -103,22 +96,28 @@ async def test_a_replica_namespace_reads_but_never_writes(store: ReplicatedMetaS
         await replica.close()
 
 
-async def test_a_replica_wiped_under_a_running_meta_is_rebuilt(tmp_path: Path) -> None:
-    (tmp_path / "m2").mkdir()
+async def synced_store(tmp_path: Path, uri: str, count: int) -> tuple[Replica, ReplicatedMetaStore]:
+    """A store over dir records and one replica at ``uri``, with ``count`` records put and synced."""
     records = await open_backend(f"dir://{tmp_path}/records", Mode.SEQ)
-    uri = f"dir://{tmp_path}/m2/replica"
     r = Replica(uri, uri, await open_backend(uri, Mode.USER))
     store = ReplicatedMetaStore(records, None, [r], opener=open_backend, verify_interval=0)
+    for i in range(count):
+        await store.put(record(i))
+    await store.sync_all()
+    assert r.synced and r.saved == count - 1
+    return r, store
+
+
+async def test_a_replica_wiped_under_a_running_meta_is_rebuilt(tmp_path: Path) -> None:
+    (tmp_path / "m2").mkdir()
+    uri = f"dir://{tmp_path}/m2/replica"
+    r, store = await synced_store(tmp_path, uri, 4)
     try:
-        for i in range(4):
-            await store.put(record(i))
-        await store.sync_all()
-        assert r.synced and r.saved == 3
         shutil.rmtree(tmp_path / "m2" / "replica")  # the disk is replaced while meta runs
         await store.sync_all()  # the old handle fails: dropped
         assert r.backend is None and not r.synced
         await store.sync_all()  # reopened (empty) and rebuilt
-        assert r.synced and len(await values(uri)) == 4
+        assert r.synced and len(await replica_records(uri)) == 4
     finally:
         await store.close()
 
@@ -126,20 +125,14 @@ async def test_a_replica_wiped_under_a_running_meta_is_rebuilt(tmp_path: Path) -
 async def test_a_zdb_replica_namespace_recreated_is_rebuilt(tmp_path: Path, zdb_factory: Any) -> None:
     zdb = zdb_factory(datasize=1024 * 1024)
     await ensure_namespace(zdb.host, zdb.port, "rep", mode=Mode.USER)
-    records = await open_backend(f"dir://{tmp_path}/records", Mode.SEQ)
     uri = f"zdb://{zdb.host}:{zdb.port}/rep"
-    r = Replica(uri, uri, await open_backend(uri, Mode.USER))
-    store = ReplicatedMetaStore(records, None, [r], opener=open_backend, verify_interval=0)
+    r, store = await synced_store(tmp_path, uri, 3)
     try:
-        for i in range(3):
-            await store.put(record(i))
-        await store.sync_all()
-        assert r.synced and r.saved == 2
         zdb.command("NSDEL", "rep")
         await ensure_namespace(zdb.host, zdb.port, "rep", mode=Mode.USER)
         for _ in range(3):  # the cursor is gone: every record is copied again (after a reconnect)
             await store.sync_all()
-        assert r.synced and len(await values(uri)) == 3
+        assert r.synced and len(await replica_records(uri)) == 3
         assert await load_cursor(r.backend) == 2  # type: ignore[arg-type]
     finally:
         await store.close()

@@ -29,7 +29,6 @@ from tests.maint.conftest import (
     gateway_config,
     names,
     shard_backends,
-    wait_for,
 )
 from tests.zdb_server import ZdbProcess
 
@@ -222,13 +221,7 @@ async def test_scrub_rpc_reports_the_running_pass_and_dry_run(tmp_path: Path, ga
     second = await gw.admin.Scrub(maint_pb2.ScrubRequest(hard=True))
     assert not second.started and second.progress.dry_run and not second.progress.hard
 
-    async def idle() -> bool:
-        assert gw.maint is not None
-        reply = await gw.maint.ScrubStatus(maint_pb2.ScrubStatusRequest())
-        return reply.progress.state == maint_pb2.SCRUB_STATE_IDLE
-
-    await wait_for(idle, "the dry run to end")
-    done = (await gw.maint.ScrubStatus(maint_pb2.ScrubStatusRequest())).progress
+    done = await gw.scrub_ended()
     assert done.files_checked == 3 and done.files_damaged == 1 and done.files_repaired == 0
     assert done.finished >= done.started > 0
     assert not (await gw.check(files[0])).ok  # dry run: nothing repaired

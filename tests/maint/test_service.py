@@ -21,7 +21,8 @@ from services.maint import service as maint_service
 from services.maint import tasks as maint_tasks
 from services.maint.__main__ import main
 from services.maint.scrub import Scrubber, ScrubState
-from tests.maint.conftest import Gateway, gateway_config, wait_for
+from tests.helpers import wait_until_async
+from tests.maint.conftest import Gateway, gateway_config
 
 Make = Callable[..., Awaitable[Gateway]]
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test"
@@ -95,7 +96,7 @@ async def test_scheduled_passes_alternate_soft_and_hard(tmp_path: Path, gateways
             s = ScrubState.load(state)
             return s.last_hard_pass > 0 and s.passes_since_hard >= 1
 
-        await wait_for(two_passes, "a hard pass and a soft pass after it")
+        await wait_until_async(two_passes, "a hard pass and a soft pass after it")
     finally:
         task.cancel()
         await scrubber.close()
@@ -130,8 +131,8 @@ async def test_backup_and_cleanup_schedules(tmp_path: Path, gateways: Make, monk
         async def cleaned() -> bool:
             return not (home / "old").exists()
 
-        await wait_for(backed_up, "the first scheduled backup")
-        await wait_for(cleaned, "the home cleanup")
+        await wait_until_async(backed_up, "the first scheduled backup")
+        await wait_until_async(cleaned, "the home cleanup")
         assert (home / "new").exists()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
         stub = maint_pb2_grpc.MaintServiceStub(channel)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,14 +94,6 @@ class MetaServer:
         messages = [m async for m in call]
         headers = {k: v for k, v in (await call.initial_metadata()) if isinstance(v, str)}
         return Fetched(headers, messages)
-
-
-@pytest.fixture(autouse=True)
-def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Environment overrides of the config must not leak into these tests."""
-    for name in list(os.environ):
-        if name.startswith("GRIDSTOR_"):
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture

@@ -7,11 +7,9 @@ with googleapis-common-protos' include dir, as a third-party client would.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +21,9 @@ from gridstor.v1 import meta_pb2
 from services.common.ids import HASH_HEX, META_HEX
 from services.common.net import REPO_ROOT as ROOT
 
-# Reused fixtures: meta + ingest + redis in-process, and the autouse GRIDSTOR_* cleanup.
-from tests.ingest.conftest import Suite, SuiteFactory, _clean_env, suite_factory  # noqa: F401
+# Reused fixture: meta + ingest + redis in-process.
+from tests.helpers import Result, run_program
+from tests.ingest.conftest import Suite, SuiteFactory, suite_factory  # noqa: F401
 
 HERE = Path(__file__).resolve().parent
 CLIENT = HERE / "client.js"
@@ -42,11 +41,8 @@ pytestmark = [
 ]
 
 
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
+class Run(Result):
+    """client.js's result: its last stdout line is the JSON reply, its last stderr line the JSON error."""
 
     @property
     def json(self) -> dict[str, Any]:
@@ -81,18 +77,8 @@ async def run_client(suite: Suite, *args: str) -> Run:
     ]
     if suite.cfg.internal_tls:
         argv += ["--ca", str(suite.cfg.tls_path(suite.cfg.tls.ca))]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDSTOR_")}
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=HERE
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), CLIENT_TIMEOUT)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        pytest.fail(f"client.js {' '.join(args)} did not finish within {CLIENT_TIMEOUT:g} s")
-    assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
+    done = await run_program(*argv, cwd=HERE, limit=CLIENT_TIMEOUT)
+    return Run(done.rc, done.out, done.err)
 
 
 async def test_round_trip_through_node(suite_factory: SuiteFactory, tmp_path: Path) -> None:  # noqa: F811
@@ -103,7 +89,7 @@ async def test_round_trip_through_node(suite_factory: SuiteFactory, tmp_path: Pa
 
     run = await run_client(suite, "put", str(src), str(out))
 
-    assert run.code == 0, run.err
+    assert run.rc == 0, run.err
     assert out.read_bytes() == data
     file_id = run.json["id"]
     digest = blake3.blake3(data).digest(24).hex()
@@ -120,6 +106,6 @@ async def test_malformed_id_is_invalid_argument(suite_factory: SuiteFactory, tmp
 
     run = await run_client(suite, "get", "not-a-file-id", str(out))
 
-    assert run.code != 0
+    assert run.rc != 0
     assert run.error["name"] == "INVALID_ARGUMENT", run.err
     assert "file id" in run.error["details"]

@@ -6,9 +6,7 @@ and ingest first (tests/ingest/conftest.py's suite) sharing the data dir, so Pro
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,17 +20,10 @@ import pytest
 from gridstor.v1 import ssh_pb2, ssh_pb2_grpc
 from services.common.config import Config, build_config
 from services.ssh import service as ssh_service
-from tests.ingest.conftest import Suite, eventually, suite_factory  # noqa: F401  (fixture re-exported)
+from tests.helpers import Result, run_program
+from tests.ingest.conftest import Suite, suite_factory  # noqa: F401  (fixture re-exported)
 
 CLIENTS = ("ssh", "sftp", "scp", "ssh-keygen", "rsync")
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No GRIDSTOR_* override from the developer's shell changes what the tests build."""
-    for name in list(os.environ):
-        if name.startswith("GRIDSTOR_"):
-            monkeypatch.delenv(name)
 
 
 def need(*tools: str) -> None:
@@ -64,35 +55,6 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{name}@test", "-f", str(d / name)], check=True
         )
     return Keys(d)
-
-
-@dataclass
-class Result:
-    rc: int
-    out: str
-    err: str
-
-    def __str__(self) -> str:
-        return f"rc={self.rc}\nstdout:\n{self.out}\nstderr:\n{self.err}"
-
-
-async def run(*argv: str | Path | int, env: dict[str, str] | None = None, stdin: str = "", limit: float = 60) -> Result:
-    """Run a client program without blocking the event loop the servers run on."""
-    proc = await asyncio.create_subprocess_exec(
-        *map(str, argv),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), limit)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        pytest.fail(f"{argv[0]} did not finish within {limit}s: {' '.join(map(str, argv))}")
-    assert proc.returncode is not None
-    return Result(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
 @dataclass
@@ -149,18 +111,20 @@ class SshEnv:
     ) -> Result:
         """``ssh [args] user@host [cmd]``."""
         dest = f"{user}@127.0.0.1"
-        return await run("ssh", "-p", self.port, *self.opts(key or user), *args, dest, *cmd, limit=limit)
+        return await run_program("ssh", "-p", self.port, *self.opts(key or user), *args, dest, *cmd, limit=limit)
 
     async def sftp(self, user: str, batch: str, key: str | None = None) -> Result:
         """``sftp -b -`` with the commands in ``batch`` (a failing command stops it with rc 1)."""
-        return await run("sftp", "-P", self.port, *self.opts(key or user), "-b", "-", f"{user}@127.0.0.1", stdin=batch)
+        return await run_program(
+            "sftp", "-P", self.port, *self.opts(key or user), "-b", "-", f"{user}@127.0.0.1", stdin=batch
+        )
 
     async def scp(self, *args: str, key: str = "alice", legacy: bool = False) -> Result:
         mode = ["-O"] if legacy else []
-        return await run("scp", *mode, "-P", self.port, *self.opts(key), *args)
+        return await run_program("scp", *mode, "-P", self.port, *self.opts(key), *args)
 
     async def rsync(self, *args: str, key: str = "alice") -> Result:
-        return await run("rsync", "-e", self.ssh_command(key), *args)
+        return await run_program("rsync", "-e", self.ssh_command(key), *args)
 
 
 SshFactory = Callable[..., Awaitable[SshEnv]]
@@ -215,4 +179,4 @@ async def restart(env: SshEnv) -> SshEnv:
     return env
 
 
-__all__ = ["Keys", "Result", "SshEnv", "SshFactory", "eventually", "need", "restart", "run"]
+__all__ = ["Keys", "SshEnv", "SshFactory", "need", "restart"]

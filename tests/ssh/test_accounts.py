@@ -14,7 +14,8 @@ from gridstor.v1 import ssh_pb2
 from services.common.keys import signing_key
 from services.common.rpc import service_token
 from services.common.tokens import issue
-from tests.ssh.conftest import SshFactory, eventually, restart, run
+from tests.helpers import run_program, wait_until_async
+from tests.ssh.conftest import SshFactory, restart
 
 MiB = 1024 * 1024
 
@@ -26,7 +27,7 @@ async def test_enable_is_idempotent_and_updates(ssh_factory: SshFactory, tmp_pat
     assert first.host_key_fingerprint == env.svc.host_key_fingerprint and first.host_key_fingerprint.startswith(
         "SHA256:"
     )
-    out = await run("ssh-keygen", "-lf", env.svc.state_dir / "host_key")
+    out = await run_program("ssh-keygen", "-lf", env.svc.state_dir / "host_key")
     assert first.host_key_fingerprint in out.out  # what OpenSSH shows when it first connects
     home = env.home("alice")
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
@@ -105,9 +106,9 @@ async def test_disable_closes_open_sessions(ssh_factory: SshFactory) -> None:
         *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     assert proc.stdin is not None and proc.stdout is not None
-    await eventually(lambda: "alice" in env.svc.gateway.connections)
+    await wait_until_async(lambda: "alice" in env.svc.gateway.connections, "alice's sftp session")
     await env.stub.DisableAccount(ssh_pb2.DisableAccountRequest(username="alice"))
-    await eventually(lambda: "alice" not in env.svc.gateway.connections)
+    await wait_until_async(lambda: "alice" not in env.svc.gateway.connections, "alice's session to be closed")
     _, err = await asyncio.wait_for(proc.communicate(b"ls\n"), 10)  # the next request finds it closed
     assert proc.returncode != 0, err
 

@@ -8,7 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from tests.ssh.conftest import SshFactory, eventually, need, run
+from tests.helpers import run_program, wait_until_async
+from tests.ssh.conftest import SshFactory, need
 
 KiB = 1024
 
@@ -106,15 +107,15 @@ async def test_restic_init_backup_restore(ssh_factory: SshFactory, tmp_path: Pat
     # restic 0.14 has no sftp.args: the whole ssh command goes in sftp.command
     base = ["restic", "-o", f"sftp.command={env.ssh_command('alice')} alice@127.0.0.1 -s sftp"]
     base += ["-r", "sftp:alice@127.0.0.1:/repo", "--no-lock"]
-    init = await run(*base[:-1], "init", env=restic_env)
+    init = await run_program(*base[:-1], "init", env=restic_env)
     assert init.rc == 0, init
-    backup = await run(*base[:-1], "backup", str(src), env=restic_env)
+    backup = await run_program(*base[:-1], "backup", str(src), env=restic_env)
     assert backup.rc == 0, backup
     target = tmp_path / "restored"
-    restore = await run(*base[:-1], "restore", "latest", "--target", str(target), env=restic_env)
+    restore = await run_program(*base[:-1], "restore", "latest", "--target", str(target), env=restic_env)
     assert restore.rc == 0, restore
     assert tree(target / src.relative_to("/")) == tree(src)
-    check = await run(*base[:-1], "check", env=restic_env)
+    check = await run_program(*base[:-1], "check", env=restic_env)
     assert check.rc == 0, check
     assert (env.home("alice") / "repo" / "config").is_file()
 
@@ -136,14 +137,14 @@ async def test_rclone_copy_large_file(ssh_factory: SshFactory, tmp_path: Path) -
         "--sftp-shell-type=none",
         "--config=" + str(tmp_path / "rclone.conf"),
     ]
-    up = await run("rclone", "copy", *remote, str(src), ":sftp:rc")
+    up = await run_program("rclone", "copy", *remote, str(src), ":sftp:rc")
     assert up.rc == 0, up
     assert filecmp.cmp(src / "big.bin", env.home("alice") / "rc" / "big.bin", shallow=False)
     down = tmp_path / "down"
-    get = await run("rclone", "copy", *remote, ":sftp:rc", str(down))
+    get = await run_program("rclone", "copy", *remote, ":sftp:rc", str(down))
     assert get.rc == 0, get
     assert tree(down) == tree(src)
-    about = await run("rclone", "about", *remote, ":sftp:", "--json")
+    about = await run_program("rclone", "about", *remote, ":sftp:", "--json")
     assert about.rc == 0, about
     assert json.loads(about.out)["total"] == 64 << 20  # statvfs@openssh.com answers the home's quota
 
@@ -168,7 +169,9 @@ async def test_rsync_server_side_ends_with_the_client(ssh_factory: SshFactory, t
     src.write_bytes(os.urandom(4 * 1024 * KiB))
     args = ["rsync", "-e", env.ssh_command("alice"), "--bwlimit=200", str(src), "alice@127.0.0.1:slow.bin"]
     client = await asyncio.create_subprocess_exec(*args)
-    await eventually(lambda: processes_in(env.home("alice")) != [])
+    await wait_until_async(lambda: processes_in(env.home("alice")), "the server side of rsync in alice's home")
     client.kill()
     await client.wait()
-    await eventually(lambda: processes_in(env.home("alice")) == [])
+    await wait_until_async(
+        lambda: processes_in(env.home("alice")), "the server side of rsync to end", until=lambda pids: pids == []
+    )

@@ -13,7 +13,8 @@ import pytest
 
 from gridstor.v1 import common_pb2, ssh_pb2
 from services.common.jobs import JobStore, connect
-from tests.ssh.conftest import SshEnv, SshFactory, eventually, restart
+from tests.helpers import wait_until_async
+from tests.ssh.conftest import SshEnv, SshFactory, restart
 from tests.ssh.test_clients import make_tree, tree
 
 MiB = 1024 * 1024
@@ -58,8 +59,8 @@ async def test_file_and_folder_to_stored_files(ssh_factory: SshFactory, tmp_path
     again = await process(env, "docs/photo.JPG")
     status = await env.suite.wait(again.job)
     assert status.state == common_pb2.JOB_STATE_DONE and status.deduplicated
-    await eventually(lambda: not (env.home("alice") / "docs" / "photo.JPG").exists())
-    await eventually(lambda: pending(env) == [])
+    await wait_until_async(lambda: not (env.home("alice") / "docs" / "photo.JPG").exists(), "the stored file removed")
+    await wait_until_async(lambda: pending(env), "no pending job left", until=lambda p: p == [])
 
     # a folder: streamed as .tar.gz; it unpacks to the same tree
     folder = await process(env, "album")
@@ -76,7 +77,7 @@ async def test_file_and_folder_to_stored_files(ssh_factory: SshFactory, tmp_path
         tar.extractall(out, filter="tar")
     assert tree(out / "album") == tree(src)
     assert os.readlink(out / "album" / "link-to-a") == "a.txt"
-    await eventually(lambda: not (env.home("alice") / "album").exists())
+    await wait_until_async(lambda: not (env.home("alice") / "album").exists(), "the stored folder removed")
     size = await env.size("alice")
     assert (size.used_bytes, size.files) == (0, 0)
     assert sorted(os.listdir(env.home("alice"))) == ["docs"]
@@ -135,7 +136,7 @@ async def test_failed_job_removes_nothing(ssh_factory: SshFactory, redis_server:
         await JobStore(redis).fail(reply.job, "backends unavailable")
     finally:
         await redis.aclose()
-    await eventually(lambda: pending(env) == [])
+    await wait_until_async(lambda: pending(env), "no pending job left", until=lambda p: p == [])
     assert (env.home("alice") / "keep.txt").read_bytes() == b"keep me"
 
 
@@ -159,7 +160,9 @@ async def test_removal_resumes_after_restart_and_keeps_changes(ssh_factory: SshF
     try:
         store = JobStore(redis)
         await store.done(folder.job, file_id="0" * 56, dedup=False, receipt=b"", size=1)
-        await eventually(lambda: pending(env) == [f"{whole.job}.json"])
+        await wait_until_async(
+            lambda: pending(env), "only the whole-tree job pending", until=lambda p: p == [f"{whole.job}.json"]
+        )
         assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == [
             "top.txt",
             "tree",
@@ -168,7 +171,7 @@ async def test_removal_resumes_after_restart_and_keeps_changes(ssh_factory: SshF
             "tree/sub/new",
         ]
         await store.done(whole.job, file_id="1" * 56, dedup=False, receipt=b"", size=1)
-        await eventually(lambda: pending(env) == [])
+        await wait_until_async(lambda: pending(env), "no pending job left", until=lambda p: p == [])
     finally:
         await redis.aclose()
     # the home itself stays; the entries changed after Process stay too
