@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.cli.launcher_proc import Launcher
 from tests.helpers import clear_gridstor_env
 from tests.redis_server import RedisProcess
 from tests.zdb_server import ZdbProcess, start_zdb
@@ -72,3 +73,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
     proc.start()
     yield proc
     proc.stop()
+
+
+# -- the launcher ----------------------------------------------------------------
+
+
+@pytest.fixture
+def launched() -> Iterator[list[Launcher]]:
+    """Launchers a test started (append them); any still running at the end is killed (its children follow)."""
+    started: list[Launcher] = []
+    yield started
+    for launcher in started:
+        launcher.kill()

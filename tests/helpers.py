@@ -21,14 +21,18 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
+import grpc
 import pytest
 
 from services.common import net
+from services.common.config import Config
+from services.common.metrics import Registry
+from services.common.server import Running
 
 T = TypeVar("T")
 
@@ -39,11 +43,20 @@ WAIT_INTERVAL = 0.05
 # -- waiting on a condition ---------------------------------------------------------------------------
 
 
-def _timed_out(what: str, within: float, last: object, detail: Callable[[], str] | None) -> AssertionError:
-    message = f"timed out after {within:g} s waiting for {what}; last seen: {last!r}"
-    if detail is not None:
-        message += "\n" + detail()
-    return AssertionError(message)
+class _Wait:
+    """One wait's deadline and verdict: ``over(value)`` says whether ``until`` holds, and fails once time is up."""
+
+    def __init__(self, what: str, until: Callable[[Any], object], within: float, detail: Callable[[], str] | None):
+        self.what, self.until, self.within, self.detail = what, until, within, detail
+        self.deadline = time.monotonic() + within
+
+    def over(self, value: object) -> bool:
+        if self.until(value):
+            return True
+        if time.monotonic() > self.deadline:
+            message = f"timed out after {self.within:g} s waiting for {self.what}; last seen: {value!r}"
+            raise AssertionError(message + ("\n" + self.detail() if self.detail is not None else ""))
+        return False
 
 
 def wait_until(
@@ -56,14 +69,10 @@ def wait_until(
     detail: Callable[[], str] | None = None,
 ) -> T:
     """Call ``probe`` until ``until(value)`` holds; its value. Fails naming ``what`` (and ``detail()``, e.g. a log)."""
-    deadline = time.monotonic() + within
-    while True:
-        value = probe()
-        if until(value):
-            return value
-        if time.monotonic() > deadline:
-            raise _timed_out(what, within, value, detail)
+    wait = _Wait(what, until, within, detail)
+    while not wait.over(value := probe()):
         time.sleep(interval)
+    return value
 
 
 async def wait_until_async(
@@ -79,17 +88,81 @@ async def wait_until_async(
 
     (Typed loosely: mypy cannot pick T from "a function returning T or an awaitable of T".)
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
+    wait = _Wait(what, until, within, detail)
     while True:
-        value: Any = probe()
+        value = probe()
         if inspect.isawaitable(value):
             value = await value
-        if until(value):
+        if wait.over(value):
             return value
-        if loop.time() > deadline:
-            raise _timed_out(what, within, value, detail)
         await asyncio.sleep(interval)
+
+
+# -- gRPC ------------------------------------------------------------------------------------------------
+
+Build = Callable[..., Awaitable[tuple[Running, Callable[[], Awaitable[None]]]]]
+
+
+@dataclass
+class Served:
+    """A service built in-process on port 0 (its ``build(cfg, port=0, registry=...)``) with a plain channel to it."""
+
+    cfg: Config
+    running: Running
+    cleanup: Callable[[], Awaitable[None]]
+    channel: grpc.aio.Channel
+    registry: Registry
+    stopped: bool = field(default=False, kw_only=True)
+
+    @classmethod
+    async def start(
+        cls,
+        build: Build,
+        cfg: Config,
+        *,
+        port: int = 0,
+        registry: Registry | None = None,
+        options: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> Self:
+        """Build and start the service over ``cfg``; ``options`` go to ``build``, ``fields`` to a subclass."""
+        registry = registry if registry is not None else Registry()
+        running, cleanup = await build(cfg, port=port, registry=registry, **(options or {}))
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+        return cls(cfg, running, cleanup, channel, registry, **fields)
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    async def stop(self) -> None:
+        """Close the channel, stop the server, run the service's cleanup (once; later calls do nothing)."""
+        if self.stopped:
+            return
+        self.stopped = True
+        await self.channel.close(None)
+        await self.running.server.stop(1)
+        await self.cleanup()
+
+
+@dataclass
+class Failure:
+    """A failed call: its status code and message."""
+
+    error: grpc.aio.AioRpcError
+
+    def code(self) -> grpc.StatusCode:
+        return self.error.code()
+
+    def details(self) -> str:
+        return self.error.details() or ""
+
+
+async def rpc_error(aw: Awaitable[Any]) -> Failure:
+    """The status a call ends with; fails the test when it succeeds."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await aw
+    return Failure(info.value)
 
 
 # -- environment ----------------------------------------------------------------------------------------

@@ -1,14 +1,23 @@
-"""A real redis-server (Debian's) for tests: unix socket in a temp dir, append-only on."""
+"""A real redis-server (Debian's) for tests: unix socket in a temp dir, append-only on.
+
+``watch_commands(url)`` shows what the server runs (MONITOR), so a test can wait until a client's
+request has reached Redis instead of sleeping.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shutil
 import subprocess
-import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio as aioredis
+
+from tests.helpers import stop_process, wait_until
 
 SKIP_REASON = "redis-server not installed (make test installs Debian's redis-server)"
 
@@ -48,21 +57,43 @@ class RedisProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if redis.Redis(unix_socket_path=str(self.socket)).ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start within 10 s")
+        wait_until(self.pings, f"redis-server to answer PING on {self.socket}", within=10, interval=0.02)
+
+    def pings(self) -> bool:
+        """Whether the server answers PING; fails at once if its process has ended."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with code {self.proc.returncode} on start")
+        try:
+            with redis.Redis(unix_socket_path=str(self.socket)) as client:
+                return bool(client.ping())
+        except redis.ConnectionError:
+            return False
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
             self.proc = None
+
+
+@contextlib.asynccontextmanager
+async def watch_commands(url: str) -> AsyncIterator[list[str]]:
+    """The commands the server at ``url`` runs while the block lasts, as they arrive ("HGETALL key", ...)."""
+    client = aioredis.Redis.from_url(url)
+    seen: list[str] = []
+    try:
+        async with client.monitor() as monitor:
+
+            async def read() -> None:
+                async for info in monitor.listen():
+                    seen.append(info["command"])
+
+            reader = asyncio.create_task(read())
+            try:
+                yield seen
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+    finally:
+        await client.aclose()

@@ -7,8 +7,6 @@ import re
 import signal
 import socket
 import stat
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +16,7 @@ from services.common.config import DEFAULT_PORTS, Config, build_config, load_con
 from services.common.config_text import default_yaml
 from services.common.setting import fields_of
 from tests.cli.launcher_proc import Launcher, alive, children_of, write_config
-
-
-@pytest.fixture
-def launched() -> Iterator[list[Launcher]]:
-    started: list[Launcher] = []
-    yield started
-    for proc in started:
-        proc.kill()
-
+from tests.helpers import wait_until
 
 # -- the default config ---------------------------------------------------------------------------------
 
@@ -167,10 +157,9 @@ def test_a_child_that_dies_stops_everything(tmp_path: Path, launched: list[Launc
     err = proc.stderr
     assert "gridstor: meta was killed by SIGKILL unexpectedly; stopping everything." in err
     assert f"Last lines of {data / 'logs' / 'meta.log'}:" in err and "meta listening" in err
-    deadline = time.monotonic() + 10
-    while [p for p in kids if alive(p)] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not [p for p in kids if alive(p)]
+    wait_until(
+        lambda: [p for p in kids if alive(p)], "every child to be stopped", until=lambda left: left == [], within=10
+    )
 
 
 @pytest.mark.slow

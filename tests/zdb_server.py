@@ -26,7 +26,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -35,6 +34,7 @@ import pytest
 import redis
 
 from services.common.backends.uri import ZdbURI
+from tests.helpers import free_port, stop_process, wait_until
 
 SKIP_REASON = "0-db not available: set ZDB_BIN to a zdb binary (see README)"
 DEFAULT_DATASIZE = 32 * 1024 * 1024
@@ -58,13 +58,6 @@ def require_zdb() -> str:
         extra = f" (ZDB_BIN={env!r} is not an executable file)" if env else ""
         pytest.skip(SKIP_REASON + extra)
     return binary
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _pings(host: str, port: int) -> bool:
@@ -95,7 +88,7 @@ class ZdbProcess:
         self.mode = mode
         self.datasize = datasize
         self.host = HOST
-        self.port = port if port is not None else free_port()
+        self.port = port if port is not None else free_port(HOST)
         self.log_path = self.root / "zdb.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -130,19 +123,22 @@ class ZdbProcess:
         if self.running:
             return self
         self.root.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + STARTUP_TIMEOUT
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"zdb exited with code {self._proc.returncode} on start:\n{self.log_tail()}")
-            if _pings(self.host, self.port):
-                return self
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(
-            f"zdb did not answer PING on {self.host}:{self.port} within {STARTUP_TIMEOUT}s:\n{self.log_tail()}"
-        )
+            proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self._proc = proc
+
+        def pings() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"zdb exited with code {proc.returncode} on start:\n{self.log_tail()}")
+            return _pings(self.host, self.port)
+
+        try:
+            what = f"zdb to answer PING on {self.host}:{self.port}"
+            wait_until(pings, what, within=STARTUP_TIMEOUT, interval=0.02, detail=self.log_tail)
+        except AssertionError:
+            self.stop()
+            raise
+        return self
 
     def stop(self, timeout: float = 5.0) -> None:
         """Terminate the server (SIGTERM, then SIGKILL if it lingers)."""
@@ -150,12 +146,7 @@ class ZdbProcess:
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(signal.SIGCONT)  # in case it was paused
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
+        stop_process(proc, timeout)
 
     def kill(self) -> None:
         """SIGKILL the server, as a crash would."""

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import stat
 import sys
 from collections.abc import Awaitable, Callable
@@ -18,12 +17,13 @@ import yaml
 
 from gridstor.v1 import auth_pb2, auth_pb2_grpc
 from services.auth.service import build
-from services.common import net, tokens
+from services.common import tokens
 from services.common.config import build_config
 from services.common.errors import InvalidInput
 from services.common.keys import SIGNING_KEY_FILE
 from services.common.net import REPO_ROOT as ROOT
 from tests.auth.conftest import SECRET, AuthServer
+from tests.helpers import child_env, free_port_pair
 from tests.redis_server import RedisProcess
 
 Start = Callable[..., Awaitable[AuthServer]]
@@ -58,27 +58,6 @@ async def test_world_readable_key_refuses_to_start(start_auth: Start, data_dir: 
 # -- the process ---------------------------------------------------------------------
 
 
-def _free_port_pair() -> int:
-    """A port p with p and p+1 free (grpc, metrics)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return int(port)
-    raise RuntimeError("no free port pair")
-
-
-def _env() -> dict[str, str]:
-    return net.child_env({k: v for k, v in os.environ.items() if not k.startswith("GRIDSTOR_")})
-
-
 async def _spawn(config: Path) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -87,14 +66,14 @@ async def _spawn(config: Path) -> asyncio.subprocess.Process:
         "--config",
         str(config),
         cwd=ROOT,
-        env=_env(),
+        env=child_env(),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
 
 
 async def test_process_serves_logs_json_and_stops_on_sigterm(tmp_path: Path, redis_server: RedisProcess) -> None:
-    port = _free_port_pair()
+    port = free_port_pair(1)  # grpc and metrics (metrics_port_offset 1)
     config = tmp_path / "gridstor.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -162,7 +141,7 @@ async def test_process_refuses_world_readable_key(tmp_path: Path) -> None:
     key_file.write_bytes(os.urandom(32))
     key_file.chmod(0o644)
     config = tmp_path / "gridstor.yaml"
-    config.write_text(yaml.safe_dump({"data_dir": str(data), "ports": {"auth": _free_port_pair()}}))
+    config.write_text(yaml.safe_dump({"data_dir": str(data), "ports": {"auth": free_port_pair(1)}}))
     proc = await _spawn(config)
     async with asyncio.timeout(30):
         _, err = await proc.communicate()

@@ -5,37 +5,25 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import yaml
 
-from services.common import net
 from services.common.net import REPO_ROOT as ROOT
+from tests.helpers import child_env, port_is_free, wait_until
 
 SERVICES = ("auth", "ingest", "meta", "ssh", "maint")
 METRICS_OFFSET = 5
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def free_ports() -> dict[str, int]:
     """Ports for every service (port and port + METRICS_OFFSET free), then Envoy and SSH (12 in a row)."""
     for _ in range(200):
         base = random.randrange(20000, 60000)
-        if all(_free(base + i) for i in range(2 * METRICS_OFFSET + 2)):
+        if all(port_is_free(base + i) for i in range(2 * METRICS_OFFSET + 2)):
             ports = {svc: base + i for i, svc in enumerate(SERVICES)}
             ports["envoy"] = base + 2 * METRICS_OFFSET
             ports["sshd"] = base + 2 * METRICS_OFFSET + 1
@@ -59,10 +47,6 @@ def write_config(data: Path, **extra: object) -> Path:
     path = data / "gridstor.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def env() -> dict[str, str]:
-    return net.child_env({k: v for k, v in os.environ.items() if not k.startswith("GRIDSTOR_")})
 
 
 def children_of(pid: int) -> set[int]:
@@ -105,7 +89,7 @@ class Launcher:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.launcher", "--data", str(data), *args],
             cwd=ROOT,
-            env=env(),
+            env=child_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -114,8 +98,12 @@ class Launcher:
         self.err: list[str] = []
         self.up = threading.Event()
         assert self.proc.stdout is not None and self.proc.stderr is not None
-        threading.Thread(target=self._read, args=(self.proc.stdout, self.out), daemon=True).start()
-        threading.Thread(target=self._read, args=(self.proc.stderr, self.err), daemon=True).start()
+        self.readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.out), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.err), daemon=True),
+        ]
+        for reader in self.readers:
+            reader.start()
 
     def _read(self, stream: object, into: list[str]) -> None:
         for line in stream:  # type: ignore[attr-defined]
@@ -131,16 +119,27 @@ class Launcher:
     def stderr(self) -> str:
         return "".join(self.err)
 
+    def output(self) -> str:
+        return f"{self.stdout}\n{self.stderr}"
+
+    def _up(self) -> bool:
+        if self.proc.poll() is not None and not self.up.is_set():
+            raise AssertionError(f"the launcher exited with {self.proc.returncode}:\n{self.output()}")
+        return self.up.is_set()
+
     def wait_up(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.up.wait(0.1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill() if self.proc.poll() is None else None
-                raise AssertionError(f"launcher did not come up (rc {self.proc.poll()}):\n{self.stdout}\n{self.stderr}")
+        """Wait for its "gridstor is up." line; fail with its output if it exits or takes longer."""
+        try:
+            wait_until(self._up, "its 'gridstor is up.' line", within=timeout, interval=0.1, detail=self.output)
+        except AssertionError:
+            self.kill()
+            raise
 
     def wait(self, timeout: float = 60) -> int:
+        """Wait for it to exit, and for its output to be read to the end."""
         rc = self.proc.wait(timeout)
-        time.sleep(0.1)  # let the reader threads drain the pipes
+        for reader in self.readers:
+            reader.join(timeout)  # EOF once every process that holds the pipes has gone
         return rc
 
     def terminate(self, timeout: float = 60) -> int:

@@ -13,32 +13,23 @@ import ssl
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from services.common.net import REPO_ROOT as ROOT
-from tests.cli.launcher_proc import Launcher, alive, children_of, env, write_config
+from tests.cli.launcher_proc import Launcher, alive, children_of, write_config
+from tests.helpers import child_env
 
 pytestmark = pytest.mark.slow
 
 ID = re.compile(r"^[0-9a-f]{56}(\.[a-z0-9.]+)?$")
 
 
-@pytest.fixture
-def launched() -> Iterator[list[Launcher]]:
-    """Launchers started by a test; any still running at the end is killed (its children follow it)."""
-    started: list[Launcher] = []
-    yield started
-    for launcher in started:
-        launcher.kill()
-
-
 class Cli:
     def __init__(self, config: Path, home: Path) -> None:
         self.config = config
-        self.env = env()
+        self.env = child_env()
         self.env["HOME"] = str(home)
         self.env["XDG_CONFIG_HOME"] = str(home / ".config")
 
@@ -79,7 +70,7 @@ def test_put_get_stop_restart(tmp_path: Path, launched: list[Launcher]) -> None:
     # One launcher per data dir.
     second = subprocess.run(
         [sys.executable, "-m", "services.launcher", "--data", str(data)],
-        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert second.returncode == 1
     assert f"another launcher (pid {first.proc.pid}) is already running on {data}" in second.stderr

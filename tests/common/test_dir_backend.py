@@ -24,6 +24,7 @@ from services.common import errors
 from services.common.backends.base import MAX_KEY_SIZE, MAX_VALUE_SIZE, Mode, seq_id, seq_key
 from services.common.backends.dirstore import DirBackend, ModeMismatch
 from services.common.backends.uri import DirURI
+from tests.helpers import wait_until_async
 
 
 async def open_dir(path: Path | str, mode: Mode = Mode.SEQ, **kwargs: Any) -> DirBackend:
@@ -234,11 +235,7 @@ async def test_fsync_policies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     batch = await open_dir(tmp_path / "batch", fsync="batch", fsync_interval=0.05)
     key = await batch.put(b"y" * 100)
     assert synced == []  # not inline
-    for _ in range(100):
-        if len(synced) >= 2:
-            break
-        await asyncio.sleep(0.02)
-    assert len(synced) >= 2  # the background flush ran
+    await wait_until_async(lambda: len(synced), "the background flush", until=lambda n: n >= 2)  # value and index
     assert await batch.get(key) == b"y" * 100
     await batch.close()
 

@@ -9,7 +9,8 @@ import pytest
 
 from services.common import errors, jobs
 from services.common.jobs import JobStore, Notifier
-from tests.redis_server import RedisProcess
+from tests.helpers import wait_until_async
+from tests.redis_server import RedisProcess, watch_commands
 
 
 @pytest.fixture
@@ -57,6 +58,7 @@ async def test_heartbeat_autoclaim_and_requeue(store: JobStore) -> None:
     [(entry, _)] = await store.read("alive", block_ms=100)
     await store.start(job, "alive")
     assert await store.heartbeat("alive", entry)
+    # These sleeps are the point: the entry must sit idle longer than min_idle_ms (100 ms) for autoclaim.
     await asyncio.sleep(0.15)
     assert await store.heartbeat("alive", entry)  # resets the idle time
     assert await store.autoclaim("other", min_idle_ms=100) == []
@@ -74,7 +76,7 @@ async def test_heartbeat_autoclaim_and_requeue(store: JobStore) -> None:
     assert await store.prune_consumers(idle_ms=0) == 2  # "alive" and "other" hold nothing now
 
 
-async def test_notifier_wakes_and_times_out(store: JobStore) -> None:
+async def test_notifier_wakes_and_times_out(store: JobStore, redis_server: RedisProcess) -> None:
     notifier = Notifier(store.redis)
     await notifier.start()
     try:
@@ -82,8 +84,10 @@ async def test_notifier_wakes_and_times_out(store: JobStore) -> None:
         await store.submit(job, path="/x", size=1)
         current, timed_out = await notifier.wait(store, job, 0.2)
         assert timed_out and current.state == jobs.ACTIVE
-        waiter = asyncio.create_task(notifier.wait(store, job, 30))
-        await asyncio.sleep(0.1)
+        async with watch_commands(redis_server.url) as seen:
+            waiter = asyncio.create_task(notifier.wait(store, job, 30))
+            # The waiter reads the job once it is registered for the notice: then the job may end.
+            await wait_until_async(lambda: seen.count(f"HGETALL {jobs.job_key(job)}"), "the waiter to read its job")
         await store.fail(job, "nope")
         current, timed_out = await waiter
         assert not timed_out and current.state == jobs.ERROR and current.error == "nope"

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
-import pytest
 
 from gridstor.v1 import common_pb2, ingest_pb2
 from services.common.jobs import JobStore
+from tests.helpers import rpc_error, wait_until_async
 from tests.ingest.conftest import Suite, SuiteFactory
-
-
-async def rpc_error(aw: Awaitable[object]) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await aw
-    return info.value
+from tests.redis_server import watch_commands
 
 
 async def fake_active_job(suite: Suite) -> str:
@@ -56,12 +50,18 @@ async def test_waiter_wakes_when_job_ends(suite_factory: SuiteFactory) -> None:
     suite = await suite_factory()
     store = JobStore(suite.redis)
     done_job, failed_job = await fake_active_job(suite), await fake_active_job(suite)
-    # 30 s waits: only the completion notice can end them with DONE / ERROR within the test.
-    waiting = [
-        asyncio.ensure_future(suite.ingest.Status(ingest_pb2.StatusRequest(job=j, wait=True, timeout_seconds=30)))
-        for j in (done_job, failed_job, done_job)
-    ]
-    await asyncio.sleep(0.3)
+    async with watch_commands(suite.cfg.redis_url) as seen:
+        # 30 s waits: only the completion notice can end them with DONE / ERROR within the test.
+        waiting = [
+            asyncio.ensure_future(suite.ingest.Status(ingest_pb2.StatusRequest(job=j, wait=True, timeout_seconds=30)))
+            for j in (done_job, failed_job, done_job)
+        ]
+        # A waiter reads its job once it is registered for the notice: then the job may end.
+        await wait_until_async(
+            lambda: (seen.count(f"HGETALL gridstor:job:{done_job}"), seen.count(f"HGETALL gridstor:job:{failed_job}")),
+            "the three waiters to read their jobs",
+            until=lambda reads: reads[0] >= 2 and reads[1] >= 1,
+        )
     await store.done(done_job, file_id="ab" * 24 + "00000007.txt", dedup=True, receipt=b"", size=10)
     await store.fail(failed_job, "the gateway's backends are full")
     first, second, third = await asyncio.gather(*waiting)

@@ -101,7 +101,7 @@ async def test_a_lease_of_a_dead_process_expires(redis_server: RedisProcess, mon
         lease._task.cancel()  # the process "dies": no refresh, no release
         with pytest.raises(errors.RateLimited):
             await lim.acquire_upload("alice", "")
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(0.6)  # the point: the lease's TTL (0.4 s) must pass with nobody refreshing it
         again = await lim.acquire_upload("alice", "")
         assert again is not None
         await again.release()
@@ -116,7 +116,7 @@ async def test_a_running_upload_keeps_its_lease_past_the_ttl(
     lim = limiter(redis_server, uploads_per_identity=1)
     try:
         async with lim.admit(UPLOAD, "alice", "192.0.2.1"):
-            await asyncio.sleep(0.8)  # refreshed every TTL/3
+            await asyncio.sleep(0.8)  # the point: hold it past the TTL (0.3 s); it is refreshed every TTL/3
             with pytest.raises(errors.RateLimited):
                 await lim.acquire_upload("alice", "")
         lease = await lim.acquire_upload("alice", "")  # released when the block ended
@@ -172,7 +172,7 @@ async def test_the_client_address_comes_from_envoy_only_when_envoy_is_trusted() 
 async def test_idle_timeout_drops_a_stalled_stream() -> None:
     async def stalls() -> AsyncIterator[int]:
         yield 1
-        await asyncio.sleep(10)
+        await asyncio.sleep(10)  # the point: a stream that stalls past the idle timeout
         yield 2
 
     got = []
@@ -183,7 +183,7 @@ async def test_idle_timeout_drops_a_stalled_stream() -> None:
 
     async def flows() -> AsyncIterator[int]:
         for i in range(5):
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # a slow but steady stream: each gap well inside the idle timeout
             yield i
 
     assert [i async for i in idle_timeout(flows(), 0.2)] == [0, 1, 2, 3, 4]

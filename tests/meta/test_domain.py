@@ -73,7 +73,7 @@ async def test_keyed_locks_serialize_one_key_and_are_dropped() -> None:
             active[key] += 1
             peak[key] = max(peak[key], active[key])
             inside.append(tag)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # yield inside the lock: another task of the same key would get in now
             active[key] -= 1
 
     await asyncio.gather(*(work(b"a", f"a{i}") for i in range(5)), *(work(b"b", f"b{i}") for i in range(5)))

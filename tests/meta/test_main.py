@@ -17,45 +17,27 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gridstor.v1 import meta_pb2, meta_pb2_grpc
 from services.common import net
 from services.common.net import REPO_ROOT as ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_port_with_metrics(offset: int) -> int:
-    """A free port whose metrics port (port + offset) is free too."""
-    for _ in range(50):
-        port = free_port()
-        if port + offset > 65535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + offset))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair found")
+from tests.helpers import free_port_pair, wait_until_async
 
 
 async def wait_serving(proc: subprocess.Popen[str], channel: grpc.aio.Channel, service: str) -> None:
     """Poll the health service until SERVING; fail with the process's stderr if it died."""
     health = health_pb2_grpc.HealthStub(channel)
-    for _ in range(300):
+
+    async def status() -> int | None:
         if proc.poll() is not None:
             raise AssertionError(
                 f"the service exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}"
             )
         try:
-            reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+            return int((await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)).status)
         except grpc.aio.AioRpcError:
-            await asyncio.sleep(0.1)
-            continue
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        return
-    raise AssertionError("the service did not report SERVING within 30 s")
+            return None  # not listening yet
+
+    serving = health_pb2.HealthCheckResponse.SERVING
+    await wait_until_async(
+        status, f"{service} to report SERVING", until=lambda s: s == serving, within=30, interval=0.1
+    )
 
 
 def run_meta(*args: str) -> subprocess.Popen[str]:
@@ -81,7 +63,7 @@ def test_bad_config_exits_2_with_the_message(tmp_path: Path) -> None:
 
 async def test_serves_until_sigterm(tmp_path: Path) -> None:
     metrics_offset = 100
-    port = free_port_with_metrics(metrics_offset)
+    port = free_port_pair(metrics_offset)
     cfg = tmp_path / "gridstor.yaml"
     cfg.write_text(
         yaml.safe_dump(

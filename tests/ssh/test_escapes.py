@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_until_async
 from tests.ssh.conftest import SshEnv, SshFactory
 
 
@@ -158,15 +159,15 @@ async def test_forwarding_refused(env: SshEnv, caplog: pytest.LogCaptureFixture)
     dest = "alice@127.0.0.1"
     args = ["ssh", "-p", str(env.port), *env.opts("alice"), "-N", "-L", f"{local}:127.0.0.1:{env.port}", dest]
     proc = await asyncio.create_subprocess_exec(*args, stderr=asyncio.subprocess.PIPE)
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        try:
+            return await asyncio.open_connection("127.0.0.1", local)
+        except OSError:
+            return None  # ssh -L is not listening yet
+
     try:
-        for _ in range(200):
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", local)
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
-        else:
-            pytest.fail("ssh -L did not listen")
+        reader, writer = await wait_until_async(connect, f"ssh -L to listen on port {local}")
         assert await asyncio.wait_for(reader.read(100), 10) == b""  # closed: no SSH banner came through
         writer.close()
     finally:
