@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from nacl.signing import SigningKey
 
 from gridstor.v1 import auth_pb2, auth_pb2_grpc
 from services.auth.service import build
-from services.common.config import Config, build_config
-from services.common.metrics import Registry
-from services.common.server import Running
+from services.common.config import build_config
+from tests.helpers import Served
 from tests.redis_server import RedisProcess
 
 SECRET = "correct-horse-battery-staple-42"
@@ -31,23 +29,12 @@ def now() -> int:
     return int(time.time())
 
 
-@dataclass
-class AuthServer:
-    cfg: Config
-    running: Running
-    cleanup: Callable[[], Awaitable[None]]
-    channel: grpc.aio.Channel
-    stub: auth_pb2_grpc.AuthServiceAsyncStub
-    registry: Registry
-    stopped: bool = False
+class AuthServer(Served):
+    """An auth server under test (tests.helpers.Served) and its stub."""
 
-    async def stop(self) -> None:
-        if self.stopped:
-            return
-        self.stopped = True
-        await self.channel.close(None)
-        await self.running.server.stop(None)
-        await self.cleanup()
+    @functools.cached_property
+    def stub(self) -> auth_pb2_grpc.AuthServiceAsyncStub:
+        return auth_pb2_grpc.AuthServiceStub(self.channel)
 
 
 @pytest.fixture
@@ -62,11 +49,7 @@ async def start_auth(redis_server: RedisProcess, data_dir: Path) -> AsyncIterato
 
     async def start(**settings: Any) -> AuthServer:
         raw = {"redis": redis_server.url, "data_dir": str(data_dir), **settings}
-        cfg = build_config(raw)
-        registry = Registry()
-        running, cleanup = await build(cfg, port=0, registry=registry)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
-        server = AuthServer(cfg, running, cleanup, channel, auth_pb2_grpc.AuthServiceStub(channel), registry)
+        server = await AuthServer.start(build, build_config(raw))
         started.append(server)
         return server
 

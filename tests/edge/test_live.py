@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 import grpc
@@ -102,42 +103,39 @@ def test_upload_without_token_is_401(edge: Edge) -> None:
     assert reply.json()["code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
 
 
-def test_declared_oversize_upload_is_429_before_the_body(edge: Edge) -> None:
-    """Content-Length over max_upload: Envoy answers at once, the same way ingest would."""
-    conn = http.client.HTTPConnection("127.0.0.1", edge.port, timeout=30)
+def oversize_upload(edge: Edge, header: tuple[str, str], body: Iterable[bytes] = ()) -> tuple[int, bytes]:
+    """POST a huge upload with the length ``header`` and ``body`` (sent until Envoy closes); (status, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", edge.port, timeout=60)
     try:
         conn.putrequest("POST", "/v1/files?name=huge.bin")
-        conn.putheader("content-length", str(MAX_UPLOAD + 1))
+        conn.putheader(*header)
         conn.putheader("authorization", f"Bearer {edge.token}")
-        conn.endheaders()  # not one body byte is sent
+        conn.endheaders()
+        try:
+            for piece in body:
+                conn.send(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # Envoy may close the connection once the answer is out
         resp = conn.getresponse()
-        body = resp.read()
+        return resp.status, resp.read()
     finally:
         conn.close()
-    assert resp.status == 429, body
+
+
+def test_declared_oversize_upload_is_429_before_the_body(edge: Edge) -> None:
+    """Content-Length over max_upload: Envoy answers at once, the same way ingest would."""
+    status, body = oversize_upload(edge, ("content-length", str(MAX_UPLOAD + 1)))  # not one body byte is sent
+    assert status == 429, body
     assert b'"code":8' in body
 
 
 def test_streamed_oversize_upload_is_429(edge: Edge) -> None:
     """No Content-Length (chunked): ingest cuts the stream at max_upload with RESOURCE_EXHAUSTED."""
-    chunk = b"\0" * MiB
-    conn = http.client.HTTPConnection("127.0.0.1", edge.port, timeout=60)
-    try:
-        conn.putrequest("POST", "/v1/files?name=huge.bin")
-        conn.putheader("transfer-encoding", "chunked")
-        conn.putheader("authorization", f"Bearer {edge.token}")
-        conn.endheaders()
-        try:
-            for _ in range(MAX_UPLOAD // MiB + 8):
-                conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            conn.send(b"0\r\n\r\n")
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # Envoy may close the connection once the answer is out
-        resp = conn.getresponse()
-        body = resp.read()
-    finally:
-        conn.close()
-    assert resp.status == 429, body
+    chunk = b"%x\r\n%s\r\n" % (MiB, b"\0" * MiB)
+    status, body = oversize_upload(
+        edge, ("transfer-encoding", "chunked"), [chunk] * (MAX_UPLOAD // MiB + 8) + [b"0\r\n\r\n"]
+    )
+    assert status == 429, body
     assert b'"code":8' in body
 
 

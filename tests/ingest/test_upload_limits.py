@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
-import pytest
 from google.api import httpbody_pb2
 
 from gridstor.v1 import common_pb2, ingest_pb2
 from services.common import tokens
 from services.common.keys import signing_key
-from tests.helpers import wait_until_async
+from tests.helpers import rpc_error, wait_until_async
 from tests.ingest.conftest import MESSAGE, MiB, Suite, SuiteFactory, requests
-
-
-async def rpc_error(aw: Awaitable[object]) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await aw
-    return info.value
 
 
 def uploads(suite: Suite, result: str) -> float:

@@ -13,7 +13,7 @@ from google.api import httpbody_pb2
 from gridstor.v1 import ingest_pb2, ingest_pb2_grpc
 from services.common import tokens
 from services.common.keys import signing_key
-from tests.tls.harness import Gateway
+from tests.gateway import Gateway
 
 
 def token(gw: Gateway, identity: str) -> str:

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.gateway import Gateway, curl, run_gateway
 from tests.helpers import wait_until
 from tests.limits.helpers import leases
-from tests.tls.harness import Gateway, curl, run_gateway
 
 LIMITS = {
     "exempt": [],  # the clients are on loopback addresses (127.0.0.2 ...), exempt by default

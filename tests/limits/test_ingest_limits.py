@@ -13,9 +13,9 @@ import pytest
 
 from gridstor.v1 import ingest_pb2_grpc
 from services.cli.app import main as cli_main
+from tests.gateway import Gateway, run_gateway
 from tests.helpers import wait_until
 from tests.limits.helpers import HeldUpload, bearer, leases, piece, token, trailer
-from tests.tls.harness import Gateway, run_gateway
 
 LIMITS = {
     "exempt": [],  # the tests' clients are on loopback, exempt by default

@@ -22,10 +22,9 @@ from services.common.engine import Engine, FileRecord
 from services.common.gateway import ensure_local_dirs, open_engine
 from services.common.keys import MASTER_KEY_FILE, SIGNING_KEY_FILE, signing_key
 from services.common.metrics import Registry
-from services.common.server import Running
 from services.maint import service as maint_service
 from services.meta import service as meta_service
-from tests.helpers import wait_until_async
+from tests.helpers import Served, wait_until_async
 
 CHUNK = 64 * 1024  # k=16: 4 KiB shards, several chunks per file, fast tests
 FAST_MAINT = {
@@ -84,8 +83,8 @@ class Gateway:
     registry: Registry = field(default_factory=Registry)
     meta_port: int = 0
     maint_port: int = 0
-    _meta: tuple[Running, Callable[[], Awaitable[None]]] | None = None
-    _maint: tuple[Running, Callable[[], Awaitable[None]]] | None = None
+    _meta: Served | None = None
+    _maint: Served | None = None
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
     meta: meta_pb2_grpc.MetaServiceAsyncStub | None = None
     maint: maint_pb2_grpc.MaintServiceAsyncStub | None = None
@@ -102,31 +101,26 @@ class Gateway:
         return (("authorization", "Bearer " + rpc.service_token(signing_key(self.cfg.data_dir), "ingest")),)
 
     async def start_meta(self) -> None:
-        running, cleanup = await meta_service.build(self.cfg, port=self.meta_port or 0)
-        self._meta = (running, cleanup)
-        self.meta_port = running.port
-        ch = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
-        self._channels.append(ch)
-        self.meta = meta_pb2_grpc.MetaServiceStub(ch)
+        """Start meta (again on its earlier port, if it ran before)."""
+        self._meta = await Served.start(meta_service.build, self.cfg, port=self.meta_port)
+        self.meta_port = self._meta.port
+        self.meta = meta_pb2_grpc.MetaServiceStub(self._meta.channel)
 
     async def stop_meta(self) -> None:
         if self._meta is not None:
-            await self._meta[1]()
+            await self._meta.stop()
             self._meta = None
 
     async def start_maint(self) -> None:
         assert self.meta_port, "start meta first: maint needs its address"
         cfg = dataclasses.replace(self.cfg, ports={**self.cfg.ports, "meta": self.meta_port})
-        running, cleanup = await maint_service.build(cfg, port=0, registry=self.registry, schedules=False)
-        self._maint = (running, cleanup)
-        self.maint_port = running.port
-        ch = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
-        self._channels.append(ch)
-        self.maint = maint_pb2_grpc.MaintServiceStub(ch)
+        self._maint = await Served.start(maint_service.build, cfg, registry=self.registry, options={"schedules": False})
+        self.maint_port = self._maint.port
+        self.maint = maint_pb2_grpc.MaintServiceStub(self._maint.channel)
         # The operator's channel: Repair, Scrub, Backup and Restore need an admin token even in public mode.
         token = rpc.admin_token(signing_key(self.cfg.data_dir), "tests")
         ach = grpc.aio.insecure_channel(
-            f"127.0.0.1:{running.port}",
+            f"127.0.0.1:{self.maint_port}",
             interceptors=[BearerToken(token)],  # type: ignore[list-item]
         )
         self._channels.append(ach)
@@ -134,7 +128,7 @@ class Gateway:
 
     async def stop(self) -> None:
         if self._maint is not None:
-            await self._maint[1]()
+            await self._maint.stop()
             self._maint = None
         await self.stop_meta()
         for ch in self._channels:

@@ -15,7 +15,7 @@ import pytest
 from gridstor.v1 import maint_pb2, meta_pb2
 from services.common.backends import Mode
 from services.common.backends.zdb import ensure_namespace
-from services.common.engine import EngineConfig
+from services.common.engine import EngineConfig, FileRecord
 from services.common.gateway import open_engine
 from services.common.metaclient import MetaClient
 from services.maint import checks
@@ -39,6 +39,13 @@ def payloads(n: int) -> list[bytes]:
     """Files of 1 byte to a few chunks."""
     sizes = [1, CHUNK - 1, CHUNK * 2 + 17, CHUNK * 3, 5000, CHUNK + 1][:n]
     return [os.urandom(s) for s in sizes]
+
+
+async def store_payloads(gw: Gateway, n: int) -> tuple[dict[str, bytes], str, FileRecord]:
+    """``payloads(n)`` stored through ``gw`` (by file id), and the id and record of one over two chunks long."""
+    files = {await gw.store(data): data for data in payloads(n)}
+    big = next(fid for fid, d in files.items() if len(d) > CHUNK * 2)
+    return files, big, await gw.record(big)
 
 
 @pytest.mark.parametrize("how", ["removed", "wiped"])
@@ -108,11 +115,8 @@ async def test_lost_backends_are_rebuilt_onto_added_ones(how: str, tmp_path: Pat
 
 
 async def test_hard_scrub_finds_and_repairs_corrupt_shards(tmp_path: Path, gateways: Make) -> None:
-    cfg = gateway_config(tmp_path / "gw")
-    gw = await gateways(cfg)
-    files = {await gw.store(data): data for data in payloads(3)}
-    target = next(fid for fid, d in files.items() if len(d) > CHUNK * 2)
-    record = await gw.record(target)
+    gw = await gateways(gateway_config(tmp_path / "gw"))
+    files, target, record = await store_payloads(gw, 3)
     await corrupt_shard(gw.engine, record, 0, 2)
     await corrupt_shard(gw.engine, record, 1, 17)
     await delete_shard(gw.engine, record, 2, 5)
@@ -143,11 +147,8 @@ async def test_hard_scrub_finds_and_repairs_corrupt_shards(tmp_path: Path, gatew
 
 
 async def test_m_plus_one_lost_shards_is_unrecoverable_and_kept(tmp_path: Path, gateways: Make) -> None:
-    cfg = gateway_config(tmp_path / "gw")
-    gw = await gateways(cfg)
-    files = {await gw.store(data): data for data in payloads(4)}
-    lost = next(fid for fid, d in files.items() if len(d) > CHUNK * 2)
-    record = await gw.record(lost)
+    gw = await gateways(gateway_config(tmp_path / "gw"))
+    files, lost, record = await store_payloads(gw, 4)
     for si in (0, 3, 8, 16, 19):  # m+1 = 5 shards of chunk 1
         await delete_shard(gw.engine, record, 1, si)
     other = next(fid for fid in files if fid != lost)

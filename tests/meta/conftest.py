@@ -2,47 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from google.api import httpbody_pb2
 
 from gridstor.v1 import meta_pb2, meta_pb2_grpc
 from services.common import rpc
-from services.common.config import Config, build_config
+from services.common.config import build_config
 from services.common.engine import Engine, FileRecord
 from services.common.gateway import open_engine
 from services.common.keys import signing_key
-from services.common.metrics import Registry
-from services.common.server import Running
 from services.meta.service import build
+from tests.helpers import Served
 
 CHUNK = 256 * 1024  # small engine chunks keep the tests fast and give many chunks per file
 MiB = 1024 * 1024
-
-
-@dataclass
-class Failure:
-    """A failed call: its status code and message."""
-
-    error: grpc.aio.AioRpcError
-
-    def code(self) -> grpc.StatusCode:
-        return self.error.code()
-
-    def details(self) -> str:
-        return self.error.details() or ""
-
-
-async def rpc_error(aw: Awaitable[Any]) -> Failure:
-    """The status a call ends with; fails the test when it succeeds."""
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await aw
-    return Failure(info.value)
 
 
 @dataclass
@@ -58,24 +37,20 @@ class Fetched:
 
 
 @dataclass
-class MetaServer:
-    cfg: Config
-    running: Running
-    cleanup: Callable[[], Awaitable[None]]
-    channel: grpc.aio.Channel
-    stub: meta_pb2_grpc.MetaServiceAsyncStub
-    registry: Registry
+class MetaServer(Served):
+    """A meta server under test (tests.helpers.Served), its stub, and the test's own engine."""
+
     engine: Engine  # the test's own engine over the same backends, to store files in-process
-    auth: tuple[tuple[str, str], ...] = field(default=())
-    stopped: bool = False
+    auth: tuple[tuple[str, str], ...] = ()
+
+    @functools.cached_property
+    def stub(self) -> meta_pb2_grpc.MetaServiceAsyncStub:
+        return meta_pb2_grpc.MetaServiceStub(self.channel)
 
     async def stop(self) -> None:
-        if self.stopped:
-            return
-        self.stopped = True
-        await self.channel.close(None)
-        await self.cleanup()
-        await self.engine.pool.close()
+        if not self.stopped:
+            await super().stop()
+            await self.engine.pool.close()
 
     async def put(self, record: FileRecord) -> meta_pb2.PutRecordReply:
         return await self.stub.PutRecord(meta_pb2.PutRecordRequest(record=record), metadata=self.auth)
@@ -109,18 +84,9 @@ async def start_meta(data_dir: Path) -> AsyncIterator[Callable[..., Awaitable[Me
     async def start(**settings: Any) -> MetaServer:
         raw = {"data_dir": str(data_dir), "engine": {"chunk_size": CHUNK}, **settings}
         cfg = build_config(raw)
-        registry = Registry()
-        running, cleanup = await build(cfg, port=0, registry=registry)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
-        server = MetaServer(
-            cfg,
-            running,
-            cleanup,
-            channel,
-            meta_pb2_grpc.MetaServiceStub(channel),
-            registry,
-            await open_engine(cfg),
-            auth=(("authorization", "Bearer " + rpc.service_token(signing_key(cfg.data_dir), "ingest")),),
+        token = rpc.service_token(signing_key(cfg.data_dir), "ingest")
+        server = await MetaServer.start(
+            build, cfg, engine=await open_engine(cfg), auth=(("authorization", "Bearer " + token),)
         )
         started.append(server)
         return server

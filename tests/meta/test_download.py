@@ -12,7 +12,8 @@ from google.api import httpbody_pb2
 
 from gridstor.v1 import meta_pb2
 from tests.common.engine_util import corrupt_shard
-from tests.meta.conftest import CHUNK, MetaServer, MiB, rpc_error
+from tests.helpers import rpc_error
+from tests.meta.conftest import CHUNK, MetaServer, MiB
 
 SIZES = [0, 1, CHUNK - 1, CHUNK + 1, MiB - 1, MiB, MiB + 1, 3 * MiB + 12345]
 

@@ -13,7 +13,8 @@ from gridstor.v1 import meta_pb2
 from services.common import tokens
 from services.common.engine import FileRecord
 from services.common.keys import signing_key
-from tests.meta.conftest import MetaServer, rpc_error
+from tests.helpers import rpc_error
+from tests.meta.conftest import MetaServer
 
 
 async def get(meta: MetaServer, file_id: str) -> meta_pb2.GetRecordReply:

@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from gridstor.v1 import ingest_pb2, ingest_pb2_grpc, meta_pb2, meta_pb2_grpc
 from services.cli.app import main as cli_main
 from services.common import tls
-from tests.tls.harness import Gateway, curl, run_gateway
+from tests.gateway import Gateway, curl, run_gateway
 
 MiB = 1024 * 1024
 ID = re.compile(r"^[0-9a-f]{56}\.bin$")
@@ -100,11 +100,9 @@ def test_the_cli_over_tls(gw: Gateway, tmp_path: Path) -> None:
     assert code == 0, err
     assert (tmp_path / "copy.bin").read_bytes() == src.read_bytes()
     # GRIDSTOR_CA works like --ca.
-    os.environ["GRIDSTOR_CA"] = str(gw.ca)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRIDSTOR_CA", str(gw.ca))
         assert cli("--gateway", edge, "exists", file_id)[0] == 0
-    finally:
-        del os.environ["GRIDSTOR_CA"]
     # With --config the CLI talks to the services themselves, over TLS because the config says so.
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump({"data_dir": str(gw.cfg.data_dir), "ports": dict(gw.cfg.ports),

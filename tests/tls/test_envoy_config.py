@@ -9,7 +9,7 @@ from typing import Any
 from services.common import tls
 from services.common.config import build_config
 from services.edge.envoy import build_envoy_config, envoy_binary, write_envoy_config
-from tests.edge.conftest import DESCRIPTOR
+from tests.gateway import DESCRIPTOR
 
 
 def listener(boot: dict[str, Any]) -> dict[str, Any]:

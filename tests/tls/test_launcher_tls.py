@@ -16,7 +16,7 @@ from services.common import tls
 from services.common.config import build_config
 from services.common.metrics import Registry, serve_metrics
 from services.edge import certs, probe
-from tests.tls.harness import run_gateway
+from tests.gateway import run_gateway
 
 
 def test_the_launcher_makes_the_certificates_and_shows_how_to_trust_them(
