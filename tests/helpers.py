@@ -1,4 +1,5 @@
-"""Helpers for the whole suite: waiting on a condition, child-process environments, free ports, processes.
+"""Helpers for the whole suite: waiting on a condition, services under test (Served, rpc_error), the
+environment of child processes, free ports, stopping and running programs.
 
 Waiting: a test never sleeps to let something happen; it polls for the thing itself and fails
 naming what it waited for and what it saw last::
