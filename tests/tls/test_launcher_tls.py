@@ -16,6 +16,7 @@ from services.common import tls
 from services.common.config import build_config
 from services.common.metrics import Registry, serve_metrics
 from services.edge import certs, probe
+from tests.cli.launcher_proc import write_config
 from tests.gateway import run_gateway
 
 
@@ -54,8 +55,8 @@ def test_a_missing_certificate_of_ones_own_stops_the_launcher(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = tmp_path / "data"
-    data.mkdir()
-    (data / "gridstor.yaml").write_text(f"tls:\n  cert: {tmp_path}/le/fullchain.pem\n  key: {tmp_path}/le/key.pem\n")
+    # Free ports: a gateway already running on the default ones must not decide this test.
+    write_config(data, tls={"cert": f"{tmp_path}/le/fullchain.pem", "key": f"{tmp_path}/le/key.pem"})
     assert L.main(["--data", str(data)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gridstor: config: tls.cert: ") and "fullchain.pem does not exist" in err
