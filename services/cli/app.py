@@ -14,6 +14,7 @@ from services.cli import admin, commands
 from services.cli.connect import parse_hostport
 from services.cli.failures import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, CliFailure
 from services.cli.session import Session
+from services.common.service_main import positive_seconds
 
 Handler = Callable[[Session, argparse.Namespace], int]
 
@@ -40,16 +41,6 @@ def _nonneg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number of bytes, got {text!r}") from None
     if n < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {n}")
-    return n
-
-
-def _seconds(text: str) -> float:
-    try:
-        n = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return n
 
 
@@ -107,14 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("put", commands.cmd_put, "upload a file; print the job id (or the file id with --wait)")
     p.add_argument("file", metavar="FILE", help="the file to upload (- = stdin)")
     p.add_argument("--wait", action="store_true", help="wait until stored, verify the receipt, print the file id")
-    p.add_argument("--timeout", type=_seconds, metavar="S", help="with --wait: give up after S seconds")
+    p.add_argument("--timeout", type=positive_seconds, metavar="S", help="with --wait: give up after S seconds")
     p.add_argument("--name", metavar="N", help="file name to store (its extension goes into the id)")
     p.add_argument("--content-type", metavar="T", help="MIME type (default: from the extension)")
 
     p = command("status", commands.cmd_status, "show where an upload job stands")
     p.add_argument("job", metavar="JOB", help="job id printed by put")
     p.add_argument("--wait", action="store_true", help="wait until the job ends")
-    p.add_argument("--timeout", type=_seconds, metavar="S", help="with --wait: give up after S seconds")
+    p.add_argument("--timeout", type=positive_seconds, metavar="S", help="with --wait: give up after S seconds")
 
     p = command("get", commands.cmd_get, "download a file (or a byte range)")
     p.add_argument("id", metavar="ID", help="file id")

@@ -24,6 +24,17 @@ from services.common.tuning import tune_malloc
 Build = Callable[..., Awaitable[tuple[Running, Cleanup]]]
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def common_options(defaults: bool = True) -> argparse.ArgumentParser:
     """--config, --data, --log-level (as a parent parser; ``defaults=False`` for subcommands)."""
     p = argparse.ArgumentParser(add_help=False)

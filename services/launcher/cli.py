@@ -9,21 +9,12 @@ from pathlib import Path
 
 from services.common.config import ConfigError, load_config
 from services.common.errors import GridstorError
+from services.common.service_main import positive_seconds
 from services.launcher.banner import banner
 from services.launcher.checks import check_ports, data_dir_lock
 from services.launcher.config_file import CONFIG_NAME, ensure_config
 from services.launcher.errors import LaunchError, Stop
 from services.launcher.supervisor import START_ORDER, Launcher
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,10 +27,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--config", metavar="FILE", help=f"gateway config (default DIR/{CONFIG_NAME}, written on first start)"
     )
     parser.add_argument(
-        "--timeout", type=_positive, default=60.0, metavar="S", help="seconds to wait for each start (default 60)"
+        "--timeout",
+        type=positive_seconds,
+        default=60.0,
+        metavar="S",
+        help="seconds to wait for each start (default 60)",
     )
     parser.add_argument(
-        "--grace", type=_positive, default=20.0, metavar="S", help="seconds a child may take to stop (default 20)"
+        "--grace",
+        type=positive_seconds,
+        default=20.0,
+        metavar="S",
+        help="seconds a child may take to stop (default 20)",
     )
     return parser.parse_args(argv)
 
