@@ -1,5 +1,6 @@
-"""Helpers for the whole suite: waiting on a condition, services under test (Served, rpc_error), the
-environment of child processes, free ports, stopping and running programs.
+"""Helpers for the whole suite: waiting on a condition, services under test (Served, rpc_error), login
+tokens as auth issues them (login_token, bearer), the environment of child processes, free ports,
+stopping and running programs.
 
 Waiting: a test never sleeps to let something happen; it polls for the thing itself and fails
 naming what it waited for and what it saw last::
@@ -30,8 +31,10 @@ from typing import Any, Self, TypeVar
 import grpc
 import pytest
 
-from services.common import net
+from services.common import net, tokens
 from services.common.config import Config
+from services.common.grants import Grants
+from services.common.keys import signing_key
 from services.common.metrics import Registry
 from services.common.server import Running
 
@@ -167,6 +170,17 @@ async def rpc_error(aw: Awaitable[Any]) -> Failure:
 
 
 # -- environment ----------------------------------------------------------------------------------------
+
+
+def login_token(cfg: Config, identity: str, ttl: int = 3600) -> str:
+    """A login token for ``identity`` as auth issues it under ``cfg`` (signed by its key, with its grant)."""
+    key = signing_key(cfg.data_dir)
+    return tokens.issue(key, identity, ttl, grant=Grants.from_config(cfg, key).grant_for(identity))[0]
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    """Call metadata carrying ``token``."""
+    return (("authorization", f"Bearer {token}"),)
 
 
 def clear_gridstor_env(mp: pytest.MonkeyPatch) -> None:

@@ -7,9 +7,11 @@ Modes (``Config.mode``):
 * ``allowlist``: the caller signs ``"gridstor/v1/auth\\n<identity>\\n<epoch>"``
   (UTF-8, epoch in decimal seconds) with the ed25519 key the allowlist holds for
   that identity. The epoch must lie within ``auth_skew`` seconds of the server's
-  clock, and each signed message works once: the first use is recorded in Redis
-  (``SET NX`` with an expiry past the whole window) so every auth process sharing
-  that Redis refuses a replay.
+  clock, and each signed message works once (services/common/replay.py: its first
+  use is recorded in Redis, so every auth process sharing that Redis refuses a replay).
+
+Each token records what it was granted on (services/common/grants.py): every call
+checks it against the running config, so a token ends when its grant does.
 
 Only the identity a token speaks for is verified in allowlist mode; in the other
 modes it is the caller's own claim, limited to the identity grammar so it can
@@ -24,22 +26,22 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
-import redis.asyncio as aioredis
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
-from redis.exceptions import RedisError
 
 from services.common import errors, tokens
 from services.common.config import Config
+from services.common.grants import Grants
 from services.common.keys import key_id
+from services.common.replay import RedisReplayGuard, ReplayGuard
+
+__all__ = ["AuthRefused", "Authenticator", "Grant", "RedisReplayGuard", "ReplayGuard", "auth_message"]
 
 AUTH_DOMAIN = "gridstor/v1/auth"
 ALGORITHM = "ed25519"
 ANONYMOUS = "anonymous"
 SIGNATURE_BYTES = 64
-REPLAY_PREFIX = "gridstor:auth:used:"
 IDENTITY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # as config.py's allowlist names: no ':' -> no "service:" subjects
 
 # Unknown identities are checked against this key so they take as long as a wrong signature.
@@ -58,45 +60,6 @@ class AuthRefused(errors.Unauthenticated):
         super().__init__(message)
         self.reason = reason
         self.detail = detail or message
-
-
-class ReplayGuard(Protocol):
-    """Remembers signed messages already used."""
-
-    async def first_use(self, digest: str, ttl: int) -> bool:
-        """True the first time ``digest`` is seen within ``ttl`` seconds, False afterwards."""
-        ...
-
-    async def close(self) -> None:
-        """Release the connection."""
-        ...
-
-
-class RedisReplayGuard:
-    """Used-message digests in Redis, shared by every auth process of the gateway."""
-
-    def __init__(self, client: aioredis.Redis, prefix: str = REPLAY_PREFIX) -> None:
-        self.client = client
-        self.prefix = prefix
-
-    @classmethod
-    def from_url(cls, url: str) -> RedisReplayGuard:
-        """A guard on the Redis at ``url`` (connects lazily)."""
-        return cls(aioredis.from_url(url))
-
-    async def first_use(self, digest: str, ttl: int) -> bool:
-        """Atomically mark ``digest`` used; False if another request (or process) did first."""
-        try:
-            return bool(await self.client.set(self.prefix + digest, b"1", nx=True, ex=ttl))
-        except RedisError as exc:
-            # Without the store a replay cannot be ruled out: refuse rather than fail open.
-            raise errors.BackendUnavailable(
-                "redis", f"replay-protection store unreachable ({type(exc).__name__}); try again"
-            ) from None
-
-    async def close(self) -> None:
-        """Close the connection pool."""
-        await self.client.aclose()
 
 
 @dataclass(frozen=True)
@@ -138,6 +101,7 @@ class Authenticator:
         self.replay = replay
         self.clock = clock
         self.key_id = key_id(signing_key.verify_key)
+        self.grants = Grants(mode, secret, allowlist or {}, signing_key)
 
     @classmethod
     def from_config(cls, cfg: Config, signing_key: SigningKey, replay: ReplayGuard | None) -> Authenticator:
@@ -173,7 +137,9 @@ class Authenticator:
             await self._check_allowlist(identity, epoch, signature, secret)
         elif self.mode == "secret":
             self._check_secret(secret, signature)
-        token, claims = tokens.issue(self.signing_key, identity or ANONYMOUS, self.token_ttl, now=self.clock())
+        subject = identity or ANONYMOUS
+        grant = self.grants.grant_for(subject)
+        token, claims = tokens.issue(self.signing_key, subject, self.token_ttl, now=self.clock(), grant=grant)
         return Grant(token, claims.expires_at, identity, claims.key_id, claims.token_id)
 
     def _check_secret(self, secret: str | None, signature: bytes | None) -> None:

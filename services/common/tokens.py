@@ -1,9 +1,11 @@
 """Bearer tokens signed by the gateway's ed25519 key, verified locally by every service.
 
 Format: ``gs1.<payload>.<signature>``, both parts base64url without padding.
-The payload is compact JSON ``{"sub", "iat", "exp", "kid", "jti"}``; the
-signature is ed25519 over ``b"gridstor/v1/token\\n" + payload bytes`` (domain
-separated from receipts and auth messages signed by the same key).
+The payload is compact JSON ``{"sub", "iat", "exp", "kid", "jti"}`` plus, on a
+login token, ``"grt"``: what it was granted on (services/common/grants.py), which
+every call checks against the running config. The signature is ed25519 over
+``b"gridstor/v1/token\\n" + payload bytes`` (domain separated from receipts and
+auth messages signed by the same key).
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
 class TokenError(Unauthenticated):
-    """A token is missing, malformed, forged or expired; the message says which."""
+    """A token is missing, malformed, forged, expired or no longer granted; the message says which.
+
+    ``error`` is the RFC 6750 error code the HTTP challenge (WWW-Authenticate) carries: ``invalid_token``,
+    ``invalid_request`` for a malformed authorization header, or "" when no token was sent at all.
+    """
+
+    def __init__(self, message: str, *, error: str = "invalid_token") -> None:
+        super().__init__(message)
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,7 @@ class Claims:
     expires_at: int
     key_id: str
     token_id: str
+    grant: str = ""  # login tokens: what they were granted on (grants.py); "" for admin and service tokens
 
 
 def _b64e(data: bytes) -> str:
@@ -52,15 +63,20 @@ def _b64d(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def issue(key: SigningKey, subject: str, ttl: int, now: float | None = None) -> tuple[str, Claims]:
-    """A new token for ``subject`` valid ``ttl`` seconds."""
+def issue(key: SigningKey, subject: str, ttl: int, now: float | None = None, *, grant: str = "") -> tuple[str, Claims]:
+    """A new token for ``subject`` valid ``ttl`` seconds, granted on ``grant`` (see grants.py)."""
     iat = int(time.time() if now is None else now)
-    claims = Claims(subject, iat, iat + ttl, key_id(key.verify_key), os.urandom(8).hex())
-    payload = json.dumps(
-        {"sub": subject, "iat": iat, "exp": claims.expires_at, "kid": claims.key_id, "jti": claims.token_id},
-        separators=(",", ":"),
-        sort_keys=True,
-    ).encode()
+    claims = Claims(subject, iat, iat + ttl, key_id(key.verify_key), os.urandom(8).hex(), grant)
+    fields: dict[str, object] = {
+        "sub": subject,
+        "iat": iat,
+        "exp": claims.expires_at,
+        "kid": claims.key_id,
+        "jti": claims.token_id,
+    }
+    if grant:
+        fields["grt"] = grant
+    payload = json.dumps(fields, separators=(",", ":"), sort_keys=True).encode()
     sig = key.sign(DOMAIN + payload).signature
     return f"{PREFIX}.{_b64e(payload)}.{_b64e(sig)}", claims
 
@@ -68,7 +84,9 @@ def issue(key: SigningKey, subject: str, ttl: int, now: float | None = None) -> 
 def verify(key: VerifyKey, token: str, now: float | None = None) -> Claims:
     """The claims of a valid token, or TokenError saying why it is refused."""
     if not token:
-        raise TokenError("no token: send 'authorization: Bearer <token>' (get one from AuthService.Authenticate)")
+        raise TokenError(
+            "no token: send 'authorization: Bearer <token>' (get one from AuthService.Authenticate)", error=""
+        )
     if len(token) > MAX_TOKEN_LEN:
         raise TokenError("token is too long")
     parts = token.split(".")
@@ -84,7 +102,14 @@ def verify(key: VerifyKey, token: str, now: float | None = None) -> Claims:
         raise TokenError("token signature is invalid (forged, or signed by another gateway key)") from None
     try:
         data = json.loads(payload)
-        claims = Claims(str(data["sub"]), int(data["iat"]), int(data["exp"]), str(data["kid"]), str(data["jti"]))
+        claims = Claims(
+            str(data["sub"]),
+            int(data["iat"]),
+            int(data["exp"]),
+            str(data["kid"]),
+            str(data["jti"]),
+            str(data.get("grt", "")),
+        )
     except (ValueError, KeyError, TypeError):
         raise TokenError("token payload is malformed") from None
     if (time.time() if now is None else now) >= claims.expires_at:

@@ -11,13 +11,12 @@ import redis
 from google.api import httpbody_pb2
 
 from gridstor.v1 import ingest_pb2, ingest_pb2_grpc
-from services.common import tokens
-from services.common.keys import signing_key
 from tests.gateway import Gateway
+from tests.helpers import login_token
 
 
 def token(gw: Gateway, identity: str) -> str:
-    return tokens.issue(signing_key(gw.cfg.data_dir), identity, 3600)[0]
+    return login_token(gw.cfg, identity)
 
 
 def bearer(tok: str) -> tuple[tuple[str, str]]:
