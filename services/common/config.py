@@ -281,6 +281,8 @@ class TlsConfig:
 
 
 _ADDRESSES = "a list of IP addresses, networks (10.0.0.0/8) or host names"
+# Room for the headers Envoy adds (x-forwarded-for, x-request-id, x-envoy-*) and gRPC's 32 bytes per entry.
+METADATA_MARGIN = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -325,6 +327,25 @@ class LimitsConfig:
         300.0, "seconds a request or connection may pass with no bytes either way before Envoy ends it",
         Number(positive=True),
     )  # fmt: skip
+
+    # One header limit end to end (docs/limits.md): clients see edge_max_request_headers_kb, checked by
+    # the edge with a clear answer (431 over REST); Envoy's codec stops at twice that (it can only reset an
+    # HTTP/2 stream), and the services accept all Envoy may forward, so they never refuse headers themselves.
+
+    @property
+    def edge_header_bytes(self) -> int:
+        """The request header block clients may send, in bytes (names and values, pseudo-headers included)."""
+        return self.edge_max_request_headers_kb * 1024
+
+    @property
+    def edge_codec_headers_kb(self) -> int:
+        """Envoy's codec limit, above the checked one so the edge's own check answers first."""
+        return min(8192, 2 * self.edge_max_request_headers_kb)
+
+    @property
+    def service_metadata_bytes(self) -> int:
+        """gRPC metadata the services accept: all Envoy may forward (its codec limit), plus what it adds."""
+        return self.edge_codec_headers_kb * 1024 + METADATA_MARGIN
 
 
 @dataclass(frozen=True)
@@ -391,7 +412,7 @@ class Config:
     )
     maint: MaintConfig = section(MaintConfig)
     admins: tuple[str, ...] = setting(
-        (), "identities (secret or allowlist logins) that may call the admin methods besides this machine's admin",
+        (), "allowlist mode: identities that may call the admin methods besides admin tokens (refused in other modes)",
         ListOf(Name(), "a list of identities"),
     )  # fmt: skip
     envoy_port: int = setting(
@@ -437,6 +458,13 @@ class Config:
             fail("secret", "mode 'secret' needs a shared secret of at least 16 characters")
         if self.mode == "allowlist" and not self.allowlist:
             fail("allowlist", "mode 'allowlist' needs at least one identity")
+        if self.admins and self.mode != "allowlist":
+            fail(
+                "admins",
+                f"mode {self.mode!r} does not prove identities (anyone may log in under any name), so listing"
+                " admins would make anyone an admin: remove admins and use `gridstor admin token` on the gateway"
+                " machine, or use mode 'allowlist', where identities are proven by their keys",
+            )
         if len(set(self.ports.values())) != len(self.ports):
             fail("ports", f"two services share a port: {dict(self.ports)}")
         k, m = self.engine.k, self.engine.m

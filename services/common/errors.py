@@ -8,6 +8,8 @@ one place (``status_for`` in services/common/rpc.py, and back with ``error_for``
     │   ├── InvalidFileId
     │   ├── InvalidURI
     │   ├── ValueTooLarge       a value over a backend's size limit
+    │   ├── TooLarge            a request over a gateway limit (max_upload): never worth retrying;
+    │   │                       REST answers 413, gRPC INVALID_ARGUMENT with the limit in BadRequest details
     │   └── OutOfRange          a read offset past the end of a file (OUT_OF_RANGE)
     ├── NotFound                no such file / key / namespace (NOT_FOUND)
     ├── IntegrityError          data present but wrong: bad key, tampered record (DATA_LOSS)
@@ -50,6 +52,18 @@ class InvalidURI(InvalidInput):
 
 class ValueTooLarge(InvalidInput):
     """A value larger than the backend accepts."""
+
+
+class TooLarge(InvalidInput):
+    """A request over a size limit of the gateway (an upload over ``max_upload``); ``limit`` in bytes.
+
+    Unlike LimitExceeded (a quota or rate that may free up), sending the same again can never succeed.
+    """
+
+    def __init__(self, message: str, limit: int, field: str = "body") -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.field = field
 
 
 class OutOfRange(InvalidInput):

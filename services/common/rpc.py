@@ -1,16 +1,31 @@
-"""gRPC plumbing every service shares: error mapping, token checks, limits.
+"""gRPC plumbing every service shares: error mapping, token checks, limits, malformed requests.
 
 * Domain errors (services.common.errors) become status codes in ONE place,
   ``status_for``; handlers just raise. A caller of another gateway service
   turns a status back into the domain error with ``error_for`` / ``rpc_error``.
+  Refusals (every code but INTERNAL) are logged in one line; INTERNAL with its
+  traceback. Some refusals carry trailers for clients and the edge:
+  ``retry-after`` (rate limits), ``www-authenticate`` (UNAUTHENTICATED, which
+  REST answers 401), and for a request over a size limit (errors.TooLarge)
+  ``grpc-status-details-bin`` (google.rpc BadRequest and ErrorInfo naming the
+  limit) plus ``x-gridstor-http-status: 413``, which the edge turns into the
+  REST status (services/edge/envoy.py) and strips. A message to a client never
+  names a server path: the gateway's folders become names (redact.py).
+* A request that cannot be parsed (e.g. a string field that is not UTF-8)
+  answers INVALID_ARGUMENT naming the message type, instead of grpc's UNKNOWN
+  with a traceback: the handlers' deserializers are wrapped here.
 * ``GuardInterceptor`` checks tokens locally (ed25519, no call to auth):
   public methods pass; internal methods (service to service) need a token
   whose subject starts with ``service:``; admin methods (repair, scrub,
   backup, restore) need an operator's token in every mode, public included:
   subject ``admin:...`` (minted from the gateway key by ``gridstor admin
-  token`` on the gateway machine) or an identity listed in ``admins``; every
-  other method needs a valid token unless the gateway runs in ``public``
-  mode. The caller's identity is in ``current_identity`` for the handler.
+  token`` on the gateway machine) or, in allowlist mode only, an identity listed
+  in ``admins``; every other method needs a valid token unless the gateway runs
+  in ``public`` mode. A login token must still stand on its grant (the mode,
+  secret or allowlist key it was issued on: services/common/grants.py). The
+  ``authorization`` header must read ``Bearer <token>``; anything else is
+  refused saying what is wrong. The caller is in ``current_caller`` (its
+  identity also in ``current_identity``) for the handler.
 * Limits (services.common.limits): after the token check, every call of a
   client (not of a service or an operator) is counted per identity and per
   client address; Upload also holds a concurrent-upload lease. Over a limit
@@ -31,12 +46,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 from nacl.signing import SigningKey, VerifyKey
 
 from services.common import errors, tokens
 from services.common.config import Config
+from services.common.grants import Grants
 from services.common.keys import signing_key
 from services.common.limits import Limiter
+from services.common.redact import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +64,23 @@ ADMIN_SUBJECT_PREFIX = "admin:"
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+# What edge answers a REST client with instead of the status code's usual mapping (envoy.py reads and strips it).
+HTTP_STATUS_TRAILER = "x-gridstor-http-status"
+REALM = "gridstor"
+ERROR_DOMAIN = "gridstor"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, as the guard established it."""
+
+    identity: str = ""  # the token's subject; "" without a token (public mode, public methods)
+    admin: bool = False  # an operator: an admin (or service) token, or in allowlist mode an identity in admins
+    proven: bool = False  # the identity was proven by its key (allowlist mode), so it can own things
+
+
+NOBODY = Caller()  # no token: public methods, and every method in public mode
+current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("current_caller", default=NOBODY)
 current_identity: contextvars.ContextVar[str] = contextvars.ContextVar("current_identity", default="")
 
 _STATUS: list[tuple[type[errors.GridstorError], grpc.StatusCode]] = [
@@ -110,56 +146,102 @@ class Policy:
     admin: frozenset[str] = frozenset()
 
 
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str:
+    """The token of the ``authorization: Bearer <token>`` header ("" without one); TokenError for a malformed one."""
+    values = [v for k, v in metadata if k == "authorization"]
+    if not values:
+        return ""
+    if len(values) > 1:
+        raise tokens.TokenError(f"send one authorization header, not {len(values)}", error="invalid_request")
+    value = values[0]
+    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    scheme, _, rest = text.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        if scheme.startswith(tokens.PREFIX + "."):
+            raise tokens.TokenError(
+                "the authorization header holds a token without its scheme: send 'Authorization: Bearer <token>'",
+                error="invalid_request",
+            )
+        shown = scheme if len(scheme) <= 20 else scheme[:20] + "..."
+        raise tokens.TokenError(
+            f"the authorization header must be 'Bearer <token>', got the scheme {shown!r}", error="invalid_request"
+        )
+    token = rest.strip()
+    if not token:
+        raise tokens.TokenError(
+            "the authorization header says Bearer but carries no token: send 'Authorization: Bearer <token>'",
+            error="invalid_request",
+        )
+    return token
+
+
 @dataclass
 class Guard:
     """Token verification settings shared by the interceptor and in-process callers."""
 
     verify_key: VerifyKey
-    mode: str
+    grants: Grants  # the mode and what login tokens must still stand on
     policies: dict[str, Policy] = field(default_factory=dict)  # full service name -> policy
-    admins: frozenset[str] = frozenset()  # identities whose user tokens may call admin methods
+    admins: frozenset[str] = frozenset()  # allowlist mode: identities whose login tokens may call admin methods
     limiter: Limiter | None = None  # per-client limits; server.start_server sets the config's when None
+    redact: Redactor = field(default_factory=Redactor)  # server paths out of the messages clients get
 
     @classmethod
     def for_config(cls, cfg: Config, policies: dict[str, Policy]) -> Guard:
         """The guard of a gateway service configured by ``cfg``."""
-        return cls(signing_key(cfg.data_dir).verify_key, cfg.mode, policies, frozenset(cfg.admins))
+        key = signing_key(cfg.data_dir)
+        # Config.validate refuses admins outside allowlist mode; the guard holds to that on its own too.
+        admins = frozenset(cfg.admins) if cfg.mode == "allowlist" else frozenset()
+        return cls(key.verify_key, Grants.from_config(cfg, key), policies, admins, redact=Redactor.for_config(cfg))
+
+    @property
+    def mode(self) -> str:
+        return self.grants.mode
 
     def check(self, full_method: str, metadata: Iterable[tuple[str, str | bytes]]) -> str:
-        """Identity allowed to call ``full_method`` with this metadata, or Unauthenticated."""
+        """Identity allowed to call ``full_method`` with this metadata, or Unauthenticated / PermissionDenied."""
+        return self.caller(full_method, metadata).identity
+
+    def caller(self, full_method: str, metadata: Iterable[tuple[str, str | bytes]]) -> Caller:
+        """The caller allowed to call ``full_method`` with this metadata, or Unauthenticated / PermissionDenied."""
         service, _, method = full_method.lstrip("/").partition("/")
         policy = self.policies.get(service, Policy())
         if method in policy.public:
-            return ""
-        token = ""
-        for key, value in metadata:
-            if key == "authorization":
-                text = value.decode() if isinstance(value, bytes) else value
-                scheme, _, rest = text.partition(" ")
-                if scheme.lower() == "bearer":
-                    token = rest.strip()
+            return NOBODY
+        token = bearer_token(metadata)
         if method in policy.internal:
             claims = tokens.verify(self.verify_key, token)
             if not claims.subject.startswith(SERVICE_SUBJECT_PREFIX):
                 raise errors.PermissionDenied(f"{method} is internal to the gateway's services")
-            return claims.subject
+            return Caller(claims.subject, admin=True)
         if method in policy.admin:
             if not token:
-                raise errors.Unauthenticated(
+                raise tokens.TokenError(
                     f"{method} is for the gateway's operators: send an admin token"
-                    " (`gridstor admin token` on the gateway machine)"
+                    " (`gridstor admin token` on the gateway machine)",
+                    error="",
                 )
-            claims = tokens.verify(self.verify_key, token)
-            subject = claims.subject
-            if not (subject.startswith((ADMIN_SUBJECT_PREFIX, SERVICE_SUBJECT_PREFIX)) or subject in self.admins):
+            caller = self._verified(token)
+            if not caller.admin:
                 raise errors.PermissionDenied(
                     f"{method} is for the gateway's operators: use a token from `gridstor admin token` on the"
-                    " gateway machine, or an identity listed in the config's admins"
+                    " gateway machine"
+                    + (", or log in as an identity listed in the config's admins" if self.mode == "allowlist" else "")
                 )
-            return subject
+            return caller
         if self.mode == "public" and not token:
-            return ""
-        return tokens.verify(self.verify_key, token).subject
+            return NOBODY
+        return self._verified(token)
+
+    def _verified(self, token: str) -> Caller:
+        """The caller a token speaks for: signed by the gateway key, unexpired, and its grant still standing."""
+        claims = tokens.verify(self.verify_key, token)
+        subject = claims.subject
+        if subject.startswith((ADMIN_SUBJECT_PREFIX, SERVICE_SUBJECT_PREFIX)):
+            return Caller(subject, admin=True)
+        self.grants.check(subject, claims.grant)
+        allowlist = self.mode == "allowlist"
+        return Caller(subject, admin=allowlist and subject in self.admins, proven=allowlist)
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -183,13 +265,13 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         guard = self.guard
         limiter = guard.limiter
         if limiter is None:
-            return _wrap(handler, lambda: guard.check(method, metadata), _no_limits)
+            return _wrap(handler, method, lambda: guard.caller(method, metadata), _no_limits, guard.redact)
 
         async def admit(identity: str, context: Context) -> AbstractAsyncContextManager[None]:
             address = await limiter.client_address(context.peer(), metadata)
             return limiter.admit(method, identity, address)
 
-        return _wrap(handler, lambda: guard.check(method, metadata), admit)
+        return _wrap(handler, method, lambda: guard.caller(method, metadata), admit, guard.redact)
 
 
 Admit = Callable[[str, Context], Awaitable[AbstractAsyncContextManager[None]]]
@@ -199,54 +281,150 @@ async def _no_limits(identity: str, context: Context) -> AbstractAsyncContextMan
     return contextlib.nullcontext()
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+def _any(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def error_trailers(exc: BaseException, code: grpc.StatusCode, message: str) -> tuple[tuple[str, str | bytes], ...]:
+    """The trailing metadata a refusal carries besides its code and message (see the module docstring)."""
+    if isinstance(exc, errors.RateLimited):
+        return (("retry-after", str(exc.retry_after)),)  # seconds, as HTTP's Retry-After
+    if isinstance(exc, errors.Unauthenticated):
+        challenge = f'Bearer realm="{REALM}"'
+        error = getattr(exc, "error", "")
+        if error:
+            challenge += f', error="{error}"'  # RFC 6750: invalid_request / invalid_token
+        return (("www-authenticate", challenge),)
+    if isinstance(exc, errors.TooLarge):
+        status = status_pb2.Status(
+            code=code.value[0],
+            message=message,
+            details=[
+                _any(
+                    error_details_pb2.BadRequest(
+                        field_violations=[
+                            error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=message)
+                        ]
+                    )
+                ),
+                _any(
+                    error_details_pb2.ErrorInfo(
+                        reason="TOO_LARGE", domain=ERROR_DOMAIN, metadata={"limit_bytes": str(exc.limit)}
+                    )
+                ),
+            ],
+        )
+        return (("grpc-status-details-bin", status.SerializeToString()), (HTTP_STATUS_TRAILER, "413"))
+    return ()
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, method: str, redact: Redactor
+) -> None:
     code, message = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
-        log.exception("unexpected error in handler", exc_info=exc)
-    trailers: tuple[tuple[str, str], ...] = ()
-    if isinstance(exc, errors.RateLimited):
-        trailers = (("retry-after", str(exc.retry_after)),)  # seconds, as HTTP's Retry-After
-    await context.abort(code, message, trailing_metadata=trailers)
+        log.exception("unexpected error in handler", exc_info=exc, extra={"method": method})
+    else:  # a refusal: the client's doing (or a backend's state), one line without a traceback
+        log.info("refused %s: %s: %s", method, code.name, message, extra={"caller": current_identity.get()})
+    message = redact(message)  # the log above keeps the server's paths; the client gets their names
+    await context.abort(code, message, trailing_metadata=error_trailers(exc, code, message))
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """Stands in for a request message that could not be parsed; the handler wrapper refuses it."""
+
+    message: str
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserialize``, but a message it cannot parse becomes an _Unreadable instead of grpc's UNKNOWN."""
+    if deserialize is None:
+        return None
+
+    def read(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, or RuntimeError from some protobuf backends
+            return _Unreadable(_unreadable_message(deserialize, exc))
+
+    return read
+
+
+def _unreadable_message(deserialize: Callable[[bytes], Any], exc: BaseException) -> str:
+    owner = getattr(deserialize, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", "") or "message"
+    detail = str(exc)
+    if "utf-8" in detail.lower():
+        return f"the request is not a valid {name}: a text field (such as a file id or a name) is not valid UTF-8"
+    return f"the request is not a valid {name} (protobuf could not parse it)"
+
+
+def _readable(request: Any) -> Any:
+    if isinstance(request, _Unreadable):
+        raise errors.InvalidInput(request.message)
+    return request
+
+
+async def _readable_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _readable(request)
 
 
 def _wrap(
-    handler: grpc.RpcMethodHandler[Any, Any], authorize: Callable[[], str], admit: Admit
+    handler: grpc.RpcMethodHandler[Any, Any],
+    method: str,
+    authorize: Callable[[], Caller],
+    admit: Admit,
+    redact: Redactor,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     h: Any = handler
+    deserializer = _lenient(h.request_deserializer)
+
+    def enter() -> Caller:
+        caller = authorize()
+        current_caller.set(caller)
+        current_identity.set(caller.identity)
+        return caller
 
     if h.unary_unary or h.stream_unary:
         inner = h.unary_unary or h.stream_unary
+        streamed_in = h.stream_unary is not None
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
-                identity = authorize()
-                current_identity.set(identity)
-                async with await admit(identity, context):
+                caller = enter()
+                request = _readable_stream(request) if streamed_in else _readable(request)
+                async with await admit(caller.identity, context):
                     return await inner(request, context)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as exc:  # domain errors map to codes; anything else is INTERNAL, logged
-                await _abort(context, exc)
+                await _abort(context, exc, method, redact)
 
         make = grpc.unary_unary_rpc_method_handler if h.unary_unary else grpc.stream_unary_rpc_method_handler
-        return make(unary, request_deserializer=h.request_deserializer, response_serializer=h.response_serializer)
+        return make(unary, request_deserializer=deserializer, response_serializer=h.response_serializer)
 
     inner_s = h.unary_stream or h.stream_stream
+    streamed_in_s = h.stream_stream is not None
 
     async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         try:
-            identity = authorize()
-            current_identity.set(identity)
-            async with await admit(identity, context):
+            caller = enter()
+            request = _readable_stream(request) if streamed_in_s else _readable(request)
+            async with await admit(caller.identity, context):
                 async for item in inner_s(request, context):
                     yield item
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, method, redact)
 
     make_s = grpc.unary_stream_rpc_method_handler if h.unary_stream else grpc.stream_stream_rpc_method_handler
-    return make_s(streaming, request_deserializer=h.request_deserializer, response_serializer=h.response_serializer)
+    return make_s(streaming, request_deserializer=deserializer, response_serializer=h.response_serializer)
 
 
 def service_token(key: SigningKey, name: str, ttl: int = 86400) -> str:

@@ -170,6 +170,9 @@ async def start_server(
         options=[
             ("grpc.max_receive_message_length", net.MAX_MESSAGE),
             ("grpc.max_send_message_length", net.MAX_MESSAGE),
+            # Headers: whatever the edge lets through (config.LimitsConfig), so no service refuses them on its own.
+            ("grpc.max_metadata_size", cfg.limits.service_metadata_bytes),
+            ("grpc.absolute_max_metadata_size", cfg.limits.service_metadata_bytes),
             ("grpc.so_reuseport", 0),
         ],
     )

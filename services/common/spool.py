@@ -53,7 +53,7 @@ class UploadHeader:
     def parse(
         cls, name: str, content_type: str, body_content_type: str, declared_size: int | None, limit: int
     ) -> UploadHeader:
-        """Validate the header fields; InvalidInput or LimitExceeded say what is wrong."""
+        """Validate the header fields; InvalidInput (TooLarge over the limit) says what is wrong."""
         if len(name) > MAX_NAME:
             raise errors.InvalidInput(f"name is {len(name)} characters; at most {MAX_NAME} are allowed")
         if any(ord(c) < 32 or ord(c) == 127 for c in name):
@@ -62,8 +62,10 @@ class UploadHeader:
             if declared_size < 0:
                 raise errors.InvalidInput(f"declared_size must not be negative, got {declared_size}")
             if declared_size > limit:
-                raise errors.LimitExceeded(
-                    f"declared_size {declared_size} bytes is over the upload limit of {limit} bytes"
+                raise errors.TooLarge(
+                    f"declared_size {declared_size} bytes is over the upload limit of {limit} bytes",
+                    limit,
+                    "declared_size",
                 )
         ext = ext_from_name(name)
         given = content_type.strip()
@@ -101,12 +103,12 @@ class Spool:
         self._closed = False
 
     async def write(self, data: bytes) -> None:
-        """Append ``data``; LimitExceeded once the upload passes the limit."""
+        """Append ``data``; TooLarge once the upload passes the limit."""
         if not data:
             return
         self.size += len(data)
         if self.size > self.limit:
-            raise errors.LimitExceeded(f"upload is over the limit of {self.limit} bytes")
+            raise errors.TooLarge(f"the upload is over the upload limit of {self.limit} bytes", self.limit)
         self._parts.append(data)
         self._buffered += len(data)
         if self._buffered >= BATCH_BYTES or len(self._parts) >= BATCH_PARTS:

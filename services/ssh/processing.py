@@ -9,7 +9,7 @@
   symlinks are stored as symlinks, never followed; FIFOs and devices are
   skipped). Then, exactly like an upload, the spool file is renamed to
   ``<job>.spool`` and the job is queued with ``JobStore.submit``; ingest's
-  workers store it. Over ``max_upload`` is RESOURCE_EXHAUSTED.
+  workers store it. Over ``max_upload`` is errors.TooLarge (INVALID_ARGUMENT; 413 over REST).
 * With remove, a watcher waits for the job (``Notifier.wait``). Only when it
   is DONE are the processed entries removed, and only those that are unchanged
   since they were archived (same inode, size and mtime): a file added or
@@ -150,7 +150,7 @@ class _SpoolWriter(io.RawIOBase):
         n = len(data)
         self.size += n
         if self.size > self.limit:
-            raise errors.LimitExceeded(f"{self.what} is over the upload limit of {self.limit} bytes")
+            raise errors.TooLarge(f"{self.what} is over the upload limit of {self.limit} bytes", self.limit, "path")
         self._buf += data
         if len(self._buf) >= BLOCK:
             self.drain()
@@ -194,7 +194,7 @@ def pack(root: Path, parts: list[str], username: str, spool_dir: Path, limit: in
         if not directory and not stat.S_ISREG(st.st_mode):
             raise errors.InvalidInput(f"{rel} is not a regular file or folder")
         if not directory and st.st_size > limit:
-            raise errors.LimitExceeded(f"{rel} is {st.st_size} bytes, over the upload limit of {limit} bytes")
+            raise errors.TooLarge(f"{rel} is {st.st_size} bytes, over the upload limit of {limit} bytes", limit, "path")
         stored = name + ".tar.gz" if directory else name
         stored = stored.encode("utf-8", "replace").decode("utf-8")  # a label: odd bytes become U+FFFD
         out_fd, out_name = tempfile.mkstemp(prefix=spool.PART_PREFIX, suffix=spool.PART_SUFFIX, dir=spool_dir)

@@ -137,7 +137,7 @@ def test_the_docs_table_is_up_to_date() -> None:
 def test_environment_overrides_win(tmp_path: Path) -> None:
     raw = non_default(tmp_path)
     cfg = build_config(raw, env={})
-    plain = dict(raw, ssh={}, mode="public", listen_host="127.0.0.1", redis="")
+    plain = dict(raw, ssh={}, mode="public", listen_host="127.0.0.1", redis="", admins=[])
     for path, f in walk(Config):
         if not f.setting.env:
             continue
@@ -219,6 +219,13 @@ def test_the_old_ssh_names_still_work_for_a_release(tmp_path: Path, caplog: pyte
         ({"backends": ["dir:///a"]}, "config: backends: 1 configured, 16+4 coding needs at least 20"),
         ({"backends": [{"name": "b 1", "uri": "dir:///a"}]}, "config: backends[0].name: 'b 1' must be 1-64 of"),
         ({"admins": ["ok", "not ok"]}, "config: admins[1]: identity must be 1-64 of letters"),
+        (
+            {"admins": ["ops"]},
+            "config: admins: mode 'public' does not prove identities (anyone may log in under any name), so listing"
+            " admins would make anyone an admin: remove admins and use `gridstor admin token` on the gateway"
+            " machine, or use mode 'allowlist', where identities are proven by their keys",
+        ),
+        ({"mode": "secret", "secret": "s" * 16, "admins": ["ops"]}, "config: admins: mode 'secret' does not prove"),
         ({"hosts": {"meta": "a/b"}}, "config: hosts.meta: 'a/b' is not a host name or address"),
         ({"maint": {"scrub_bytes_per_second": 0}}, "config: maint.scrub_bytes_per_second: must be more than 0"),
         ({"maint": {"scrub_interval": -1}}, "config: maint.scrub_interval: must be >= 0 (0 = off), got -1"),

@@ -38,7 +38,7 @@ async def test_many_small_messages(tmp_path: Path) -> None:
 async def test_limit_and_discard(tmp_path: Path) -> None:
     sp = Spool(tmp_path, limit=2 * 1024 * 1024)
     await sp.write(os.urandom(2 * 1024 * 1024))  # a batch is in flight now
-    with pytest.raises(errors.LimitExceeded):
+    with pytest.raises(errors.TooLarge):
         await sp.write(b"x")
     sp.discard()
     sp.discard()  # idempotent
@@ -53,7 +53,7 @@ def test_header_rules() -> None:
     form = UploadHeader.parse("a.txt", "", "application/x-www-form-urlencoded", None, 100)
     assert form.content_type == "text/plain"
     assert UploadHeader.parse("x", "", "", 100, 100).declared_size == 100
-    with pytest.raises(errors.LimitExceeded):
+    with pytest.raises(errors.TooLarge):
         UploadHeader.parse("x", "", "", 101, 100)
     with pytest.raises(errors.InvalidInput):
         UploadHeader.parse("x", "", "", -1, 100)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.api import httpbody_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from gridstor.v1 import common_pb2, ingest_pb2
-from services.common import tokens
-from services.common.keys import signing_key
-from tests.helpers import rpc_error, wait_until_async
+from tests.helpers import login_token, rpc_error, wait_until_async
 from tests.ingest.conftest import MESSAGE, MiB, Suite, SuiteFactory, requests
 
 
@@ -20,11 +20,34 @@ def uploads(suite: Suite, result: str) -> float:
     return suite.registry.counter("ingest_uploads_total", "").value(result=result)
 
 
+def error_details(err: grpc.aio.AioRpcError) -> dict[str, Any]:
+    """The google.rpc details of a refusal (grpc-status-details-bin), by type name."""
+    raw = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin")
+    assert isinstance(raw, bytes), err.trailing_metadata()
+    status = status_pb2.Status.FromString(raw)
+    assert (status.code, status.message) == (err.code().value[0], err.details())
+    out: dict[str, Any] = {}
+    for item in status.details:
+        for cls in (error_details_pb2.BadRequest, error_details_pb2.ErrorInfo):
+            if item.Is(cls.DESCRIPTOR):
+                msg = cls()
+                item.Unpack(msg)
+                out[cls.DESCRIPTOR.name] = msg
+    return out
+
+
 async def test_over_the_limit(suite_factory: SuiteFactory) -> None:
+    """Not RESOURCE_EXHAUSTED, which clients may retry: the same upload can never fit."""
     suite = await suite_factory(max_upload="1MiB")
     err = await rpc_error(suite.upload(os.urandom(MiB + 1)))
-    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "limit of 1048576 bytes" in (err.details() or "")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == "the upload is over the upload limit of 1048576 bytes"
+    details = error_details(err.error)
+    assert details["ErrorInfo"].reason == "TOO_LARGE" and dict(details["ErrorInfo"].metadata) == {
+        "limit_bytes": "1048576"
+    }
+    violation = details["BadRequest"].field_violations[0]
+    assert (violation.field, violation.description) == ("body", err.details())
     assert suite.spool_files == []
     # Exactly at the limit is fine.
     reply = await suite.upload(os.urandom(MiB))
@@ -38,8 +61,9 @@ async def test_declared_size_refused_before_any_data(suite_factory: SuiteFactory
     await call.write(ingest_pb2.UploadRequest(name="big.iso", declared_size=MiB + 1))
     # No data and no half-close from us: the server answers from the header alone.
     err = await rpc_error(call)
-    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "declared_size 1048577" in (err.details() or "")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == "declared_size 1048577 bytes is over the upload limit of 1048576 bytes"
+    assert error_details(err.error)["BadRequest"].field_violations[0].field == "declared_size"
     assert suite.spool_files == []
 
 
@@ -84,7 +108,7 @@ async def test_secret_mode_needs_a_token_for_upload_only(suite_factory: SuiteFac
     assert (await rpc_error(suite.upload(b"data", metadata=bad))).code() == grpc.StatusCode.UNAUTHENTICATED
     assert suite.spool_files == []
 
-    token, _ = tokens.issue(signing_key(suite.cfg.data_dir), "alice", 3600)
+    token = login_token(suite.cfg, "alice")
     reply = await suite.upload(b"data", "a.txt", metadata=(("authorization", f"Bearer {token}"),))
     # Status is public: no token needed.
     status = await suite.wait(reply.job)

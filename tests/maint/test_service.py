@@ -12,16 +12,15 @@ from typing import Any
 
 import grpc
 import pytest
+from nacl.signing import SigningKey
 
 from gridstor.v1 import maint_pb2, maint_pb2_grpc
-from services.common import tokens
-from services.common.keys import signing_key
 from services.common.metaclient import MetaClient
 from services.maint import service as maint_service
 from services.maint import tasks as maint_tasks
 from services.maint.__main__ import main
 from services.maint.scrub import Scrubber, ScrubState
-from tests.helpers import wait_until_async
+from tests.helpers import bearer, login_token, wait_until_async
 from tests.maint.conftest import Gateway, gateway_config
 
 Make = Callable[..., Awaitable[Gateway]]
@@ -35,7 +34,7 @@ async def test_a_token_is_needed_unless_public(tmp_path: Path, gateways: Make) -
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await gw.maint.Check(maint_pb2.CheckRequest(id=file_id))
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    user = tokens.issue(signing_key(gw.cfg.data_dir), "alice", 3600)[0]
+    user = login_token(gw.cfg, "alice")
     reply = await gw.maint.Check(maint_pb2.CheckRequest(id=file_id), metadata=(("authorization", f"Bearer {user}"),))
     assert reply.ok
 
@@ -46,7 +45,7 @@ async def test_admin_methods_need_an_operator_token_even_in_public_mode(tmp_path
     assert maint is not None
     file_id = await gw.store(b"data")
     assert (await maint.Check(maint_pb2.CheckRequest(id=file_id))).ok  # read-only: open in public mode
-    user = (("authorization", "Bearer " + tokens.issue(signing_key(gw.cfg.data_dir), "alice", 3600)[0]),)
+    user = bearer(login_token(gw.cfg, "alice"))
     calls: dict[str, Callable[[Any], Awaitable[Any]]] = {
         "Repair": lambda md: maint.Repair(maint_pb2.RepairRequest(id=file_id), metadata=md),
         "Scrub": lambda md: maint.Scrub(maint_pb2.ScrubRequest(dry_run=True), metadata=md),
@@ -62,12 +61,18 @@ async def test_admin_methods_need_an_operator_token_even_in_public_mode(tmp_path
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
         assert "gridstor admin token" in (info.value.details() or "")
     assert (await gw.admin.Repair(maint_pb2.RepairRequest(id=file_id))).ok
-    # An identity the config lists as an admin may use its ordinary login token.
-    gw2 = await gateways(gateway_config(tmp_path / "gw2", admins=["alice"]))
+    # In allowlist mode, where identities are proven by their keys, an identity the config lists as an
+    # admin may use its ordinary login token; another allowlisted identity may not.
+    keys = {name: SigningKey.generate().verify_key.encode().hex() for name in ("alice", "bob")}
+    gw2 = await gateways(gateway_config(tmp_path / "gw2", mode="allowlist", allowlist=keys, admins=["alice"]))
     assert gw2.maint is not None
     file2 = await gw2.store(b"more")
-    user2 = (("authorization", "Bearer " + tokens.issue(signing_key(gw2.cfg.data_dir), "alice", 3600)[0]),)
-    assert (await gw2.maint.Repair(maint_pb2.RepairRequest(id=file2), metadata=user2)).ok
+    repair = maint_pb2.RepairRequest(id=file2)
+    assert (await gw2.maint.Repair(repair, metadata=bearer(login_token(gw2.cfg, "alice")))).ok
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await gw2.maint.Repair(repair, metadata=bearer(login_token(gw2.cfg, "bob")))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "or log in as an identity listed in the config's admins" in (info.value.details() or "")
 
 
 def test_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

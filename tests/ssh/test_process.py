@@ -21,11 +21,7 @@ MiB = 1024 * 1024
 
 
 async def process(env: SshEnv, path: str, remove: bool | None = None, user: str = "alice") -> ssh_pb2.ProcessReply:
-    req = ssh_pb2.ProcessRequest(username=user, path=path)
-    if remove is not None:
-        req.remove = remove
-    reply: ssh_pb2.ProcessReply = await env.stub.Process(req)
-    return reply
+    return await env.process(user, path, remove)
 
 
 def pending(env: SshEnv) -> list[str]:
@@ -111,8 +107,8 @@ async def test_errors_are_clear(ssh_factory: SshFactory, tmp_path: Path) -> None
         ("alice", "inner", grpc.StatusCode.INVALID_ARGUMENT, "inner is a symlink; Process takes the file"),
         ("alice", "dir/f/x", grpc.StatusCode.INVALID_ARGUMENT, "dir/f is a file, not a folder"),
         ("alice", "fifo", grpc.StatusCode.INVALID_ARGUMENT, "not a regular file or folder"),
-        ("alice", "big", grpc.StatusCode.RESOURCE_EXHAUSTED, "over the upload limit of 1000000 bytes"),
-        ("alice", "/", grpc.StatusCode.RESOURCE_EXHAUSTED, "folder / as .tar.gz is over the upload limit"),
+        ("alice", "big", grpc.StatusCode.INVALID_ARGUMENT, "over the upload limit of 1000000 bytes"),
+        ("alice", "/", grpc.StatusCode.INVALID_ARGUMENT, "folder / as .tar.gz is over the upload limit"),
         ("bob", "x", grpc.StatusCode.NOT_FOUND, "no SSH account 'bob'"),
         ("Bob", "x", grpc.StatusCode.INVALID_ARGUMENT, "username 'Bob' is not valid"),
     ]
