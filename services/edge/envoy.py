@@ -11,9 +11,13 @@ One listener takes both kinds of client on one address:
 Methods without a google.api.http binding are internal (service to service,
 e.g. MetaService.PutRecord): an exact-path route answers them 403
 (PERMISSION_DENIED for a gRPC client) so they never reach a service through
-the edge. A Lua filter ahead of the transcoder refuses a declared upload body
-over ``max_upload`` with 429 and the transcoder's JSON error body, before any
-byte is streamed; a chunked upload is cut by ingest at the same limit.
+the edge. A Lua filter ahead of the transcoder (``lua_parts``: small named
+functions) refuses request headers over ``limits.edge_max_request_headers_kb``
+(431 over REST, INVALID_ARGUMENT over gRPC) and a declared upload body over
+``max_upload`` with 413 and the transcoder's JSON error body, before any byte
+is streamed (a chunked upload is cut by ingest at the same limit, and its 413
+comes from the service's ``x-gridstor-http-status``, which the filter applies
+to REST replies and strips).
 
 TLS (``tls.edge``, the default): the listener terminates TLS with ALPN
 ``h2,http/1.1``, so REST and gRPC share the port; a plain-text client on that
@@ -32,7 +36,6 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
-import json
 import os
 import shutil
 from collections.abc import Iterable, Mapping
@@ -47,6 +50,7 @@ from google.protobuf import descriptor_pb2
 from services.common import net, tls
 from services.common.config import SERVICES, Config
 from services.common.errors import InvalidInput
+from services.common.rpc import HTTP_STATUS_TRAILER
 
 PACKAGE = "gridstor.v1"
 DEFAULT_DESCRIPTOR = net.REPO_ROOT / "compose" / "envoy" / "gridstor.pb"
@@ -306,34 +310,161 @@ def _upload_bindings(services: Iterable[Service]) -> list[Binding]:
     ]
 
 
-def size_guard_lua(bindings: Iterable[Binding], max_upload: int) -> str:
-    """A Lua filter refusing an upload whose Content-Length is over ``max_upload``, before its body is read."""
+# -- the edge's Lua filter ----------------------------------------------------------------------------------
+#
+# One Lua filter, ahead of the transcoder, built from small named parts: each part is a Lua function plus
+# the phase that runs it. envoy_on_request runs the request checks in order, and the first that answers
+# ends the request; envoy_on_response runs every response fix. A new behaviour is a new part function
+# below, listed in lua_parts(); nothing else needs to change.
+
+HTTP_STATUS_HEADER = HTTP_STATUS_TRAILER  # a service asks for this REST status (services/common/rpc.py)
+
+
+@dataclass(frozen=True)
+class LuaPart:
+    """One named piece of the edge's Lua script: a function ``name(handle)`` and when it runs."""
+
+    name: str
+    phase: str  # "request": returns true once it has answered; "response": adjusts the response
+    source: str  # Lua defining the function ``name`` (and any locals it needs)
+
+
+LUA_HELPERS = r"""
+-- A refusal in the form the client speaks: trailers-only gRPC, or the transcoder's JSON error with a status.
+local function is_grpc(headers)
+  return string.sub(headers:get("content-type") or "", 1, 16) == "application/grpc"
+end
+
+local function json_string(text)
+  return '"' .. string.gsub(text, '[%c"\\]', function(c) return string.format("\\u%04x", string.byte(c)) end) .. '"'
+end
+
+local function refuse(handle, http_status, grpc_code, message)
+  if is_grpc(handle:headers()) then
+    handle:respond({[":status"] = "200", ["content-type"] = "application/grpc",
+                    ["grpc-status"] = tostring(grpc_code), ["grpc-message"] = message}, "")
+  else
+    handle:respond({[":status"] = tostring(http_status), ["content-type"] = "application/json"},
+                   '{"code":' .. grpc_code .. ',"message":' .. json_string(message) .. ',"details":[]}')
+  end
+  return true
+end
+""".strip()
+
+
+def header_size_part(limit_bytes: int) -> LuaPart:
+    """Request headers over ``limits.edge_max_request_headers_kb``: 431 over REST, INVALID_ARGUMENT over gRPC."""
+    source = f"""
+local header_limit = {limit_bytes}
+local function check_header_size(handle)
+  local total = 0
+  for key, value in pairs(handle:headers()) do
+    total = total + #key + #value
+  end
+  if total <= header_limit then return false end
+  return refuse(handle, 431, 3, "the request headers are " .. total .. " bytes, over the gateway's limit of "
+                .. header_limit .. " bytes")
+end
+"""
+    return LuaPart("check_header_size", "request", source.strip())
+
+
+def upload_length_part(bindings: Iterable[Binding], max_upload: int) -> LuaPart:
+    """A REST upload whose Content-Length is over ``max_upload``: 413 before any byte of its body is read.
+
+    The same limit and words as ingest's (errors.TooLarge, which a chunked upload meets in the stream).
+    """
     paths = sorted({b.path for b in bindings})
     verbs = sorted({b.verb for b in bindings})
     for p in paths:
         if "{" in p:
             raise InvalidInput(f"envoy: upload path {p} has a variable; the size guard matches fixed paths only")
-    message = json.dumps(f"the upload is over the limit of {max_upload} bytes")
-    body = '{"code":8,"message":' + message + ',"details":[]}'
-    return "\n".join(
+    source = f"""
+local upload_limit = {max_upload}
+local upload_paths = {{{", ".join(f'["{p}"] = true' for p in paths)}}}
+local upload_verbs = {{{", ".join(f'["{v}"] = true' for v in verbs)}}}
+local function check_upload_length(handle)
+  local headers = handle:headers()
+  if not upload_verbs[headers:get(":method")] then return false end
+  if not upload_paths[string.match(headers:get(":path") or "", "^[^?]*")] then return false end
+  local length = tonumber(headers:get("content-length") or "")
+  if length == nil or length <= upload_limit then return false end
+  return refuse(handle, 413, 3, "the upload is " .. headers:get("content-length")
+                .. " bytes, over the gateway's upload limit of " .. upload_limit .. " bytes")
+end
+"""
+    return LuaPart("check_upload_length", "request", source.strip())
+
+
+def http_status_part() -> LuaPart:
+    """A service's ``x-gridstor-http-status`` (e.g. 413 for an upload over the limit) becomes a REST reply's status.
+
+    The header is removed from every response; a gRPC response keeps its own status.
+    """
+    source = f"""
+local function apply_http_status(handle)
+  local headers = handle:headers()
+  local status = headers:get("{HTTP_STATUS_HEADER}")
+  if status == nil then return end
+  headers:remove("{HTTP_STATUS_HEADER}")
+  if not is_grpc(headers) and string.match(status, "^[45]%d%d$") then
+    headers:replace(":status", status)
+  end
+end
+"""
+    return LuaPart("apply_http_status", "response", source.strip())
+
+
+def lua_parts(cfg: Config, services: Iterable[Service]) -> list[LuaPart]:
+    """The parts of the edge's Lua filter, in the order they run."""
+    parts = [header_size_part(cfg.limits.edge_header_bytes)]
+    uploads = _upload_bindings(services)
+    if uploads:
+        parts.append(upload_length_part(uploads, cfg.max_upload))
+    parts.append(http_status_part())
+    return parts
+
+
+def lua_script(parts: Iterable[LuaPart]) -> str:
+    """The Lua filter's source: the helpers, each part, and the two entry points running them."""
+    parts = list(parts)
+    for part in parts:
+        if part.phase not in ("request", "response"):
+            raise InvalidInput(f"envoy: Lua part {part.name} has an unknown phase {part.phase!r}")
+    requests = ", ".join(p.name for p in parts if p.phase == "request")
+    responses = ", ".join(p.name for p in parts if p.phase == "response")
+    return "\n\n".join(
         [
-            "-- Generated. The same limit as ingest's (RESOURCE_EXHAUSTED -> 429), applied to the declared length.",
-            f"local limit = {max_upload}",
-            "local paths = {" + ", ".join(f'["{p}"] = true' for p in paths) + "}",
-            "local verbs = {" + ", ".join(f'["{v}"] = true' for v in verbs) + "}",
-            f"local body = {json.dumps(body)}",
-            "function envoy_on_request(handle)",
-            "  local headers = handle:headers()",
-            '  if not verbs[headers:get(":method")] then return end',
-            '  local path = string.match(headers:get(":path") or "", "^[^?]*")',
-            "  if not paths[path] then return end",
-            '  local length = tonumber(headers:get("content-length") or "")',
-            "  if length == nil or length <= limit then return end",
-            '  handle:respond({[":status"] = "429", ["content-type"] = "application/json"}, body)',
-            "end",
-            "",
+            "-- Generated by services/edge/envoy.py from named parts; regenerate instead of editing.",
+            LUA_HELPERS,
+            *(p.source for p in parts),
+            f"""local request_checks = {{{requests}}}
+local response_fixes = {{{responses}}}
+
+function envoy_on_request(handle)
+  for _, check in ipairs(request_checks) do
+    if check(handle) then return end
+  end
+end
+
+function envoy_on_response(handle)
+  for _, fix in ipairs(response_fixes) do
+    fix(handle)
+  end
+end
+""",
         ]
     )
+
+
+def _lua_filter(script: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": script},
+        },
+    }
 
 
 def build_envoy_config(
@@ -370,18 +501,7 @@ def build_envoy_config(
         host = net.dial_host(cfg.hosts.get(svc.key, cfg.listen_host))
         clusters.append(_cluster(svc.key, host, cfg.ports[svc.key], upstream_ca))
     ref = descriptor_ref or str(descriptor_path.absolute())
-    http_filters: list[dict[str, Any]] = []
-    uploads = _upload_bindings(services)
-    if uploads:
-        http_filters.append(
-            {
-                "name": "envoy.filters.http.lua",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-                    "default_source_code": {"inline_string": size_guard_lua(uploads, cfg.max_upload)},
-                },
-            }
-        )
+    http_filters: list[dict[str, Any]] = [_lua_filter(lua_script(lua_parts(cfg, services)))]
     http_filters += [
         {
             "name": TRANSCODER,
@@ -420,7 +540,8 @@ def build_envoy_config(
             "initial_stream_window_size": STREAM_WINDOW,
             "initial_connection_window_size": CONNECTION_WINDOW,
         },
-        "max_request_headers_kb": lim.edge_max_request_headers_kb,
+        # The limit clients see is checked by the Lua filter (a clear 431); the codec's, above it, only resets.
+        "max_request_headers_kb": lim.edge_codec_headers_kb,
         # A connection with no request for this long is closed (keep-alive and HTTP/2 alike).
         "common_http_protocol_options": {"idle_timeout": _seconds(lim.edge_idle_timeout)},
         "stream_idle_timeout": _seconds(lim.edge_idle_timeout),
@@ -589,9 +710,20 @@ def envoy_binary() -> Path | None:
     return Path(found) if found else None
 
 
+class _Dumper(yaml.SafeDumper):
+    """safe_dump, writing multi-line strings (the Lua script) as literal blocks a reader can follow."""
+
+
+def _str(dumper: yaml.SafeDumper, text: str) -> yaml.Node:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def render(bootstrap: Mapping[str, Any]) -> str:
     """The YAML text of a bootstrap, with the generated-file header; the same input gives the same bytes."""
-    return HEADER + yaml.safe_dump(dict(bootstrap), sort_keys=False, default_flow_style=False, width=120)
+    return HEADER + yaml.dump(dict(bootstrap), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
 
 
 def write_envoy_config(

@@ -18,7 +18,9 @@ from services.common.net import REPO_ROOT as ROOT
 from services.edge.__main__ import main as edge_main
 from services.edge.envoy import (
     LONG_POLL_MARGIN,
+    LuaPart,
     build_envoy_config,
+    lua_script,
     read_services,
     render,
     write_envoy_config,
@@ -131,13 +133,28 @@ def test_timeouts_suit_uploads_downloads_and_long_polls(tmp_path: Path) -> None:
     assert status["max_stream_duration"]["grpc_timeout_header_max"] == "3600s"
 
 
-def test_upload_size_guard_uses_max_upload(tmp_path: Path) -> None:
-    boot = config(tmp_path, max_upload="5MB")
+def lua_code(boot: dict[str, Any]) -> str:
     lua = next(f for f in hcm(boot)["http_filters"] if f["name"] == "envoy.filters.http.lua")
-    code = lua["typed_config"]["default_source_code"]["inline_string"]
-    assert "local limit = 5000000" in code
+    return str(lua["typed_config"]["default_source_code"]["inline_string"])
+
+
+def test_lua_filter_parts_use_the_limits(tmp_path: Path) -> None:
+    boot = config(tmp_path, max_upload="5MB", limits={"edge_max_request_headers_kb": 20})
+    code = lua_code(boot)
+    assert "local upload_limit = 5000000" in code
     assert '["/v1/files"] = true' in code and '["POST"] = true' in code and '["PUT"] = true' in code
+    assert "local header_limit = 20480" in code
+    # named parts, run in order by the two entry points
+    assert "local request_checks = {check_header_size, check_upload_length}" in code
+    assert "local response_fixes = {apply_http_status}" in code
     assert hcm(boot)["http_filters"][0]["name"] == "envoy.filters.http.lua"  # before the transcoder
+    # Envoy's codec stops at twice the limit, so the filter answers what lies between
+    assert hcm(boot)["max_request_headers_kb"] == 40
+
+
+def test_lua_script_refuses_a_part_of_unknown_phase() -> None:
+    with pytest.raises(InvalidInput, match="unknown phase"):
+        lua_script([LuaPart("x", "sometime", "local function x(handle) end")])
 
 
 def test_admin_is_loopback_only_or_absent(tmp_path: Path) -> None:
@@ -155,7 +172,8 @@ def test_only_some_services(tmp_path: Path) -> None:
         "gridstor.v1.MaintService",
         "gridstor.v1.MetaService",
     ]
-    assert not any(f["name"] == "envoy.filters.http.lua" for f in hcm(boot)["http_filters"])  # no upload there
+    assert "check_upload_length" not in lua_code(boot)  # no upload there
+    assert "local request_checks = {check_header_size}" in lua_code(boot)
     with pytest.raises(InvalidInput, match="nosuch"):
         build_envoy_config(build_config({"data_dir": str(tmp_path)}), DESCRIPTOR, only=["nosuch"])
 
@@ -187,7 +205,7 @@ def test_cli_writes_checks_and_validates(tmp_path: Path, capsys: pytest.CaptureF
     tls.ensure_local(build_config({"data_dir": str(tmp_path)}))
     out = tmp_path / "envoy.yaml"
     assert edge_main(["--config", str(gw), "--out", str(out), "--validate", "--admin-port", "19901"]) == 0
-    assert "local limit = 1000000" in out.read_text()
+    assert "local upload_limit = 1000000" in out.read_text()
     assert edge_main(["--config", str(gw), "--out", str(out), "--check", "--admin-port", "19901"]) == 0
     gw.write_text(f"data_dir: {tmp_path}\nmax_upload: 2MB\n")
     assert edge_main(["--config", str(gw), "--out", str(out), "--check", "--admin-port", "19901"]) == 1
@@ -214,7 +232,7 @@ def test_gen_writes_and_drift_checks_the_compose_envoy_configs(tmp_path: Path) -
     assert "changed  compose/envoy/envoy.yaml" in result.stderr
     assert "envoy-replica.yaml" not in result.stderr
     assert run_gen("--root", tmp_path).returncode == 0
-    assert "local limit = 200000000" in (tmp_path / "compose/envoy/envoy.yaml").read_text()
+    assert "local upload_limit = 200000000" in (tmp_path / "compose/envoy/envoy.yaml").read_text()
     assert run_gen("--check", "--root", tmp_path).returncode == 0
     gw.write_text(gw.read_text().replace("role: master", "role: boss"))
     result = run_gen("--check", "--root", tmp_path)

@@ -122,21 +122,33 @@ def oversize_upload(edge: Edge, header: tuple[str, str], body: Iterable[bytes] =
         conn.close()
 
 
-def test_declared_oversize_upload_is_429_before_the_body(edge: Edge) -> None:
-    """Content-Length over max_upload: Envoy answers at once, the same way ingest would."""
+def test_declared_oversize_upload_is_413_before_the_body(edge: Edge) -> None:
+    """Content-Length over max_upload: Envoy answers at once, with the limit, never 429 (clients retry that)."""
     status, body = oversize_upload(edge, ("content-length", str(MAX_UPLOAD + 1)))  # not one body byte is sent
-    assert status == 429, body
-    assert b'"code":8' in body
+    assert status == 413, body
+    assert json.loads(body) == {
+        "code": 3,
+        "message": f"the upload is {MAX_UPLOAD + 1} bytes, over the gateway's upload limit of {MAX_UPLOAD} bytes",
+        "details": [],
+    }
 
 
-def test_streamed_oversize_upload_is_429(edge: Edge) -> None:
-    """No Content-Length (chunked): ingest cuts the stream at max_upload with RESOURCE_EXHAUSTED."""
+def test_streamed_oversize_upload_is_413(edge: Edge) -> None:
+    """No Content-Length (chunked): ingest cuts the stream at max_upload (errors.TooLarge) and the edge says 413."""
     chunk = b"%x\r\n%s\r\n" % (MiB, b"\0" * MiB)
     status, body = oversize_upload(
         edge, ("transfer-encoding", "chunked"), [chunk] * (MAX_UPLOAD // MiB + 8) + [b"0\r\n\r\n"]
     )
-    assert status == 429, body
-    assert b'"code":8' in body
+    assert status == 413, body
+    reply = json.loads(body)
+    message = f"the upload is over the upload limit of {MAX_UPLOAD} bytes"
+    assert (reply["code"], reply["message"]) == (3, message)
+    assert reply["details"][1] == {
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+        "reason": "TOO_LARGE",
+        "domain": "gridstor",
+        "metadata": {"limit_bytes": str(MAX_UPLOAD)},
+    }
 
 
 def test_long_poll_answers_timeout_with_200(edge: Edge) -> None:

@@ -101,7 +101,10 @@ def test_edge_limits_come_from_the_config(tmp_path: Path) -> None:
     assert lst["per_connection_buffer_limit_bytes"] == 1024 * 1024
     h = hcm_of(lst["filter_chains"][0])
     assert h["http2_protocol_options"]["max_concurrent_streams"] == 16
-    assert h["max_request_headers_kb"] == 24
+    # the limit clients see is checked by the Lua filter; Envoy's codec stops at twice that
+    assert h["max_request_headers_kb"] == 48
+    lua = h["http_filters"][0]["typed_config"]["default_source_code"]["inline_string"]
+    assert f"local header_limit = {24 * 1024}" in lua
     assert h["request_headers_timeout"] == "5s"
     assert h["stream_idle_timeout"] == "45.5s"
     assert h["common_http_protocol_options"] == {"idle_timeout": "45.5s"}
