@@ -281,7 +281,7 @@ def test_check_reports_a_changed_comment(tree: Path) -> None:
 def test_check_reports_a_new_field_and_gen_fixes_it(tree: Path) -> None:
     proto = tree / "protos/gridstor/v1/ssh.proto"
     text = proto.read_text()
-    proto.write_text(text.replace("  uint32 max_size_mb = 3;\n", "  uint32 max_size_mb = 3;\n  string note = 4;\n", 1))
+    proto.write_text(text.replace("  uint32 max_size_mb = 3;\n", "  uint32 max_size_mb = 3;\n  string note = 9;\n", 1))
     before = {p: p.read_bytes() for p in (tree / "protos").rglob("*_pb2.py")}
     result = run_gen("--check", "--root", tree)
     assert result.returncode == 1

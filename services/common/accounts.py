@@ -1,7 +1,10 @@
 """SSH accounts as stored: the record, its checks, and the accounts file the ssh service owns.
 
 The file is ``DATA/ssh/accounts.json`` (``Config.ssh_state_dir``, 0600): ``{"version": 1, "accounts":
-{username: {public_key, max_bytes, enabled, created, updated}}}``. Only the ssh
+{username: {public_key, max_bytes, enabled, created, updated[, owner]}}}``. ``owner`` is the
+identity the account belongs to: recorded only when that identity was proven by its key (allowlist
+mode); an account without one (created in public or secret mode, or before owners were recorded)
+belongs to whoever holds its SSH key (docs/security.md). Only the ssh
 service writes it, and always whole (temp file, fsync, rename), so a reader in
 another process sees the old file or the new one, never half: maint's home
 cleanup takes a snapshot with ``read_accounts`` and never writes. A home is
@@ -70,15 +73,19 @@ class Account:
     enabled: bool = True
     created: float = 0.0
     updated: float = 0.0
+    owner: str = ""  # the proven identity it belongs to (allowlist mode); "" = whoever holds its key
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "public_key": self.public_key,
             "max_bytes": self.max_bytes,
             "enabled": self.enabled,
             "created": round(self.created, 3),
             "updated": round(self.updated, 3),
         }
+        if self.owner:
+            out["owner"] = self.owner
+        return out
 
     @classmethod
     def from_json(cls, username: str, raw: dict[str, Any]) -> Account:
@@ -91,6 +98,7 @@ class Account:
             enabled=bool(raw.get("enabled", True)),
             created=float(raw.get("created", 0.0)),
             updated=float(raw.get("updated", 0.0)),
+            owner=str(raw.get("owner", "")),
         )
 
 

@@ -59,26 +59,51 @@ class AccountStore:
     def __iter__(self) -> Iterator[Account]:
         return iter(list(self._accounts.values()))
 
-    async def enable(self, username: str, public_key: str, max_bytes: int | None) -> tuple[Account, bool]:
-        """Create or update (key, size; re-enable) an account: (account, created). ``None`` keeps the size."""
+    def _unchanged(self, username: str, expect: Account | None) -> Account | None:
+        """The account as stored, or Conflict when it is no longer ``expect`` (what the caller was allowed on)."""
+        current = self._accounts.get(username)
+        if current != expect:
+            what = "was created" if expect is None else "was removed" if current is None else "changed"
+            raise errors.Conflict(f"SSH account {username!r} {what} while this request was checked; try again")
+        return current
+
+    async def enable(
+        self, username: str, public_key: str, max_bytes: int | None, *, expect: Account | None, owner: str | None = None
+    ) -> tuple[Account, bool]:
+        """Create or update (key, size; re-enable) an account: (account, created).
+
+        ``expect`` is the account as the caller's permission was checked on (None: it must not exist yet);
+        Conflict if it changed meanwhile. ``max_bytes`` None keeps the size; ``owner`` None keeps the owner.
+        """
         line, blob = parse_public_key(public_key)
         async with self._lock:
             now = time.time()
-            old = self._accounts.get(username)
+            old = self._unchanged(username, expect)
             if old is None:
                 if max_bytes is None:
                     raise errors.InvalidInput("a new account needs max_bytes")
-                acct = Account(username, line, blob, max_bytes, True, now, now)
+                acct = Account(username, line, blob, max_bytes, True, now, now, owner or "")
             else:
                 size = old.max_bytes if max_bytes is None else max_bytes
-                acct = replace(old, public_key=line, key_blob=blob, max_bytes=size, enabled=True, updated=now)
+                acct = replace(
+                    old,
+                    public_key=line,
+                    key_blob=blob,
+                    max_bytes=size,
+                    enabled=True,
+                    updated=now,
+                    owner=old.owner if owner is None else owner,
+                )
             await self._save({**self._accounts, username: acct})
             return acct, old is None
 
-    async def disable(self, username: str, *, forget: bool) -> Account | None:
-        """Refuse logins (``forget``: drop the account); the account as it was, None when unknown."""
+    async def disable(self, username: str, *, forget: bool, expect: Account | None) -> Account | None:
+        """Refuse logins (``forget``: drop the account); the account as it was, None when unknown.
+
+        ``expect``: the account as the caller's permission was checked on; Conflict if it changed meanwhile.
+        """
         async with self._lock:
-            old = self._accounts.get(username)
+            old = self._unchanged(username, expect)
             if old is None:
                 return None
             accounts = dict(self._accounts)
@@ -122,7 +147,8 @@ def ensure_home(homes_dir: Path, username: str) -> Path:
         os.mkdir(path, 0o700)
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
-        raise errors.Refused(f"home {path} exists but is not a folder; move it away")
+        log.warning("home %s exists but is not a folder; move it away", path, extra={"user": username})
+        raise errors.Refused(f"the home of {username!r} exists on the gateway but is not a folder: ask its operator")
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(path, 0o700)
     return path

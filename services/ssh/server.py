@@ -152,14 +152,26 @@ class SshGateway:
 
     # -------------------------------------------------------------- accounts
 
-    async def enable(self, username: str, public_key: str, max_size_mb: int, default_max: int) -> tuple[Account, bool]:
-        """Create or update an account and its home; 0 MiB = the default for a new account, unchanged otherwise."""
+    async def enable(
+        self,
+        username: str,
+        public_key: str,
+        max_size_mb: int,
+        default_max: int,
+        *,
+        expect: Account | None,
+        owner: str | None = None,
+    ) -> tuple[Account, bool]:
+        """Create or update an account and its home; 0 MiB = the default for a new account, unchanged otherwise.
+
+        ``expect``: the account as the caller was allowed on (None: a new one); ``owner`` None keeps the owner.
+        """
         check_username(username)
         if max_size_mb > MAX_SIZE_MB:
             raise errors.InvalidInput(f"max_size_mb {max_size_mb} is over the largest home ({MAX_SIZE_MB} MiB)")
-        old = self.accounts.get(username)
+        old = expect
         max_bytes = max_size_mb * MIB if max_size_mb else (None if old is not None else default_max)
-        acct, created = await self.accounts.enable(username, public_key, max_bytes)
+        acct, created = await self.accounts.enable(username, public_key, max_bytes, expect=expect, owner=owner)
         await asyncio.to_thread(ensure_home, self.homes_dir, username)
         self.home(username)  # the shared Home takes the new size now
         if old is not None and old.key_blob != acct.key_blob:
@@ -167,14 +179,19 @@ class SshGateway:
         log.info(
             "ssh account %s",
             "created" if created else "updated",
-            extra={"user": username, "max_bytes": acct.max_bytes, "key_type": acct.public_key.split(" ", 1)[0]},
+            extra={
+                "user": username,
+                "max_bytes": acct.max_bytes,
+                "key_type": acct.public_key.split(" ", 1)[0],
+                "owner": acct.owner,
+            },
         )
         return acct, created
 
-    async def disable(self, username: str, *, remove_home: bool) -> tuple[bool, bool]:
+    async def disable(self, username: str, *, remove_home: bool, expect: Account | None) -> tuple[bool, bool]:
         """Refuse logins (and close open connections); with remove_home drop the home and the account."""
         check_username(username)
-        old = await self.accounts.disable(username, forget=remove_home)
+        old = await self.accounts.disable(username, forget=remove_home, expect=expect)
         if old is None:
             return False, False
         self.close_connections(username, "the account was disabled")

@@ -13,16 +13,18 @@ from typing import Any
 import grpc
 
 from gridstor.v1 import ssh_pb2, ssh_pb2_grpc
-from services.common import jobs, readiness, spool
-from services.common.accounts import check_username
+from services.common import errors, jobs, readiness, spool
+from services.common.accounts import Account, check_username
 from services.common.config import Config, SshConfig
 from services.common.jobs import JobStore, Notifier
 from services.common.keys import signing_key
 from services.common.metrics import Registry
-from services.common.rpc import Policy, current_identity
+from services.common.replay import RedisReplayGuard
+from services.common.rpc import Policy, current_caller
 from services.common.server import READY_EVERY, Cleanup, Running, Wiring, create_server
 from services.ssh.accounts import AccountStore, ensure_home
 from services.ssh.audit import SshMetrics
+from services.ssh.ownership import PROOF_REPLAY_PREFIX, Allowed, Ownership, Proof
 from services.ssh.processing import Processor
 from services.ssh.rrsync import find_rrsync
 from services.ssh.server import SshGateway, fingerprint, load_host_key
@@ -31,42 +33,79 @@ log = logging.getLogger(__name__)
 
 NAME = "ssh"
 SERVICE = ssh_pb2.DESCRIPTOR.services_by_name["SshService"].full_name
-POLICY = Policy()  # every method needs a token unless the gateway is public
+POLICY = Policy()  # every method needs a token unless the gateway is public; then ownership.py decides
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-class SshServicer(ssh_pb2_grpc.SshServiceServicer):
-    """Unpacks requests, calls the gateway / processor, builds replies."""
+def _proof(request: Any) -> Proof | None:
+    """The request's AccountProof, None when it carries none."""
+    if not request.HasField("proof"):
+        return None
+    p = request.proof
+    return Proof(p.epoch, p.nonce, p.signature)
 
-    def __init__(self, gateway: SshGateway, processor: Processor, settings: SshConfig, host_fp: str) -> None:
+
+class SshServicer(ssh_pb2_grpc.SshServiceServicer):
+    """Unpacks requests, checks who may act on the account (ownership.py), calls the gateway / processor."""
+
+    def __init__(
+        self, gateway: SshGateway, processor: Processor, ownership: Ownership, settings: SshConfig, host_fp: str
+    ) -> None:
         self.gateway = gateway
         self.processor = processor
+        self.ownership = ownership
         self.settings = settings
         self.host_fp = host_fp
+
+    async def _allow(self, method: str, username: str, request: Any) -> tuple[Account | None, Allowed]:
+        """The account (None: no such account) and how the caller may act on it; PermissionDenied if not."""
+        acct = self.gateway.accounts.get(check_username(username))
+        if acct is None and method != "EnableAccount":
+            if method == "DisableAccount":
+                return None, Allowed("new")  # nothing to disable: answered existed=false
+            raise errors.NotFound(f"no SSH account {username!r}")
+        caller = current_caller.get()
+        allowed = await self.ownership.allow(method, username, acct, caller, _proof(request))
+        log.info(
+            "%s allowed",
+            method,
+            extra={"user": username, "caller": caller.identity, "how": allowed.how},
+        )
+        return acct, allowed
 
     async def EnableAccount(
         self, request: ssh_pb2.EnableAccountRequest, context: Context
     ) -> ssh_pb2.EnableAccountReply:
         """Create an account with a home folder, or update its key and size."""
+        old, allowed = await self._allow("EnableAccount", request.username, request)
         acct, created = await self.gateway.enable(
-            request.username, request.public_key, request.max_size_mb, self.settings.default_max_size
+            request.username,
+            request.public_key,
+            request.max_size_mb,
+            self.settings.default_max_size,
+            expect=old,
+            owner=allowed.owner,
         )
-        log.info("EnableAccount", extra={"user": acct.username, "caller": current_identity.get()})
         return ssh_pb2.EnableAccountReply(
-            username=acct.username, created=created, max_bytes=acct.max_bytes, host_key_fingerprint=self.host_fp
+            username=acct.username,
+            created=created,
+            max_bytes=acct.max_bytes,
+            host_key_fingerprint=self.host_fp,
+            owner=acct.owner,
         )
 
     async def DisableAccount(
         self, request: ssh_pb2.DisableAccountRequest, context: Context
     ) -> ssh_pb2.DisableAccountReply:
         """Refuse further logins; the home is kept unless remove_home."""
-        existed, removed = await self.gateway.disable(request.username, remove_home=request.remove_home)
-        log.info("DisableAccount", extra={"user": request.username, "caller": current_identity.get()})
+        old, _ = await self._allow("DisableAccount", request.username, request)
+        existed, removed = await self.gateway.disable(request.username, remove_home=request.remove_home, expect=old)
         return ssh_pb2.DisableAccountReply(username=request.username, existed=existed, home_removed=removed)
 
     async def HomeSize(self, request: ssh_pb2.HomeSizeRequest, context: Context) -> ssh_pb2.HomeSizeReply:
         """Bytes used in the home and its maximum."""
+        await self._allow("HomeSize", request.username, request)
         acct, home = await self.gateway.home_size(request.username)
         return ssh_pb2.HomeSizeReply(
             username=acct.username,
@@ -74,12 +113,17 @@ class SshServicer(ssh_pb2_grpc.SshServiceServicer):
             max_bytes=acct.max_bytes,
             files=home.files,
             enabled=acct.enabled,
+            owner=acct.owner,
         )
 
     async def Process(self, request: ssh_pb2.ProcessRequest, context: Context) -> ssh_pb2.ProcessReply:
-        """Queue an upload job for a file or folder of the home."""
+        """Queue an upload job for a file or folder of the home (not of a disabled account)."""
+        acct, _ = await self._allow("Process", request.username, request)
+        if acct is not None and not acct.enabled:
+            raise errors.Refused(
+                f"SSH account {request.username!r} is disabled: enable it again before processing its home"
+            )
         remove = request.remove if request.HasField("remove") else True
-        self.gateway.home(check_username(request.username))  # NotFound before any work for an unknown account
         done = await self.processor.process(request.username, request.path, remove=remove)
         return ssh_pb2.ProcessReply(job=done.job, path=done.rel or "/", directory=done.directory, name=done.name)
 
@@ -155,7 +199,8 @@ async def start(
             },
         )
         opened.append((bound_ssh, gateway, processor, host_fp))
-        servicer = SshServicer(gateway, processor, settings, host_fp)
+        ownership = Ownership(cfg.mode, RedisReplayGuard(redis, PROOF_REPLAY_PREFIX), cfg.auth_skew)
+        servicer = SshServicer(gateway, processor, ownership, settings, host_fp)
         add = partial(ssh_pb2_grpc.add_SshServiceServicer_to_server, servicer)
         return Wiring(SERVICE, add, POLICY, partial(readiness.redis, redis, "job queue"))
 

@@ -7,17 +7,21 @@ and ingest first (tests/ingest/conftest.py's suite) sharing the data dir, so Pro
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import grpc
 import pytest
 
 from gridstor.v1 import ssh_pb2, ssh_pb2_grpc
+from services.common import sshsig
 from services.common.config import Config, build_config
 from services.ssh import service as ssh_service
 from tests.helpers import Result, run_program
@@ -45,6 +49,16 @@ class Keys:
     def public(self, name: str) -> str:
         return (self.dir / f"{name}.pub").read_text().strip()
 
+    def proof(self, name: str, method: str, username: str, epoch: int | None = None) -> ssh_pb2.AccountProof:
+        """An account proof for ``method`` on ``username`` signed with key ``name`` (as `gridstor ssh -i` makes)."""
+        epoch = int(time.time()) if epoch is None else epoch
+        nonce = os.urandom(8).hex()
+        key = asyncssh.read_private_key(self.path(name))
+        message = sshsig.account_message(method, username, epoch, nonce)
+        return ssh_pb2.AccountProof(
+            epoch=epoch, nonce=nonce, signature=sshsig.sign(key, sshsig.ACCOUNT_NAMESPACE, message)
+        )
+
 
 @pytest.fixture(scope="session")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
@@ -67,6 +81,7 @@ class SshEnv:
     suite: Suite | None = None
     channel: Any = None
     extra: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    current: dict[str, str] = field(default_factory=dict)  # username -> the key it has now (set by enable)
 
     @property
     def port(self) -> int:
@@ -75,13 +90,42 @@ class SshEnv:
     def home(self, user: str) -> Path:
         return self.svc.settings.homes_dir / user
 
+    def proof(self, method: str, user: str) -> ssh_pb2.AccountProof | None:
+        """A proof by the key ``user``'s account has now (None for an account these helpers did not make)."""
+        key = self.current.get(user)
+        return None if key is None else self.keys.proof(key, method, user)
+
     async def enable(self, user: str, key: str | None = None, mb: int = 64) -> ssh_pb2.EnableAccountReply:
-        return await self.stub.EnableAccount(
-            ssh_pb2.EnableAccountRequest(username=user, public_key=self.keys.public(key or user), max_size_mb=mb)
-        )
+        """EnableAccount as the account's user does it: with a proof by its current key once it exists."""
+        req = ssh_pb2.EnableAccountRequest(username=user, public_key=self.keys.public(key or user), max_size_mb=mb)
+        proof = self.proof("EnableAccount", user)
+        if proof is not None:
+            req.proof.CopyFrom(proof)
+        reply: ssh_pb2.EnableAccountReply = await self.stub.EnableAccount(req)
+        self.current[user] = key or user
+        return reply
 
     async def size(self, user: str) -> ssh_pb2.HomeSizeReply:
-        return await self.stub.HomeSize(ssh_pb2.HomeSizeRequest(username=user))
+        """HomeSize with a proof by the account's current key."""
+        return await self.stub.HomeSize(ssh_pb2.HomeSizeRequest(username=user, proof=self.proof("HomeSize", user)))
+
+    async def disable(self, user: str, *, remove_home: bool = False) -> ssh_pb2.DisableAccountReply:
+        """DisableAccount with a proof by the account's current key."""
+        proof = self.proof("DisableAccount", user)
+        reply: ssh_pb2.DisableAccountReply = await self.stub.DisableAccount(
+            ssh_pb2.DisableAccountRequest(username=user, remove_home=remove_home, proof=proof)
+        )
+        if remove_home:
+            self.current.pop(user, None)
+        return reply
+
+    async def process(self, user: str, path: str, remove: bool | None = None) -> ssh_pb2.ProcessReply:
+        """Process with a proof by the account's current key."""
+        req = ssh_pb2.ProcessRequest(username=user, path=path, proof=self.proof("Process", user))
+        if remove is not None:
+            req.remove = remove
+        reply: ssh_pb2.ProcessReply = await self.stub.Process(req)
+        return reply
 
     def opts(self, key: str) -> list[str]:
         """OpenSSH options: no config, no host key pinning, batch mode, only this key."""

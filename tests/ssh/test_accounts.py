@@ -13,8 +13,7 @@ import pytest
 from gridstor.v1 import ssh_pb2
 from services.common.keys import signing_key
 from services.common.rpc import service_token
-from services.common.tokens import issue
-from tests.helpers import run_program, wait_until_async
+from tests.helpers import bearer, login_token, run_program, wait_until_async
 from tests.ssh.conftest import SshFactory, restart
 
 MiB = 1024 * 1024
@@ -78,7 +77,7 @@ async def test_disable_and_remove_home(ssh_factory: SshFactory, tmp_path: Path) 
     f = tmp_path / "f"
     f.write_bytes(b"data")
     assert (await env.sftp("alice", f"put {f} f\n")).rc == 0
-    reply = await env.stub.DisableAccount(ssh_pb2.DisableAccountRequest(username="alice"))
+    reply = await env.disable("alice")
     assert (reply.username, reply.existed, reply.home_removed) == ("alice", True, False)
     assert (await env.sftp("alice", "pwd\n")).rc == 255
     size = await env.size("alice")
@@ -88,13 +87,13 @@ async def test_disable_and_remove_home(ssh_factory: SshFactory, tmp_path: Path) 
     again = await env.enable("alice")
     assert not again.created
     assert (await env.sftp("alice", "get f " + str(tmp_path / "g") + "\n")).rc == 0
-    gone = await env.stub.DisableAccount(ssh_pb2.DisableAccountRequest(username="alice", remove_home=True))
+    gone = await env.disable("alice", remove_home=True)
     assert (gone.existed, gone.home_removed) == (True, True)
     assert not env.home("alice").exists()
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await env.size("alice")
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    nobody = await env.stub.DisableAccount(ssh_pb2.DisableAccountRequest(username="nobody"))
+    nobody = await env.disable("nobody")
     assert (nobody.existed, nobody.home_removed) == (False, False)
 
 
@@ -107,7 +106,7 @@ async def test_disable_closes_open_sessions(ssh_factory: SshFactory) -> None:
     )
     assert proc.stdin is not None and proc.stdout is not None
     await wait_until_async(lambda: "alice" in env.svc.gateway.connections, "alice's sftp session")
-    await env.stub.DisableAccount(ssh_pb2.DisableAccountRequest(username="alice"))
+    await env.disable("alice")
     await wait_until_async(lambda: "alice" not in env.svc.gateway.connections, "alice's session to be closed")
     _, err = await asyncio.wait_for(proc.communicate(b"ls\n"), 10)  # the next request finds it closed
     assert proc.returncode != 0, err
@@ -117,7 +116,7 @@ async def test_accounts_and_host_key_survive_a_restart(ssh_factory: SshFactory) 
     env = await ssh_factory()
     await env.enable("alice", mb=3)
     await env.enable("bob", key="bob")
-    await env.stub.DisableAccount(ssh_pb2.DisableAccountRequest(username="bob"))
+    await env.disable("bob")
     fp = env.svc.host_key_fingerprint
     state = env.svc.state_dir
     for name in ("accounts.json", "host_key"):
@@ -153,14 +152,15 @@ async def test_token_required_unless_public(ssh_factory: SshFactory) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await env.size("alice")
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    key = signing_key(env.cfg.data_dir)
-    token = issue(key, "alice-admin", 60)[0]
-    md = (("authorization", f"Bearer {token}"),)
+    md = bearer(login_token(env.cfg, "alice-admin"))
     reply = await env.stub.EnableAccount(
         ssh_pb2.EnableAccountRequest(username="alice", public_key=env.keys.public("alice"), max_size_mb=1),
         metadata=md,
     )
-    assert reply.created
-    assert (await env.stub.HomeSize(ssh_pb2.HomeSizeRequest(username="alice"), metadata=md)).max_bytes == MiB
-    svc_md = (("authorization", f"Bearer {service_token(key, 'maint')}"),)
+    assert reply.created and reply.owner == ""  # secret mode proves no identity: no owner is recorded
+    proof = env.keys.proof("alice", "HomeSize", "alice")
+    assert (
+        await env.stub.HomeSize(ssh_pb2.HomeSizeRequest(username="alice", proof=proof), metadata=md)
+    ).max_bytes == MiB
+    svc_md = bearer(service_token(signing_key(env.cfg.data_dir), "maint"))
     assert (await env.stub.HomeSize(ssh_pb2.HomeSizeRequest(username="alice"), metadata=svc_md)).enabled

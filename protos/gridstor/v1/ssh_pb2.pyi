@@ -17,28 +17,70 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class AccountProof(_message.Message):
+    """Proof that the caller holds an account's current SSH key: an SSH signature (OpenSSH's SSHSIG
+    format, namespace "gridstor-ssh-account", as `ssh-keygen -Y sign -n gridstor-ssh-account` makes)
+    over the UTF-8 text "gridstor/v1/ssh-account\\n<method>\\n<username>\\n<epoch>\\n<nonce>", where
+    <method> is the RPC's name (EnableAccount, DisableAccount, HomeSize or Process). The epoch must be
+    within auth_skew seconds of the gateway's clock and each proof works once.
+    `gridstor ssh ... -i KEY` makes one.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """Seconds since 1970 when the proof was made."""
+    nonce: _builtins.str
+    """8-64 random letters, digits, '-' or '_', so two proofs in one second differ."""
+    signature: _builtins.str
+    """The signature: armored ("-----BEGIN SSH SIGNATURE-----" ...) as ssh-keygen prints it, or its base64 alone."""
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        nonce: _builtins.str = ...,
+        signature: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "nonce", b"nonce", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountProof: _TypeAlias = AccountProof  # noqa: Y015
+
+@_typing.final
 class EnableAccountRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     USERNAME_FIELD_NUMBER: _builtins.int
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     MAX_SIZE_MB_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     """Login name: lowercase letters, digits, "-" and "_", starting with a letter."""
     public_key: _builtins.str
     """OpenSSH public key line, e.g. "ssh-ed25519 AAAA... comment". Replaces the previous key."""
     max_size_mb: _builtins.int
     """Maximum size of the home folder in MiB; 0 = the server default."""
+    @_builtins.property
+    def proof(self) -> Global___AccountProof:
+        """Changing an existing account: proof of holding its current key (see SshService)."""
+
     def __init__(
         self,
         *,
         username: _builtins.str = ...,
         public_key: _builtins.str = ...,
         max_size_mb: _builtins.int = ...,
+        proof: Global___AccountProof | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["proof", b"proof"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_size_mb", b"max_size_mb", "public_key", b"public_key", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_size_mb", b"max_size_mb", "proof", b"proof", "public_key", b"public_key", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -52,6 +94,7 @@ class EnableAccountReply(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     MAX_BYTES_FIELD_NUMBER: _builtins.int
     HOST_KEY_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     """The account."""
     created: _builtins.bool
@@ -60,6 +103,8 @@ class EnableAccountReply(_message.Message):
     """The home's maximum size in bytes now in force."""
     host_key_fingerprint: _builtins.str
     """The SSH server's host key fingerprint ("SHA256:..."), to pin on first connect."""
+    owner: _builtins.str
+    """The identity the account belongs to (allowlist mode); "" = whoever holds its key."""
     def __init__(
         self,
         *,
@@ -67,10 +112,11 @@ class EnableAccountReply(_message.Message):
         created: _builtins.bool = ...,
         max_bytes: _builtins.int = ...,
         host_key_fingerprint: _builtins.str = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "host_key_fingerprint", b"host_key_fingerprint", "max_bytes", b"max_bytes", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "host_key_fingerprint", b"host_key_fingerprint", "max_bytes", b"max_bytes", "owner", b"owner", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -82,19 +128,25 @@ class DisableAccountRequest(_message.Message):
 
     USERNAME_FIELD_NUMBER: _builtins.int
     REMOVE_HOME_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     """The account to disable."""
     remove_home: _builtins.bool
     """Also delete the home folder and everything in it."""
+    @_builtins.property
+    def proof(self) -> Global___AccountProof:
+        """Proof of holding the account's current key (see SshService)."""
+
     def __init__(
         self,
         *,
         username: _builtins.str = ...,
         remove_home: _builtins.bool = ...,
+        proof: Global___AccountProof | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["proof", b"proof"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["remove_home", b"remove_home", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["proof", b"proof", "remove_home", b"remove_home", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -133,16 +185,22 @@ class HomeSizeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     USERNAME_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     """The account."""
+    @_builtins.property
+    def proof(self) -> Global___AccountProof:
+        """Proof of holding the account's current key (see SshService)."""
+
     def __init__(
         self,
         *,
         username: _builtins.str = ...,
+        proof: Global___AccountProof | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["proof", b"proof"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["proof", b"proof", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -157,6 +215,7 @@ class HomeSizeReply(_message.Message):
     MAX_BYTES_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
     ENABLED_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     """The account."""
     used_bytes: _builtins.int
@@ -167,6 +226,8 @@ class HomeSizeReply(_message.Message):
     """Regular files in the home folder."""
     enabled: _builtins.bool
     """Whether the account may log in."""
+    owner: _builtins.str
+    """The identity the account belongs to (allowlist mode); "" = whoever holds its key."""
     def __init__(
         self,
         *,
@@ -175,10 +236,11 @@ class HomeSizeReply(_message.Message):
         max_bytes: _builtins.int = ...,
         files: _builtins.int = ...,
         enabled: _builtins.bool = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "files", b"files", "max_bytes", b"max_bytes", "used_bytes", b"used_bytes", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "files", b"files", "max_bytes", b"max_bytes", "owner", b"owner", "used_bytes", b"used_bytes", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -191,22 +253,28 @@ class ProcessRequest(_message.Message):
     USERNAME_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
     REMOVE_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     """The account whose home holds the path."""
     path: _builtins.str
     """File or folder, relative to the home ("/" is the home itself). Must stay inside the home."""
     remove: _builtins.bool
     """Remove the path after the job has succeeded. Unset = true (the owner's default)."""
+    @_builtins.property
+    def proof(self) -> Global___AccountProof:
+        """Proof of holding the account's current key (see SshService)."""
+
     def __init__(
         self,
         *,
         username: _builtins.str = ...,
         path: _builtins.str = ...,
         remove: _builtins.bool | None = ...,
+        proof: Global___AccountProof | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_remove", b"_remove", "remove", b"remove"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_remove", b"_remove", "proof", b"proof", "remove", b"remove"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remove", b"_remove", "path", b"path", "remove", b"remove", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remove", b"_remove", "path", b"path", "proof", b"proof", "remove", b"remove", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__remove: _TypeAlias = _typing.Literal["remove"]  # noqa: Y015
     _WhichOneofArgType__remove: _TypeAlias = _typing.Literal["_remove", b"_remove"]  # noqa: Y015

@@ -27,6 +27,15 @@ if _version_not_supported:
 
 class SshServiceStub:
     """Every method needs a token unless the gateway is public.
+
+    An account belongs to someone (docs/security.md). Creating a new one is open to every caller
+    allowed here; changing, sizing, processing or removing an existing one needs one of:
+    - the gateway admin token (`gridstor admin token`), or in allowlist mode an identity in admins;
+    - allowlist mode: being the identity that created it (its owner, recorded with the account);
+    - public and secret modes, where identities are not proven, and in allowlist mode for an account
+    without an owner (created in another mode, or before owners were recorded): an AccountProof
+    signed with the account's current SSH key.
+    Otherwise PERMISSION_DENIED says which proof is missing.
     """
 
     def __init__(self, channel):
@@ -59,6 +68,15 @@ class SshServiceStub:
 
 class SshServiceServicer:
     """Every method needs a token unless the gateway is public.
+
+    An account belongs to someone (docs/security.md). Creating a new one is open to every caller
+    allowed here; changing, sizing, processing or removing an existing one needs one of:
+    - the gateway admin token (`gridstor admin token`), or in allowlist mode an identity in admins;
+    - allowlist mode: being the identity that created it (its owner, recorded with the account);
+    - public and secret modes, where identities are not proven, and in allowlist mode for an account
+    without an owner (created in another mode, or before owners were recorded): an AccountProof
+    signed with the account's current SSH key.
+    Otherwise PERMISSION_DENIED says which proof is missing.
     """
 
     def EnableAccount(self, request, context):
@@ -84,7 +102,7 @@ class SshServiceServicer:
 
     def Process(self, request, context):
         """Ingest a file, or a folder as .tar.gz, from the home through the upload job pipeline.
-        Poll the job with IngestService.Status.
+        Poll the job with IngestService.Status. A disabled account's home is not processed (FAILED_PRECONDITION).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +141,15 @@ def add_SshServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class SshService:
     """Every method needs a token unless the gateway is public.
+
+    An account belongs to someone (docs/security.md). Creating a new one is open to every caller
+    allowed here; changing, sizing, processing or removing an existing one needs one of:
+    - the gateway admin token (`gridstor admin token`), or in allowlist mode an identity in admins;
+    - allowlist mode: being the identity that created it (its owner, recorded with the account);
+    - public and secret modes, where identities are not proven, and in allowlist mode for an account
+    without an owner (created in another mode, or before owners were recorded): an AccountProof
+    signed with the account's current SSH key.
+    Otherwise PERMISSION_DENIED says which proof is missing.
     """
 
     @staticmethod

@@ -27,7 +27,17 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class SshServiceStub:
-    """Every method needs a token unless the gateway is public."""
+    """Every method needs a token unless the gateway is public.
+
+    An account belongs to someone (docs/security.md). Creating a new one is open to every caller
+    allowed here; changing, sizing, processing or removing an existing one needs one of:
+    - the gateway admin token (`gridstor admin token`), or in allowlist mode an identity in admins;
+    - allowlist mode: being the identity that created it (its owner, recorded with the account);
+    - public and secret modes, where identities are not proven, and in allowlist mode for an account
+      without an owner (created in another mode, or before owners were recorded): an AccountProof
+      signed with the account's current SSH key.
+    Otherwise PERMISSION_DENIED says which proof is missing.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -41,12 +51,22 @@ class SshServiceStub:
     """Bytes used in the home and its maximum."""
     Process: _grpc.UnaryUnaryMultiCallable[_ssh_pb2.ProcessRequest, _ssh_pb2.ProcessReply]
     """Ingest a file, or a folder as .tar.gz, from the home through the upload job pipeline.
-    Poll the job with IngestService.Status.
+    Poll the job with IngestService.Status. A disabled account's home is not processed (FAILED_PRECONDITION).
     """
 
 @_typing.type_check_only
 class SshServiceAsyncStub(SshServiceStub):
-    """Every method needs a token unless the gateway is public."""
+    """Every method needs a token unless the gateway is public.
+
+    An account belongs to someone (docs/security.md). Creating a new one is open to every caller
+    allowed here; changing, sizing, processing or removing an existing one needs one of:
+    - the gateway admin token (`gridstor admin token`), or in allowlist mode an identity in admins;
+    - allowlist mode: being the identity that created it (its owner, recorded with the account);
+    - public and secret modes, where identities are not proven, and in allowlist mode for an account
+      without an owner (created in another mode, or before owners were recorded): an AccountProof
+      signed with the account's current SSH key.
+    Otherwise PERMISSION_DENIED says which proof is missing.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     EnableAccount: _aio.UnaryUnaryMultiCallable[_ssh_pb2.EnableAccountRequest, _ssh_pb2.EnableAccountReply]  # type: ignore[assignment]
@@ -57,11 +77,21 @@ class SshServiceAsyncStub(SshServiceStub):
     """Bytes used in the home and its maximum."""
     Process: _aio.UnaryUnaryMultiCallable[_ssh_pb2.ProcessRequest, _ssh_pb2.ProcessReply]  # type: ignore[assignment]
     """Ingest a file, or a folder as .tar.gz, from the home through the upload job pipeline.
-    Poll the job with IngestService.Status.
+    Poll the job with IngestService.Status. A disabled account's home is not processed (FAILED_PRECONDITION).
     """
 
 class SshServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Every method needs a token unless the gateway is public."""
+    """Every method needs a token unless the gateway is public.
+
+    An account belongs to someone (docs/security.md). Creating a new one is open to every caller
+    allowed here; changing, sizing, processing or removing an existing one needs one of:
+    - the gateway admin token (`gridstor admin token`), or in allowlist mode an identity in admins;
+    - allowlist mode: being the identity that created it (its owner, recorded with the account);
+    - public and secret modes, where identities are not proven, and in allowlist mode for an account
+      without an owner (created in another mode, or before owners were recorded): an AccountProof
+      signed with the account's current SSH key.
+    Otherwise PERMISSION_DENIED says which proof is missing.
+    """
 
     @_abc_1.abstractmethod
     def EnableAccount(
@@ -94,7 +124,7 @@ class SshServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ssh_pb2.ProcessReply, _abc.Awaitable[_ssh_pb2.ProcessReply]]:
         """Ingest a file, or a folder as .tar.gz, from the home through the upload job pipeline.
-        Poll the job with IngestService.Status.
+        Poll the job with IngestService.Status. A disabled account's home is not processed (FAILED_PRECONDITION).
         """
 
 def add_SshServiceServicer_to_server(servicer: SshServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
