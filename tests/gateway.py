@@ -1,4 +1,5 @@
-"""A real gateway for the edge, TLS and limits tests: auth, meta and ingest on port 0 behind a real Envoy.
+"""A real gateway for the edge, TLS and limits tests: auth, meta and ingest (and with ssh=True the ssh
+service) on port 0 behind a real Envoy.
 
 The services run on an event loop in a background thread (LoopThread), so tests can be plain functions
 that run curl, Chromium, the CLI or blocking gRPC clients against them::
@@ -32,6 +33,7 @@ from services.common.server import Running
 from services.edge.envoy import build_envoy_config, envoy_binary, render
 from services.ingest import service as ingest_service
 from services.meta import service as meta_service
+from services.ssh import service as ssh_service
 from tests.helpers import free_port, gridstor_env_cleared, stop_process, wait_until
 from tests.redis_server import RedisProcess
 
@@ -129,6 +131,8 @@ class Gateway:
     admin_port: int = 0
     envoy_log: Path | None = None
     running: dict[str, Running] = field(default_factory=dict)
+    ssh_port: int = 0  # the SSH server's, with ssh=True
+    ssh_host_key: str = ""  # its fingerprint
 
     @property
     def ca(self) -> Path:
@@ -151,8 +155,9 @@ def run_gateway(
     *,
     envoy: bool = True,
     envoy_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ssh: bool = False,
 ) -> Iterator[Gateway]:
-    """Start redis, (certificates,) meta, auth, ingest and Envoy with the config ``extra``; stop all afterwards.
+    """Start redis, (certificates,) meta, auth, ingest (ssh) and Envoy with the config ``extra``; stop all afterwards.
 
     No GRIDSTOR_* variable applies meanwhile (the block may outlive a test); ``envoy_config`` may change
     the generated Envoy bootstrap before Envoy starts.
@@ -195,10 +200,24 @@ def run_gateway(
                     cleanups.insert(0, running.limiter.close)
                 ports["ingest"] = running.port
                 gw.running["ingest"] = running
+                if ssh:
+                    svc = await ssh_service.start(
+                        build_config(raw | {"ports": {"meta": ports["meta"]}}), port=0, ssh_port=0
+                    )
+                    cleanups.append(svc.cleanup)
+                    if svc.running.limiter is not None:
+                        cleanups.insert(0, svc.running.limiter.close)
+                    ports["ssh"], gw.ssh_port, gw.ssh_host_key = (
+                        svc.running.port,
+                        svc.ssh_port,
+                        svc.host_key_fingerprint,
+                    )
+                    gw.running["ssh"] = svc.running
                 return ports
 
             ports = loop.run(start())
-            ports |= {"ssh": free_port(), "maint": free_port()}  # not started: their routes answer 503
+            ports.setdefault("ssh", free_port())  # services not started: their routes answer 503
+            ports["maint"] = free_port()
             gw.cfg = build_config(raw | {"ports": ports})
             if envoy:
                 gw.envoy_port, gw.admin_port = free_port(), free_port()

@@ -10,7 +10,7 @@ import traceback
 from collections.abc import Callable
 from typing import TextIO
 
-from services.cli import admin, commands
+from services.cli import admin, commands, ssh
 from services.cli.connect import parse_hostport
 from services.cli.failures import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, CliFailure
 from services.cli.session import Session
@@ -29,6 +29,7 @@ GRIDSTOR_DEBUG=1 shows a traceback for failures.
 example:
   gridstor put README.md --wait          # prints the file id once stored
   gridstor get <id> -o copy
+  gridstor ssh enable alice -i ~/.ssh/id_ed25519 --size 500   # an SFTP/rsync home for that key
 """
 
 _GLOBAL_DEFAULTS = {"gateway": None, "config": None, "ca": None, "token": None, "json": False, "quiet": False}
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("stat", commands.cmd_stat, "show size, type, date and coding of a file")
     p.add_argument("id", metavar="ID", help="file id")
     admin.add_commands(sub, common)
+    ssh.add_commands(sub, common)
     return parser
 
 
