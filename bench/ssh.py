@@ -38,10 +38,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
+import asyncssh  # noqa: E402
 import blake3  # noqa: E402
 import grpc  # noqa: E402
 
 from gridstor.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc, ssh_pb2, ssh_pb2_grpc  # noqa: E402
+from services.cli.ssh import account_proof  # noqa: E402
 from services.common.config import build_config  # noqa: E402
 from services.ingest import service as ingest_service  # noqa: E402
 from services.meta import service as meta_service  # noqa: E402
@@ -241,8 +243,11 @@ async def bench(size: int) -> int:
         # Process: the uploaded file to a stored file
         await sftp_put(svc.ssh_port, "bench", key, src, "big.bin", CIPHERS[0])
         ingest_stub = ingest_pb2_grpc.IngestServiceStub(ingest_channel)
+        proof = account_proof(asyncssh.read_private_key(key), "Process", "bench")  # the account is the key's
         t0 = time.perf_counter()
-        reply = await ssh_stub.Process(ssh_pb2.ProcessRequest(username="bench", path="big.bin", remove=True))
+        reply = await ssh_stub.Process(
+            ssh_pb2.ProcessRequest(username="bench", path="big.bin", remove=True, proof=proof)
+        )
         t_queued = time.perf_counter() - t0
         status = await ingest_stub.Status(ingest_pb2.StatusRequest(job=reply.job, wait=True, timeout_seconds=300))
         t_done = time.perf_counter() - t0

@@ -1,5 +1,5 @@
-"""A real gateway for the edge, TLS and limits tests: auth, meta and ingest (and with ssh=True the ssh
-service) on port 0 behind a real Envoy.
+"""A real gateway for the edge, TLS and limits tests: auth, meta and ingest (with ssh=True and maint=True
+those services too) on port 0 behind a real Envoy.
 
 The services run on an event loop in a background thread (LoopThread), so tests can be plain functions
 that run curl, Chromium, the CLI or blocking gRPC clients against them::
@@ -32,6 +32,7 @@ from services.common.net import REPO_ROOT
 from services.common.server import Running
 from services.edge.envoy import build_envoy_config, envoy_binary, render
 from services.ingest import service as ingest_service
+from services.maint import service as maint_service
 from services.meta import service as meta_service
 from services.ssh import service as ssh_service
 from tests.helpers import free_port, gridstor_env_cleared, stop_process, wait_until
@@ -156,8 +157,10 @@ def run_gateway(
     envoy: bool = True,
     envoy_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ssh: bool = False,
+    maint: bool = False,
 ) -> Iterator[Gateway]:
-    """Start redis, (certificates,) meta, auth, ingest (ssh) and Envoy with the config ``extra``; stop all afterwards.
+    """Start redis, (certificates,) meta, auth, ingest (ssh, maint) and Envoy with the config ``extra``; stop all
+    afterwards.
 
     No GRIDSTOR_* variable applies meanwhile (the block may outlive a test); ``envoy_config`` may change
     the generated Envoy bootstrap before Envoy starts.
@@ -213,11 +216,17 @@ def run_gateway(
                         svc.host_key_fingerprint,
                     )
                     gw.running["ssh"] = svc.running
+                if maint:
+                    maint_cfg = build_config(raw | {"ports": {"meta": ports["meta"]}})
+                    running, cleanup = await maint_service.build(maint_cfg, port=0, schedules=False)
+                    cleanups.append(cleanup)
+                    ports["maint"] = running.port
+                    gw.running["maint"] = running
                 return ports
 
             ports = loop.run(start())
-            ports.setdefault("ssh", free_port())  # services not started: their routes answer 503
-            ports["maint"] = free_port()
+            for name in ("ssh", "maint"):
+                ports.setdefault(name, free_port())  # services not started: their routes answer 503
             gw.cfg = build_config(raw | {"ports": ports})
             if envoy:
                 gw.envoy_port, gw.admin_port = free_port(), free_port()

@@ -37,6 +37,8 @@ MAX_SIGNATURE_TEXT = 16 * 1024
 ACCOUNT_NAMESPACE = "gridstor-ssh-account"
 ACCOUNT_DOMAIN = "gridstor/v1/ssh-account"
 NONCE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+# The armor lines; a '+' for a space too, as an HTML form or a careless query string encodes it.
+_ARMORED = re.compile(r"-----BEGIN[ +]SSH[ +]SIGNATURE-----(.*)-----END[ +]SSH[ +]SIGNATURE-----", re.DOTALL)
 
 
 class BadSignature(errors.InvalidInput):
@@ -92,10 +94,11 @@ def parse(text: str) -> SshSig:
     if len(text) > MAX_SIGNATURE_TEXT:
         raise BadSignature(f"the signature is {len(text)} characters; an SSH signature is far shorter")
     body = text.strip()
-    if body.startswith(ARMOR_BEGIN):
-        if ARMOR_END not in body:
-            raise BadSignature(f"the armored signature has no {ARMOR_END} line")
-        body = body[len(ARMOR_BEGIN) : body.index(ARMOR_END)]
+    if body.startswith("-----BEGIN"):
+        armored = _ARMORED.fullmatch(body)
+        if armored is None:
+            raise BadSignature(f"an armored signature runs from {ARMOR_BEGIN} to {ARMOR_END}")
+        body = armored.group(1)
     compact = "".join(body.split())
     if not compact:
         raise BadSignature("the signature is empty")

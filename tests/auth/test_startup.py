@@ -161,3 +161,19 @@ async def test_process_refuses_bad_config(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "config: mode: must be one of public, secret, allowlist" in err.decode()
     assert "Traceback" not in err.decode()
+
+
+@pytest.mark.parametrize("mode", ["public", "secret"])
+async def test_process_refuses_admins_where_identities_are_claimed(tmp_path: Path, mode: str) -> None:
+    """In public and secret modes anyone may log in as 'ops': an admins list there would make anyone an admin."""
+    config = tmp_path / "gridstor.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path), "mode": mode, "secret": SECRET, "admins": ["ops"]}))
+    proc = await _spawn(config)
+    async with asyncio.timeout(30):
+        _, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert err.decode().strip() == (
+        f"config: admins: mode {mode!r} does not prove identities (anyone may log in under any name), so listing"
+        " admins would make anyone an admin: remove admins and use `gridstor admin token` on the gateway machine,"
+        " or use mode 'allowlist', where identities are proven by their keys"
+    )

@@ -1,17 +1,20 @@
 """Limits through Envoy over TLS: per-address rate and concurrent uploads answer 429 with Retry-After and the
 JSON error; a client that stops sending mid-upload is cut off by Envoy's idle timeout and its spool file goes;
-oversized headers are refused."""
+headers over the one limit are refused with 431 (REST) or INVALID_ARGUMENT (gRPC)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import ssl
 from collections.abc import Iterator
 
+import grpc
 import pytest
 
+from gridstor.v1 import meta_pb2
 from tests.gateway import Gateway, curl, run_gateway
 from tests.helpers import wait_until
 from tests.limits.helpers import leases
@@ -58,10 +61,37 @@ def test_over_the_request_rate_answers_429_with_retry_after(gw: Gateway) -> None
     assert from_addr(gw, "127.0.0.3", f"{gw.edge}{BAD_ID}")[0] == 404  # another client is not affected
 
 
-def test_oversized_headers_are_refused(gw: Gateway) -> None:
-    # HTTP/1.1 gets a 431; over HTTP/2 Envoy resets the stream instead.
-    status, _, _ = from_addr(gw, "127.0.0.9", "--http1.1", "-H", "x-filler: " + "a" * 20_000, f"{gw.edge}{BAD_ID}")
+OVER_HEADERS = re.compile(r"the request headers are \d+ bytes, over the gateway's limit of 16384 bytes")
+
+
+def test_one_header_limit_end_to_end(gw: Gateway) -> None:
+    """limits.edge_max_request_headers_kb (16 here) is the one limit: under it the services answer (gRPC's own
+    8 KiB default would have refused with 429 listing internal header names), over it 431 / INVALID_ARGUMENT."""
+    under, over = "a" * 12_000, "a" * 20_000
+    for i, version in enumerate(("--http1.1", "--http2")):
+        status, _, body = from_addr(gw, f"127.0.0.{10 + i}", version, "-H", f"x-filler: {under}", f"{gw.edge}{BAD_ID}")
+        assert status == 404, body  # the service's answer: no such file
+        status, _, body = from_addr(gw, f"127.0.0.{12 + i}", version, "-H", f"x-filler: {over}", f"{gw.edge}{BAD_ID}")
+        assert status == 431, body
+        reply = json.loads(body)
+        assert reply["code"] == 3 and OVER_HEADERS.fullmatch(reply["message"]), reply
+    # gRPC through the edge: a clear INVALID_ARGUMENT, never RESOURCE_EXHAUSTED
+    credentials = grpc.ssl_channel_credentials(gw.ca.read_bytes())
+    with grpc.secure_channel(f"127.0.0.1:{gw.envoy_port}", credentials) as channel:
+        stat = channel.unary_unary(
+            "/gridstor.v1.MetaService/Stat", meta_pb2.StatRequest.SerializeToString, meta_pb2.StatReply.FromString
+        )
+        request = meta_pb2.StatRequest(id="0" * 56)
+        for filler, code in ((under, grpc.StatusCode.NOT_FOUND), (over, grpc.StatusCode.INVALID_ARGUMENT)):
+            with pytest.raises(grpc.RpcError) as info:
+                stat(request, metadata=(("x-filler", filler),), timeout=30)
+            err = info.value
+            assert isinstance(err, grpc.Call) and err.code() == code, err
+        assert OVER_HEADERS.fullmatch(err.details() or ""), err.details()
+    # Past twice the limit Envoy's codec answers itself (HTTP/1.1: 431; HTTP/2 could only reset the stream).
+    status, _, _ = from_addr(gw, "127.0.0.14", "--http1.1", "-H", "x-filler: " + "a" * 40_000, f"{gw.edge}{BAD_ID}")
     assert status == 431
+    assert from_addr(gw, "127.0.0.15", f"{gw.edge}{BAD_ID}")[0] == 404  # still serving
 
 
 def partials(gw: Gateway) -> list[str]:

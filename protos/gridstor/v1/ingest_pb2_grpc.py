@@ -51,7 +51,8 @@ class IngestServiceServicer:
 
     def Upload(self, request_iterator, context):
         """Stream one file in; the reply names the job that stores it. Needs a token unless the gateway is public.
-        Over the size limit: RESOURCE_EXHAUSTED, and nothing is kept.
+        Over the size limit (max_upload): INVALID_ARGUMENT with the limit in google.rpc.BadRequest and ErrorInfo
+        details (REST: 413), never worth a retry; nothing is kept.
         REST: the raw request body is the file; ?name=photo.jpg (and optionally &declared_size=N).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

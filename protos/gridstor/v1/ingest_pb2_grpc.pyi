@@ -33,7 +33,8 @@ class IngestServiceStub:
     def __new__(cls, channel: _aio.Channel) -> IngestServiceAsyncStub: ...
     Upload: _grpc.StreamUnaryMultiCallable[_ingest_pb2.UploadRequest, _ingest_pb2.UploadReply]
     """Stream one file in; the reply names the job that stores it. Needs a token unless the gateway is public.
-    Over the size limit: RESOURCE_EXHAUSTED, and nothing is kept.
+    Over the size limit (max_upload): INVALID_ARGUMENT with the limit in google.rpc.BadRequest and ErrorInfo
+    details (REST: 413), never worth a retry; nothing is kept.
     REST: the raw request body is the file; ?name=photo.jpg (and optionally &declared_size=N).
     """
     Status: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.StatusRequest, _ingest_pb2.StatusReply]
@@ -46,7 +47,8 @@ class IngestServiceAsyncStub(IngestServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Upload: _aio.StreamUnaryMultiCallable[_ingest_pb2.UploadRequest, _ingest_pb2.UploadReply]  # type: ignore[assignment]
     """Stream one file in; the reply names the job that stores it. Needs a token unless the gateway is public.
-    Over the size limit: RESOURCE_EXHAUSTED, and nothing is kept.
+    Over the size limit (max_upload): INVALID_ARGUMENT with the limit in google.rpc.BadRequest and ErrorInfo
+    details (REST: 413), never worth a retry; nothing is kept.
     REST: the raw request body is the file; ?name=photo.jpg (and optionally &declared_size=N).
     """
     Status: _aio.UnaryUnaryMultiCallable[_ingest_pb2.StatusRequest, _ingest_pb2.StatusReply]  # type: ignore[assignment]
@@ -62,7 +64,8 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ingest_pb2.UploadReply, _abc.Awaitable[_ingest_pb2.UploadReply]]:
         """Stream one file in; the reply names the job that stores it. Needs a token unless the gateway is public.
-        Over the size limit: RESOURCE_EXHAUSTED, and nothing is kept.
+        Over the size limit (max_upload): INVALID_ARGUMENT with the limit in google.rpc.BadRequest and ErrorInfo
+        details (REST: 413), never worth a retry; nothing is kept.
         REST: the raw request body is the file; ?name=photo.jpg (and optionally &declared_size=N).
         """
 
