@@ -204,18 +204,18 @@ def run_gateway(
                 ports["ingest"] = running.port
                 gw.running["ingest"] = running
                 if ssh:
-                    svc = await ssh_service.start(
+                    ssh_svc = await ssh_service.start(
                         build_config(raw | {"ports": {"meta": ports["meta"]}}), port=0, ssh_port=0
                     )
-                    cleanups.append(svc.cleanup)
-                    if svc.running.limiter is not None:
-                        cleanups.insert(0, svc.running.limiter.close)
+                    cleanups.append(ssh_svc.cleanup)
+                    if ssh_svc.running.limiter is not None:
+                        cleanups.insert(0, ssh_svc.running.limiter.close)
                     ports["ssh"], gw.ssh_port, gw.ssh_host_key = (
-                        svc.running.port,
-                        svc.ssh_port,
-                        svc.host_key_fingerprint,
+                        ssh_svc.running.port,
+                        ssh_svc.ssh_port,
+                        ssh_svc.host_key_fingerprint,
                     )
-                    gw.running["ssh"] = svc.running
+                    gw.running["ssh"] = ssh_svc.running
                 if maint:
                     maint_cfg = build_config(raw | {"ports": {"meta": ports["meta"]}})
                     running, cleanup = await maint_service.build(maint_cfg, port=0, schedules=False)

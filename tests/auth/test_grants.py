@@ -76,8 +76,8 @@ def authenticate(gw: Gateway, key: SigningKey, identity: str) -> str:
         return str(auth_pb2_grpc.AuthServiceStub(channel).Authenticate(request, timeout=30).token)
 
 
-def grpc_upload(gw: Gateway, token: str) -> grpc.StatusCode | str:
-    """Upload over gRPC straight to ingest: the job id, or the refusal's code and details."""
+def grpc_upload(gw: Gateway, token: str) -> str:
+    """Upload over gRPC straight to ingest: the job id, or the details of its UNAUTHENTICATED refusal."""
     with grpc.insecure_channel(f"127.0.0.1:{gw.cfg.ports['ingest']}") as channel:
         first = ingest_pb2.UploadRequest(name="g.txt")
         first.body.data = b"grant test"

@@ -183,10 +183,10 @@ def test_grant_carries_a_digest_never_the_secret(key: SigningKey) -> None:
 
 def test_admins_only_in_allowlist_mode(key: SigningKey) -> None:
     guard = make_guard(key, "allowlist", allowlist={"alice": ALICE, "bob": ALICE_NEW}, admins={"alice"})
-    allowlist = {"allowlist": {"alice": ALICE, "bob": ALICE_NEW}}
-    caller = guard.caller(f"/{PROBE}/Protected", bearer(user(key, "alice", "allowlist", **allowlist)))
+    allowlist = {"alice": ALICE, "bob": ALICE_NEW}
+    caller = guard.caller(f"/{PROBE}/Protected", bearer(user(key, "alice", "allowlist", allowlist=allowlist)))
     assert (caller.identity, caller.admin, caller.proven) == ("alice", True, True)
-    caller = guard.caller(f"/{PROBE}/Protected", bearer(user(key, "bob", "allowlist", **allowlist)))
+    caller = guard.caller(f"/{PROBE}/Protected", bearer(user(key, "bob", "allowlist", allowlist=allowlist)))
     assert (caller.identity, caller.admin, caller.proven) == ("bob", False, True)
     # outside allowlist mode a claimed name proves nothing: for_config never lists admins there
     secret = make_guard(key, "secret", admins=set())

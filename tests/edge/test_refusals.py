@@ -249,7 +249,8 @@ def test_upload_and_process_refusals_keep_ingest_serving(gw: Gateway) -> None:
         )
         with pytest.raises(grpc.RpcError) as info:
             upload(iter([b"\x0a\x02\xc3\x28"]), metadata=md, timeout=30)
-        assert info.value.details() == NOT_UTF8.format("gridstor.v1.UploadRequest")  # type: ignore[attr-defined]
+        err = info.value
+        assert isinstance(err, grpc.Call) and err.details() == NOT_UTF8.format("gridstor.v1.UploadRequest")
         first = ingest_pb2.UploadRequest(name="fine.txt")
         first.body.data = b"fine"
         reply = upload(iter([first.SerializeToString()]), metadata=md, timeout=30)

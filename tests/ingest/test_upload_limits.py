@@ -22,14 +22,15 @@ def uploads(suite: Suite, result: str) -> float:
 
 def error_details(err: grpc.aio.AioRpcError) -> dict[str, Any]:
     """The google.rpc details of a refusal (grpc-status-details-bin), by type name."""
-    raw = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin")
+    trailers: Any = err.trailing_metadata() or ()  # (key, value) pairs
+    raw = dict(trailers).get("grpc-status-details-bin")
     assert isinstance(raw, bytes), err.trailing_metadata()
     status = status_pb2.Status.FromString(raw)
     assert (status.code, status.message) == (err.code().value[0], err.details())
     out: dict[str, Any] = {}
     for item in status.details:
         for cls in (error_details_pb2.BadRequest, error_details_pb2.ErrorInfo):
-            if item.Is(cls.DESCRIPTOR):
+            if item.TypeName() == cls.DESCRIPTOR.full_name:
                 msg = cls()
                 item.Unpack(msg)
                 out[cls.DESCRIPTOR.name] = msg

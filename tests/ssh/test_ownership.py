@@ -190,7 +190,13 @@ async def test_the_owner_and_the_admin_manage_the_account(ssh_factory: SshFactor
 async def test_proofs_are_checked_and_work_once(ssh_factory: SshFactory, tmp_path: Path) -> None:
     env = await ssh_factory()  # public mode: the proof is the only thing standing between users
     await alice_with_a_file(env, tmp_path)
-    size = lambda proof: env.stub.HomeSize(ssh_pb2.HomeSizeRequest(username="alice", proof=proof))  # noqa: E731
+
+    def size(proof: ssh_pb2.AccountProof) -> Awaitable[ssh_pb2.HomeSizeReply]:
+        reply: Awaitable[ssh_pb2.HomeSizeReply] = env.stub.HomeSize(
+            ssh_pb2.HomeSizeRequest(username="alice", proof=proof)
+        )
+        return reply
+
     good = await openssh_proof(env.keys, "alice", "HomeSize", "alice", tmp_path)  # made by ssh-keygen -Y sign
     assert (await size(good)).files == 1
     assert await refused(size(good)) == (
