@@ -20,6 +20,8 @@ import pytest
 
 from gridstor.v1 import ingest_pb2
 from services.common import sshsig
+from services.common.keys import signing_key
+from services.common.rpc import admin_token
 from tests.gateway import Gateway, curl, run_gateway
 
 SECRET = "refusals-test-secret-0123"
@@ -148,6 +150,28 @@ def test_a_claimed_identity_is_never_an_admin(gw: Gateway, identity: str) -> Non
         403,
         "Backup is for the gateway's operators: use a token from `gridstor admin token` on the gateway machine",
     )
+
+
+def test_public_mode_has_no_admins_but_the_admin_token(tmp_path: Path) -> None:
+    with run_gateway(tmp_path / "gw", {"tls": {"edge": False}}, maint=True) as gw:  # public mode
+        r = curl("-X", "POST", "-d", "{}", f"{gw.edge}/v1/maint/scrub")
+        assert (r.status, json.loads(r.body)["message"], r.headers["www-authenticate"]) == (
+            401,
+            "Scrub is for the gateway's operators: send an admin token (`gridstor admin token` on the gateway machine)",
+            CHALLENGE,
+        )
+        r = curl("-X", "POST", "-d", json.dumps({"identity": "ops"}), f"{gw.edge}/v1/auth")
+        token = json.loads(r.body)["token"]
+        r = curl("-X", "POST", "-H", f"Authorization: Bearer {token}", "-d", "{}", f"{gw.edge}/v1/maint/scrub")
+        assert (r.status, json.loads(r.body)["message"]) == (
+            403,
+            "Scrub is for the gateway's operators: use a token from `gridstor admin token` on the gateway machine",
+        )
+        admin = admin_token(signing_key(gw.cfg.data_dir), "ops")
+        r = curl(
+            "-X", "POST", "-H", f"Authorization: Bearer {admin}", "-d", '{"dry_run": true}', f"{gw.edge}/v1/maint/scrub"
+        )
+        assert r.status == 200, r.body
 
 
 def ssh_keygen(tmp: Path, name: str) -> Path:
