@@ -165,6 +165,19 @@ def wait_job(s: Session, job: str, timeout: float | None, *, label: str = "stori
                 time.sleep(0.5)
 
 
+def wait_stored(s: Session, job: str, timeout: float | None) -> ingest_pb2.StatusReply:
+    """``wait_job`` until the job is DONE; CliFailure when it failed or ``timeout`` passed first."""
+    r = wait_job(s, job, timeout)
+    if r.state == common_pb2.JOB_STATE_ERROR:
+        raise CliFailure(f"job {job} failed: {r.error or r.result}")
+    if r.state != common_pb2.JOB_STATE_DONE:
+        raise CliFailure(
+            f"timed out: job {job} is still being stored after {timeout:g} s;"
+            f" check later with: gridstor status {job} --wait"
+        )
+    return r
+
+
 def verify_receipt(s: Session, r: ingest_pb2.StatusReply, job: str, size: int, hash_hex: str) -> str:
     """Check the job's receipt against the gateway's PublicKey and what was sent; the signing key's id."""
     receipt = r.receipt
@@ -269,14 +282,7 @@ def cmd_put(s: Session, a: argparse.Namespace) -> int:
     if not a.wait:
         s.result(reply.job, {"job": reply.job, "size": reply.size, "hash": reply.hash})
         return EXIT_OK
-    r = wait_job(s, reply.job, a.timeout)
-    if r.state == common_pb2.JOB_STATE_ERROR:
-        raise CliFailure(f"job {reply.job} failed: {r.error or r.result}")
-    if r.state != common_pb2.JOB_STATE_DONE:
-        raise CliFailure(
-            f"timed out: job {reply.job} is still being stored after {a.timeout:g} s;"
-            f" check later with: gridstor status {reply.job} --wait"
-        )
+    r = wait_stored(s, reply.job, a.timeout)
     key_id = verify_receipt(s, r, reply.job, sent, hash_hex)
     s.result(
         r.file_id,

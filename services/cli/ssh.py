@@ -23,8 +23,8 @@ from typing import Any
 
 import asyncssh
 
-from gridstor.v1 import common_pb2, ssh_pb2, ssh_pb2_grpc
-from services.cli.commands import wait_job
+from gridstor.v1 import ssh_pb2, ssh_pb2_grpc
+from services.cli.commands import wait_stored
 from services.cli.failures import EXIT_OK, EXIT_USAGE, CliFailure
 from services.cli.progress import human
 from services.cli.session import UNARY_TIMEOUT, Session
@@ -153,14 +153,7 @@ def cmd_process(s: Session, a: argparse.Namespace) -> int:
     if not a.wait:
         s.result(r.job, data)
         return EXIT_OK
-    status = wait_job(s, r.job, a.timeout)
-    if status.state == common_pb2.JOB_STATE_ERROR:
-        raise CliFailure(f"job {r.job} failed: {status.error or status.result}")
-    if status.state != common_pb2.JOB_STATE_DONE:
-        raise CliFailure(
-            f"timed out: job {r.job} is still being stored after {a.timeout:g} s;"
-            f" check later with: gridstor status {r.job} --wait"
-        )
+    status = wait_stored(s, r.job, a.timeout)
     s.result(status.file_id, {**data, "file_id": status.file_id, "size": status.size, "hash": status.hash})
     return EXIT_OK
 
