@@ -64,7 +64,7 @@ ADMIN_SUBJECT_PREFIX = "admin:"
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-# What edge answers a REST client with instead of the status code's usual mapping (envoy.py reads and strips it).
+# The REST status the edge answers instead of the code's usual mapping (envoy.py applies it, then strips it).
 HTTP_STATUS_TRAILER = "x-gridstor-http-status"
 REALM = "gridstor"
 ERROR_DOMAIN = "gridstor"
