@@ -86,16 +86,34 @@ def check_ext(ext: str) -> str:
 def ext_from_name(name: str) -> str:
     """Derive a normalized extension from an uploaded file name (or an extension).
 
-    ``photo.JPG`` -> ``.jpg``; ``backup.tar.gz`` -> ``.tar.gz``; ``README`` -> ``""``.
-    Parts that would not be valid are dropped from the left, so a name like
-    ``my.holiday photos.zip`` gives ``.zip``. Never raises.
+    The rule: of the name's last path component, lowercased, the longest
+    suffix of at most three dot-separated parts that is a valid extension
+    (``check_ext``); parts that would not be valid are dropped from the left.
+    ``photo.JPG`` -> ``.jpg``; ``backup.tar.gz`` -> ``.tar.gz``;
+    ``foo.a.b.c.d`` -> ``.b.c.d``; ``my.holiday photos.zip`` -> ``.zip``;
+    ``README`` -> ``""``; ``y.t@r`` -> ``""`` (see ``dropped_ext``). Never raises.
     """
-    base = name.replace("\\", "/").rsplit("/", 1)[-1].lower()
-    parts = base.split(".")[1:]
-    parts = parts[-3:]
+    parts = _name_parts(name)[-3:]
     while parts:
         ext = "." + ".".join(parts)
         if len(ext) <= MAX_EXT_LEN and _EXT.match(ext):
             return ext
         parts = parts[1:]
     return ""
+
+
+def dropped_ext(name: str) -> str:
+    """Why a name's extension cannot be part of a file id (its last part is not valid); "" when it can or has none."""
+    parts = _name_parts(name)
+    if not parts or not parts[-1] or ext_from_name(name):
+        return ""
+    shown = "." + parts[-1][:40] + ("..." if len(parts[-1]) > 40 else "")
+    return (
+        f"the extension {shown!r} cannot be part of a file id (up to 3 parts of 1-16 lowercase"
+        " letters or digits, like .jpg or .tar.gz); the file is stored without one"
+    )
+
+
+def _name_parts(name: str) -> list[str]:
+    """The dot-separated parts after the first of a name's last path component, lowercased."""
+    return name.replace("\\", "/").rsplit("/", 1)[-1].lower().split(".")[1:]

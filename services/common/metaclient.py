@@ -1,7 +1,7 @@
 """The one client of meta's internal RPCs, calling with a service token; failures come back as domain errors.
 
 Used by maint (``Records``: get, update, put, list) and by ingest's store
-workers (find_by_hash, put, get). A status from meta becomes the domain error
+workers (find_by_hash, put, get, add_extension). A status from meta becomes the domain error
 it stands for (``rpc.error_for``); meta unreachable is BackendUnavailable.
 With ``retry_for`` a call to an unreachable meta is retried with backoff for
 that many seconds before it fails.
@@ -85,6 +85,12 @@ class MetaClient:
         """The file id of stored content hashing to ``digest``, or None."""
         reply = await self._call("FindByHash", self.stub.FindByHash, meta_pb2.FindByHashRequest(hash=digest))
         return reply.file_id if reply.found else None
+
+    async def add_extension(self, file_id: str, ext: str, content_type: str) -> str:
+        """Note that the content behind ``file_id`` was uploaded as ``ext`` too; the file id to answer."""
+        request = meta_pb2.AddExtensionRequest(id=file_id, ext=ext, content_type=content_type)
+        reply = await self._call("AddExtension", self.stub.AddExtension, request)
+        return reply.file_id
 
     async def list(self, after: int | None = None, limit: int = 0) -> AsyncIterator[Entry]:
         request = meta_pb2.ListRecordsRequest(limit=limit)

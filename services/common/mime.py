@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 DEFAULT_TYPE = "application/octet-stream"
 MAX_FILENAME = 200
+MAX_CONTENT_TYPE = 255
 
 _TYPES = mimetypes.MimeTypes()
 # A compressed file is served as the compressed bytes (no Content-Encoding), so its type is the container's.
@@ -55,7 +56,7 @@ def type_for_ext(ext: str) -> str:
 def content_type_for(stored: str, ext: str) -> str:
     """The type given at upload when it is a well-formed MIME type, else the one of the extension."""
     stored = stored.strip()
-    if stored and len(stored) <= 255 and _MIME.match(stored):
+    if stored and len(stored) <= MAX_CONTENT_TYPE and _MIME.match(stored):
         return stored
     return type_for_ext(ext)
 

@@ -25,7 +25,7 @@ import blake3
 
 from services.common import errors
 from services.common.ids import HASH_BYTES, ext_from_name
-from services.common.mime import content_type_for
+from services.common.mime import MAX_CONTENT_TYPE, content_type_for
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ PART_PREFIX = "up-"
 PART_SUFFIX = ".part"
 JOB_SUFFIX = ".spool"
 MAX_NAME = 1024
-MAX_CONTENT_TYPE = 255
 # A form-encoded type is what curl -d sends by default, not what the file is.
 _IGNORED_TYPES = frozenset({"application/x-www-form-urlencoded"})
 

@@ -89,7 +89,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             received = await up.receive(request_iterator, context)
         finally:
             self.metrics.uploads.inc(result=up.result)
-        return ingest_pb2.UploadReply(job=received.job, size=received.size, hash=received.hash)
+        return ingest_pb2.UploadReply(
+            job=received.job,
+            size=received.size,
+            hash=received.hash,
+            name=received.name,
+            ext=received.ext,
+            note=received.note,
+        )
 
     async def Status(self, request: ingest_pb2.StatusRequest, context: Context) -> ingest_pb2.StatusReply:
         """Where a job stands; with wait, once it ends or the timeout passes."""

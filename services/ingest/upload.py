@@ -2,7 +2,9 @@
 
 1. The first message's header is checked (name, content type, declared size);
    every message's bytes go to a spool file, hashed and counted, within the
-   upload limit and the declared size. A client that stops sending is dropped
+   upload limit and the declared size. A multipart/form-data body (form.py)
+   is parsed as it arrives: its one file part's bytes are spooled, and the
+   part's filename and type are the header's. A client that stops sending is dropped
    after ``limits.upload_idle_timeout``.
 2. A big upload (``STREAM_FROM`` bytes, declared or so far) is queued while
    it still arrives: its spool file takes the job's name and the job is
@@ -21,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +33,10 @@ import grpc
 from gridstor.v1 import ingest_pb2
 from services.common import errors, jobs, spool
 from services.common.config import Config
+from services.common.ids import dropped_ext
 from services.common.jobs import JobStore
 from services.common.limits import idle_timeout
+from services.ingest.form import FormFile, is_form
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,9 @@ class Received:
     job: str
     size: int
     hash: str  # hex
+    name: str
     ext: str
+    note: str = ""  # why the name's extension was not kept, if it was not
 
 
 class Upload:
@@ -65,39 +71,32 @@ class Upload:
         self.identity = identity
         self.on_bytes = on_bytes  # counts every byte received, kept or not
         self.result = "failed"
+        self.header: spool.UploadHeader | None = None
 
     async def receive(self, messages: AsyncIterator[ingest_pb2.UploadRequest], context: Context) -> Received:
         """Spool ``messages`` and queue the job; the spool file is gone again unless the job is queued."""
         limit = self.cfg.max_upload
-        header: spool.UploadHeader | None = None
         sp = spool.Spool(self.cfg.spool_dir, limit)
         committed: asyncio.Future[None] | None = None
         job = ""
         streaming = False  # the job is queued already and a worker may be storing the spool as it grows
         try:
-            async for msg in idle_timeout(messages, self.cfg.limits.upload_idle_timeout):
-                if header is None:
-                    header = spool.UploadHeader.parse(
-                        msg.name,
-                        msg.content_type,
-                        msg.body.content_type,
-                        msg.declared_size if msg.HasField("declared_size") else None,
-                        limit,
-                    )
-                data = msg.body.data
-                self.on_bytes(len(data))
-                await sp.write(data)
-                if header.declared_size is not None and sp.size > header.declared_size:
-                    raise errors.InvalidInput(
-                        f"more bytes arrived than the declared_size of {header.declared_size} bytes"
-                    )
-                if not streaming and big(header, sp.size):
-                    job = jobs.new_job_id()
-                    await self._spool_as_job(job, sp)
-                    streaming = True  # set before submit: a cancellation cutting it short must still abort
-                    await self._queue_receiving(job, sp, header)
-            if header is None:  # an empty stream is an empty, nameless file
-                header = spool.UploadHeader.parse("", "", "", None, limit)
+            pieces = self._file(idle_timeout(messages, self.cfg.limits.upload_idle_timeout), limit)
+            async with contextlib.aclosing(pieces):
+                async for header, data in pieces:
+                    await sp.write(data)
+                    if header.declared_size is not None and sp.size > header.declared_size:
+                        raise errors.InvalidInput(
+                            f"more bytes arrived than the declared_size of {header.declared_size} bytes"
+                        )
+                    if not streaming and big(header, sp.size):
+                        job = jobs.new_job_id()
+                        await self._spool_as_job(job, sp)
+                        streaming = True  # set before submit: a cancellation cutting it short must still abort
+                        await self._queue_receiving(job, sp, header)
+            if self.header is None:  # an empty stream is an empty, nameless file
+                self.header = spool.UploadHeader.parse("", "", "", None, limit)
+            header = self.header
             done = await sp.finish()
             if header.declared_size is not None and header.declared_size != done.size:
                 raise errors.InvalidInput(
@@ -144,7 +143,51 @@ class Upload:
                     await self._abort(job)
                 sp.discard()
         log.info("upload received", extra={"job": job, "size": done.size, "ext": header.ext, "identity": self.identity})
-        return Received(job, done.size, done.hash.hex(), header.ext)
+        return Received(job, done.size, done.hash.hex(), header.name, header.ext, dropped_ext(header.name))
+
+    async def _file(
+        self, messages: AsyncIterator[ingest_pb2.UploadRequest], limit: int
+    ) -> AsyncGenerator[tuple[spool.UploadHeader, bytes], None]:
+        """The file's header (once known) with each piece of its bytes; a form body yields its file part's.
+
+        ``self.header`` is set as soon as the header is known (None after an empty stream).
+        """
+        form: FormFile | None = None
+        first: ingest_pb2.UploadRequest | None = None
+        async for msg in messages:
+            data = msg.body.data
+            self.on_bytes(len(data))
+            if first is None:
+                first = msg
+                if is_form(msg.body.content_type):
+                    form = FormFile(msg.body.content_type)
+                    if msg.HasField("declared_size"):
+                        raise errors.InvalidInput(
+                            "declared_size cannot be used with a multipart/form-data upload (it would count the"
+                            " form, not the file)"
+                        )
+                else:
+                    self.header = spool.UploadHeader.parse(
+                        msg.name,
+                        msg.content_type,
+                        msg.body.content_type,
+                        msg.declared_size if msg.HasField("declared_size") else None,
+                        limit,
+                    )
+            if form is None:
+                assert self.header is not None
+                yield self.header, data
+                continue
+            pieces = form.feed(data)
+            if self.header is None and form.ready:
+                self.header = spool.UploadHeader.parse(
+                    first.name or form.filename, first.content_type or form.content_type, "", None, limit
+                )
+            for piece in pieces:
+                assert self.header is not None
+                yield self.header, piece
+        if form is not None:
+            form.finish()
 
     async def _spool_as_job(self, job: str, sp: spool.Spool) -> None:
         """Give the growing spool file its job name, with what arrived so far on disk."""

@@ -5,7 +5,8 @@ reads the YAML config from stdin, which is how ``WorkerPool`` hands over the
 ingest service's config). A worker reads the job stream through the consumer
 group, one job at a time:
 
-1. FindByHash at meta: content already stored -> DONE with that id, no shards written.
+1. FindByHash at meta: content already stored -> DONE with that id, no shards written
+   (with this upload's extension, which AddExtension records at meta when it is new).
 2. Otherwise ``Engine.store`` the spool file (progress into the job hash), then
    PutRecord; if meta answers ``deduplicated`` (the same content finished
    meanwhile), the shards just written are deleted.
@@ -343,7 +344,7 @@ class Worker:
             digest, size = await asyncio.to_thread(_hash_file, path)
         found = await _meta("FindByHash", self.meta.find_by_hash(digest))
         if found is not None:
-            return Outcome(found, size, digest.hex(), dedup=True)
+            return Outcome(await self._as_uploaded(job, found), size, digest.hex(), dedup=True)
         record = await self.engine.store(self._source(job, path), ext=job.ext, content_type=job.content_type)
         return await self._register(job, record, digest, size)
 
@@ -399,7 +400,15 @@ class Worker:
             else:
                 removed = await self.engine.delete_shards(record)
                 log.info("job %s: content stored meanwhile by another job; removed %d new shards", job.id, removed)
+                return Outcome(await self._as_uploaded(job, entry.file_id), size, digest.hex(), dedup=True)
         return Outcome(entry.file_id, size, digest.hex(), dedup=dedup)
+
+    async def _as_uploaded(self, job: Job, file_id: str) -> str:
+        """The id of content stored before, with this upload's extension (meta records it for downloads)."""
+        _, dot, ext = file_id.partition(".")
+        if not job.ext or (dot and "." + ext == job.ext):
+            return file_id
+        return await _meta("AddExtension", self.meta.add_extension(file_id, job.ext, job.content_type))
 
     async def _source(self, job: Job, path: Path, tail: list[tuple[int, str]] | None = None) -> AsyncIterator[bytes]:
         """The spool file's bytes, noting progress in the job hash as the engine takes them.

@@ -22,9 +22,10 @@ from services.common.engine import CHECKSUM_BYTES, RECORD_VERSION
 from services.common.errors import Conflict, InvalidInput, NotFound, Refused
 from services.common.ids import HASH_BYTES, FileId, check_ext, parse_file_id
 from services.common.metastore import FileRecord, MetaStore
-from services.common.mime import content_type_for
+from services.common.mime import MAX_CONTENT_TYPE, content_type_for
 
 REPLICA_REFUSAL = "this gateway is a read-only replica"
+MAX_OTHER_EXTS = 32  # extensions a record keeps beyond its first (FileRecord.other_types)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,12 @@ def check_record(record: FileRecord) -> None:
         raise InvalidInput(f"record hash must be {HASH_BYTES} bytes (BLAKE3-192), got {len(record.hash)}")
     if record.ext:
         check_ext(record.ext)
+    if len(record.other_types) > MAX_OTHER_EXTS:
+        raise InvalidInput(f"record lists {len(record.other_types)} other extensions; at most {MAX_OTHER_EXTS}")
+    for ext, kind in record.other_types.items():
+        check_ext(ext)
+        if len(kind) > MAX_CONTENT_TYPE:
+            raise InvalidInput(f"record content type for {ext} is over {MAX_CONTENT_TYPE} characters")
     if record.k < 1 or record.m < 1:
         raise InvalidInput(f"record coding k={record.k} m={record.m}: both must be at least 1")
     if record.chunk_size < 1:
@@ -189,6 +196,32 @@ class Catalog:
                 raise Conflict(f"record {fid.key} changed since it was read; read it again and retry")
             await self.store.update(fid.meta_id, record)
         return Entry(fid.meta_id, record)
+
+    async def add_extension(self, text: str, ext: str, content_type: str = "") -> str:
+        """Record that the content behind a file id was uploaded as ``ext`` too; the file id to answer.
+
+        ``<key><ext>`` then downloads as ``content_type`` (the extension's type when
+        empty or not a MIME type). The first type recorded for an extension stays;
+        a record that lists MAX_OTHER_EXTS already is left alone and the answer
+        carries its stored extension.
+        """
+        self._writable()
+        fid = parse_file_id(text)
+        if ext:
+            check_ext(ext)
+        if len(content_type) > MAX_CONTENT_TYPE:
+            raise InvalidInput(f"content_type is {len(content_type)} characters; at most {MAX_CONTENT_TYPE}")
+        async with self._locks.hold(fid.hash):
+            current = await self.store.resolve(fid)
+            if not ext or ext == current.ext or ext in current.other_types:
+                return str(FileId(fid.hash, fid.meta_id, ext or current.ext))
+            if len(current.other_types) >= MAX_OTHER_EXTS:
+                return str(FileId(fid.hash, fid.meta_id, current.ext))
+            record = FileRecord()
+            record.CopyFrom(current)
+            record.other_types[ext] = content_type_for(content_type, ext)
+            await self.store.update(fid.meta_id, record)
+        return str(FileId(fid.hash, fid.meta_id, ext))
 
     async def scan(self, after: int | None = None, limit: int = 0) -> AsyncGenerator[Entry, None]:
         """Records in metadata id order after ``after``; at most ``limit`` (0: all)."""

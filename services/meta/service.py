@@ -17,14 +17,14 @@ from services.common.engine import Engine
 from services.common.gateway import open_engine, open_metastore
 from services.common.metrics import Registry
 from services.common.server import READY_EVERY, Cleanup, Running, Wiring, create_server
-from services.meta import download
+from services.meta import download, web
 from services.meta.catalog import Catalog, file_info
 
 NAME = "meta"
 SERVICE = "gridstor.v1.MetaService"
 POLICY = rpc.Policy(
     public=frozenset({"Download", "Exists", "Stat"}),
-    internal=frozenset({"PutRecord", "FindByHash", "GetRecord", "UpdateRecord", "ListRecords"}),
+    internal=frozenset({"PutRecord", "FindByHash", "GetRecord", "UpdateRecord", "ListRecords", "AddExtension"}),
 )
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -35,6 +35,9 @@ class Metrics:
 
     def __init__(self, registry: Registry) -> None:
         self.downloads = registry.counter("meta_downloads_total", "Downloads whose stream started")
+        self.http = registry.counter(
+            "meta_http_downloads_total", "REST downloads (through Envoy) by method and HTTP status answered"
+        )
         self.bytes_sent = registry.counter("meta_download_bytes_total", "File bytes sent by Download")
         self.errors = registry.counter("meta_errors_total", "Failed meta calls, by method and status code")
         self.stored = registry.counter("meta_records_stored_total", "New records stored by PutRecord")
@@ -62,6 +65,7 @@ class MetaServicer(meta_pb2_grpc.MetaServiceServicer):
         self, request: meta_pb2.DownloadRequest, context: Context
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         with self.metrics.observe("Download"):
+            http = web.Request.from_metadata(context.invocation_metadata() or ())
             plan = await download.plan(
                 self.catalog,
                 request.id,
@@ -69,7 +73,14 @@ class MetaServicer(meta_pb2_grpc.MetaServiceServicer):
                 request.length,
                 filename=request.filename,
                 attachment=request.attachment,
+                http=http,
             )
+            if http is not None:
+                self.metrics.http.inc(method=http.method, status=str(plan.status))
+            if plan.body is not None:  # HEAD, 304, 412, 416: no file bytes
+                await context.send_initial_metadata(plan.headers)
+                yield httpbody_pb2.HttpBody(content_type=plan.content_type, data=plan.body)
+                return
             stream = self.engine.read(plan.entry.record, plan.offset, plan.length)
             async with contextlib.aclosing(download.reslice(stream)) as body:
                 # Pull the first piece before anything is sent, so too few shards is a clean UNAVAILABLE.
@@ -121,6 +132,11 @@ class MetaServicer(meta_pb2_grpc.MetaServiceServicer):
             expected = request.expected if request.HasField("expected") else None
             entry = await self.catalog.update(request.id, request.record, expected)
         return meta_pb2.UpdateRecordReply(meta_id=entry.meta_id, file_id=entry.file_id)
+
+    async def AddExtension(self, request: meta_pb2.AddExtensionRequest, context: Context) -> meta_pb2.AddExtensionReply:
+        with self.metrics.observe("AddExtension"):
+            file_id = await self.catalog.add_extension(request.id, request.ext, request.content_type)
+        return meta_pb2.AddExtensionReply(file_id=file_id)
 
     async def ListRecords(
         self, request: meta_pb2.ListRecordsRequest, context: Context

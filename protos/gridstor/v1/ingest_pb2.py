@@ -27,7 +27,7 @@ from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from gridstor.v1 import common_pb2 as gridstor_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gridstor/v1/ingest.proto\x12\x0bgridstor.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x18gridstor/v1/common.proto\"\x85\x01\n\rUploadRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x1a\n\rdeclared_size\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\"\n\x04\x62ody\x18\x04 \x01(\x0b\x32\x14.google.api.HttpBodyB\x10\n\x0e_declared_size\"6\n\x0bUploadReply\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0c\n\x04hash\x18\x03 \x01(\t\"C\n\rStatusRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\r\"\xe1\x01\n\x0bStatusReply\x12\x0b\n\x03job\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.gridstor.v1.JobState\x12\x0e\n\x06result\x18\x03 \x01(\t\x12\x0f\n\x07\x66ile_id\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x0c\n\x04hash\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x16\n\x0eprogress_bytes\x18\x08 \x01(\x03\x12\x14\n\x0c\x64\x65\x64uplicated\x18\t \x01(\x08\x12%\n\x07receipt\x18\n \x01(\x0b\x32\x14.gridstor.v1.Receipt2\xd5\x01\n\rIngestService\x12l\n\x06Upload\x12\x1a.gridstor.v1.UploadRequest\x1a\x18.gridstor.v1.UploadReply\"*\x82\xd3\xe4\x93\x02$\"\t/v1/files:\x04\x62odyZ\x11\x1a\t/v1/files:\x04\x62ody(\x01\x12V\n\x06Status\x12\x1a.gridstor.v1.StatusRequest\x1a\x18.gridstor.v1.StatusReply\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/jobs/{job}B9Z7github.com/gridstor/gridstor/gen/gridstor/v1;gridstorv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gridstor/v1/ingest.proto\x12\x0bgridstor.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x18gridstor/v1/common.proto\"\x85\x01\n\rUploadRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x1a\n\rdeclared_size\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\"\n\x04\x62ody\x18\x04 \x01(\x0b\x32\x14.google.api.HttpBodyB\x10\n\x0e_declared_size\"_\n\x0bUploadReply\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x0b\n\x03\x65xt\x18\x05 \x01(\t\x12\x0c\n\x04note\x18\x06 \x01(\t\"C\n\rStatusRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\r\"\xe1\x01\n\x0bStatusReply\x12\x0b\n\x03job\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.gridstor.v1.JobState\x12\x0e\n\x06result\x18\x03 \x01(\t\x12\x0f\n\x07\x66ile_id\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x0c\n\x04hash\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x16\n\x0eprogress_bytes\x18\x08 \x01(\x03\x12\x14\n\x0c\x64\x65\x64uplicated\x18\t \x01(\x08\x12%\n\x07receipt\x18\n \x01(\x0b\x32\x14.gridstor.v1.Receipt2\xd5\x01\n\rIngestService\x12l\n\x06Upload\x12\x1a.gridstor.v1.UploadRequest\x1a\x18.gridstor.v1.UploadReply\"*\x82\xd3\xe4\x93\x02$\"\t/v1/files:\x04\x62odyZ\x11\x1a\t/v1/files:\x04\x62ody(\x01\x12V\n\x06Status\x12\x1a.gridstor.v1.StatusRequest\x1a\x18.gridstor.v1.StatusReply\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/jobs/{job}B9Z7github.com/gridstor/gridstor/gen/gridstor/v1;gridstorv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,11 +42,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADREQUEST']._serialized_start=125
   _globals['_UPLOADREQUEST']._serialized_end=258
   _globals['_UPLOADREPLY']._serialized_start=260
-  _globals['_UPLOADREPLY']._serialized_end=314
-  _globals['_STATUSREQUEST']._serialized_start=316
-  _globals['_STATUSREQUEST']._serialized_end=383
-  _globals['_STATUSREPLY']._serialized_start=386
-  _globals['_STATUSREPLY']._serialized_end=611
-  _globals['_INGESTSERVICE']._serialized_start=614
-  _globals['_INGESTSERVICE']._serialized_end=827
+  _globals['_UPLOADREPLY']._serialized_end=355
+  _globals['_STATUSREQUEST']._serialized_start=357
+  _globals['_STATUSREQUEST']._serialized_end=424
+  _globals['_STATUSREPLY']._serialized_start=427
+  _globals['_STATUSREPLY']._serialized_end=652
+  _globals['_INGESTSERVICE']._serialized_start=655
+  _globals['_INGESTSERVICE']._serialized_end=868
 # @@protoc_insertion_point(module_scope)

@@ -70,22 +70,34 @@ class UploadReply(_message.Message):
     JOB_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    EXT_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     """Job id (32 lowercase hex, random); pass it to Status."""
     size: _builtins.int
     """Bytes received."""
     hash: _builtins.str
     """BLAKE3-192 of the bytes received, 48 lowercase hex: the start of the future file id."""
+    name: _builtins.str
+    """The file name the upload was given (the name field, or a form part's filename)."""
+    ext: _builtins.str
+    """The extension the file id will end with (e.g. ".jpg"); empty when none."""
+    note: _builtins.str
+    """Set when the name's extension could not be kept: why, e.g. ".t@r" is not a valid extension."""
     def __init__(
         self,
         *,
         job: _builtins.str = ...,
         size: _builtins.int = ...,
         hash: _builtins.str = ...,
+        name: _builtins.str = ...,
+        ext: _builtins.str = ...,
+        note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hash", b"hash", "job", b"job", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ext", b"ext", "hash", b"hash", "job", b"job", "name", b"name", "note", b"note", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -140,7 +152,9 @@ class StatusReply(_message.Message):
     result: _builtins.str
     """The owner's one-string answer: "ACTIVE", "TIMEOUT", "ERROR:<reason>" or "<id>.<ext>" (no dot when no extension)."""
     file_id: _builtins.str
-    """DONE: the stored file's id, extension included."""
+    """DONE: the stored file's id, with the extension this upload gave (even when the same content
+    was stored before under another one).
+    """
     size: _builtins.int
     """Plaintext size in bytes (known once the upload was received)."""
     hash: _builtins.str

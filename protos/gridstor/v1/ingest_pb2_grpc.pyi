@@ -36,6 +36,8 @@ class IngestServiceStub:
     Over the size limit (max_upload): INVALID_ARGUMENT with the limit in google.rpc.BadRequest and ErrorInfo
     details (REST: 413), never worth a retry; nothing is kept.
     REST: the raw request body is the file; ?name=photo.jpg (and optionally &declared_size=N).
+    A multipart/form-data body (an HTML form, curl -F) stores its one file part, with the
+    part's filename and Content-Type; a form with more than one part is refused (docs/rest.md).
     """
     Status: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.StatusRequest, _ingest_pb2.StatusReply]
     """Where a job stands. Public: the random job id is the capability.
@@ -50,6 +52,8 @@ class IngestServiceAsyncStub(IngestServiceStub):
     Over the size limit (max_upload): INVALID_ARGUMENT with the limit in google.rpc.BadRequest and ErrorInfo
     details (REST: 413), never worth a retry; nothing is kept.
     REST: the raw request body is the file; ?name=photo.jpg (and optionally &declared_size=N).
+    A multipart/form-data body (an HTML form, curl -F) stores its one file part, with the
+    part's filename and Content-Type; a form with more than one part is refused (docs/rest.md).
     """
     Status: _aio.UnaryUnaryMultiCallable[_ingest_pb2.StatusRequest, _ingest_pb2.StatusReply]  # type: ignore[assignment]
     """Where a job stands. Public: the random job id is the capability.
@@ -67,6 +71,8 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         Over the size limit (max_upload): INVALID_ARGUMENT with the limit in google.rpc.BadRequest and ErrorInfo
         details (REST: 413), never worth a retry; nothing is kept.
         REST: the raw request body is the file; ?name=photo.jpg (and optionally &declared_size=N).
+        A multipart/form-data body (an HTML form, curl -F) stores its one file part, with the
+        part's filename and Content-Type; a form with more than one part is refused (docs/rest.md).
         """
 
     @_abc_1.abstractmethod

@@ -349,6 +349,56 @@ class UpdateRecordReply(_message.Message):
 Global___UpdateRecordReply: _TypeAlias = UpdateRecordReply  # noqa: Y015
 
 @_typing.final
+class AddExtensionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    EXT_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """File id of the stored content, with or without an extension."""
+    ext: _builtins.str
+    """The extension this upload gave, normalized (".png"); empty: nothing to record."""
+    content_type: _builtins.str
+    """The type given at that upload; empty: the extension's."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        ext: _builtins.str = ...,
+        content_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "ext", b"ext", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddExtensionRequest: _TypeAlias = AddExtensionRequest  # noqa: Y015
+
+@_typing.final
+class AddExtensionReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_ID_FIELD_NUMBER: _builtins.int
+    file_id: _builtins.str
+    """The file id to hand to that uploader: with its extension, or with the stored one
+    when the record lists the most extensions it may (32) already.
+    """
+    def __init__(
+        self,
+        *,
+        file_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_id", b"file_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddExtensionReply: _TypeAlias = AddExtensionReply  # noqa: Y015
+
+@_typing.final
 class ListRecordsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -79,6 +79,11 @@ class MetaServiceStub:
                 request_serializer=gridstor_dot_v1_dot_meta__pb2.ListRecordsRequest.SerializeToString,
                 response_deserializer=gridstor_dot_v1_dot_meta__pb2.ListRecordsReply.FromString,
                 _registered_method=True)
+        self.AddExtension = channel.unary_unary(
+                '/gridstor.v1.MetaService/AddExtension',
+                request_serializer=gridstor_dot_v1_dot_meta__pb2.AddExtensionRequest.SerializeToString,
+                response_deserializer=gridstor_dot_v1_dot_meta__pb2.AddExtensionReply.FromString,
+                _registered_method=True)
 
 
 class MetaServiceServicer:
@@ -90,9 +95,18 @@ class MetaServiceServicer:
 
     def Download(self, request, context):
         """Stream the file's bytes in messages of about 1 MiB. The first message carries the
-        content type (from the extension). Initial metadata: content-disposition and
-        x-gridstor-size (the whole file), so clients can detect a truncated stream.
-        REST: the raw bytes; ?offset=&length= for a partial read.
+        content type: the one given at upload, or that of an id's extension another upload of
+        the same content gave. Initial metadata: content-disposition and x-gridstor-size
+        (the whole file), x-gridstor-offset and x-gridstor-length (the part sent), so clients
+        can detect a truncated stream.
+        REST (GET and HEAD): the raw bytes; ?offset=&length= for a partial read. Through Envoy it
+        answers like a web server (docs/http.md): Content-Length, ETag, Last-Modified,
+        Cache-Control, Accept-Ranges; Range (206/416), If-Range, If-Match, If-None-Match (304),
+        If-Modified-Since (304), If-Unmodified-Since (412). The transcoder hands those headers
+        over as metadata with x-envoy-original-method; Download answers them with the headers
+        plus x-gridstor-status and x-gridstor-content-length, which the edge turns into the
+        HTTP status and Content-Length. A gRPC call has no x-envoy-original-method: offset and
+        length are all there is.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,6 +162,15 @@ class MetaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddExtension(self, request, context):
+        """Internal: the content behind an id was uploaded again under another extension (ingest,
+        on dedup). Records the extension with its content type, so "<id><ext>" downloads as that
+        type; idempotent (the first type given for an extension stays).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MetaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +213,11 @@ def add_MetaServiceServicer_to_server(servicer, server):
                     servicer.ListRecords,
                     request_deserializer=gridstor_dot_v1_dot_meta__pb2.ListRecordsRequest.FromString,
                     response_serializer=gridstor_dot_v1_dot_meta__pb2.ListRecordsReply.SerializeToString,
+            ),
+            'AddExtension': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddExtension,
+                    request_deserializer=gridstor_dot_v1_dot_meta__pb2.AddExtensionRequest.FromString,
+                    response_serializer=gridstor_dot_v1_dot_meta__pb2.AddExtensionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -412,6 +440,33 @@ class MetaService:
             '/gridstor.v1.MetaService/ListRecords',
             gridstor_dot_v1_dot_meta__pb2.ListRecordsRequest.SerializeToString,
             gridstor_dot_v1_dot_meta__pb2.ListRecordsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddExtension(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gridstor.v1.MetaService/AddExtension',
+            gridstor_dot_v1_dot_meta__pb2.AddExtensionRequest.SerializeToString,
+            gridstor_dot_v1_dot_meta__pb2.AddExtensionReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,9 +40,18 @@ class MetaServiceStub:
     def __new__(cls, channel: _aio.Channel) -> MetaServiceAsyncStub: ...
     Download: _grpc.UnaryStreamMultiCallable[_meta_pb2.DownloadRequest, _httpbody_pb2.HttpBody]
     """Stream the file's bytes in messages of about 1 MiB. The first message carries the
-    content type (from the extension). Initial metadata: content-disposition and
-    x-gridstor-size (the whole file), so clients can detect a truncated stream.
-    REST: the raw bytes; ?offset=&length= for a partial read.
+    content type: the one given at upload, or that of an id's extension another upload of
+    the same content gave. Initial metadata: content-disposition and x-gridstor-size
+    (the whole file), x-gridstor-offset and x-gridstor-length (the part sent), so clients
+    can detect a truncated stream.
+    REST (GET and HEAD): the raw bytes; ?offset=&length= for a partial read. Through Envoy it
+    answers like a web server (docs/http.md): Content-Length, ETag, Last-Modified,
+    Cache-Control, Accept-Ranges; Range (206/416), If-Range, If-Match, If-None-Match (304),
+    If-Modified-Since (304), If-Unmodified-Since (412). The transcoder hands those headers
+    over as metadata with x-envoy-original-method; Download answers them with the headers
+    plus x-gridstor-status and x-gridstor-content-length, which the edge turns into the
+    HTTP status and Content-Length. A gRPC call has no x-envoy-original-method: offset and
+    length are all there is.
     """
     Exists: _grpc.UnaryUnaryMultiCallable[_meta_pb2.ExistsRequest, _meta_pb2.ExistsReply]
     """Whether a file with this id is stored. A well-formed unknown id answers exists=false."""
@@ -60,6 +69,11 @@ class MetaServiceStub:
     """Internal: replace a record in place (maint repair moved shards). The hash cannot change."""
     ListRecords: _grpc.UnaryStreamMultiCallable[_meta_pb2.ListRecordsRequest, _meta_pb2.ListRecordsReply]
     """Internal: every record in metadata id order (scrub, backup)."""
+    AddExtension: _grpc.UnaryUnaryMultiCallable[_meta_pb2.AddExtensionRequest, _meta_pb2.AddExtensionReply]
+    """Internal: the content behind an id was uploaded again under another extension (ingest,
+    on dedup). Records the extension with its content type, so "<id><ext>" downloads as that
+    type; idempotent (the first type given for an extension stays).
+    """
 
 @_typing.type_check_only
 class MetaServiceAsyncStub(MetaServiceStub):
@@ -72,9 +86,18 @@ class MetaServiceAsyncStub(MetaServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Download: _aio.UnaryStreamMultiCallable[_meta_pb2.DownloadRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """Stream the file's bytes in messages of about 1 MiB. The first message carries the
-    content type (from the extension). Initial metadata: content-disposition and
-    x-gridstor-size (the whole file), so clients can detect a truncated stream.
-    REST: the raw bytes; ?offset=&length= for a partial read.
+    content type: the one given at upload, or that of an id's extension another upload of
+    the same content gave. Initial metadata: content-disposition and x-gridstor-size
+    (the whole file), x-gridstor-offset and x-gridstor-length (the part sent), so clients
+    can detect a truncated stream.
+    REST (GET and HEAD): the raw bytes; ?offset=&length= for a partial read. Through Envoy it
+    answers like a web server (docs/http.md): Content-Length, ETag, Last-Modified,
+    Cache-Control, Accept-Ranges; Range (206/416), If-Range, If-Match, If-None-Match (304),
+    If-Modified-Since (304), If-Unmodified-Since (412). The transcoder hands those headers
+    over as metadata with x-envoy-original-method; Download answers them with the headers
+    plus x-gridstor-status and x-gridstor-content-length, which the edge turns into the
+    HTTP status and Content-Length. A gRPC call has no x-envoy-original-method: offset and
+    length are all there is.
     """
     Exists: _aio.UnaryUnaryMultiCallable[_meta_pb2.ExistsRequest, _meta_pb2.ExistsReply]  # type: ignore[assignment]
     """Whether a file with this id is stored. A well-formed unknown id answers exists=false."""
@@ -92,6 +115,11 @@ class MetaServiceAsyncStub(MetaServiceStub):
     """Internal: replace a record in place (maint repair moved shards). The hash cannot change."""
     ListRecords: _aio.UnaryStreamMultiCallable[_meta_pb2.ListRecordsRequest, _meta_pb2.ListRecordsReply]  # type: ignore[assignment]
     """Internal: every record in metadata id order (scrub, backup)."""
+    AddExtension: _aio.UnaryUnaryMultiCallable[_meta_pb2.AddExtensionRequest, _meta_pb2.AddExtensionReply]  # type: ignore[assignment]
+    """Internal: the content behind an id was uploaded again under another extension (ingest,
+    on dedup). Records the extension with its content type, so "<id><ext>" downloads as that
+    type; idempotent (the first type given for an extension stays).
+    """
 
 class MetaServiceServicer(metaclass=_abc_1.ABCMeta):
     """Public methods (Download, Exists, Stat) need no token: the file id is the capability.
@@ -107,9 +135,18 @@ class MetaServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
         """Stream the file's bytes in messages of about 1 MiB. The first message carries the
-        content type (from the extension). Initial metadata: content-disposition and
-        x-gridstor-size (the whole file), so clients can detect a truncated stream.
-        REST: the raw bytes; ?offset=&length= for a partial read.
+        content type: the one given at upload, or that of an id's extension another upload of
+        the same content gave. Initial metadata: content-disposition and x-gridstor-size
+        (the whole file), x-gridstor-offset and x-gridstor-length (the part sent), so clients
+        can detect a truncated stream.
+        REST (GET and HEAD): the raw bytes; ?offset=&length= for a partial read. Through Envoy it
+        answers like a web server (docs/http.md): Content-Length, ETag, Last-Modified,
+        Cache-Control, Accept-Ranges; Range (206/416), If-Range, If-Match, If-None-Match (304),
+        If-Modified-Since (304), If-Unmodified-Since (412). The transcoder hands those headers
+        over as metadata with x-envoy-original-method; Download answers them with the headers
+        plus x-gridstor-status and x-gridstor-content-length, which the edge turns into the
+        HTTP status and Content-Length. A gRPC call has no x-envoy-original-method: offset and
+        length are all there is.
         """
 
     @_abc_1.abstractmethod
@@ -169,5 +206,16 @@ class MetaServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_meta_pb2.ListRecordsReply], _abc.AsyncIterator[_meta_pb2.ListRecordsReply]]:
         """Internal: every record in metadata id order (scrub, backup)."""
+
+    @_abc_1.abstractmethod
+    def AddExtension(
+        self,
+        request: _meta_pb2.AddExtensionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_meta_pb2.AddExtensionReply, _abc.Awaitable[_meta_pb2.AddExtensionReply]]:
+        """Internal: the content behind an id was uploaded again under another extension (ingest,
+        on dedup). Records the extension with its content type, so "<id><ext>" downloads as that
+        type; idempotent (the first type given for an extension stays).
+        """
 
 def add_MetaServiceServicer_to_server(servicer: MetaServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

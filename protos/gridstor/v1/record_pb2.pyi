@@ -86,6 +86,26 @@ Global___ChunkRecord: _TypeAlias = ChunkRecord  # noqa: Y015
 class FileRecord(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class OtherTypesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     VERSION_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
@@ -100,6 +120,7 @@ class FileRecord(_message.Message):
     CHUNKS_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     CIPHER_FIELD_NUMBER: _builtins.int
+    OTHER_TYPES_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Record layout version; readers refuse versions they do not know."""
     hash: _builtins.bytes
@@ -127,6 +148,13 @@ class FileRecord(_message.Message):
 
     @_builtins.property
     def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChunkRecord]: ...
+    @_builtins.property
+    def other_types(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Other extensions the same content was uploaded with (dedup keeps one record), each with the
+        content type a download of "<id><ext>" is served with. At most 32; ext and content_type above
+        are the first upload's.
+        """
+
     def __init__(
         self,
         *,
@@ -144,10 +172,11 @@ class FileRecord(_message.Message):
         chunks: _abc.Iterable[Global___ChunkRecord] | None = ...,
         created: _builtins.int = ...,
         cipher: _builtins.str = ...,
+        other_types: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "chunk_size", b"chunk_size", "chunks", b"chunks", "cipher", b"cipher", "content_type", b"content_type", "created", b"created", "ec_type", b"ec_type", "ext", b"ext", "hash", b"hash", "k", b"k", "m", b"m", "size", b"size", "version", b"version", "wrapped_key", b"wrapped_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "chunk_size", b"chunk_size", "chunks", b"chunks", "cipher", b"cipher", "content_type", b"content_type", "created", b"created", "ec_type", b"ec_type", "ext", b"ext", "hash", b"hash", "k", b"k", "m", b"m", "other_types", b"other_types", "size", b"size", "version", b"version", "wrapped_key", b"wrapped_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
