@@ -4,9 +4,10 @@ Envoy's transcoder calls Download with the HTTP request's headers as metadata
 (``range``, ``if-none-match``, ...) and ``x-envoy-original-method`` (GET or
 HEAD), and turns the initial metadata Download sends into response headers.
 It cannot set the status or Content-Length itself, so Download also sends
-``x-gridstor-status`` (206, 304, 412, 416; absent for 200) and
-``x-gridstor-content-length``, which the edge's Lua filter
-(services/edge/rest.lua) turns into ``:status`` and ``content-length``.
+``x-gridstor-http-status`` (206, 304, 412, 416; absent for 200) and
+``x-gridstor-content-length``, which the edge's Lua filter (parts
+apply_http_status and apply_content_length in services/edge/envoy.py) turns
+into ``:status`` and ``content-length``.
 A gRPC client never carries ``x-envoy-original-method`` (the Lua filter drops
 one sent by any client), so none of this applies to it: offset and length
 stay the whole of gRPC's Download.
@@ -32,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 CACHE_CONTROL = "public, max-age=31536000, immutable"
-STATUS_HEADER = "x-gridstor-status"
+STATUS_HEADER = "x-gridstor-http-status"  # rpc.HTTP_STATUS_TRAILER: the edge's Lua filter applies it
 LENGTH_HEADER = "x-gridstor-content-length"
 METHOD_HEADER = "x-envoy-original-method"  # set by Envoy's transcoder on every call it makes
 REQUEST_HEADERS = ("range", "if-range", "if-match", "if-none-match", "if-modified-since", "if-unmodified-since")

@@ -104,7 +104,7 @@ class MetaServiceServicer:
         Cache-Control, Accept-Ranges; Range (206/416), If-Range, If-Match, If-None-Match (304),
         If-Modified-Since (304), If-Unmodified-Since (412). The transcoder hands those headers
         over as metadata with x-envoy-original-method; Download answers them with the headers
-        plus x-gridstor-status and x-gridstor-content-length, which the edge turns into the
+        plus x-gridstor-http-status and x-gridstor-content-length, which the edge turns into the
         HTTP status and Content-Length. A gRPC call has no x-envoy-original-method: offset and
         length are all there is.
         """

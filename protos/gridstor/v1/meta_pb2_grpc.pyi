@@ -49,7 +49,7 @@ class MetaServiceStub:
     Cache-Control, Accept-Ranges; Range (206/416), If-Range, If-Match, If-None-Match (304),
     If-Modified-Since (304), If-Unmodified-Since (412). The transcoder hands those headers
     over as metadata with x-envoy-original-method; Download answers them with the headers
-    plus x-gridstor-status and x-gridstor-content-length, which the edge turns into the
+    plus x-gridstor-http-status and x-gridstor-content-length, which the edge turns into the
     HTTP status and Content-Length. A gRPC call has no x-envoy-original-method: offset and
     length are all there is.
     """
@@ -95,7 +95,7 @@ class MetaServiceAsyncStub(MetaServiceStub):
     Cache-Control, Accept-Ranges; Range (206/416), If-Range, If-Match, If-None-Match (304),
     If-Modified-Since (304), If-Unmodified-Since (412). The transcoder hands those headers
     over as metadata with x-envoy-original-method; Download answers them with the headers
-    plus x-gridstor-status and x-gridstor-content-length, which the edge turns into the
+    plus x-gridstor-http-status and x-gridstor-content-length, which the edge turns into the
     HTTP status and Content-Length. A gRPC call has no x-envoy-original-method: offset and
     length are all there is.
     """
@@ -144,7 +144,7 @@ class MetaServiceServicer(metaclass=_abc_1.ABCMeta):
         Cache-Control, Accept-Ranges; Range (206/416), If-Range, If-Match, If-None-Match (304),
         If-Modified-Since (304), If-Unmodified-Since (412). The transcoder hands those headers
         over as metadata with x-envoy-original-method; Download answers them with the headers
-        plus x-gridstor-status and x-gridstor-content-length, which the edge turns into the
+        plus x-gridstor-http-status and x-gridstor-content-length, which the edge turns into the
         HTTP status and Content-Length. A gRPC call has no x-envoy-original-method: offset and
         length are all there is.
         """
