@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA ?= $(CURDIR)/data
 # Debian packages the suite runs on, and those only the tests use.
 APT_RUN := redis-server rsync
-APT_TEST := redis-server rsync openssh-client restic rclone curl chromium
+APT_TEST := redis-server rsync openssh-client restic rclone curl wget ffmpeg chromium
 
 .PHONY: up test gen gen-check lint typecheck pytest venv dev-venv node-deps clean
 
