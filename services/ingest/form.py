@@ -74,9 +74,9 @@ class FormFile:
 
     def finish(self) -> None:
         """The body is complete: InvalidInput unless it held its file and ended with the closing boundary."""
+        if not self.ready:
+            raise InvalidInput("the multipart/form-data upload holds no file part")
         if self._state != _END:
-            if not self.ready:
-                raise InvalidInput("the multipart/form-data upload holds no file part")
             raise InvalidInput("the multipart/form-data upload ended before its closing boundary (truncated?)")
 
     def _skip_to_delimiter(self) -> bool:

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.common.errors import InvalidFileId, InvalidInput
-from services.common.ids import FileId, ext_from_name, parse_file_id
+from services.common.ids import FileId, dropped_ext, ext_from_name, parse_file_id
 
 HASH = bytes(range(24))
 ext_part = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=8)
@@ -100,3 +100,21 @@ def test_ext_from_name_always_valid(name: str) -> None:
     ext = ext_from_name(name)
     if ext:
         parse_file_id("0" * 56 + ext)
+
+
+@pytest.mark.parametrize(
+    ("name", "dropped"),
+    [
+        ("y.t@r", ".t@r"),
+        ("a." + "x" * 100, ".xxxx"),
+        ("photo.jpg", ""),
+        ("README", ""),
+        ("file.", ""),
+        ("a.b c.zip", ""),
+    ],
+)
+def test_dropped_ext_says_why_only_when_the_last_part_cannot_be_kept(name: str, dropped: str) -> None:
+    note = dropped_ext(name)
+    assert bool(note) == bool(dropped)
+    if dropped:
+        assert dropped in note and "stored without one" in note and not ext_from_name(name)

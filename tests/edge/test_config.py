@@ -18,6 +18,7 @@ from services.common.net import REPO_ROOT as ROOT
 from services.edge.__main__ import main as edge_main
 from services.edge.envoy import (
     LONG_POLL_MARGIN,
+    TRANSCODER,
     LuaPart,
     build_envoy_config,
     lua_script,
@@ -35,7 +36,7 @@ SERVICES = {
     "gridstor.v1.SshService": "ssh",
     "gridstor.v1.MaintService": "maint",
 }
-INTERNAL = {"PutRecord", "FindByHash", "GetRecord", "UpdateRecord", "ListRecords"}
+INTERNAL = {"PutRecord", "FindByHash", "GetRecord", "UpdateRecord", "ListRecords", "AddExtension"}
 ENVOY_DEFAULT_ROUTE_TIMEOUT = 15
 
 
@@ -70,6 +71,7 @@ def test_services_and_methods_come_from_the_descriptor_set() -> None:
     meta = {m.name: m for m in found["gridstor.v1.MetaService"].methods}
     assert {n for n, m in meta.items() if not m.public} == INTERNAL
     assert meta["Download"].server_streaming and meta["Download"].bindings[0].path == "/v1/files/{id}"
+    assert [b.verb for b in meta["Download"].bindings] == ["GET", "HEAD"]  # HEAD: a custom binding
 
 
 def test_transcoder_settings_follow_envoy_notes(tmp_path: Path) -> None:
@@ -145,8 +147,8 @@ def test_lua_filter_parts_use_the_limits(tmp_path: Path) -> None:
     assert '["/v1/files"] = true' in code and '["POST"] = true' in code and '["PUT"] = true' in code
     assert "local header_limit = 20480" in code
     # named parts, run in order by the two entry points
-    assert "local request_checks = {check_header_size, check_upload_length}" in code
-    assert "local response_fixes = {apply_http_status}" in code
+    assert "local request_checks = {mark_rest_request, check_header_size, check_upload_length}" in code
+    assert "local response_fixes = {apply_http_status, apply_content_length, strip_grpc_headers}" in code
     assert hcm(boot)["http_filters"][0]["name"] == "envoy.filters.http.lua"  # before the transcoder
     # Envoy's codec stops at twice the limit, so the filter answers what lies between
     assert hcm(boot)["max_request_headers_kb"] == 40
@@ -155,6 +157,29 @@ def test_lua_filter_parts_use_the_limits(tmp_path: Path) -> None:
 def test_lua_script_refuses_a_part_of_unknown_phase() -> None:
     with pytest.raises(InvalidInput, match="unknown phase"):
         lua_script([LuaPart("x", "sometime", "local function x(handle) end")])
+
+
+def test_rest_parts_of_the_lua_filter(tmp_path: Path) -> None:
+    code = lua_code(config(tmp_path))
+    assert 'string.match(status, "^[2-5]%d%d$")' in code  # Download's 206 and 304 as well as errors
+    assert 'headers:remove("x-envoy-original-method")' in code  # meta trusts only the transcoder's
+    for name in ("grpc-status", "grpc-message", "grpc-status-details-bin", "grpc-accept-encoding"):
+        assert f'"{name}"' in code
+
+
+def test_upload_page_routes_come_first_where_uploads_are_served(tmp_path: Path) -> None:
+    boot = config(tmp_path, mode="allowlist", allowlist={"alice": "ab" * 32})
+    page = [r for r in routes(boot) if "direct_response" in r and r["direct_response"]["status"] == 200]
+    assert [r["match"]["path"] for r in page] == ["/", "/upload.js", "/upload.css"]
+    assert routes(boot)[: len(page)] == page
+    html = page[0]["direct_response"]["body"]["inline_string"]
+    assert 'data-mode="allowlist"' in html and "{{mode}}" not in html
+    for r in page:
+        assert r["typed_per_filter_config"][TRANSCODER]["disabled"] is True
+        size = len(r["direct_response"]["body"]["inline_string"].encode())
+        assert size <= hcm(boot)["route_config"]["max_direct_response_body_size_bytes"]
+    replica = build_envoy_config(build_config({"data_dir": str(tmp_path)}), DESCRIPTOR, only=["auth", "meta", "maint"])
+    assert not any(r["match"].get("path") == "/" for r in routes(replica))  # no uploads there, no page
 
 
 def test_admin_is_loopback_only_or_absent(tmp_path: Path) -> None:
@@ -173,7 +198,7 @@ def test_only_some_services(tmp_path: Path) -> None:
         "gridstor.v1.MetaService",
     ]
     assert "check_upload_length" not in lua_code(boot)  # no upload there
-    assert "local request_checks = {check_header_size}" in lua_code(boot)
+    assert "local request_checks = {mark_rest_request, check_header_size}" in lua_code(boot)
     with pytest.raises(InvalidInput, match="nosuch"):
         build_envoy_config(build_config({"data_dir": str(tmp_path)}), DESCRIPTOR, only=["nosuch"])
 

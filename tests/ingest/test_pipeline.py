@@ -79,6 +79,31 @@ async def test_content_type_given_or_from_body(suite_factory: SuiteFactory) -> N
     assert stat.info.ext == ".svg"
 
 
+async def test_dedup_answers_each_upload_with_its_extension(suite_factory: SuiteFactory) -> None:
+    suite = await suite_factory()
+    data = os.urandom(20_000)
+    first = await suite.wait((await suite.upload(data, "x.bin")).job)
+    reply = await suite.upload(data, "photo.PNG", content_type="image/x-test")
+    assert (reply.name, reply.ext, reply.note) == ("photo.PNG", ".png", "")
+    second = await suite.wait(reply.job)
+    key = first.file_id.removesuffix(".bin")
+    assert second.deduplicated and second.file_id == key + ".png"
+    assert (await suite.wait((await suite.upload(data, "noext")).job)).file_id == first.file_id
+    types = {}
+    for file_id in (key, key + ".bin", key + ".png"):
+        messages = [m async for m in suite.meta.Download(meta_pb2.DownloadRequest(id=file_id))]
+        types[file_id[56:]] = messages[0].content_type
+    assert types == {"": "application/octet-stream", ".bin": "application/octet-stream", ".png": "image/x-test"}
+
+
+async def test_a_name_whose_extension_an_id_cannot_carry_is_stored_without_one(suite_factory: SuiteFactory) -> None:
+    suite = await suite_factory()
+    reply = await suite.upload(b"tarred", "y.t@r")
+    assert reply.ext == "" and "'.t@r' cannot be part of a file id" in reply.note
+    done = await suite.wait(reply.job)
+    assert done.file_id == reply.hash + done.file_id[48:56]
+
+
 async def test_dedup_stores_once(suite_factory: SuiteFactory) -> None:
     suite = await suite_factory(workers=2)
     data = os.urandom(5 * MiB)

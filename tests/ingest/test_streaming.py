@@ -71,6 +71,10 @@ async def test_streamed_upload_is_stored_and_deduplicated(suite_factory: SuiteFa
     assert again.state == common_pb2.JOB_STATE_DONE and again.deduplicated
     assert again.file_id == status.file_id
     assert await suite.shard_count() == shards
+    # Under another extension: the answer carries it, and meta serves that id with its type.
+    other = await suite.wait((await suite.upload(data, "copy.mp4", declared_size=len(data))).job)
+    assert other.deduplicated and other.file_id == status.file_id.removesuffix(".bin") + ".mp4"
+    assert await suite.shard_count() == shards
     await wait_until_async(lambda: suite.spool_files, "the spool to be empty", until=lambda f: f == [])
 
 

@@ -11,6 +11,7 @@ import pytest
 from google.api import httpbody_pb2
 
 from gridstor.v1 import meta_pb2
+from services.meta.catalog import MAX_OTHER_EXTS
 from tests.common.engine_util import corrupt_shard
 from tests.helpers import rpc_error
 from tests.meta.conftest import CHUNK, MetaServer, MiB
@@ -313,3 +314,91 @@ async def test_client_cancel_mid_stream(meta: MetaServer) -> None:
         call.cancel()
     # The server is unharmed and the next download is whole.
     assert (await meta.fetch(file_id)).data == data
+
+
+# -- REST downloads (what Envoy's transcoder passes as metadata) ----------------------------------------
+
+
+async def rest(meta: MetaServer, file_id: str, method: str = "GET", **headers: str) -> Any:
+    """Download as the transcoder calls it: the HTTP method and headers as metadata; (metadata, body)."""
+    metadata = [("x-envoy-original-method", method), *((k.replace("_", "-"), v) for k, v in headers.items())]
+    call = meta.stub.Download(meta_pb2.DownloadRequest(id=file_id), metadata=metadata)
+    messages = [m async for m in call]
+    return dict(await call.initial_metadata()), messages
+
+
+async def test_rest_head_and_304_read_no_file_bytes(meta: MetaServer) -> None:
+    data = os.urandom(3 * MiB)
+    file_id = await meta.store(data, ext=".bin")
+    sent = meta.registry.counter("meta_download_bytes_total", "")
+    headers, messages = await rest(meta, file_id, "HEAD")
+    assert headers["x-gridstor-content-length"] == str(len(data)) and "x-gridstor-http-status" not in headers
+    assert headers["etag"] == f'"{file_id[:56]}"' and headers["accept-ranges"] == "bytes"
+    assert [m.data for m in messages] == [b""] and messages[0].content_type == "application/octet-stream"
+    headers, messages = await rest(meta, file_id, if_none_match=headers["etag"])
+    assert headers["x-gridstor-http-status"] == "304" and "x-gridstor-content-length" not in headers
+    assert [m.data for m in messages] == [b""]
+    assert sent.value() == 0  # neither read the file
+    http = meta.registry.counter("meta_http_downloads_total", "")
+    assert http.value(method="HEAD", status="200") == 1 and http.value(method="GET", status="304") == 1
+
+
+async def test_rest_range_reads_only_its_part(meta: MetaServer) -> None:
+    data = os.urandom(3 * MiB + 5)
+    file_id = await meta.store(data)
+    headers, messages = await rest(meta, file_id, range="bytes=-10")
+    assert headers["x-gridstor-http-status"] == "206"
+    assert headers["content-range"] == f"bytes {len(data) - 10}-{len(data) - 1}/{len(data)}"
+    assert b"".join(m.data for m in messages) == data[-10:]
+    assert meta.registry.counter("meta_download_bytes_total", "").value() == 10
+    headers, messages = await rest(meta, file_id, range=f"bytes={len(data)}-")
+    assert headers["x-gridstor-http-status"] == "416" and headers["content-range"] == f"bytes */{len(data)}"
+    assert messages[0].content_type == "application/json"
+    assert headers["x-gridstor-content-length"] == str(len(messages[0].data))
+    err = await rpc_error(
+        meta.stub.Download(
+            meta_pb2.DownloadRequest(id=file_id, offset=1),
+            metadata=[("x-envoy-original-method", "GET"), ("range", "bytes=0-1")],
+        ).read()
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "Range" in err.details()
+
+
+async def test_add_extension_selects_the_type_per_id(meta: MetaServer) -> None:
+    data = os.urandom(1000)
+    file_id = await meta.store(data, ext=".bin")
+    key = file_id[:56]
+
+    async def add(ext: str, content_type: str = "") -> str:
+        request = meta_pb2.AddExtensionRequest(id=file_id, ext=ext, content_type=content_type)
+        return (await meta.stub.AddExtension(request, metadata=meta.auth)).file_id
+
+    assert await add(".png") == key + ".png"
+    assert await add(".png", "text/plain") == key + ".png"  # the first type given stays
+    assert await add(".txt", "text/markdown") == key + ".txt"
+    assert await add(".bin") == key + ".bin" and await add("") == key + ".bin"
+    assert (await meta.fetch(key + ".png")).messages[0].content_type == "image/png"
+    assert (await meta.fetch(key + ".txt")).messages[0].content_type == "text/markdown"
+    for plain in (key, key + ".bin", key + ".gif"):  # .gif: no upload gave it
+        assert (await meta.fetch(plain)).messages[0].content_type == "application/octet-stream", plain
+    assert (await meta.fetch(key + ".png")).headers["content-disposition"] == f'inline; filename="{key}.png"'
+    assert (await meta.fetch(key + ".gif")).headers["content-disposition"] == f'inline; filename="{key}.bin"'
+    # Exists and Stat name the canonical id; maint's records carry the extensions along.
+    assert (await meta.stub.Exists(meta_pb2.ExistsRequest(id=key + ".png"))).id == file_id
+    record = (await meta.stub.GetRecord(meta_pb2.GetRecordRequest(id=key), metadata=meta.auth)).record
+    assert dict(record.other_types) == {".png": "image/png", ".txt": "text/markdown"}
+    err = await rpc_error(
+        meta.stub.AddExtension(meta_pb2.AddExtensionRequest(id=file_id, ext=".t@r"), metadata=meta.auth)
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    err = await rpc_error(meta.stub.AddExtension(meta_pb2.AddExtensionRequest(id=file_id, ext=".png")))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED  # internal: a service token only
+
+
+async def test_add_extension_stops_at_the_cap(meta: MetaServer) -> None:
+    file_id = await meta.store(os.urandom(10), ext=".bin")
+    for i in range(MAX_OTHER_EXTS):
+        request = meta_pb2.AddExtensionRequest(id=file_id, ext=f".e{i}")
+        assert (await meta.stub.AddExtension(request, metadata=meta.auth)).file_id.endswith(f".e{i}")
+    request = meta_pb2.AddExtensionRequest(id=file_id, ext=".more")
+    assert (await meta.stub.AddExtension(request, metadata=meta.auth)).file_id == file_id  # the stored one
