@@ -14,7 +14,10 @@ In one run it measures:
   (e) the peak RSS (VmHWM) of every process under the launcher: the services,
       ingest's worker processes, redis-server and Envoy (after each phase, and at the end);
   (f) 20 concurrent 10 MiB uploads, each on its own channel with its own content:
-      how many succeed, the total MB/s and the slowest.
+      how many succeed, the total MB/s and the slowest;
+  (g) the time to first byte of a 1 MiB HTTP Range at the end of a 1 GiB file
+      (``--range-gib``), through Envoy's REST edge, against a 1 MiB Range at its start:
+      a read near the end touches only the chunks it needs, so both take about as long.
 
 Each of (a)-(d) runs ``--runs`` times (default 9), bare and gateway runs alternating so
 drift hits both (the degraded runs follow as one block); the verdicts use the medians.
@@ -37,7 +40,7 @@ is met (this is a measurement), and 1 when something failed: an upload or
 download error, a byte mismatch. MB = 10^6 bytes.
 
     .venv/bin/python bench/e2e.py                   # 100 MiB, well under a minute on 2 cores
-    .venv/bin/python bench/e2e.py --size-mib 20     # a quicker look
+    .venv/bin/python bench/e2e.py --size-mib 20     # a quicker look (--range-gib 0: no 1 GiB file for (g))
     .venv/bin/python bench/e2e.py --attach data/gridstor.yaml
     .venv/bin/python bench/e2e.py --profile /tmp/prof   # + py-spy raw profiles of the services
 """
@@ -48,12 +51,14 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import http.client
 import json
 import os
 import shlex
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -80,6 +85,7 @@ from services.common.backends.uri import DirURI, parse_uri  # noqa: E402
 from services.common.config import SERVICES, Config, load_config  # noqa: E402
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
 UPLOAD_MESSAGE = 256 * 1024
 DOWNLOAD_MESSAGE = 1024 * 1024
 HASH_BYTES = 24
@@ -88,6 +94,7 @@ UPLOAD_TARGET = 0.35  # x bare upload
 DOWNLOAD_TARGET = 0.75  # x bare download
 DEGRADED_TARGET = 0.9  # x healthy download
 RSS_TARGET_MIB = 300.0
+RANGE_TTFB_TARGET = 3.0  # x a range at the start of the same file (a read that scanned from the start: 100x+)
 STATUS_WAIT = 60  # seconds per Status(wait=true) call; repeated while the job is ACTIVE
 JOB_DEADLINE = 600.0  # seconds an upload job may take before the run calls it failed
 START_TIMEOUT = 180.0  # seconds the launcher may take to print its banner
@@ -907,10 +914,90 @@ async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> Non
                 f"other processes on this machine used {busy:.1f} CPU-s during the {wall:.1f} s of measured runs"
                 f" ({', '.join(top)}): the figures are disturbed; run again on a quiet machine"
             )
+        if args.range_gib:
+            await range_ttfb(args, cfg, ingest, metadata, report)
     finally:
         for ch in channels:
             await ch.close(None)
         bare.stop()
+
+
+async def range_ttfb(args: argparse.Namespace, cfg: Config, ingest: Any, metadata: Any, report: Report) -> None:
+    """(g) First byte of a 1 MiB Range at the end of a big file, and at its start, through Envoy (REST)."""
+    size = args.range_gib * GIB
+    print(
+        f"\ntime to first byte of a 1 MiB Range at the end of a {args.range_gib} GiB file, through Envoy's REST"
+        f" edge ({args.runs} runs, alternating with a 1 MiB Range at its start)",
+        flush=True,
+    )
+    tail = bytearray()
+
+    def messages() -> Iterator[ingest_pb2.UploadRequest]:
+        for off in range(0, size, UPLOAD_MESSAGE):
+            data = os.urandom(UPLOAD_MESSAGE)  # new content, streamed: the file is never in memory
+            if off >= size - MIB:
+                tail.extend(data)
+            req = ingest_pb2.UploadRequest(body=httpbody_pb2.HttpBody(data=data))
+            if off == 0:
+                req.name, req.declared_size = "bench-range.bin", size
+            yield req
+
+    t0 = time.perf_counter()
+    call = ingest.Upload(metadata=metadata)
+    for req in messages():
+        await call.write(req)
+    await call.done_writing()
+    reply: ingest_pb2.UploadReply = await call
+    file_id = (await wait_job(ingest, reply.job)).file_id
+    print(f"  stored in              : {time.perf_counter() - t0:.1f} s ({file_id})")
+    host = net.dial_host(cfg.listen_host)
+    context = ssl.create_default_context(cafile=str(tls.files(cfg).ca)) if cfg.tls.edge else None
+
+    def first_byte(spec: str) -> tuple[float, bytes]:
+        """Seconds from the request to its first body byte (on an open connection), and the whole body."""
+        if context is not None:
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                host, cfg.envoy_port, timeout=60, context=context
+            )
+        else:
+            conn = http.client.HTTPConnection(host, cfg.envoy_port, timeout=60)
+        try:
+            conn.connect()
+            t = time.perf_counter()
+            conn.request("GET", f"/v1/files/{file_id}", headers={"range": f"bytes={spec}"})
+            resp = conn.getresponse()
+            first = resp.read(1)
+            dt = time.perf_counter() - t
+            body = first + resp.read()
+            if resp.status != 206:
+                raise BenchFailure(f"Range bytes={spec}: HTTP {resp.status} {body[:200]!r}")
+            return dt, body
+        finally:
+            conn.close()
+
+    at_end: list[float] = []
+    at_start: list[float] = []
+    for _ in range(args.runs):
+        dt, body = await asyncio.to_thread(first_byte, f"-{MIB}")
+        if body != bytes(tail):
+            raise BenchFailure(f"Range bytes=-{MIB}: {len(body)} bytes that are not the file's last MiB")
+        at_end.append(dt)
+        dt, body = await asyncio.to_thread(first_byte, f"0-{MIB - 1}")
+        if len(body) != MIB:
+            raise BenchFailure(f"Range bytes=0-{MIB - 1}: {len(body)} bytes")
+        at_start.append(dt)
+
+    def ms(values: list[float]) -> str:
+        runs_text = " ".join(f"{v * 1000:.0f}" for v in values)
+        return f"median {statistics.median(values) * 1000:6.1f} ms  best {min(values) * 1000:6.1f}  (runs: {runs_text})"
+
+    ratio = statistics.median(at_end) / statistics.median(at_start)
+    print(f"  1 MiB at the end       : {ms(at_end)}")
+    print(f"  1 MiB at the start     : {ms(at_start)}")
+    print(
+        f"  ratio                  : {ratio:5.2f}x the start (medians)   target <= {RANGE_TTFB_TARGET}x   "
+        f"{report.target('range-ttfb', ratio <= RANGE_TTFB_TARGET)}"
+    )
 
 
 async def concurrent_uploads(
@@ -1018,7 +1105,8 @@ async def amain(args: argparse.Namespace) -> int:
             # Short: the redis socket path lives in the data dir and unix socket paths are limited.
             scratch = Path(tempfile.mkdtemp(prefix="gs-e2e-", dir=args.dir))
             t0 = time.perf_counter()
-            suite, notes = Suite.start(scratch / "data", args.size_mib * MIB)  # main thread: see _term_with_parent
+            room = max(args.size_mib * MIB, args.range_gib * GIB)
+            suite, notes = Suite.start(scratch / "data", room)  # main thread: see _term_with_parent
             for note in notes:
                 print(f"  config: {note}")
             print(f"  the suite came up in {time.perf_counter() - t0:.1f} s (data {scratch / 'data'})")
@@ -1061,6 +1149,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--concurrent", type=int, default=20, help="concurrent uploads (default 20)")
     ap.add_argument("--concurrent-mib", type=int, default=10, help="size of each concurrent upload (default 10)")
+    ap.add_argument(
+        "--range-gib", type=int, default=1, help="size of the file for the end-of-file Range (default 1; 0: skip)"
+    )
     ap.add_argument("--attach", metavar="CONFIG", help="measure the suite already running with this config")
     ap.add_argument("--token", help="bearer token for uploads when the gateway is not public (or GRIDSTOR_TOKEN)")
     ap.add_argument("--profile", metavar="DIR", help="py-spy raw profiles of ingest, its workers and meta into DIR")
@@ -1072,7 +1163,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bare_server:
         asyncio.run(serve_bare(args.bare_tls))
         return 0
-    if args.size_mib < 1 or args.runs < 1 or args.concurrent < 1 or args.concurrent_mib < 1:
+    if args.size_mib < 1 or args.runs < 1 or args.concurrent < 1 or args.concurrent_mib < 1 or args.range_gib < 0:
         ap.error("sizes and counts must be at least 1")
     return asyncio.run(amain(args))
 

@@ -83,10 +83,10 @@ async def plan(
     tag = web.etag(fid.key)
     answer = web.evaluate(http, size, tag, entry.record.created, offset, end)
     extra = web.response_headers(answer, size, tag, entry.record.created)
-    if not answer.sends_file:
-        body = b"" if answer.status == 304 else web.error_body(answer)
-        kind = content_type if answer.status == 304 else "application/json"
-        return Plan(entry, 0, 0, kind, (disposition, *extra), body, answer.status)
+    if answer.status == 304:
+        return Plan(entry, 0, 0, content_type, (disposition, *extra), b"", 304)
+    if not answer.sends_file:  # 412, 416: a JSON error like the transcoder's
+        return Plan(entry, 0, 0, "application/json", tuple(extra), web.error_body(answer), answer.status)
     headers = (*_file_headers(disposition, size, answer.start, answer.end, content_type), *extra)
     return Plan(entry, answer.start, answer.end, content_type, headers, b"" if http.head else None, answer.status)
 

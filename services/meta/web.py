@@ -229,4 +229,4 @@ def response_headers(answer: Answer, size: int, tag: str, modified: int) -> list
 def error_body(answer: Answer) -> bytes:
     """The JSON body of a 412 or 416, shaped like the transcoder's errors (FAILED_PRECONDITION, OUT_OF_RANGE)."""
     code = 9 if answer.status == 412 else 11
-    return json.dumps({"code": code, "message": answer.message, "details": []}).encode()
+    return json.dumps({"code": code, "message": answer.message, "details": []}, separators=(",", ":")).encode()
