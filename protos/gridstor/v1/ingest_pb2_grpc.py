@@ -55,7 +55,7 @@ class IngestServiceServicer:
         details (REST: 413), never worth a retry; nothing is kept.
         REST: the raw request body is the file; ?name=photo.jpg (and optionally &declared_size=N).
         A multipart/form-data body (an HTML form, curl -F) stores its one file part, with the
-        part's filename and Content-Type; a form with more than one part is refused (docs/rest.md).
+        part's filename and Content-Type; a form with more than one part is refused (docs/http.md).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,7 +37,7 @@ class IngestServiceStub:
     details (REST: 413), never worth a retry; nothing is kept.
     REST: the raw request body is the file; ?name=photo.jpg (and optionally &declared_size=N).
     A multipart/form-data body (an HTML form, curl -F) stores its one file part, with the
-    part's filename and Content-Type; a form with more than one part is refused (docs/rest.md).
+    part's filename and Content-Type; a form with more than one part is refused (docs/http.md).
     """
     Status: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.StatusRequest, _ingest_pb2.StatusReply]
     """Where a job stands. Public: the random job id is the capability.
@@ -53,7 +53,7 @@ class IngestServiceAsyncStub(IngestServiceStub):
     details (REST: 413), never worth a retry; nothing is kept.
     REST: the raw request body is the file; ?name=photo.jpg (and optionally &declared_size=N).
     A multipart/form-data body (an HTML form, curl -F) stores its one file part, with the
-    part's filename and Content-Type; a form with more than one part is refused (docs/rest.md).
+    part's filename and Content-Type; a form with more than one part is refused (docs/http.md).
     """
     Status: _aio.UnaryUnaryMultiCallable[_ingest_pb2.StatusRequest, _ingest_pb2.StatusReply]  # type: ignore[assignment]
     """Where a job stands. Public: the random job id is the capability.
@@ -72,7 +72,7 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         details (REST: 413), never worth a retry; nothing is kept.
         REST: the raw request body is the file; ?name=photo.jpg (and optionally &declared_size=N).
         A multipart/form-data body (an HTML form, curl -F) stores its one file part, with the
-        part's filename and Content-Type; a form with more than one part is refused (docs/rest.md).
+        part's filename and Content-Type; a form with more than one part is refused (docs/http.md).
         """
 
     @_abc_1.abstractmethod
