@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = (
+# Headless, quiet (no first-run, sync or background traffic), fit for a container; never a certificate bypass.
+HEADLESS = (
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
@@ -28,9 +29,8 @@ FLAGS = (
     "--disable-component-update",
     "--disable-sync",
     "--disable-dev-shm-usage",
-    "--autoplay-policy=no-user-gesture-required",
-    "--remote-debugging-pipe",
 )
+FLAGS = (*HEADLESS, "--autoplay-policy=no-user-gesture-required", "--remote-debugging-pipe")
 
 
 class CdpError(RuntimeError):

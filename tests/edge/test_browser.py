@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.edge.cdp import CHROMIUM, Browser
+from tests.edge.cdp import CHROMIUM, HEADLESS, Browser
 from tests.edge.conftest import SECRET, Edge, upload, wait_done
 from tests.helpers import wait_until
 
@@ -91,19 +91,7 @@ main().catch(e => {{ document.getElementById("result").textContent = "ERROR " + 
 
 
 def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--virtual-time-budget=15000",
-    ]
+    flags = [*HEADLESS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=15000"]
     return subprocess.run([str(CHROMIUM), *flags, *args], capture_output=True, text=True, timeout=90, check=False)
 
 

@@ -92,7 +92,7 @@ def test_unknown_id_is_404(edge: Edge) -> None:
 
 def test_unknown_path_and_unknown_query_parameter(edge: Edge) -> None:
     assert edge.request("GET", "/v1/nothing/here").status == 404
-    assert edge.request("GET", "/").status == 404
+    assert edge.request("GET", "/index.html").status == 404  # "/" is the upload page (test_http.py)
     reply = edge.request("GET", "/v1/files/" + "ab" * 28 + "?bogus=1")
     assert reply.status == 400
 
