@@ -353,6 +353,15 @@ local function json_string(text)
   return '"' .. string.gsub(text, '[%c"\\]', function(c) return string.format("\\u%04x", string.byte(c)) end) .. '"'
 end
 
+-- The value of a hint a service sent for the edge (nil if none); the hint leaves the response either way.
+local function take_hint(headers, name)
+  local value = headers:get(name)
+  if value ~= nil then
+    headers:remove(name)
+  end
+  return value
+end
+
 -- Whether mark_rest_request saw a REST request (response parts cannot see the request's headers).
 local function is_rest(handle)
   local marked = handle:streamInfo():dynamicMetadata():get("{REST_MARK}")
@@ -425,10 +434,8 @@ def http_status_part() -> LuaPart:
     source = f"""
 local function apply_http_status(handle)
   local headers = handle:headers()
-  local status = headers:get("{HTTP_STATUS_HEADER}")
-  if status == nil then return end
-  headers:remove("{HTTP_STATUS_HEADER}")
-  if not is_grpc(headers) and string.match(status, "^[2-5]%d%d$") then
+  local status = take_hint(headers, "{HTTP_STATUS_HEADER}")
+  if status ~= nil and not is_grpc(headers) and string.match(status, "^[2-5]%d%d$") then
     headers:replace(":status", status)
   end
 end
@@ -464,10 +471,8 @@ def content_length_part() -> LuaPart:
     source = f"""
 local function apply_content_length(handle)
   local headers = handle:headers()
-  local length = headers:get("{CONTENT_LENGTH_HEADER}")
-  if length == nil then return end
-  headers:remove("{CONTENT_LENGTH_HEADER}")
-  if is_rest(handle) then
+  local length = take_hint(headers, "{CONTENT_LENGTH_HEADER}")
+  if length ~= nil and is_rest(handle) then
     headers:replace("content-length", length)
   end
 end
