@@ -429,13 +429,14 @@ def http_status_part() -> LuaPart:
     """A service's ``x-gridstor-http-status`` becomes a REST reply's status.
 
     E.g. 413 for an upload over the limit; Download's 206, 304, 412 and 416 (services/meta/web.py).
-    The header is removed from every response; a gRPC response keeps its own status.
+    The header is removed from every response; a gRPC call keeps its own status. REST is told by the
+    request (mark_rest_request), not by the reply's type: a file may be stored as application/grpc.
     """
     source = f"""
 local function apply_http_status(handle)
   local headers = handle:headers()
   local status = take_hint(headers, "{HTTP_STATUS_HEADER}")
-  if status ~= nil and not is_grpc(headers) and string.match(status, "^[2-5]%d%d$") then
+  if status ~= nil and is_rest(handle) and string.match(status, "^[2-5]%d%d$") then
     headers:replace(":status", status)
   end
 end

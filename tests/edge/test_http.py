@@ -158,6 +158,17 @@ def test_several_or_invalid_ranges_get_the_whole_file(edge: Edge, stored: tuple[
     assert "content-range" not in got.headers
 
 
+def test_a_file_stored_as_grpc_still_gets_http_answers(edge: Edge) -> None:
+    """REST is told by the request, not the reply's Content-Type: an upload may call itself application/grpc."""
+    data = os.urandom(1000)
+    # As a Content-Type the request itself would be gRPC to Envoy: the type goes as the content_type field.
+    file_id = wait_done(edge, upload(edge, data, "odd.bin&content_type=application/grpc")["job"])["file_id"]
+    got = get(edge, file_id, range="bytes=0-9")
+    assert (got.status, got.body, got.headers["content-type"]) == (206, data[:10], "application/grpc")
+    assert get(edge, file_id, if_none_match=got.headers["etag"]).status == 304
+    no_grpc_headers(got.headers)
+
+
 def test_range_with_offset_query_is_refused(edge: Edge, stored: tuple[bytes, str]) -> None:
     _, file_id = stored
     got = edge.request("GET", f"/v1/files/{file_id}?offset=5", headers={"range": "bytes=0-9"})
