@@ -208,9 +208,15 @@ def verify_receipt(s: Session, r: ingest_pb2.StatusReply, job: str, size: int, h
 
 
 def _open_input(path: str) -> tuple[IO[bytes], int | None, bool]:
-    """The file to upload, its size when known, and whether we opened it (stdin is not closed)."""
+    """The file to upload, its size when known, and whether we opened it (stdin is not closed).
+
+    stdin is read through its raw descriptor, not ``sys.stdin.buffer``: grpc reads the request
+    iterator on a thread of its own, and when the server fails the call while that thread waits
+    for stdin, a BufferedReader's lock held at exit aborts the interpreter ("Fatal Python error:
+    _enter_buffered_busy", exit 134). A raw FileIO has no such lock.
+    """
     if path == "-":
-        return sys.stdin.buffer, None, False
+        return open(sys.stdin.fileno(), "rb", buffering=0, closefd=False), None, True
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed by the caller
     except IsADirectoryError:
@@ -222,6 +228,19 @@ def _open_input(path: str) -> tuple[IO[bytes], int | None, bool]:
         f.close()
         raise CliFailure(f"{path} is a directory; upload a file (e.g. tar it first)")
     return f, (st.st_size if statmod.S_ISREG(st.st_mode) else None), True
+
+
+def read_block(src: IO[bytes], size: int) -> bytes:
+    """``size`` bytes of ``src``, fewer only at its end (a pipe's read hands out what it holds now)."""
+    parts: list[bytes] = []
+    want = size
+    while want > 0:
+        data = src.read(want)
+        if not data:
+            break
+        parts.append(data)
+        want -= len(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class _ReadFailed(Exception):
@@ -242,7 +261,7 @@ def cmd_put(s: Session, a: argparse.Namespace) -> int:
             def read() -> bytes:
                 nonlocal sent
                 try:
-                    data = src.read(UPLOAD_MESSAGE)
+                    data = read_block(src, UPLOAD_MESSAGE)
                 except OSError as exc:
                     read_error.append(exc)
                     raise _ReadFailed from exc  # cancels the call: a truncated file must not be stored

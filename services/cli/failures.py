@@ -24,6 +24,8 @@ _FRIENDLY: dict[type[errors.GridstorError], str] = {
     errors.Unauthenticated: "not authenticated",
     errors.PermissionDenied: "permission denied",
     errors.LimitExceeded: "too large",
+    errors.OutOfSpace: "gateway out of space",
+    errors.Busy: "gateway busy",
     errors.Refused: "refused",
     errors.Conflict: "conflict, try again",
     errors.IntegrityError: "data integrity error",
@@ -57,16 +59,7 @@ class CliFailure(Exception):
 
 def retry_after(err: grpc.RpcError) -> str:
     """The ``retry-after`` trailer of a call refused for a rate or concurrency limit ("" if none)."""
-    if not isinstance(err, grpc.Call):
-        return ""
-    try:
-        trailers = err.trailing_metadata() or ()
-    except NotImplementedError:  # a Call that carries no metadata
-        return ""
-    for key, value in trailers:
-        if key == "retry-after":
-            return value.decode() if isinstance(value, bytes) else str(value)
-    return ""
+    return rpc.trailer(err, "retry-after")
 
 
 def is_tls_failure(details: str) -> bool:
@@ -88,17 +81,17 @@ def describe_rpc_error(err: grpc.RpcError, what: str, address: str) -> str:
             f"cannot reach the {what} service at {address}: is the gateway running? (start it with `make up`;"
             " choose the address with --gateway HOST:PORT or --config FILE)"
         )
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after(err):
+    error = rpc.error_for(code, details, what, rpc.trailer(err, rpc.ERROR_TRAILER))
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after(err) and not isinstance(error, errors.Busy):
         return f"over a limit: {details}"
-    message = f"{_words(code, details, what)}: {details or code.name}"
+    message = f"{_words(error, code)}: {details or code.name}"
     if code is grpc.StatusCode.UNAUTHENTICATED:
         message += " (run `gridstor login`)"
     return message
 
 
-def _words(code: grpc.StatusCode, details: str, what: str) -> str:
-    """A few words for what the status means, from the domain error it stands for."""
-    error = rpc.error_for(code, details, what)
+def _words(error: errors.GridstorError, code: grpc.StatusCode) -> str:
+    """A few words for what the status means, from the domain error it stands for (its cause, when named)."""
     for cls in type(error).__mro__:
         if cls in _FRIENDLY:
             return _FRIENDLY[cls]

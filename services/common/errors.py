@@ -1,7 +1,9 @@
 """Domain errors shared by every gridstor service.
 
 Nothing here imports grpc: the services map these classes to status codes in
-one place (``status_for`` in services/common/rpc.py, and back with ``error_for``).
+one place (``status_for`` in services/common/rpc.py, and back with ``error_for``;
+the class's name travels in the trailer ``gridstor-error``, so a caller gets the
+same class back, e.g. OutOfSpace rather than any RESOURCE_EXHAUSTED).
 
     GridstorError
     ├── InvalidInput            bad id, URI, config value, range ... (INVALID_ARGUMENT)
@@ -19,7 +21,9 @@ one place (``status_for`` in services/common/rpc.py, and back with ``error_for``
     ├── Unauthenticated         no / bad / expired token or credentials (UNAUTHENTICATED)
     ├── PermissionDenied        authenticated, but not allowed (PERMISSION_DENIED)
     ├── LimitExceeded           over a size, quota or rate limit (RESOURCE_EXHAUSTED)
-    │   └── RateLimited         too many requests or uploads now; ``retry_after`` seconds (trailer retry-after)
+    │   ├── RateLimited         too many requests or uploads now; ``retry_after`` seconds (trailer retry-after)
+    │   │   └── Busy            every slot of a per-process cap is taken (downloads, uploads); retry soon
+    │   └── OutOfSpace          the gateway's own disk is full (the upload spool), not the client's fault
     ├── TimedOut                a client stopped sending, e.g. a stalled upload (DEADLINE_EXCEEDED)
     ├── Refused                 not possible in this state, e.g. writes on a replica (FAILED_PRECONDITION)
     ├── Conflict                a compare-and-swap lost: the stored value changed (ABORTED)
@@ -105,9 +109,17 @@ class LimitExceeded(GridstorError):
 class RateLimited(LimitExceeded):
     """Over a per-client rate or concurrency limit; retrying after ``retry_after`` seconds may succeed."""
 
-    def __init__(self, message: str, retry_after: int) -> None:
+    def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Busy(RateLimited):
+    """Every slot of a per-process cap (concurrent downloads, uploads) stayed taken while the call waited."""
+
+
+class OutOfSpace(LimitExceeded):
+    """The gateway's own disk (the upload spool) is full: nothing the client sent is at fault; retry later."""
 
 
 class TimedOut(GridstorError):
@@ -149,3 +161,14 @@ class AccessDenied(BackendError):
 
 class KeyNotFound(BackendError):
     """The key does not exist on that backend."""
+
+
+def named(name: str) -> type[GridstorError] | None:
+    """The GridstorError class called ``name`` (this module's classes and their subclasses anywhere), or None."""
+    todo: list[type[GridstorError]] = [GridstorError]
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ == name:
+            return cls
+        todo.extend(cls.__subclasses__())
+    return None

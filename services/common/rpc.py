@@ -4,9 +4,11 @@
   ``status_for``; handlers just raise. A caller of another gateway service
   turns a status back into the domain error with ``error_for`` / ``rpc_error``.
   Refusals (every code but INTERNAL) are logged in one line; INTERNAL with its
-  traceback. Some refusals carry trailers for clients and the edge:
-  ``retry-after`` (rate limits), ``www-authenticate`` (UNAUTHENTICATED, which
-  REST answers 401), and for a request over a size limit (errors.TooLarge)
+  traceback. Refusals carry trailers for clients and the edge:
+  ``gridstor-error`` (every domain error: its class name, so ``error_for``
+  rebuilds the same class), ``retry-after`` (rate limits, Busy),
+  ``www-authenticate`` (UNAUTHENTICATED, which REST answers 401), and for a
+  request over a size limit (errors.TooLarge)
   ``grpc-status-details-bin`` (google.rpc BadRequest and ErrorInfo naming the
   limit) plus ``x-gridstor-http-status: 413``, which the edge turns into the
   REST status (services/edge/envoy.py) and strips. A message to a client never
@@ -118,22 +120,47 @@ _ERRORS: dict[grpc.StatusCode, type[errors.GridstorError]] = {
 }
 
 
-def error_for(code: grpc.StatusCode, details: str, service: str) -> errors.GridstorError:
+ERROR_TRAILER = "gridstor-error"  # the domain error's class name, so a caller can rebuild the same class
+
+
+def error_for(code: grpc.StatusCode, details: str, service: str, kind: str = "") -> errors.GridstorError:
     """The domain error a failed call to the gateway's ``service`` stands for (``status_for`` in reverse).
 
-    A code no domain error maps to (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL ...)
-    means the service could not answer: BackendUnavailable naming it.
+    ``kind`` (the ``gridstor-error`` trailer) names the exact class the service raised; it is used
+    when it is a subclass of the code's class (e.g. OutOfSpace for RESOURCE_EXHAUSTED). A code no
+    domain error maps to (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL ...) means the service could
+    not answer: BackendUnavailable naming it.
     """
     cls = _ERRORS.get(code)
     if cls is None:
         return errors.BackendUnavailable(f"{service} service", f"{code.name}: {details or code.name}")
+    exact = errors.named(kind) if kind else None
+    if exact is not None and issubclass(exact, cls) and not issubclass(exact, errors.BackendError):
+        try:
+            return exact(details or code.name)
+        except TypeError:  # a class whose constructor wants more than a message
+            pass
     return cls(details or code.name)
 
 
+def trailer(call: grpc.RpcError, key: str) -> str:
+    """The value of trailing metadata ``key`` of a failed call ("" when absent or not readable)."""
+    if not isinstance(call, grpc.Call | grpc.aio.AioRpcError):
+        return ""
+    try:
+        pairs: Any = call.trailing_metadata() or ()  # grpc.Call: tuples; grpc.aio: a Metadata of pairs
+    except NotImplementedError:  # a Call that carries no metadata
+        return ""
+    for name, value in pairs:
+        if name == key:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return ""
+
+
 def rpc_error(exc: grpc.RpcError, service: str) -> errors.GridstorError:
-    """``error_for`` the code and details of a failed call (UNKNOWN when it carries none)."""
+    """``error_for`` the code, details and error trailer of a failed call (UNKNOWN when it carries none)."""
     if isinstance(exc, grpc.Call | grpc.aio.AioRpcError):
-        return error_for(exc.code(), exc.details() or "", service)
+        return error_for(exc.code(), exc.details() or "", service, trailer(exc, ERROR_TRAILER))
     return error_for(grpc.StatusCode.UNKNOWN, str(exc), service)
 
 
@@ -289,6 +316,13 @@ def _any(message: Any) -> any_pb2.Any:
 
 def error_trailers(exc: BaseException, code: grpc.StatusCode, message: str) -> tuple[tuple[str, str | bytes], ...]:
     """The trailing metadata a refusal carries besides its code and message (see the module docstring)."""
+    named: tuple[tuple[str, str | bytes], ...] = ()
+    if isinstance(exc, errors.GridstorError):
+        named = ((ERROR_TRAILER, type(exc).__name__),)  # the cause, e.g. OutOfSpace, not any RESOURCE_EXHAUSTED
+    return named + _cause_trailers(exc, code, message)
+
+
+def _cause_trailers(exc: BaseException, code: grpc.StatusCode, message: str) -> tuple[tuple[str, str | bytes], ...]:
     if isinstance(exc, errors.RateLimited):
         return (("retry-after", str(exc.retry_after)),)  # seconds, as HTTP's Retry-After
     if isinstance(exc, errors.Unauthenticated):

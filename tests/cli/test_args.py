@@ -185,16 +185,19 @@ def test_get_into_a_missing_folder(tmp_path: Path) -> None:
 
 
 class FakeRpcError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
-    """Only what describe_rpc_error reads: a code and details."""
+    """Only what describe_rpc_error reads: a code, details and trailers."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        self._code, self._details = code, details
+    def __init__(self, code: grpc.StatusCode, details: str, trailers: tuple[tuple[str, str], ...] = ()) -> None:
+        self._code, self._details, self._trailers = code, details, trailers
 
     def code(self) -> grpc.StatusCode:
         return self._code
 
     def details(self) -> str:
         return self._details
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._trailers
 
 
 @pytest.mark.parametrize(
@@ -212,6 +215,32 @@ class FakeRpcError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
 )
 def test_status_codes_read_as_words(code: grpc.StatusCode, details: str, expected: str) -> None:
     assert describe_rpc_error(FakeRpcError(code, details), "meta", "h:1").startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("details", "trailers", "expected"),
+    [
+        ("upload is over the limit of 5 bytes", (("gridstor-error", "LimitExceeded"),), "too large: upload is"),
+        (
+            "the gateway's spool disk is full; try again later",
+            (("gridstor-error", "OutOfSpace"),),
+            "gateway out of space: the gateway's spool disk is full; try again later",
+        ),
+        (
+            "all 16 download slots of this meta process stayed taken for 30 s; try again in 2 s",
+            (("gridstor-error", "Busy"), ("retry-after", "2")),
+            "gateway busy: all 16 download slots",
+        ),
+        ("too many uploads", (("gridstor-error", "RateLimited"), ("retry-after", "3")), "over a limit: too many"),
+        ("no such class", (("gridstor-error", "NoSuchThing"),), "too large: no such class"),
+    ],
+)
+def test_resource_exhausted_reads_as_its_cause(
+    details: str, trailers: tuple[tuple[str, str], ...], expected: str
+) -> None:
+    """The server names the error's class in a trailer: a full spool disk is not a file too large."""
+    err = FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, details, trailers)
+    assert describe_rpc_error(err, "ingest", "h:1").startswith(expected)
 
 
 def test_unexpected_errors_have_no_traceback_unless_debug(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
