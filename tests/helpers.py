@@ -2,6 +2,9 @@
 tokens as auth issues them (login_token, bearer), the environment of child processes, free ports,
 stopping and running programs.
 
+Disks: ``tmpfs(path, size)`` mounts a small real file system to fill (skipping where mounting is not
+permitted).
+
 Waiting: a test never sleeps to let something happen; it polls for the thing itself and fails
 naming what it waited for and what it saw last::
 
@@ -246,6 +249,31 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. "4m") mounted on ``path`` for the block: a real small disk to fill.
+
+    Skips the test, saying why, when this process may not mount (not root, or a container without
+    CAP_SYS_ADMIN); unmounted afterwards (lazily, so a process still holding a file cannot stop it).
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except FileNotFoundError:
+        pytest.skip("no mount command for a full-disk test's tmpfs")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for a full-disk test (needs root / CAP_SYS_ADMIN): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
 @dataclass

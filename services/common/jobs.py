@@ -6,11 +6,14 @@ Keys (``redis.asyncio``, strings decoded as UTF-8):
   size, hash (hex), spool (path), remove (1 = delete the spool file when done),
   identity, created, progress, file_id, error, dedup, receipt (hex of a serialized
   Receipt), attempts, worker, worker_pid, updated, receiving (1 = the upload is still
-  arriving in the spool file: size and hash are set once it is complete). Finished jobs
-  expire after ``JOB_TTL``; uploads aborted while receiving after ``ABORTED_TTL``.
+  arriving in the spool file: size and hash are set once it is complete), ingest (the
+  ingest process receiving a ``receiving`` upload: services/ingest/liveness.py). Finished
+  jobs expire after ``JOB_TTL``; uploads aborted while receiving after ``ABORTED_TTL``.
 * ``gridstor:jobs``         Stream of ``{job: <id>}`` read by the consumer group ``workers``.
   An entry is acknowledged and deleted once its job ended, so the stream length is
-  the number of queued plus running jobs. An entry whose worker died stays pending
+  the number of queued plus running jobs. Each worker slot has a stable consumer
+  name, so a worker restarted in that slot reads its predecessor's pending entries
+  first (``read_pending``); an entry whose worker is gone for good stays pending
   and is taken over with XAUTOCLAIM; a live worker keeps its entries fresh with a
   heartbeat (XCLAIM to itself), so only dead workers' entries go idle.
 * ``gridstor:jobdone:<id>`` pub/sub channel: a message when the job ends.
@@ -148,6 +151,7 @@ class Job:
     attempts: int = 0
     worker: str = ""
     receiving: bool = False
+    ingest: str = ""
 
     @property
     def finished(self) -> bool:
@@ -190,6 +194,7 @@ class Job:
             attempts=num("attempts"),
             worker=h.get("worker", ""),
             receiving=h.get("receiving") == "1",
+            ingest=h.get("ingest", ""),
         )
 
 
@@ -243,10 +248,12 @@ class JobStore:
         identity: str = "",
         remove: bool = True,
         receiving: bool = False,
+        ingest: str = "",
     ) -> None:
         """Record a job and queue it, atomically. ``hash_hex`` may be empty: the worker hashes the file.
 
-        With ``receiving`` the file is still being written: ``received`` or ``abort`` follows.
+        With ``receiving`` the file is still being written by the ingest process ``ingest``:
+        ``received`` or ``abort`` follows.
         """
         fields: dict[Any, Any] = {
             "state": ACTIVE,
@@ -263,6 +270,8 @@ class JobStore:
             "attempts": "0",
             "receiving": "1" if receiving else "0",
         }
+        if ingest:
+            fields["ingest"] = ingest
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(job_key(job), mapping=fields)
@@ -297,6 +306,10 @@ class JobStore:
         if state is None:
             return None
         return state, receiving == "1", int(size or 0), hash_hex or "", error or ""
+
+    async def receiver(self, job: str) -> str:
+        """The ingest process recorded as receiving a streamed job's upload ("" when none)."""
+        return str(await self.redis.hget(job_key(job), "ingest") or "")
 
     # ----------------------------------------------------------------- reading
 
@@ -363,6 +376,17 @@ class JobStore:
         out: list[tuple[str, str]] = []
         for _stream, entries in reply or []:
             out += await self._entries(entries)
+        return out
+
+    async def read_pending(self, consumer: str, count: int = 100) -> list[tuple[str, str]]:
+        """Entries delivered to ``consumer`` and never acknowledged (its predecessor in the slot died)."""
+        reply: Any = await self.redis.xreadgroup(GROUP, consumer, {STREAM: "0"}, count=count)
+        out: list[tuple[str, str]] = []
+        for _stream, entries in reply or []:
+            gone = [entry_id for entry_id, fields in entries if not fields]
+            if gone:  # pending ids whose entry was deleted: nothing to do but forget them
+                await self.redis.xack(STREAM, GROUP, *gone)
+            out += await self._entries([e for e in entries if e[1]])
         return out
 
     async def autoclaim(self, consumer: str, min_idle_ms: int, count: int = 1) -> list[tuple[str, str]]:

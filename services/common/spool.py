@@ -3,9 +3,15 @@
 Messages are gathered into batches of about ``BATCH_BYTES`` and written (and
 hashed) in a worker thread with one batch in flight, so the event loop only
 appends to a list while the disk and BLAKE3 work overlaps the next receive.
-While receiving, the file is ``up-<random>.part`` (mode 0600); once the job is
-recorded it is renamed to ``<job>.spool`` so a sweep at start can tell
-abandoned partial uploads from queued work.
+While receiving, the file is ``up-<random>.part`` (mode 0600) and its writer
+holds an flock on it; once the job is recorded it is renamed to ``<job>.spool``,
+so a sweep can tell abandoned partial uploads (no writer holds them: the process
+died) from uploads arriving and from queued work.
+
+Durability: ``finish`` fsyncs the file, and ``fsync_dir`` the spool folder after
+the rename, before the upload is acknowledged, so an acknowledged upload survives
+a power cut. A full disk is ``OutOfSpace`` ("the gateway's spool disk is full"),
+never a limit the client went over.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import tempfile
@@ -34,6 +41,8 @@ BATCH_PARTS = 256  # below IOV_MAX (1024) for writev
 PART_PREFIX = "up-"
 PART_SUFFIX = ".part"
 JOB_SUFFIX = ".spool"
+PART_GRACE = 60.0  # seconds a partial upload nobody writes stays before a sweep removes it
+SPOOL_FULL = "the gateway's spool disk is full; try again later"
 MAX_NAME = 1024
 # A form-encoded type is what curl -d sends by default, not what the file is.
 _IGNORED_TYPES = frozenset({"application/x-www-form-urlencoded"})
@@ -90,7 +99,11 @@ class Spool:
     """One upload being written; ``write`` the pieces, then ``finish``; ``discard`` on any failure."""
 
     def __init__(self, directory: Path, limit: int) -> None:
-        fd, name = tempfile.mkstemp(prefix=PART_PREFIX, suffix=PART_SUFFIX, dir=directory)  # mode 0600
+        try:
+            fd, name = tempfile.mkstemp(prefix=PART_PREFIX, suffix=PART_SUFFIX, dir=directory)  # mode 0600
+        except OSError as exc:
+            raise disk_error(exc, "create the spool file") from None
+        hold(fd)
         self.path = Path(name)
         self.limit = limit
         self.size = 0
@@ -130,9 +143,13 @@ class Spool:
         try:
             _write_all(self._fd, parts)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise errors.LimitExceeded("the gateway's spool disk is full; try again later") from None
-            raise errors.StoreFailed(f"cannot write the spool file: {exc.strerror}") from None
+            raise disk_error(exc, "write the spool file") from None
+
+    def _sync(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise disk_error(exc, "sync the spool file") from None
 
     async def sync(self) -> None:
         """Wait until every byte written so far is in the file (readable by another process)."""
@@ -140,9 +157,10 @@ class Spool:
         await self._flush()  # waits for the batch the first call started
 
     async def finish(self) -> Spooled:
-        """Write what is left and close the file; the caller owns it from here."""
+        """Write what is left, fsync and close the file; the caller owns it from here."""
         await self._flush()
         await self._flush()  # waits for the batch the first call started
+        await asyncio.to_thread(self._sync)
         self._closed = True
         os.close(self._fd)
         return Spooled(self.path, self.size, self._hasher.digest(HASH_BYTES))
@@ -182,6 +200,44 @@ def _write_all(fd: int, parts: Sequence[bytes]) -> None:
             views[0] = views[0][n:]
 
 
+def disk_error(exc: OSError, what: str) -> errors.GridstorError:
+    """The error a failed spool write stands for: OutOfSpace for a full disk, StoreFailed otherwise."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return errors.OutOfSpace(SPOOL_FULL)
+    return errors.StoreFailed(f"cannot {what}: {exc.strerror}")
+
+
+def hold(fd: int) -> None:
+    """Mark a partial upload as being written (an flock, gone with the process), so sweeps leave it."""
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def abandoned(path: str) -> bool:
+    """Whether no process holds the partial upload at ``path`` (its writer died); False when it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # releases the probe's own lock
+    return True
+
+
+def fsync_dir(directory: Path) -> None:
+    """fsync the spool folder, so a spool file's new name survives a power cut (blocking)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise disk_error(exc, "sync the spool folder") from None
+    finally:
+        os.close(fd)
+
+
 def job_path(directory: Path, job: str) -> Path:
     """Where the spool file of a recorded job lives."""
     return directory / f"{job}{JOB_SUFFIX}"
@@ -194,14 +250,19 @@ def prepare_dir(directory: Path) -> None:
         directory.chmod(0o700)
 
 
-def sweep_partials(directory: Path, older_than: float = 3600.0) -> int:
-    """Remove partial uploads untouched for ``older_than`` seconds (left by a crash); return how many."""
+def sweep_partials(directory: Path, older_than: float = PART_GRACE) -> int:
+    """Remove partial uploads no process writes (left by a crash) untouched for ``older_than`` seconds.
+
+    A writer holds an flock on its partial file (``hold``), which the kernel drops when
+    the process dies; the age keeps a file just created (not yet locked) and writers
+    that do not lock. Returns how many went.
+    """
     removed = 0
     cutoff = time.time() - older_than
     for entry in os.scandir(directory):
         if entry.name.startswith(PART_PREFIX) and entry.name.endswith(PART_SUFFIX):
             with contextlib.suppress(FileNotFoundError):
-                if entry.stat().st_mtime < cutoff:
+                if entry.stat().st_mtime < cutoff and abandoned(entry.path):
                     os.unlink(entry.path)
                     removed += 1
     if removed:

@@ -21,7 +21,8 @@ from services.common.keys import signing_key
 from services.common.metrics import Registry
 from services.common.rpc import Policy, current_identity
 from services.common.server import READY_EVERY, Cleanup, Running, Wiring, create_server
-from services.ingest import upload
+from services.ingest import liveness, upload
+from services.ingest.liveness import Instance
 from services.ingest.worker import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -74,17 +75,20 @@ class Metrics:
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     """Upload: spool while hashing, then queue a job. Status: read or long-poll the job."""
 
-    def __init__(self, cfg: Config, store: JobStore, notifier: Notifier, metrics: Metrics) -> None:
+    def __init__(
+        self, cfg: Config, store: JobStore, notifier: Notifier, metrics: Metrics, instance: Instance | None = None
+    ) -> None:
         self.cfg = cfg
         self.store = store
         self.notifier = notifier
         self.metrics = metrics
+        self.instance = instance
 
     async def Upload(
         self, request_iterator: AsyncIterator[ingest_pb2.UploadRequest], context: Context
     ) -> ingest_pb2.UploadReply:
         """Receive one file; reply with the job that stores it."""
-        up = upload.Upload(self.cfg, self.store, current_identity.get(), self.metrics.bytes.inc)
+        up = upload.Upload(self.cfg, self.store, current_identity.get(), self.metrics.bytes.inc, self.instance)
         try:
             received = await up.receive(request_iterator, context)
         finally:
@@ -160,7 +164,13 @@ async def build(
             await store.ensure_group()
         except RedisError as exc:
             raise errors.StoreFailed(f"the job queue (redis at {cfg.redis_url}) is unavailable: {exc}") from None
-        await upload.sweep_spool(cfg.spool_dir, store)
+        instance = Instance.this_process()
+        beat = liveness.Heartbeat(redis, instance)
+        await beat.start()
+        stack.push_async_callback(beat.stop)
+        await upload.sweep_spool(cfg.spool_dir, store, instance, at_start=True)
+        sweeper = asyncio.create_task(upload.sweep_forever(cfg.spool_dir, store, instance), name="spool-sweep")
+        stack.push_async_callback(jobs.cancel_and_wait, sweeper)
         await notifier.start()
         stack.push_async_callback(notifier.stop)
         pool = WorkerPool(cfg, cfg.workers or os.cpu_count() or 1)
@@ -169,7 +179,7 @@ async def build(
         metrics = Metrics(registry or Registry())
         task = asyncio.create_task(_refresh_metrics(metrics, store, pool), name="ingest-metrics")
         stack.push_async_callback(jobs.cancel_and_wait, task)
-        servicer = IngestServicer(cfg, store, notifier, metrics)
+        servicer = IngestServicer(cfg, store, notifier, metrics, instance)
         log.info("ingest started", extra={"workers": pool.size, "max_upload": cfg.max_upload, "mode": cfg.mode})
         add = partial(ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)
         return Wiring(SERVICE_NAME, add, POLICY, partial(pool.ready, store))

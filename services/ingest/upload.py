@@ -10,9 +10,12 @@
    it still arrives: its spool file takes the job's name and the job is
    submitted ``receiving``, so a worker stores the file as it grows.
 3. At the end of the stream the client must still be there (grpc.aio ends the
-   stream the same way for a cancel), then the upload commits: a streamed
-   job gets its final size and hash (``received``); any other is submitted
-   complete. Past that point a cancellation no longer undoes it.
+   stream the same way for a cancel), then the upload commits: the spool file
+   and its name are fsynced, a streamed job gets its final size and hash
+   (``received``); any other is submitted complete. The reply (the job id) goes
+   out only after that, so an acknowledged upload is on disk and its job in
+   Redis (whose append-only file the launcher fsyncs at every write:
+   docs/durability.md). Past that point a cancellation no longer undoes it.
 4. Anything failing before the commit removes the spool file; a streamed
    job is aborted first, so its worker stops and deletes what it wrote.
 """
@@ -23,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +40,9 @@ from services.common.config import Config
 from services.common.ids import dropped_ext
 from services.common.jobs import JobStore
 from services.common.limits import idle_timeout
+from services.ingest import liveness
 from services.ingest.form import FormFile, is_form
+from services.ingest.liveness import Instance
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +71,17 @@ class Upload:
     ``result`` is ``ok``, ``refused`` (bad input, over a limit), ``cancelled`` or ``failed``.
     """
 
-    def __init__(self, cfg: Config, store: JobStore, identity: str, on_bytes: Callable[[int], object]) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        store: JobStore,
+        identity: str,
+        on_bytes: Callable[[int], object],
+        instance: Instance | None = None,
+    ) -> None:
         self.cfg = cfg
         self.store = store
+        self.instance = instance  # this ingest process, recorded in streamed jobs (liveness.py)
         self.identity = identity
         self.on_bytes = on_bytes  # counts every byte received, kept or not
         self.result = "failed"
@@ -103,18 +117,21 @@ class Upload:
                     f"declared_size was {header.declared_size} bytes but {done.size} bytes arrived"
                 )
             await client_still_there(context)
-            if streaming:
-                # Past this point the upload is complete: a cancellation no longer undoes it.
-                committed = asyncio.ensure_future(self.store.received(job, size=done.size, hash_hex=done.hash.hex()))
-            else:
+            if not streaming:
                 job = jobs.new_job_id()
                 path = spool.job_path(self.cfg.spool_dir, job)
                 os.rename(done.path, path)
                 sp.path = path
+            # The file was fsynced by finish; its name too before the job is recorded and acknowledged.
+            await asyncio.to_thread(spool.fsync_dir, self.cfg.spool_dir)
+            if streaming:
+                # Past this point the upload is complete: a cancellation no longer undoes it.
+                committed = asyncio.ensure_future(self.store.received(job, size=done.size, hash_hex=done.hash.hex()))
+            else:
                 committed = asyncio.ensure_future(
                     self.store.submit(
                         job,
-                        path=str(path),
+                        path=str(sp.path),
                         size=done.size,
                         hash_hex=done.hash.hex(),
                         name=header.name,
@@ -207,6 +224,7 @@ class Upload:
             content_type=header.content_type,
             identity=self.identity,
             receiving=True,
+            ingest=str(self.instance) if self.instance is not None else "",
         )
 
     async def _abort(self, job: str) -> None:
@@ -244,10 +262,23 @@ def big(header: spool.UploadHeader, received: int) -> bool:
     )
 
 
-async def sweep_spool(directory: Path, store: JobStore) -> None:
-    """Remove spool files no live job needs: stale partial uploads, files of finished or unknown jobs."""
-    await asyncio.to_thread(spool.sweep_partials, directory)
-    removed = 0
+SWEEP_EVERY = 60.0  # seconds between sweeps of the spool folder while ingest runs
+UNKNOWN_GRACE = 60.0  # a spool file renamed this recently may belong to a job being queued (ssh Process)
+
+
+async def sweep_spool(directory: Path, store: JobStore, me: Instance, *, at_start: bool = False) -> int:
+    """Remove spool files no live job needs and end streamed jobs whose upload can no longer arrive.
+
+    * ``up-*.part`` files no process writes (``spool.sweep_partials``);
+    * ``<job>.spool`` files of finished jobs, and of unknown ones renamed over UNKNOWN_GRACE ago;
+    * ``<job>.spool`` files of streamed jobs another ingest process was receiving, once that
+      process is gone (``liveness.gone``; ``at_start``: always, the spool folder is this
+      process's alone): the job is aborted first, so a worker storing it stops at once.
+
+    Returns how many files went. Runs at start and every SWEEP_EVERY seconds (``sweep_forever``).
+    """
+    removed = await asyncio.to_thread(spool.sweep_partials, directory)
+    cut = 0
     for entry in await asyncio.to_thread(lambda: list(os.scandir(directory))):
         name = entry.name
         if not name.endswith(spool.JOB_SUFFIX):
@@ -258,9 +289,37 @@ async def sweep_spool(directory: Path, store: JobStore) -> None:
         except errors.InvalidInput:
             continue
         job = await store.get(job_id)
-        if job is None or job.finished:
+        if job is None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed += 1
-    if removed:
-        log.info("removed %d spool files of finished or unknown jobs", removed)
+                if not at_start and time.time() - entry.stat().st_ctime < UNKNOWN_GRACE:
+                    continue
+        elif job.receiving and not job.finished:
+            if job.ingest == str(me):
+                continue
+            if not at_start and not await liveness.gone(store.redis, job.ingest):
+                continue
+            await store.abort(job_id, liveness.cut_off(job.ingest))
+            cut += 1
+        elif not job.finished:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed += 1
+    if removed or cut:
+        log.info(
+            "spool swept: %d files removed, %d uploads cut off by a gone ingest process ended",
+            removed,
+            cut,
+            extra={"spool": str(directory)},
+        )
+    return removed
+
+
+async def sweep_forever(directory: Path, store: JobStore, me: Instance, every: float = SWEEP_EVERY) -> None:
+    """``sweep_spool`` every ``every`` seconds, so leftovers of a crash go while the gateway runs."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await sweep_spool(directory, store, me)
+        except (errors.StoreFailed, OSError) as exc:  # Redis away or the disk in trouble: try next time
+            log.warning("spool sweep failed: %s", exc)

@@ -198,14 +198,17 @@ def pack(root: Path, parts: list[str], username: str, spool_dir: Path, limit: in
         stored = name + ".tar.gz" if directory else name
         stored = stored.encode("utf-8", "replace").decode("utf-8")  # a label: odd bytes become U+FFFD
         out_fd, out_name = tempfile.mkstemp(prefix=spool.PART_PREFIX, suffix=spool.PART_SUFFIX, dir=spool_dir)
+        spool.hold(out_fd)  # a spool sweep leaves a partial file whose writer is alive
         try:
             what = f"folder {rel or '/'} as .tar.gz" if directory else f"file {rel}"
             writer = _SpoolWriter(out_fd, limit, what)
             manifest = _write_tar(fd, name, writer) if directory else _copy_file(fd, writer)
             writer.drain()
-        except BaseException:
+        except BaseException as exc:
             os.close(out_fd)
             os.unlink(out_name)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise errors.OutOfSpace(spool.SPOOL_FULL) from None
             raise
         os.close(out_fd)
     finally:
