@@ -20,13 +20,23 @@ the upload's), an abort by ingest (the engine deletes what it wrote; the job is
 left as ingest ended it), or not yet (look again in TAIL_POLL). No FindByHash
 first there: the hash is known only once the upload is complete.
 
-Entries of a worker that died are taken over with XAUTOCLAIM after
-``GRIDSTOR_CLAIM_IDLE_MS`` (default 60000) of silence; a live worker sends a
-heartbeat well within that. The shards a dead attempt wrote are orphans (logged;
-maint's scrub finds shards no record references).
+Each worker runs in a slot of the pool with a stable consumer name
+(services/ingest/slots.py): a worker restarted in its slot (after a crash, a
+SIGKILL) first reads the entries its predecessor left pending and carries them
+on at once. Entries of a worker gone for good (its slot no longer exists, or its
+host) are taken over with XAUTOCLAIM after ``GRIDSTOR_CLAIM_IDLE_MS`` (default
+60000) of silence; a live worker sends a heartbeat well within that. The shards a
+dead attempt wrote are orphans (logged; maint's scrub finds shards no record
+references).
+
+A worker holds up to MAX_HELD jobs but works on one at a time (its lane). A
+streamed job whose upload has not arrived yet steps aside after ASIDE_AFTER
+seconds, so the next queued job is stored meanwhile; when the process that was
+receiving that upload is gone (services/ingest/liveness.py) the job ends at once
+(``aborted``: nobody was given its id), not after the stall timeout.
 
 ``WorkerPool`` (used by the ingest service) starts one worker process per
-core, restarts any that exits, and stops them on cleanup.
+core, restarts any that exits (in the same slot), and stops them on cleanup.
 """
 
 from __future__ import annotations
@@ -34,11 +44,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable
@@ -60,6 +70,8 @@ from services.common.jobs import Job, JobStore
 from services.common.keys import key_id, signing_key
 from services.common.metaclient import MetaClient
 from services.common.readiness import READY, Ready
+from services.ingest import liveness
+from services.ingest.slots import Lane, SlotLock, Ticket, consumer_name
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +87,13 @@ TAIL_POLL = 0.003  # seconds between looks at a spool file that is still growing
 DEFAULT_STALL_TIMEOUT = 90.0  # a growing spool file silent this long: its upload died with its ingest process
 REPORT_EVERY = 2.0  # seconds between a worker's readiness reports (they lapse after REPORT_TTL)
 REPORT_TTL = 3 * REPORT_EVERY
+MAX_HELD = 8  # jobs one worker holds at once: the one it works on and streamed ones awaiting their upload
+ASIDE_AFTER = 0.25  # seconds a streamed job waits for bytes before it lets the worker take the next job
+ASIDE_POLL = 0.05  # seconds between looks at a spool file while stepped aside
+LIVENESS_EVERY = 1.0  # seconds between checks that the process receiving a silent upload still exists
+
+# The lane ticket of the job being processed (set per job task; read where its upload is awaited).
+_ticket: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("lane_ticket", default=None)
 
 _T = TypeVar("_T")
 
@@ -89,11 +108,6 @@ def claim_idle_ms() -> int:
     if value < 100:
         raise errors.InvalidInput(f"{CLAIM_IDLE_ENV}: must be at least 100 ms, got {value}")
     return value
-
-
-def consumer_name(pid: int) -> str:
-    """The consumer name of the worker process ``pid`` on this machine (in the group and in its reports)."""
-    return f"{socket.gethostname()}-{pid}"
 
 
 def sign_receipt(key: SigningKey, *, file_id: str, size: int, hash_hex: str, job: str) -> common_pb2.Receipt:
@@ -121,6 +135,10 @@ def _same_shards(a: FileRecord, b: FileRecord) -> bool:
 
 # Meta answered, and what it answered means the record was not stored: the shards can go.
 _REFUSED = (errors.InvalidInput, errors.Refused, errors.PermissionDenied, errors.Unauthenticated, errors.LimitExceeded)
+
+
+class UploadCut(errors.Refused):
+    """A streamed job's upload can no longer arrive: the ingest process receiving it is gone."""
 
 
 class MetaCallFailed(errors.StoreFailed):
@@ -163,6 +181,8 @@ class Worker:
         *,
         claim_idle: int,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        consumer: str = "",
+        max_held: int = MAX_HELD,
     ) -> None:
         self.store = store
         self.stall_timeout = stall_timeout
@@ -170,47 +190,80 @@ class Worker:
         self.meta = meta
         self.key = key
         self.claim_idle = claim_idle
-        self.consumer = consumer_name(os.getpid())
+        self.consumer = consumer or f"pid-{os.getpid()}"
+        self.max_held = max_held
+        self.lane = Lane()
         self.heartbeat_every = max(0.05, claim_idle / 4000)
         self.claim_every = min(max(0.05, claim_idle / 2000), 5.0)
+        self._last_claim = self._last_prune = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Take jobs until ``stop`` is set; a job in progress gets STOP_GRACE seconds, then goes back."""
+        """Take jobs until ``stop`` is set: first this slot's pending ones, then queued ones; see the docstring.
+
+        A job in progress gets STOP_GRACE seconds once ``stop`` is set, then goes back to the queue.
+        """
         await self.store.ensure_group()
         log.info("worker ready", extra={"consumer": self.consumer, "claim_idle_ms": self.claim_idle})
-        loop = asyncio.get_running_loop()
-        last_claim = 0.0
-        last_prune = 0.0
+        held: set[asyncio.Task[None]] = set()
+        backlog: list[tuple[str, str]] | None = None  # the slot's own pending entries, read first
         backoff = 0.5
-        while not stop.is_set():
-            try:
-                entries: list[tuple[str, str]] = []
-                if loop.time() - last_claim >= self.claim_every:
-                    last_claim = loop.time()
-                    entries = await self.store.autoclaim(self.consumer, self.claim_idle)
-                    for entry_id, job in entries:
-                        log.warning(
-                            "took over job %s from a worker that stopped answering", job, extra={"entry": entry_id}
-                        )
-                    if loop.time() - last_prune >= 600:
-                        last_prune = loop.time()
-                        await self.store.prune_consumers(max(PRUNE_IDLE_MS, self.claim_idle * 10))
-                if not entries:
-                    entries = await self.store.read(self.consumer, block_ms=int(min(1.0, self.claim_every) * 1000))
-                backoff = 0.5
-            except RedisError as exc:
-                log.warning("job queue unavailable (%s); retrying in %.1fs", exc, backoff)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
-                backoff = min(backoff * 2, 10.0)
-                continue
-            for entry_id, job in entries:
-                await self._run_one(entry_id, job, stop)
-                if stop.is_set():
+        try:
+            while not stop.is_set():
+                if len(held) >= self.max_held:  # every held job awaits its upload: take no more for now
+                    stopping = asyncio.ensure_future(stop.wait())
+                    await asyncio.wait({*held, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    stopping.cancel()
+                    continue
+                if not await self.lane.idle(stop):
                     break
+                try:
+                    if backlog is None:
+                        backlog = await self.store.read_pending(self.consumer)
+                        if backlog:
+                            log.warning("resuming %d jobs this slot's previous worker left unfinished", len(backlog))
+                    entries = [backlog.pop(0)] if backlog else await self._next()
+                    backoff = 0.5
+                except RedisError as exc:
+                    log.warning("job queue unavailable (%s); retrying in %.1fs", exc, backoff)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    continue
+                for entry_id, job in entries:
+                    task = asyncio.create_task(self._run_one(entry_id, job, stop), name=f"job-{job}")
+                    held.add(task)
+                    task.add_done_callback(held.discard)
+                    await asyncio.sleep(0)  # let it take the lane before the next look
+        finally:
+            if held:
+                await asyncio.gather(*held, return_exceptions=True)
+
+    async def _next(self) -> list[tuple[str, str]]:
+        """The next entry: one taken over from a vanished worker (now and then), else a new one (waits <= 1 s)."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_claim >= self.claim_every:
+            self._last_claim = loop.time()
+            entries = await self.store.autoclaim(self.consumer, self.claim_idle)
+            for entry_id, job in entries:
+                log.warning("took over job %s from a worker that stopped answering", job, extra={"entry": entry_id})
+            if loop.time() - self._last_prune >= 600:
+                self._last_prune = loop.time()
+                await self.store.prune_consumers(max(PRUNE_IDLE_MS, self.claim_idle * 10))
+            if entries:
+                return entries
+        return await self.store.read(self.consumer, block_ms=int(min(1.0, self.claim_every) * 1000))
+
+    async def _work(self, entry_id: str, job: str) -> None:
+        """``process`` the job holding the lane (given up while its upload is awaited)."""
+        ticket = await self.lane.take()
+        _ticket.set(ticket)
+        try:
+            await self.process(entry_id, job)
+        finally:
+            ticket.done()
 
     async def _run_one(self, entry_id: str, job: str, stop: asyncio.Event) -> None:
-        task = asyncio.create_task(self.process(entry_id, job))
+        task = asyncio.create_task(self._work(entry_id, job))
         stopping = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -267,6 +320,9 @@ class Worker:
                 return
             raise
         except errors.GridstorError as exc:
+            if isinstance(exc, UploadCut):
+                await self.store.abort(job_id, str(exc))
+                log.warning("job %s: %s", job_id, exc)
             if job.receiving and await self._aborted(job_id):
                 log.info("job %s: its upload was aborted; nothing kept", job_id)
                 self._remove_spool(job)
@@ -434,15 +490,18 @@ class Worker:
     async def _tail(self, job: Job, path: Path, final: list[tuple[int, str]]) -> AsyncIterator[bytes]:
         """Follow a spool file that its upload is still writing; see ``_source``."""
         block = self.engine.config.chunk_size
+        ticket = _ticket.get()
         fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
         try:
             offset = 0
-            grew = time.monotonic()
+            grew = checked = time.monotonic()
             while True:
                 data = await asyncio.to_thread(os.pread, fd, block, offset)
                 if data:
                     offset += len(data)
                     grew = time.monotonic()
+                    if ticket is not None:
+                        await ticket.resume()  # bytes to work on: back in the lane
                     yield data
                     continue
                 state = await self.store.tail_state(job.id)
@@ -460,11 +519,22 @@ class Worker:
                             f"the spool file holds {offset} bytes but the upload recorded {size} bytes"
                         )
                     continue  # the rest is in the file already: read it
-                if time.monotonic() - grew > self.stall_timeout:
+                now = time.monotonic()
+                if now - grew > self.stall_timeout:
                     raise errors.TimedOut(
                         f"the upload stopped arriving ({offset} bytes in {self.stall_timeout:.0f}s); upload it again"
                     )
-                await asyncio.sleep(TAIL_POLL)
+                if now - grew < ASIDE_AFTER:
+                    await asyncio.sleep(TAIL_POLL)
+                    continue
+                if ticket is not None:
+                    ticket.step_aside()  # the worker stores other jobs while this upload is awaited
+                if now - checked >= LIVENESS_EVERY:
+                    checked = now
+                    receiver = await self.store.receiver(job.id)
+                    if receiver and await liveness.gone(self.store.redis, receiver):
+                        raise UploadCut(liveness.cut_off(receiver))
+                await asyncio.sleep(ASIDE_POLL)
         finally:
             os.close(fd)
 
@@ -479,6 +549,7 @@ class WorkerPool:
         self.size = size
         # Each worker reads the service's config from stdin (dump_config round-trips through build_config).
         self._config = yaml.safe_dump(dump_config(cfg)).encode()
+        self._spool = cfg.spool_dir
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -489,10 +560,15 @@ class WorkerPool:
         """Process ids of the running workers."""
         return [p.pid for p in self._procs.values() if p.returncode is None]
 
+    @property
+    def consumers(self) -> list[str]:
+        """Consumer names of the slots whose worker runs."""
+        return [consumer_name(slot, self._spool) for slot, p in self._procs.items() if p.returncode is None]
+
     async def ready(self, store: JobStore) -> Ready:
         """Serving while Redis answers and one of these workers reports it can store (``report_readiness``)."""
         try:
-            reports = await store.worker_reports([consumer_name(pid) for pid in self.pids])
+            reports = await store.worker_reports(self.consumers)
         except errors.StoreFailed as exc:
             return Ready(False, str(exc))
         if any(can for can, _ in reports.values()):
@@ -515,6 +591,8 @@ class WorkerPool:
             "-",
             "--parent-pid",
             str(os.getpid()),
+            "--slot",
+            str(slot),
             stdin=asyncio.subprocess.PIPE,
             cwd=net.REPO_ROOT,
             env=net.child_env(),
@@ -574,8 +652,8 @@ class WorkerPool:
 # ----------------------------------------------------------------------- entry point
 
 
-async def serve(cfg: Config, parent_pid: int | None = None) -> None:
-    """Run one worker until SIGTERM/SIGINT (or until the parent process is gone)."""
+async def serve(cfg: Config, parent_pid: int | None = None, slot: int = 0) -> None:
+    """Run the worker of ``slot`` until SIGTERM/SIGINT (or until the parent process is gone)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -597,28 +675,42 @@ async def serve(cfg: Config, parent_pid: int | None = None) -> None:
 
         watch = asyncio.create_task(orphaned())
     store = JobStore(redis)
+    consumer = consumer_name(slot, cfg.spool_dir)
+    lock = SlotLock(cfg.data_dir / "ingest" / f"worker-{slot}.lock")
     # A store writes each shard of a chunk to its own backend: every one of k+m must take writes.
     need = cfg.engine.k + cfg.engine.m
-    reports = asyncio.create_task(report_readiness(store, engine.pool.backends.values(), need, stop))
+    reports = asyncio.create_task(report_readiness(store, engine.pool.backends.values(), need, stop, consumer))
     try:
         # An upload still arriving is dropped by ingest after upload_idle_timeout; past that and a
-        # margin, a silent spool file means its ingest process died without saying so.
+        # margin, a silent spool file means its ingest process died without saying so (a backstop:
+        # the liveness check sees a gone process sooner).
         stall = cfg.limits.upload_idle_timeout + 30.0
-        worker = Worker(store, engine, meta, signing_key(cfg.data_dir), claim_idle=claim_idle_ms(), stall_timeout=stall)
-        await worker.run(stop)
+        worker = Worker(
+            store,
+            engine,
+            meta,
+            signing_key(cfg.data_dir),
+            claim_idle=claim_idle_ms(),
+            stall_timeout=stall,
+            consumer=consumer,
+        )
+        if await lock.acquire(stop):
+            await worker.run(stop)
     finally:
         if watch is not None:
             watch.cancel()
         stop.set()
         await reports
+        lock.release()
         await meta.close()
         await engine.pool.close()
         await jobs.disconnect(redis)
 
 
-async def report_readiness(store: JobStore, pool: Iterable[Backend], need: int, stop: asyncio.Event) -> None:
+async def report_readiness(
+    store: JobStore, pool: Iterable[Backend], need: int, stop: asyncio.Event, consumer: str
+) -> None:
     """Until ``stop``: every REPORT_EVERY seconds, whether ``need`` backends answer, into Redis for ingest's health."""
-    consumer = consumer_name(os.getpid())
     backends = list(pool)
     while not stop.is_set():
         ready = await readiness.backends(backends, need)
@@ -643,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="gateway YAML config, or - to read it from stdin")
     parser.add_argument("--data", help="data dir (overrides data_dir in the config)")
     parser.add_argument("--parent-pid", type=int, help="stop when this process (the ingest service) is gone")
+    parser.add_argument("--slot", type=int, default=0, help="the pool's slot this worker runs in (its consumer name)")
     parser.add_argument("--log-level", default=os.environ.get("GRIDSTOR_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
     try:
@@ -661,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
     register_secret(cfg.secret)
     tune_malloc()
     try:
-        asyncio.run(serve(cfg, args.parent_pid))
+        asyncio.run(serve(cfg, args.parent_pid, args.slot))
     except errors.InvalidInput as exc:
         print(f"ingest worker: cannot start: {exc}", file=sys.stderr)
         return 2

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import socket
 from typing import Any
 
 import grpc
@@ -142,4 +144,61 @@ async def test_worker_killed_while_receiving(suite_factory: SuiteFactory, monkey
     assert status.hash == reply.hash and status.size == len(data)
     assert int((await suite.job_hash(job))["worker_pid"]) != victim
     assert await suite.download(status.file_id) == data
+    await wait_until_async(lambda: suite.spool_files, "the spool to be empty", until=lambda f: f == [])
+
+
+async def test_a_stalled_upload_does_not_hold_up_the_queue(suite_factory: SuiteFactory) -> None:
+    """One worker: a streamed upload that stops sending steps aside, and a small upload queued after it is stored."""
+    suite = await suite_factory(workers=1)
+    data = os.urandom(STREAM_FROM + 2 * MiB)
+    call, off = await begin(suite, data, STREAM_FROM + MiB)
+
+    async def held() -> bool:
+        job = await only_job(suite)
+        h = await suite.job_hash(job) if job else {}
+        return h.get("receiving") == "1" and bool(h.get("worker"))
+
+    await wait_until_async(held, "the worker to hold the streamed job")
+    stalled = await only_job(suite)
+    small = os.urandom(MiB)
+    status = await suite.wait((await suite.upload(small, "small.bin")).job, seconds=20)
+    assert status.state == common_pb2.JOB_STATE_DONE, status.error
+    assert await suite.download(status.file_id) == small
+    h = await suite.job_hash(stalled)
+    assert h["state"] == jobs.ACTIVE and h["receiving"] == "1"  # still waiting for its bytes, untouched
+
+    await send(call, data, off, len(data))
+    await call.done_writing()
+    reply = await call
+    done = await suite.wait(reply.job)
+    assert reply.job == stalled and done.state == common_pb2.JOB_STATE_DONE, done.error
+    assert await suite.download(done.file_id) == data
+
+
+async def test_an_upload_whose_ingest_process_is_gone_ends_at_once(suite_factory: SuiteFactory) -> None:
+    """A streamed job recorded as received by a process that no longer exists is ended by its worker at once."""
+    suite = await suite_factory(workers=1)
+    data = os.urandom(STREAM_FROM + 2 * MiB)
+    call, _ = await begin(suite, data, STREAM_FROM + MiB)
+
+    async def held() -> bool:
+        job = await only_job(suite)
+        h = await suite.job_hash(job) if job else {}
+        return h.get("receiving") == "1" and bool(h.get("worker"))
+
+    await wait_until_async(held, "the worker to hold the streamed job")
+    job = await only_job(suite)
+    # A process that ran on this host and is gone: what the job would name had its ingest been killed.
+    gone = await asyncio.create_subprocess_exec("true")
+    await gone.wait()
+    await suite.redis.hset(jobs.job_key(job), "ingest", f"{socket.gethostname()}:{gone.pid}:0badc0de")
+
+    async def ended() -> dict[str, str]:
+        return await suite.job_hash(job)
+
+    h = await wait_until_async(ended, "the job to end", until=lambda h: h.get("state") == jobs.ERROR)
+    assert h["error"].startswith(jobs.ABORTED + "its upload was cut off: the ingest process receiving it (pid")
+    await wait_until_async(lambda: queue_length(suite), "the worker to acknowledge the job", until=lambda n: n == 0)
+    await wait_until_async(suite.shard_count, "the shards it wrote to be removed", until=lambda n: n == 0)
+    call.cancel()
     await wait_until_async(lambda: suite.spool_files, "the spool to be empty", until=lambda f: f == [])
