@@ -21,9 +21,7 @@ MiB = 1024 * 1024
 def gridstor(ingest_port: int, home: Path, *args: str, stdin: int | None = None) -> subprocess.Popen[bytes]:
     env = child_env(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"))
     argv = [sys.executable, "-m", "services.cli", "--gateway", f"127.0.0.1:{ingest_port}", *args]
-    return subprocess.Popen(
-        argv, cwd=REPO_ROOT, env=env, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    return subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def test_a_full_spool_disk_is_named_not_called_too_large(tmp_path: Path, home: Path) -> None:
@@ -32,7 +30,7 @@ def test_a_full_spool_disk_is_named_not_called_too_large(tmp_path: Path, home: P
         big = tmp_path / "big.bin"
         big.write_bytes(os.urandom(4 * MiB))  # under max_upload (100 MB), over the 2 MiB disk
         proc = gridstor(gw.running["ingest"].port, home, "put", str(big))
-        out, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=120)
         text = err.decode()
         assert proc.returncode == 1, text
         assert text == "gridstor: gateway out of space: the gateway's spool disk is full; try again later\n"
