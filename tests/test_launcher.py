@@ -1,17 +1,21 @@
-"""The local launcher (``make up``): default config, refusals with clear messages, children that die."""
+"""The local launcher (``make up``): default config, refusals with clear messages, children that die and come back."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from grpc_health.v1 import health_pb2
 
 from services import launcher as L
+from services.common import net
 from services.common.config import DEFAULT_PORTS, Config, build_config, load_config
 from services.common.config_text import default_yaml
 from services.common.setting import fields_of
@@ -60,7 +64,8 @@ def test_redis_plans(tmp_path: Path) -> None:
     unix = L.redis_plan(f"unix://{tmp_path}/redis.sock")
     assert unix.managed and unix.socket == tmp_path / "redis.sock"
     conf = L.redis_conf(unix, tmp_path / "redis")
-    for line in ("appendonly yes", "port 0", f'unixsocket "{tmp_path}/redis.sock"', f'dir "{tmp_path}/redis"'):
+    lines = ("appendonly yes", "appendfsync always", "port 0", f'unixsocket "{tmp_path}/redis.sock"')
+    for line in (*lines, f'dir "{tmp_path}/redis"'):
         assert line in conf.splitlines()
     local = L.redis_plan("redis://:pw@127.0.0.1:6390/0")
     assert local.managed and local.port == 6390 and local.password == "pw"
@@ -144,19 +149,74 @@ def _pid_of(parent: int, module: str) -> int:
     raise AssertionError(f"no {module} process under {parent}")
 
 
+def _redis_pid(parent: int) -> int:
+    for pid in children_of(parent):
+        with contextlib.suppress(OSError):
+            if b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+    raise AssertionError(f"no redis-server under {parent}")
+
+
+def _serving(cfg: Config, service: str) -> bool:
+    status, _ = net.health_status(net.hostport("127.0.0.1", cfg.ports[service]), timeout=1.0)
+    return status == health_pb2.HealthCheckResponse.SERVING
+
+
 @pytest.mark.slow
-def test_a_child_that_dies_stops_everything(tmp_path: Path, launched: list[Launcher]) -> None:
+def test_killed_children_are_restarted_and_serve_within_15_s(tmp_path: Path, launched: list[Launcher]) -> None:
     data = tmp_path / "data"
-    write_config(data)
+    cfg = load_config(write_config(data), data_dir=data)
     proc = Launcher(data)
     launched.append(proc)
     proc.wait_up()
+    plan = L.redis_plan(cfg.redis_url)
+    for name in ("meta", "ingest", "redis"):
+        victim = _redis_pid(proc.proc.pid) if name == "redis" else _pid_of(proc.proc.pid, f"services.{name}")
+        os.kill(victim, signal.SIGKILL)
+
+        def back(name: str = name, victim: int = victim) -> bool:
+            if proc.proc.poll() is not None:
+                raise AssertionError(f"the launcher exited:\n{proc.output()}")
+            if name == "redis":  # serving again: it answers, and ingest (which needs it) is SERVING
+                return _redis_pid(proc.proc.pid) != victim and plan.answers() and _serving(cfg, "ingest")
+            return _pid_of(proc.proc.pid, f"services.{name}") != victim and _serving(cfg, name)
+
+        wait_until(lambda b=back: _try(b), f"{name} restarted and serving", within=15, interval=0.1, detail=proc.output)
+        assert f"gridstor: {name} was killed by SIGKILL; restarting it in 0.5 s" in proc.stderr
+        assert re.search(rf"gridstor: {name} restarted \(pid \d+\)", proc.stderr)
+    log = (data / "logs" / "meta.log").read_text()
+    assert "was killed by SIGKILL; the launcher starts it again in 0.5 s" in log
+    assert proc.proc.poll() is None
     kids = children_of(proc.proc.pid)
+    assert proc.terminate() == 0, proc.stderr
+    wait_until(lambda: [p for p in kids if alive(p)], "every child to stop", until=lambda left: left == [], within=10)
+
+
+def _try(probe: Callable[[], bool]) -> bool:
+    """``probe()``, False while what it asks is not there yet (a process just replaced, a port not bound)."""
+    try:
+        return probe()
+    except (AssertionError, OSError) as exc:
+        if "the launcher exited" in str(exc):
+            raise
+        return False
+
+
+@pytest.mark.slow
+def test_a_child_that_keeps_dying_stops_everything(tmp_path: Path, launched: list[Launcher]) -> None:
+    data = tmp_path / "data"
+    config = write_config(data)
+    proc = Launcher(data, "--max-restarts", "1")
+    launched.append(proc)
+    proc.wait_up()
+    kids = children_of(proc.proc.pid)
+    config.write_text(config.read_text() + "mode: sideways\n")  # every start of a service now fails
     os.kill(_pid_of(proc.proc.pid, "services.meta"), signal.SIGKILL)
-    assert proc.wait() == 1
+    assert proc.wait(60) == 1
     err = proc.stderr
-    assert "gridstor: meta was killed by SIGKILL unexpectedly; stopping everything." in err
-    assert f"Last lines of {data / 'logs' / 'meta.log'}:" in err and "meta listening" in err
+    assert "gridstor: meta was killed by SIGKILL; restarting it in 0.5 s" in err
+    assert "gridstor: meta exited with code 2; it died 2 times within 120 s, so the gateway stops." in err
+    assert f"Last lines of {data / 'logs' / 'meta.log'}:" in err and "mode: must be one of" in err
     wait_until(
         lambda: [p for p in kids if alive(p)], "every child to be stopped", until=lambda left: left == [], within=10
     )

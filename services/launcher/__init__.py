@@ -9,10 +9,12 @@ prints the CA's path and a curl example that trusts it. It starts Debian's ``red
 (append-only, unix socket, data in ``DIR/redis``), then each service as its own process
 (auth, meta, ingest, ssh, maint), waits until every one answers the gRPC health check,
 starts Envoy, prints the endpoints, and stops all of it on Ctrl-C or SIGTERM. Logs go to
-``DIR/logs/<name>.log``.
+``DIR/logs/<name>.log``. A child that dies (redis-server included) is started again after
+a backoff; one that dies more than ``--max-restarts`` times within ``--restart-window``
+seconds stops everything, with the last lines of its log (docs/resilience.md).
 
-Exit codes: 0 after a requested stop, 1 when something failed to start or a child died,
-2 for a bad config or bad arguments.
+Exit codes: 0 after a requested stop, 1 when something failed to start or a child kept
+dying, 2 for a bad config or bad arguments.
 
 The modules: ``cli`` (arguments, the start sequence), ``config_file`` (the default
 config), ``checks`` (data dir lock, free ports), ``redis_server``, ``children`` (one

@@ -12,6 +12,7 @@ from services.common.errors import GridstorError
 from services.common.service_main import positive_seconds
 from services.launcher.banner import banner
 from services.launcher.checks import check_ports, data_dir_lock
+from services.launcher.children import MAX_RESTARTS, WINDOW
 from services.launcher.config_file import CONFIG_NAME, ensure_config
 from services.launcher.errors import LaunchError, Stop
 from services.launcher.supervisor import START_ORDER, Launcher
@@ -40,11 +41,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="S",
         help="seconds a child may take to stop (default 20)",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=MAX_RESTARTS,
+        metavar="N",
+        help=f"a child that dies is restarted; dying more than N times within --restart-window stops everything"
+        f" (default {MAX_RESTARTS})",
+    )
+    parser.add_argument(
+        "--restart-window",
+        type=_positive,
+        default=WINDOW,
+        metavar="S",
+        help=f"seconds over which a child's restarts are counted (default {WINDOW:g})",
+    )
+    args = parser.parse_args(argv)
+    if args.max_restarts < 0:
+        parser.error(f"--max-restarts must not be negative, got {args.max_restarts}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Start everything, wait for Ctrl-C / SIGTERM or a child's death, stop everything."""
+    """Start everything, restart what dies, until Ctrl-C / SIGTERM or a crash loop; stop everything."""
     args = parse_args(argv)
     data_dir = Path(args.data).expanduser().absolute()
     try:
@@ -61,7 +80,15 @@ def main(argv: list[str] | None = None) -> int:
             except ConfigError as exc:
                 raise LaunchError(str(exc), 2) from None
             services = list(START_ORDER)
-            launcher = Launcher(cfg, config_path, services, timeout=args.timeout, grace=args.grace)
+            launcher = Launcher(
+                cfg,
+                config_path,
+                services,
+                timeout=args.timeout,
+                grace=args.grace,
+                max_restarts=args.max_restarts,
+                window=args.restart_window,
+            )
             check_ports(cfg, services, launcher.redis, config_path)
             launcher.prepare_tls()
             for sig in old_handlers:

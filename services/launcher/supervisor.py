@@ -1,9 +1,17 @@
-"""The Launcher: starts redis, the services and Envoy as child processes, watches them, stops them all."""
+"""The Launcher: starts redis, the services and Envoy as child processes, restarts any that dies, stops them all.
+
+Supervision (``watch``): a child that dies (redis-server included) is logged, on the
+launcher's stderr and in the child's own log, and started again after a backoff
+(services/launcher/children.py ``Restarts``). Only a crash loop, more than
+``max_restarts`` restarts within ``window`` seconds, stops the whole gateway, with a
+message naming the child and the last lines of its log.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import os
 import shutil
 import signal
 import ssl
@@ -19,7 +27,7 @@ from grpc_health.v1 import health_pb2
 from services.common import net, tls
 from services.common.config import Config
 from services.edge.envoy import DEFAULT_DESCRIPTOR, envoy_binary, write_envoy_config
-from services.launcher.children import Child, log_tail
+from services.launcher.children import MAX_RESTARTS, WINDOW, Child, Restarts, log_tail
 from services.launcher.errors import LaunchError, Stop
 from services.launcher.redis_server import redis_plan, write_redis_conf
 
@@ -31,8 +39,20 @@ POLL = 0.1  # seconds between looks at a child that is starting
 class Launcher:
     """Starts redis and the services, watches them, stops them all."""
 
-    def __init__(self, cfg: Config, config_path: Path, services: list[str], *, timeout: float, grace: float) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        config_path: Path,
+        services: list[str],
+        *,
+        timeout: float,
+        grace: float,
+        max_restarts: int = MAX_RESTARTS,
+        window: float = WINDOW,
+    ) -> None:
         self.cfg = cfg
+        self.max_restarts = max_restarts
+        self.window = window
         self.config_path = config_path
         self.services = services
         self.timeout = timeout
@@ -75,7 +95,7 @@ class Launcher:
     # start --------------------------------------------------------------------------------------
 
     def _start(self, name: str, argv: list[str], cwd: Path) -> Child:
-        child = Child(name, argv, self.logs / f"{name}.log")
+        child = Child(name, argv, self.logs / f"{name}.log", restarts=Restarts(self.max_restarts, self.window))
         self.children.append(child)
         child.start(net.child_env() | {"PYTHONUNBUFFERED": "1"}, cwd)
         return child
@@ -108,12 +128,16 @@ class Launcher:
                     f"a redis server already answers on {plan.where} (left over from an earlier run?);"
                     " stop it first, or point redis: in the config at it as an external server"
                 )
-            if plan.socket is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    plan.socket.unlink()  # a stale socket file from a crash; we hold the data dir lock
+            self._remove_stale_socket()
             data = self.data_dir / "redis"
             child = self._start("redis", [binary, str(write_redis_conf(plan, data))], data)
         self._wait(child, plan.answers, min(self.timeout, 30.0), f"redis at {plan.where} did not answer PING")
+
+    def _remove_stale_socket(self) -> None:
+        """A socket file left by a redis-server that crashed (we hold the data dir lock: it is ours)."""
+        if self.redis.socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.redis.socket.unlink()
 
     def start_services(self) -> None:
         for svc in self.services:
@@ -188,16 +212,48 @@ class Launcher:
     # run ----------------------------------------------------------------------------------------
 
     def watch(self) -> None:
-        """Block until a stop is requested (Stop) or a child dies (LaunchError)."""
+        """Restart children that die until a stop is requested (Stop) or one keeps dying (LaunchError)."""
         while True:
             self.check_stop()
+            now = time.monotonic()
             for child in self.children:
-                if not child.running:
-                    raise LaunchError(
-                        f"{child.name} {child.died()} unexpectedly; stopping everything. Last lines of"
-                        f" {child.log_path}:\n{log_tail(child.log_path)}"
-                    )
+                if child.running:
+                    continue
+                if child.due is None:
+                    self._schedule_restart(child, now)
+                elif now >= child.due:
+                    self._restart(child)
             time.sleep(0.2)
+
+    def _schedule_restart(self, child: Child, now: float) -> None:
+        """A child was found dead: note when it starts again, or give up on a crash loop (LaunchError)."""
+        assert child.proc is not None
+        why = child.died()
+        # What the dead process left behind in its process group (ingest's workers) is told to stop.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.proc.pid, signal.SIGTERM)
+        delay = child.restarts.next_delay(now - child.started, now)
+        if delay is None:
+            raise LaunchError(
+                f"{child.name} {why}; it died {self.max_restarts + 1} times within {self.window:g} s, so the"
+                f" gateway stops. Last lines of {child.log_path}:\n{log_tail(child.log_path)}"
+            )
+        child.due = now + delay
+        child.note(f"{why}; the launcher starts it again in {delay:g} s")
+        print(f"gridstor: {child.name} {why}; restarting it in {delay:g} s", file=sys.stderr, flush=True)
+
+    def _restart(self, child: Child) -> None:
+        if child.name == "redis":
+            self._remove_stale_socket()
+        try:
+            child.restart()
+        except OSError as exc:  # e.g. out of processes: counts as one more death
+            child.note(f"could not be started again: {exc}")
+            child.due = None
+            child.started = time.monotonic()
+            return
+        assert child.proc is not None
+        print(f"gridstor: {child.name} restarted (pid {child.proc.pid})", file=sys.stderr, flush=True)
 
     def stop_all(self) -> None:
         """SIGTERM the services (then redis, so queued jobs are flushed last), SIGKILL after the grace period."""
