@@ -159,7 +159,7 @@ def _redis_pid(parent: int) -> int:
 
 def _serving(cfg: Config, service: str) -> bool:
     status, _ = net.health_status(net.hostport("127.0.0.1", cfg.ports[service]), timeout=1.0)
-    return status == health_pb2.HealthCheckResponse.SERVING
+    return bool(status == health_pb2.HealthCheckResponse.SERVING)
 
 
 @pytest.mark.slow
@@ -181,7 +181,10 @@ def test_killed_children_are_restarted_and_serve_within_15_s(tmp_path: Path, lau
                 return _redis_pid(proc.proc.pid) != victim and plan.answers() and _serving(cfg, "ingest")
             return _pid_of(proc.proc.pid, f"services.{name}") != victim and _serving(cfg, name)
 
-        wait_until(lambda b=back: _try(b), f"{name} restarted and serving", within=15, interval=0.1, detail=proc.output)
+        def probe(back: Callable[[], bool] = back) -> bool:
+            return _try(back)
+
+        wait_until(probe, f"{name} restarted and serving", within=15, interval=0.1, detail=proc.output)
         assert f"gridstor: {name} was killed by SIGKILL; restarting it in 0.5 s" in proc.stderr
         assert re.search(rf"gridstor: {name} restarted \(pid \d+\)", proc.stderr)
     log = (data / "logs" / "meta.log").read_text()

@@ -89,7 +89,7 @@ def test_after_a_full_sigkill_new_uploads_are_not_held_up(tmp_path: Path, launch
     finally:
         release.set()
         for channel, future, _ in calls:
-            future.cancel()
+            future.cancel()  # type: ignore[no-untyped-call]
             channel.close()
 
     second = Launcher(data)
@@ -102,8 +102,12 @@ def test_after_a_full_sigkill_new_uploads_are_not_held_up(tmp_path: Path, launch
     client = redis.Redis.from_url(cfg.redis_url, decode_responses=True)
     try:
         for job in cut:
+
+            def job_hash(job: str = job) -> dict[str, str]:
+                return client.hgetall(jobs.job_key(job))  # type: ignore[return-value]
+
             h = wait_until(
-                lambda job=job: client.hgetall(jobs.job_key(job)),
+                job_hash,
                 "the cut-off upload's job to end",
                 until=lambda h: h.get("state") == jobs.ERROR,
                 within=10,

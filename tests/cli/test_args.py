@@ -7,6 +7,7 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -184,7 +185,7 @@ def test_get_into_a_missing_folder(tmp_path: Path) -> None:
     assert code == 1 and "does not exist" in err
 
 
-class FakeRpcError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+class FakeRpcError(grpc.RpcError, grpc.Call):
     """Only what describe_rpc_error reads: a code, details and trailers."""
 
     def __init__(self, code: grpc.StatusCode, details: str, trailers: tuple[tuple[str, str], ...] = ()) -> None:
@@ -196,7 +197,7 @@ class FakeRpcError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
     def details(self) -> str:
         return self._details
 
-    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+    def trailing_metadata(self) -> Any:
         return self._trailers
 
 
