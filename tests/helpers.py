@@ -164,6 +164,11 @@ class Failure:
     def details(self) -> str:
         return self.error.details() or ""
 
+    def trailers(self) -> dict[str, str]:
+        """The call's trailing metadata (e.g. gridstor-error, retry-after)."""
+        pairs: Any = self.error.trailing_metadata() or ()
+        return {k: v if isinstance(v, str) else v.decode() for k, v in pairs}
+
 
 async def rpc_error(aw: Awaitable[Any]) -> Failure:
     """The status a call ends with; fails the test when it succeeds."""

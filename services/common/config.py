@@ -287,9 +287,9 @@ METADATA_MARGIN = 16 * 1024
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    """Per-client limits, shared through Redis by every process, and Envoy's edge limits (docs/limits.md).
+    """Per-client limits, shared through Redis by every process, per-process caps, and Envoy's edge limits.
 
-    Over a limit a client gets RESOURCE_EXHAUSTED (HTTP 429) with a retry-after.
+    Over a limit a client gets RESOURCE_EXHAUSTED (HTTP 429) with a retry-after (docs/limits.md).
     """
 
     uploads_per_identity: int = setting(4, "concurrent uploads of one identity (token subject); 0 = no limit", Int(0))
@@ -307,6 +307,20 @@ class LimitsConfig:
     upload_idle_timeout: float = setting(
         60.0, "seconds an upload may send nothing before ingest drops it", Number(positive=True)
     )
+    downloads_per_process: int = setting(
+        12, "downloads one meta process streams at once (its memory bound); more wait for a slot; 0 = no cap", Int(0)
+    )
+    uploads_per_process: int = setting(
+        32, "uploads one ingest process receives at once; more wait, unread, for a slot; 0 = no cap", Int(0)
+    )
+    busy_wait: float = setting(
+        30.0, "seconds a download or upload waits for a slot of its process before RESOURCE_EXHAUSTED (busy)",
+        Number(positive=True),
+    )  # fmt: skip
+    download_read_ahead: int = setting(
+        32 * 1024**2, "plaintext a meta process fetches ahead for all its downloads together (sizes like 32MiB)",
+        Size(1),
+    )  # fmt: skip
     exempt: tuple[str, ...] = setting(
         ("127.0.0.0/8", "::1"), "client addresses, networks or host names never limited (e.g. this machine)",
         ListOf(Address(), _ADDRESSES),

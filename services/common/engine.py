@@ -11,7 +11,9 @@ bounded by a few chunks whatever the file size.
 Read path: for each chunk the k data shards are fetched; a missing, failing,
 slow (``hedge_after``) or corrupt (checksum) shard brings in parity shards,
 and the chunk is decoded only then. ``read_ahead`` chunks are fetched ahead of
-the consumer so one slow backend does not stall the stream.
+the consumer so one slow backend does not stall the stream; at most
+``read_slots`` chunks are being fetched and decoded in a process at once, for
+all its readers together, so memory does not grow with their number.
 
 This module imports no grpc: services wrap it.
 """
@@ -24,7 +26,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import blake3
@@ -71,6 +73,10 @@ class EngineConfig:
     ec_type: str = setting(DEFAULT_EC_TYPE, "erasure code implementation (a pyeclib ec_type)", Text())
     write_ahead: int = setting(2, "chunks being written while the next one is prepared", Int(1))
     read_ahead: int = setting(3, "chunks fetched ahead of a reader", Int(1))
+    read_slots: int = setting(
+        6, "chunks one process fetches and decodes at once for all its readers (each needs ~3 chunks of memory)",
+        Int(1),
+    )  # fmt: skip
     hedge_after: float = setting(2.0, "seconds before a slow data shard brings in parity", Number(positive=True))
     shard_timeout: float = setting(30.0, "seconds one shard read or write may take", Number(positive=True))
     backend_cooldown: float = setting(30.0, "seconds a backend that failed a write is skipped", Number(positive=True))
@@ -168,6 +174,9 @@ class Engine:
         self._master_key = master_key
         self._coders: dict[tuple[int, int, str], Coder] = {}
         self.coder(self.config.k, self.config.m, self.config.ec_type)
+        # Fetching and decoding a chunk holds its shards, ciphertext and plaintext at once: so many at a time,
+        # whatever the number of readers (the memory of 100 concurrent downloads stays bounded).
+        self._read_slots = asyncio.Semaphore(self.config.read_slots)
 
     def coder(self, k: int, m: int, ec_type: str) -> Coder:
         key = (k, m, ec_type)
@@ -280,11 +289,20 @@ class Engine:
         """The chunk cipher of ``record`` (WrongMasterKey if the master key does not fit)."""
         return crypto.ChunkCipher(crypto.unwrap_key(self._master_key, record.wrapped_key))
 
-    async def read(self, record: FileRecord, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+    async def read(
+        self,
+        record: FileRecord,
+        offset: int = 0,
+        length: int | None = None,
+        *,
+        ahead: Callable[[], int] | None = None,
+    ) -> AsyncIterator[bytes]:
         """Yield the plaintext of ``record`` from ``offset`` for ``length`` bytes (to the end if None).
 
         A range past the end is clamped to the end; an offset beyond the size
-        is InvalidInput.
+        is InvalidInput. ``ahead`` says how many chunks may be fetched ahead, asked
+        before each fetch (default: ``read_ahead``): a caller sharing a memory budget
+        among many readers gives each fewer while many run.
         """
         coder = self._check_record(record)
         if offset < 0 or (length is not None and length < 0):
@@ -297,25 +315,31 @@ class Engine:
         cipher = self.file_cipher(record)
         cs = record.chunk_size
         first, last = offset // cs, (end - 1) // cs
-        ahead: deque[asyncio.Task[bytes]] = deque()
+        depth_of = ahead
+        fetching: deque[asyncio.Task[bytes]] = deque()
         nxt = first
         try:
-            while nxt <= last or ahead:
-                while nxt <= last and len(ahead) < self.config.read_ahead:
-                    ahead.append(asyncio.create_task(self._read_chunk(record, coder, cipher, nxt)))
+            while nxt <= last or fetching:
+                depth = self.config.read_ahead if depth_of is None else max(1, depth_of())
+                while nxt <= last and len(fetching) < depth:
+                    fetching.append(asyncio.create_task(self._read_chunk(record, coder, cipher, nxt)))
                     nxt += 1
-                ci = nxt - len(ahead)
-                plain = await ahead.popleft()
+                ci = nxt - len(fetching)
+                plain = await fetching.popleft()
                 lo = offset - ci * cs if ci == first else 0
                 hi = end - ci * cs if ci == last else len(plain)
                 yield plain if (lo == 0 and hi == len(plain)) else plain[lo:hi]
         finally:
-            for t in ahead:
+            for t in fetching:
                 t.cancel()
-            if ahead:
-                await asyncio.gather(*ahead, return_exceptions=True)
+            if fetching:
+                await asyncio.gather(*fetching, return_exceptions=True)
 
     async def _read_chunk(self, record: FileRecord, coder: Coder, cipher: crypto.ChunkCipher, ci: int) -> bytes:
+        async with self._read_slots:
+            return await self._fetch_chunk(record, coder, cipher, ci)
+
+    async def _fetch_chunk(self, record: FileRecord, coder: Coder, cipher: crypto.ChunkCipher, ci: int) -> bytes:
         chunk = record.chunks[ci]
         # Fast path: trust the shards and let AES-GCM's tag vouch for the result.
         # Only when it fails are shard checksums computed to find the bad ones.

@@ -1,4 +1,4 @@
-"""Process tuning the storage pipeline needs.
+"""Process tuning the storage pipeline needs, and giving memory back after a burst (``release_memory``).
 
 glibc serves allocations above a dynamic threshold (128 KiB at start) with
 fresh ``mmap`` calls and returns them on free, so every multi-MiB chunk,
@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
+from collections.abc import Callable
+from typing import cast
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +71,28 @@ def tune_malloc() -> bool:
         log.warning("mallopt refused the chunk-buffer thresholds; throughput may drop")
     _done = ok
     return ok
+
+
+def release_memory() -> bool:
+    """Hand freed heap memory back to the system now (glibc ``malloc_trim(0)``); False when not glibc.
+
+    The thresholds above keep freed chunk buffers mapped for reuse; after a burst (100
+    concurrent downloads) that is hundreds of MiB nobody uses. ``malloc_trim`` returns
+    the free pages of every arena, not only the top of the heap. Called when a process's
+    streams have all ended (services/common/capacity.py).
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    return bool(trim(0))
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        fn = ctypes.CDLL(None).malloc_trim  # the process's own libc: no library search
+    except (OSError, AttributeError):
+        return None  # not glibc
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int], int], fn)

@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 
 from gridstor.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 from services.common import errors, jobs, spool
+from services.common.capacity import Gate
 from services.common.config import Config
 from services.common.jobs import Job, JobStore, Notifier
 from services.common.keys import signing_key
@@ -83,6 +84,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self.notifier = notifier
         self.metrics = metrics
         self.instance = instance
+        # Memory is bounded per process: so many uploads are received at once; the rest wait, unread.
+        self.uploads = Gate("uploads in this ingest process", cfg.limits.uploads_per_process, cfg.limits.busy_wait)
 
     async def Upload(
         self, request_iterator: AsyncIterator[ingest_pb2.UploadRequest], context: Context
@@ -90,7 +93,11 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         """Receive one file; reply with the job that stores it."""
         up = upload.Upload(self.cfg, self.store, current_identity.get(), self.metrics.bytes.inc, self.instance)
         try:
-            received = await up.receive(request_iterator, context)
+            async with self.uploads.slot():
+                received = await up.receive(request_iterator, context)
+        except errors.Busy:
+            up.result = "refused"
+            raise
         finally:
             self.metrics.uploads.inc(result=up.result)
         return ingest_pb2.UploadReply(

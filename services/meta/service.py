@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -11,8 +11,9 @@ import grpc
 from google.api import httpbody_pb2
 
 from gridstor.v1 import meta_pb2, meta_pb2_grpc
-from services.common import errors, readiness, rpc
-from services.common.config import Config
+from services.common import capacity, errors, readiness, rpc
+from services.common.capacity import Gate
+from services.common.config import Config, LimitsConfig
 from services.common.engine import Engine
 from services.common.gateway import open_engine, open_metastore
 from services.common.metrics import Registry
@@ -56,10 +57,14 @@ class Metrics:
 class MetaServicer(meta_pb2_grpc.MetaServiceServicer):
     """Unpacks requests, calls the catalog / engine, builds replies."""
 
-    def __init__(self, catalog: Catalog, engine: Engine, metrics: Metrics) -> None:
+    def __init__(self, catalog: Catalog, engine: Engine, metrics: Metrics, limits: LimitsConfig | None = None) -> None:
         self.catalog = catalog
         self.engine = engine
         self.metrics = metrics
+        limits = limits or LimitsConfig()
+        # Memory is bounded per process: so many downloads at once, a read-ahead budget shared among them.
+        self.downloads = Gate("downloads in this meta process", limits.downloads_per_process, limits.busy_wait)
+        self.read_budget = limits.download_read_ahead
 
     async def Download(
         self, request: meta_pb2.DownloadRequest, context: Context
@@ -81,17 +86,24 @@ class MetaServicer(meta_pb2_grpc.MetaServiceServicer):
                 await context.send_initial_metadata(plan.headers)
                 yield httpbody_pb2.HttpBody(content_type=plan.content_type, data=plan.body)
                 return
-            stream = self.engine.read(plan.entry.record, plan.offset, plan.length)
-            async with contextlib.aclosing(download.reslice(stream)) as body:
-                # Pull the first piece before anything is sent, so too few shards is a clean UNAVAILABLE.
-                first = await anext(body, b"")
-                await context.send_initial_metadata(plan.headers)
-                self.metrics.downloads.inc()
-                yield httpbody_pb2.HttpBody(content_type=plan.content_type, data=first)
-                self.metrics.bytes_sent.inc(len(first))
-                async for piece in body:
-                    yield httpbody_pb2.HttpBody(data=piece)
-                    self.metrics.bytes_sent.inc(len(piece))
+            async with self.downloads.slot():
+                stream = self.engine.read(plan.entry.record, plan.offset, plan.length, ahead=self._ahead(plan))
+                async with contextlib.aclosing(download.reslice(stream)) as body:
+                    # Pull the first piece before anything is sent, so too few shards is a clean UNAVAILABLE.
+                    first = await anext(body, b"")
+                    await context.send_initial_metadata(plan.headers)
+                    self.metrics.downloads.inc()
+                    yield httpbody_pb2.HttpBody(content_type=plan.content_type, data=first)
+                    self.metrics.bytes_sent.inc(len(first))
+                    async for piece in body:
+                        yield httpbody_pb2.HttpBody(data=piece)
+                        self.metrics.bytes_sent.inc(len(piece))
+
+    def _ahead(self, plan: download.Plan) -> Callable[[], int]:
+        """How many chunks this download may fetch ahead now: its share of the process's read-ahead budget."""
+        chunk_size = plan.entry.record.chunk_size
+        most = self.engine.config.read_ahead
+        return lambda: capacity.read_ahead(self.read_budget, chunk_size, self.downloads.active, most)
 
     async def Exists(self, request: meta_pb2.ExistsRequest, context: Context) -> meta_pb2.ExistsReply:
         with self.metrics.observe("Exists"):
@@ -162,7 +174,7 @@ async def build(
         engine = await open_engine(cfg)
         stack.push_async_callback(engine.pool.close)
         catalog = Catalog(store, read_only=cfg.role == "replica")
-        servicer = MetaServicer(catalog, engine, Metrics(registry or Registry()))
+        servicer = MetaServicer(catalog, engine, Metrics(registry or Registry()), cfg.limits)
         ready = readiness.all_of(
             partial(readiness.store, store.records, "metadata namespace"),
             partial(readiness.backends, engine.pool.backends.values(), cfg.engine.k),

@@ -34,7 +34,7 @@ def non_default(tmp_path: Path) -> dict[str, Any]:
         "redis": "redis://127.0.0.1:6390/2",
         "engine": {
             "k": 4, "m": 2, "chunk_size": "1MiB", "ec_type": "liberasurecode_rs_vand", "write_ahead": 3,
-            "read_ahead": 4, "hedge_after": 0.5, "shard_timeout": 5, "backend_cooldown": 7.5,
+            "read_ahead": 4, "read_slots": 2, "hedge_after": 0.5, "shard_timeout": 5, "backend_cooldown": 7.5,
         },
         "backends": [f"dir://{d}/s{i}" for i in range(5)] + [{"name": "last", "uri": f"dir://{d}/s5"}],
         "metadata": {
@@ -65,6 +65,7 @@ def non_default(tmp_path: Path) -> dict[str, Any]:
             "rate_per_address": 0, "burst_per_address": 7, "upload_idle_timeout": 9, "exempt": [],
             "trusted_proxies": ["envoy", "10.0.0.0/8"], "edge_max_connections": 10, "edge_streams_per_connection": 3,
             "edge_max_request_headers_kb": 64, "edge_request_headers_timeout": 2, "edge_idle_timeout": 30,
+            "downloads_per_process": 3, "uploads_per_process": 0, "busy_wait": 5, "download_read_ahead": "8MiB",
         },
     }  # fmt: skip
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -143,3 +144,25 @@ async def test_start_sweeps_leftovers(suite_factory: SuiteFactory, tmp_path: Pat
     os.utime(stale, (old, old))
     suite = await suite_factory()
     assert suite.spool_files == [fresh.name]
+
+
+async def test_uploads_past_the_process_cap_wait_unread_then_get_busy(suite_factory: SuiteFactory) -> None:
+    suite = await suite_factory(limits={"uploads_per_process": 1, "busy_wait": 2.0})
+    holder = suite.ingest.Upload(None)  # holds the only slot: sends a first message and waits
+    await holder.write(requests(b"x" * 1000, "held.bin")[0])
+
+    async def counted() -> float:
+        return suite.registry.counter("ingest_bytes_received_total", "").value()
+
+    await wait_until_async(counted, "the first upload's bytes received", until=lambda n: n >= 1000)
+    err = await rpc_error(suite.upload(b"second", "second.bin"))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.details().startswith("the gateway is at its limit of 1 concurrent uploads in this ingest process")
+    assert err.trailers()["gridstor-error"] == "Busy"
+    assert await counted() == 1000  # the refused upload's bytes were never read
+
+    waiting = asyncio.ensure_future(suite.upload(b"third", "third.bin"))  # waits, unread, for the slot ...
+    await holder.done_writing()
+    assert (await holder).size == 1000  # ... which the first frees as it ends
+    third = await asyncio.wait_for(waiting, 30)
+    assert (await suite.wait(third.job)).state == common_pb2.JOB_STATE_DONE

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 import pytest
 from google.api import httpbody_pb2
 
-from gridstor.v1 import meta_pb2
+from gridstor.v1 import meta_pb2, meta_pb2_grpc
 from services.meta.catalog import MAX_OTHER_EXTS
 from tests.common.engine_util import corrupt_shard
 from tests.helpers import rpc_error
@@ -402,3 +404,35 @@ async def test_add_extension_stops_at_the_cap(meta: MetaServer) -> None:
         assert (await meta.stub.AddExtension(request, metadata=meta.auth)).file_id.endswith(f".e{i}")
     request = meta_pb2.AddExtensionRequest(id=file_id, ext=".more")
     assert (await meta.stub.AddExtension(request, metadata=meta.auth)).file_id == file_id  # the stored one
+
+
+# -- a process's cap on concurrent downloads ---------------------------------------------------------
+
+
+async def test_downloads_past_the_process_cap_wait_then_get_busy(
+    start_meta: Callable[..., Awaitable[MetaServer]],
+) -> None:
+    """One slot: a second download waits for it (backpressure), a third that waits too long gets Busy."""
+    meta = await start_meta(limits={"downloads_per_process": 1, "busy_wait": 3.0})
+    data = os.urandom(4 * MiB)
+    file_id = await meta.store(data)
+    # A reader that takes one message and stops (a small receive window, so the server cannot run ahead).
+    slow = grpc.aio.insecure_channel(f"127.0.0.1:{meta.port}", options=[("grpc.http2.bdp_probe", 0)])
+    try:
+        first = aiter(meta_pb2_grpc.MetaServiceStub(slow).Download(meta_pb2.DownloadRequest(id=file_id)))
+        head = (await anext(first)).data  # the first holds the only slot while it is not read to the end
+
+        refused = await rpc_error(meta.fetch(file_id))  # waits for the slot, past busy_wait: Busy
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.details().startswith(
+            "the gateway is at its limit of 1 concurrent downloads in this meta process"
+        )
+        trailers = refused.trailers()
+        assert trailers["gridstor-error"] == "Busy" and trailers["retry-after"] == "1"
+
+        waiting = asyncio.ensure_future(meta.fetch(file_id))  # waits for the slot ...
+        rest = b"".join([m.data async for m in first])  # ... which the first frees as it ends
+        assert head + rest == data
+        assert (await asyncio.wait_for(waiting, 30)).data == data
+    finally:
+        await slow.close(None)
