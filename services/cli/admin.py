@@ -1,4 +1,4 @@
-"""Maintenance commands: ``gridstor check ID [--hard]`` and ``gridstor admin scrub|repair|replicas|backup|restore``.
+"""Maintenance commands: ``gridstor check ID`` and ``gridstor admin scrub|repair|replicas|backup|restore|compact``.
 
 They call the gateway's MaintService with the saved token (see ``gridstor login``).
 Exit codes follow the rest of the CLI: 0 ok, 1 the answer is bad news (damage
@@ -173,6 +173,61 @@ def cmd_scrub(s: Session, a: argparse.Namespace) -> int:
     return EXIT_FAILED if progress.files_unrecoverable else EXIT_OK
 
 
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def cmd_compact(s: Session, a: argparse.Namespace) -> int:
+    """Give back the space of deleted shards in the dir:// backends now; --wait for the pass to end."""
+    with s.rpc("maint"):
+        r = _stub(s).Compact(
+            maint_pb2.CompactRequest(wait=a.wait),
+            metadata=s.auth_metadata(),
+            timeout=LONG_TIMEOUT if a.wait else UNARY_TIMEOUT,
+        )
+    if not r.started:
+        s.note("gridstor: a compaction pass is already running; showing its progress")
+    state = "running" if r.running else "done"
+    lines = [
+        f"compaction {state} (started {_when(r.started_at)}): {_mb(r.freed_bytes)} freed,"
+        f" {r.segments} segments removed, {r.skipped} skipped for lack of free space"
+    ]
+    for b in r.backends:
+        if b.error:
+            lines.append(f"  {b.name}: NOT COMPACTED: {b.error}")
+        else:
+            lines.append(
+                f"  {b.name}: {_mb(b.freed_bytes)} freed, {b.segments} segments removed ({_mb(b.moved_bytes)} moved),"
+                f" {_mb(b.dead_bytes)} dead left" + (f", {b.skipped} skipped" if b.skipped else "")
+            )
+    if r.running and not r.backends:
+        lines.append("  (no backend done yet: `gridstor admin compact --wait` follows a pass to its end)")
+    s.result(
+        "\n".join(lines),
+        {
+            "running": r.running,
+            "started_at": r.started_at,
+            "finished_at": r.finished_at,
+            "freed_bytes": r.freed_bytes,
+            "segments": r.segments,
+            "skipped": r.skipped,
+            "backends": [
+                {
+                    "name": b.name,
+                    "freed_bytes": b.freed_bytes,
+                    "segments": b.segments,
+                    "moved_bytes": b.moved_bytes,
+                    "skipped": b.skipped,
+                    "dead_bytes": b.dead_bytes,
+                    "error": b.error,
+                }
+                for b in r.backends
+            ],
+        },
+    )
+    return EXIT_FAILED if any(b.error for b in r.backends) else EXIT_OK
+
+
 def cmd_replicas(s: Session, a: argparse.Namespace) -> int:
     """Whether every metadata replica holds the master's last id; exit 1 when not in sync."""
     with s.rpc("maint"):
@@ -306,7 +361,7 @@ def add_commands(sub: Any, common: Sequence[argparse.ArgumentParser]) -> None:
     p.add_argument("--hard", action="store_true", help="fetch and verify every shard, decrypt, compare the hash")
 
     admin = sub.add_parser(
-        "admin", help="gateway maintenance: token, scrub, repair, replicas, backup, restore", parents=common
+        "admin", help="gateway maintenance: token, scrub, repair, replicas, backup, restore, compact", parents=common
     )
     asub = admin.add_subparsers(dest="admin_command", metavar="ADMIN_COMMAND", required=True)
     p = command(asub, "scrub", cmd_scrub, "start a scrub pass (check everything, repair damage)")
@@ -323,6 +378,8 @@ def add_commands(sub: Any, common: Sequence[argparse.ArgumentParser]) -> None:
     p.add_argument("--name", help="who the token names in logs (default: your user name)")
     p.add_argument("--print", action="store_true", help="print the token instead of saving it")
     command(asub, "replicas", cmd_replicas, "show whether the metadata replicas are in sync; exit 1 when not")
+    p = command(asub, "compact", cmd_compact, "give back the disk space of deleted shards in the dir:// backends")
+    p.add_argument("--wait", action="store_true", help="answer once the pass has ended, with what it freed")
     p = command(asub, "backup", cmd_backup, "store a metadata snapshot in the pool")
     p.add_argument("-o", "--output", metavar="FILE", help="save the backup's record here (needed to restore)")
     p = command(asub, "restore", cmd_restore, "rebuild the metadata namespace from a backup")

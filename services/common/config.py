@@ -194,7 +194,7 @@ class MetadataConfig:
 
 @dataclass(frozen=True)
 class MaintConfig:
-    """Maintenance: scrub and repair, SSH home cleanup, metadata backups."""
+    """Maintenance: scrub and repair, SSH home cleanup, metadata backups, compaction of dir:// backends."""
 
     scrub_interval: float = setting(
         86400.0, "seconds between scrub pass starts; 0 = only when asked (Scrub RPC)", Number()
@@ -212,6 +212,17 @@ class MaintConfig:
     backup_interval: float = setting(
         86400.0, "seconds between metadata backups into the pool; 0 = only when asked (Backup RPC)", Number()
     )
+    compact_interval: float = setting(
+        3600.0, "seconds between compactions of the dir:// backends; 0 = only when asked (Compact RPC)", Number()
+    )
+    compact_min_dead: float = setting(
+        0.25, "a scheduled compaction rewrites a segment once this share of it is dead (0..1; asked: any dead byte)",
+        Number("a fraction", kind="fraction", zero="any dead byte"),
+    )  # fmt: skip
+
+    def validate(self) -> None:
+        if self.compact_min_dead > 1:
+            fail("maint.compact_min_dead", f"must be a fraction between 0 and 1, got {self.compact_min_dead}")
 
 
 @dataclass(frozen=True)

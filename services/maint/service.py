@@ -24,6 +24,7 @@ from services.common.metrics import Registry
 from services.common.records import Records
 from services.common.server import READY_EVERY, Cleanup, Running, Wiring, create_server
 from services.maint import checks, replicas
+from services.maint.compaction import Pass
 from services.maint.scrub import Progress
 from services.maint.tasks import Maint
 
@@ -33,7 +34,7 @@ NAME = "maint"
 SERVICE = "gridstor.v1.MaintService"
 # Read-only methods need a token unless the gateway is public; the ones that change or
 # expose stored data need an operator's token in every mode.
-POLICY = rpc.Policy(admin=frozenset({"Repair", "Scrub", "Backup", "Restore"}))
+POLICY = rpc.Policy(admin=frozenset({"Repair", "Scrub", "Backup", "Restore", "Compact"}))
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -55,6 +56,31 @@ def progress_message(p: Progress) -> maint_pb2.ScrubProgress:
         unrecoverable_ids=p.unrecoverable_ids,
         last_full_pass=p.last_full_pass,
         last_hard_pass=p.last_hard_pass,
+    )
+
+
+def compact_reply(run: Pass, started: bool) -> maint_pb2.CompactReply:
+    """The proto form of a compaction pass."""
+    return maint_pb2.CompactReply(
+        started=started,
+        running=run.running,
+        started_at=int(run.started),
+        finished_at=int(run.finished),
+        freed_bytes=run.freed,
+        segments=run.segments,
+        skipped=run.skipped,
+        backends=[
+            maint_pb2.CompactedBackend(
+                name=b.name,
+                segments=b.result.segments,
+                freed_bytes=b.result.freed,
+                moved_bytes=b.result.moved_bytes,
+                skipped=b.result.skipped,
+                dead_bytes=b.dead_bytes,
+                error=b.error,
+            )
+            for b in run.backends
+        ],
     )
 
 
@@ -136,6 +162,14 @@ class MaintServicer(maint_pb2_grpc.MaintServiceServicer):
             created=result.created,
             record=result.record,
         )
+
+    async def Compact(self, request: maint_pb2.CompactRequest, context: Context) -> maint_pb2.CompactReply:
+        self.maint.writable("Compact")
+        compactor = self.maint.compactor
+        started = compactor.start(min_dead=0.0)  # asked for: every segment with a dead byte
+        if request.wait:
+            await compactor.wait()
+        return compact_reply(compactor.last, started)
 
     async def Restore(self, request: maint_pb2.RestoreRequest, context: Context) -> maint_pb2.RestoreReply:
         record = request.record if request.HasField("record") else None

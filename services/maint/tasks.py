@@ -1,7 +1,8 @@
 """maint's work beside its RPCs: backups, restores, home cleanup and the schedules that run them.
 
-Background tasks (master role): the scrub schedule, metadata backups and home
-cleanup. A ``role: replica`` gateway serves Check, ScrubStatus,
+Background tasks (master role): the scrub schedule, metadata backups, compaction
+of the dir:// backends (services/maint/compaction.py) and home cleanup. A
+``role: replica`` gateway serves Check, ScrubStatus,
 ReplicaStatus and dry-run scrubs from its replica and refuses the writing
 methods with FAILED_PRECONDITION (``writable``).
 """
@@ -21,6 +22,7 @@ from services.common.metrics import Registry
 from services.common.records import Records
 from services.maint import backup as backups
 from services.maint import cleanup
+from services.maint.compaction import Compactor
 from services.maint.scrub import Scrubber, ScrubMetrics
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class Maint:
         self.cleanup_bytes = registry.counter("maint_cleanup_bytes_removed_total", "Bytes removed from full homes")
         self.backups = registry.counter("maint_backups_total", "Metadata backups stored")
         self.last_backup = registry.gauge("maint_last_backup_timestamp_seconds", "Unix time of the last backup")
+        self.compactor = Compactor(cfg, registry)
         self._backup_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -95,6 +98,8 @@ class Maint:
             self._spawn(self.scrubber.run_schedule(), "scrub-schedule")
             if self.cfg.maint.backup_interval > 0:
                 self._spawn(self._backup_schedule(), "backup-schedule")
+            if self.cfg.maint.compact_interval > 0:
+                self._spawn(self.compactor.schedule(), "compaction-schedule")
         if self.cfg.maint.cleanup_interval > 0:
             self._spawn(self._cleanup_schedule(), "home-cleanup")
 
@@ -135,4 +140,5 @@ class Maint:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.compactor.close()
         await self.scrubber.close()

@@ -47,7 +47,7 @@ def non_default(tmp_path: Path) -> dict[str, Any]:
         "role": "replica",
         "maint": {
             "scrub_interval": 0, "scrub_files_per_second": 2.5, "scrub_bytes_per_second": "1MB", "hard_every": 2,
-            "cleanup_interval": 60, "backup_interval": 0,
+            "cleanup_interval": 60, "backup_interval": 0, "compact_interval": 0, "compact_min_dead": 0.5,
         },
         "admins": ["alice"],
         "envoy_port": 18080,
@@ -230,6 +230,8 @@ def test_the_old_ssh_names_still_work_for_a_release(tmp_path: Path, caplog: pyte
         ({"hosts": {"meta": "a/b"}}, "config: hosts.meta: 'a/b' is not a host name or address"),
         ({"maint": {"scrub_bytes_per_second": 0}}, "config: maint.scrub_bytes_per_second: must be more than 0"),
         ({"maint": {"scrub_interval": -1}}, "config: maint.scrub_interval: must be >= 0 (0 = off), got -1"),
+        ({"maint": {"compact_min_dead": 2}}, "config: maint.compact_min_dead: must be a fraction between 0 and 1"),
+        ({"limits": {"busy_wait": 0}}, "config: limits.busy_wait: must be positive"),
         ({"max_upload": "lots"}, "config: max_upload: expected a size like 100MB or 4MiB, got 'lots'"),
         ({"data_dir": 5}, "config: data_dir: expected a folder path, got int 5"),
         ({"ssh_port": 1, "ssh": {"port": 2}}, "config: ssh_port: the config sets both"),

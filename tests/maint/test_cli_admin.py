@@ -70,3 +70,30 @@ async def test_check_repair_scrub_replicas_backup_restore(tmp_path: Path, gatewa
     assert code == 0 and out.startswith("restored 1 records")
     code, _, err = await gridstor(gw, tmp_path, "admin", "restore")
     assert code == 2 and "--record FILE" in err
+
+
+async def test_admin_compact_gives_back_the_space_of_deleted_shards(tmp_path: Path, gateways: Make) -> None:
+    gw = await gateways(gateway_config(tmp_path / "gw"))
+    kept = os.urandom(CHUNK * 3)
+    file_id = await gw.store(kept)
+    # A failed store attempt: its shards were written, then deleted (dead bytes in every backend).
+    failed = await gw.engine.store([os.urandom(CHUNK * 8)])
+    await gw.engine.delete_shards(failed)
+
+    code, _, err = await gridstor(gw, tmp_path, "admin", "compact")
+    assert code == 1 and "gridstor admin token" in err  # operators only
+    await gridstor(gw, tmp_path, "admin", "token", "--data", str(gw.cfg.data_dir))
+    code, out, err = await gridstor(gw, tmp_path, "admin", "compact", "--wait", "--json")
+    assert code == 0, err
+    reply = json.loads(out)
+    assert reply["running"] is False and reply["skipped"] == 0
+    shard_bytes = sum(b["freed_bytes"] for b in reply["backends"] if b["name"].startswith("b"))
+    assert shard_bytes >= CHUNK * 8 and reply["freed_bytes"] >= shard_bytes
+    assert all(b["dead_bytes"] == 0 and not b["error"] for b in reply["backends"])
+    assert {b["name"] for b in reply["backends"]} >= {"b00", "b19", "metadata records", "metadata index"}
+    assert gw.registry.counter("maint_compact_freed_bytes_total", "").value() == reply["freed_bytes"]
+    assert await gw.fetch(file_id) == kept  # what is live is still there
+
+    code, out, _ = await gridstor(gw, tmp_path, "admin", "compact", "--wait")
+    assert code == 0 and out.startswith("compaction done (started ") and "0.0 MB freed, 0 segments removed" in out
+    assert "  b00: 0.0 MB freed, 0 segments removed (0.0 MB moved), 0.0 MB dead left" in out

@@ -638,3 +638,119 @@ class RestoreReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RestoreReply: _TypeAlias = RestoreReply  # noqa: Y015
+
+@_typing.final
+class CompactRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAIT_FIELD_NUMBER: _builtins.int
+    wait: _builtins.bool
+    """Answer once the pass has ended; otherwise at once, the pass running on."""
+    def __init__(
+        self,
+        *,
+        wait: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompactRequest: _TypeAlias = CompactRequest  # noqa: Y015
+
+@_typing.final
+class CompactedBackend(_message.Message):
+    """What one pass did to one dir:// backend."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SEGMENTS_FIELD_NUMBER: _builtins.int
+    FREED_BYTES_FIELD_NUMBER: _builtins.int
+    MOVED_BYTES_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    DEAD_BYTES_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Backend name (a URI never with its password)."""
+    segments: _builtins.int
+    """Segment files removed."""
+    freed_bytes: _builtins.int
+    """Disk space given back (segments removed minus live bytes copied, plus index bytes)."""
+    moved_bytes: _builtins.int
+    """Live bytes copied out of the removed segments."""
+    skipped: _builtins.int
+    """Segments left because the free space did not fit their live bytes now."""
+    dead_bytes: _builtins.int
+    """Dead bytes left after the pass (in segments below the pass's threshold, or skipped)."""
+    error: _builtins.str
+    """Why this backend could not be compacted; empty when it was."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        segments: _builtins.int = ...,
+        freed_bytes: _builtins.int = ...,
+        moved_bytes: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+        dead_bytes: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_bytes", b"dead_bytes", "error", b"error", "freed_bytes", b"freed_bytes", "moved_bytes", b"moved_bytes", "name", b"name", "segments", b"segments", "skipped", b"skipped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompactedBackend: _TypeAlias = CompactedBackend  # noqa: Y015
+
+@_typing.final
+class CompactReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STARTED_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    FREED_BYTES_FIELD_NUMBER: _builtins.int
+    SEGMENTS_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    BACKENDS_FIELD_NUMBER: _builtins.int
+    started: _builtins.bool
+    """False when a pass was already running (it continues; its progress is returned)."""
+    running: _builtins.bool
+    """Whether the pass is still running."""
+    started_at: _builtins.int
+    """Unix seconds when the pass started; 0 when none ever ran."""
+    finished_at: _builtins.int
+    """Unix seconds when the pass ended; 0 while running."""
+    freed_bytes: _builtins.int
+    """Disk space given back by this pass, over every backend so far."""
+    segments: _builtins.int
+    """Segment files removed by this pass so far."""
+    skipped: _builtins.int
+    """Segments left for lack of free space."""
+    @_builtins.property
+    def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompactedBackend]:
+        """Each dir:// backend done so far."""
+
+    def __init__(
+        self,
+        *,
+        started: _builtins.bool = ...,
+        running: _builtins.bool = ...,
+        started_at: _builtins.int = ...,
+        finished_at: _builtins.int = ...,
+        freed_bytes: _builtins.int = ...,
+        segments: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+        backends: _abc.Iterable[Global___CompactedBackend] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "finished_at", b"finished_at", "freed_bytes", b"freed_bytes", "running", b"running", "segments", b"segments", "skipped", b"skipped", "started", b"started", "started_at", b"started_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompactReply: _TypeAlias = CompactReply  # noqa: Y015

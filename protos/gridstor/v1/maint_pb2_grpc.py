@@ -71,6 +71,11 @@ class MaintServiceStub:
                 request_serializer=gridstor_dot_v1_dot_maint__pb2.RestoreRequest.SerializeToString,
                 response_deserializer=gridstor_dot_v1_dot_maint__pb2.RestoreReply.FromString,
                 _registered_method=True)
+        self.Compact = channel.unary_unary(
+                '/gridstor.v1.MaintService/Compact',
+                request_serializer=gridstor_dot_v1_dot_maint__pb2.CompactRequest.SerializeToString,
+                response_deserializer=gridstor_dot_v1_dot_maint__pb2.CompactReply.FromString,
+                _registered_method=True)
 
 
 class MaintServiceServicer:
@@ -129,6 +134,15 @@ class MaintServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Compact(self, request, context):
+        """Give back the disk space of deleted and overwritten values (shards of failed attempts,
+        repaired shards) in the dir:// backends now, segment by segment. When a pass is already
+        running it keeps going and its progress is returned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MaintServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +180,11 @@ def add_MaintServiceServicer_to_server(servicer, server):
                     servicer.Restore,
                     request_deserializer=gridstor_dot_v1_dot_maint__pb2.RestoreRequest.FromString,
                     response_serializer=gridstor_dot_v1_dot_maint__pb2.RestoreReply.SerializeToString,
+            ),
+            'Compact': grpc.unary_unary_rpc_method_handler(
+                    servicer.Compact,
+                    request_deserializer=gridstor_dot_v1_dot_maint__pb2.CompactRequest.FromString,
+                    response_serializer=gridstor_dot_v1_dot_maint__pb2.CompactReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +378,33 @@ class MaintService:
             '/gridstor.v1.MaintService/Restore',
             gridstor_dot_v1_dot_maint__pb2.RestoreRequest.SerializeToString,
             gridstor_dot_v1_dot_maint__pb2.RestoreReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Compact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gridstor.v1.MaintService/Compact',
+            gridstor_dot_v1_dot_maint__pb2.CompactRequest.SerializeToString,
+            gridstor_dot_v1_dot_maint__pb2.CompactReply.FromString,
             options,
             channel_credentials,
             insecure,

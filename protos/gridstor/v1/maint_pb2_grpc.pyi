@@ -53,6 +53,11 @@ class MaintServiceStub:
     """Store a snapshot of all metadata into the erasure-coded pool as an ordinary file."""
     Restore: _grpc.UnaryUnaryMultiCallable[_maint_pb2.RestoreRequest, _maint_pb2.RestoreReply]
     """Rebuild the metadata namespace from a snapshot made by Backup."""
+    Compact: _grpc.UnaryUnaryMultiCallable[_maint_pb2.CompactRequest, _maint_pb2.CompactReply]
+    """Give back the disk space of deleted and overwritten values (shards of failed attempts,
+    repaired shards) in the dir:// backends now, segment by segment. When a pass is already
+    running it keeps going and its progress is returned.
+    """
 
 @_typing.type_check_only
 class MaintServiceAsyncStub(MaintServiceStub):
@@ -79,6 +84,11 @@ class MaintServiceAsyncStub(MaintServiceStub):
     """Store a snapshot of all metadata into the erasure-coded pool as an ordinary file."""
     Restore: _aio.UnaryUnaryMultiCallable[_maint_pb2.RestoreRequest, _maint_pb2.RestoreReply]  # type: ignore[assignment]
     """Rebuild the metadata namespace from a snapshot made by Backup."""
+    Compact: _aio.UnaryUnaryMultiCallable[_maint_pb2.CompactRequest, _maint_pb2.CompactReply]  # type: ignore[assignment]
+    """Give back the disk space of deleted and overwritten values (shards of failed attempts,
+    repaired shards) in the dir:// backends now, segment by segment. When a pass is already
+    running it keeps going and its progress is returned.
+    """
 
 class MaintServiceServicer(metaclass=_abc_1.ABCMeta):
     """Every method needs a token unless the gateway is public. A replica gateway serves
@@ -144,5 +154,16 @@ class MaintServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_maint_pb2.RestoreReply, _abc.Awaitable[_maint_pb2.RestoreReply]]:
         """Rebuild the metadata namespace from a snapshot made by Backup."""
+
+    @_abc_1.abstractmethod
+    def Compact(
+        self,
+        request: _maint_pb2.CompactRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_maint_pb2.CompactReply, _abc.Awaitable[_maint_pb2.CompactReply]]:
+        """Give back the disk space of deleted and overwritten values (shards of failed attempts,
+        repaired shards) in the dir:// backends now, segment by segment. When a pass is already
+        running it keeps going and its progress is returned.
+        """
 
 def add_MaintServiceServicer_to_server(servicer: MaintServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

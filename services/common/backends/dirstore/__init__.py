@@ -28,9 +28,11 @@ scan first reads the index tail (one ``stat`` when nothing changed), so a
 read sees every write that returned before it began, in any process. A record
 cut short or failing its CRC at the tail (a crash mid-append) is ignored by
 readers and cut off by the next writer; value bytes without their record are
-dead space, never visible. ``compact`` rewrites the live values into new
-segments and swaps in a new index with one ``rename``; other processes notice
-the new index file (a new inode) and reload it.
+dead space, never visible. ``compact`` gives the space of deleted values back
+segment by segment: a segment's live values are copied to the write segment,
+relocation records appended, the segment removed (``compact`` module); now and
+then a new index with one record per live key is swapped in with one ``rename``,
+and other processes notice the new index file (a new inode) and reload it.
 
 A folder that disappears while open (removed, moved away, an unmounted disk)
 gives ``BackendUnavailable`` and is never recreated; ``open`` creates a missing
@@ -75,6 +77,7 @@ segment files, OS errors), ``compact`` (compaction), ``backend`` (``DirBackend``
 """
 
 from services.common.backends.dirstore.backend import DEFAULT_SEGMENT_SIZE, FSYNC_POLICIES, DirBackend, DirUsage
+from services.common.backends.dirstore.compact import CompactResult
 from services.common.backends.dirstore.folder import ModeMismatch
 
-__all__ = ["DEFAULT_SEGMENT_SIZE", "FSYNC_POLICIES", "DirBackend", "DirUsage", "ModeMismatch"]
+__all__ = ["DEFAULT_SEGMENT_SIZE", "FSYNC_POLICIES", "CompactResult", "DirBackend", "DirUsage", "ModeMismatch"]

@@ -20,7 +20,7 @@ from typing import Final, Self, TypeVar
 
 from services.common import errors
 from services.common.backends.base import SEQ_KEY_SIZE, Backend, BackendInfo, Mode, seq_key
-from services.common.backends.dirstore.compact import Snapshot, compact
+from services.common.backends.dirstore.compact import CompactResult, copy_value, fits, is_full
 from services.common.backends.dirstore.folder import (
     ModeMismatch,
     Segments,
@@ -32,6 +32,7 @@ from services.common.backends.dirstore.folder import (
     prepare_folder,
     pwrite_all,
     read_meta,
+    remove_temp_files,
 )
 from services.common.backends.dirstore.format import (
     DEL,
@@ -39,17 +40,20 @@ from services.common.backends.dirstore.format import (
     INDEX,
     LOCK,
     META,
+    REC,
     SET,
+    TMP_MARK,
     apply_records,
     describe_key,
+    pack_header,
     pack_record,
     seg_name,
     unpack_header,
 )
-from services.common.backends.dirstore.index import SeqIndex, UserIndex, new_index
+from services.common.backends.dirstore.index import Entry, SeqIndex, UserIndex, new_index
 from services.common.backends.uri import DirURI
 
-__all__ = ["DEFAULT_SEGMENT_SIZE", "FSYNC_POLICIES", "DirBackend", "DirUsage"]
+__all__ = ["DEFAULT_SEGMENT_SIZE", "FSYNC_POLICIES", "CompactResult", "DirBackend", "DirUsage"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,7 @@ FSYNC_POLICIES: Final = ("batch", "always", "never")
 
 _CHUNK: Final = 1 << 20  # index bytes read at a time
 _KEEP_TORN_OVER: Final = 64 * 1024  # a torn index tail longer than this is kept aside, not just cut
+_INDEX_SLACK: Final = 1024 * 1024  # index.log is rewritten once it is this much and twice its live records
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,7 @@ class DirBackend(Backend):
         self._next = 0
         self._cur_seg = 0
         self._live = 0
+        self._seg_live: dict[int, int] = {}  # live value bytes per segment
 
         self._dirty_segs: set[int] = set()
         self._dirty_index = False
@@ -277,14 +283,15 @@ class DirBackend(Backend):
         """Entries, live bytes, bytes in segment files (live + dead) and the index size."""
         return await self._thread("usage", self._usage)
 
-    async def compact(self) -> int:
-        """Rewrite the live values into new segments, drop the old ones; return the bytes freed.
+    async def compact(self, min_dead: float = 0.0) -> CompactResult:
+        """Give back the space of deleted and overwritten values, segment by segment (see ``compact``).
 
-        Writers (in every process) wait while it runs; readers do not. Other
-        processes pick the new index up on their next call; a process that
-        stays idle keeps the old segments' space allocated until then.
+        Only segments whose dead share is at least ``min_dead`` (0: any dead byte) are
+        rewritten. Writers (in every process) wait for one segment at a time; readers
+        do not wait. Other processes drop their descriptors of removed segments on
+        their next call; one that stays idle keeps that space allocated until then.
         """
-        return await self._thread("compact", self._compact)
+        return await self._thread("compact", self._compact, min_dead)
 
     # -- plumbing -----------------------------------------------------------
 
@@ -390,6 +397,7 @@ class DirBackend(Backend):
         self._generation = generation
         self._index = new_index(self.mode)
         self._next, self._cur_seg, self._live = next_id, base_seg, 0
+        self._seg_live = {}
         self._segments.forget()
 
     def _adopt(self, backend_id: bytes) -> None:
@@ -431,13 +439,33 @@ class DirBackend(Backend):
                 old = self._index.store(key, seg, off, length, order)
             except ValueError as exc:
                 raise errors.BackendError(self.name, f"{self._index_path}: {exc}") from None
-            self._live += length - (old or 0)
-            if order >= self._next:
-                self._next = order + 1
             if seg > self._cur_seg:
                 self._cur_seg = seg
+            self._live += length
+            if length:
+                self._seg_live[seg] = self._seg_live.get(seg, 0) + length
+            if old is not None:
+                self._forget_value(old)
+            if order >= self._next:
+                self._next = order + 1
         else:
-            self._live -= self._index.remove(key) or 0
+            old = self._index.remove(key)
+            if old is not None:
+                self._forget_value(old)
+
+    def _forget_value(self, old: Entry) -> None:
+        """A value was deleted or replaced; a sealed segment left with nothing live is no longer read here."""
+        seg, _, length, _ = old
+        self._live -= length
+        if not length:
+            return
+        left = self._seg_live.get(seg, 0) - length
+        if left > 0:
+            self._seg_live[seg] = left
+            return
+        self._seg_live.pop(seg, None)
+        if seg < self._cur_seg:
+            self._segments.drop(seg)  # a compaction may remove it: hold no descriptor that keeps its space
 
     def _cut_tail(self, size: int) -> None:
         """Drop invalid bytes at the end of the index (a torn append); keep big tails aside."""
@@ -674,21 +702,154 @@ class DirBackend(Backend):
         if index_fd >= 0:
             os.fdatasync(index_fd)
 
-    def _compact(self) -> int:
-        return self._exclusive(self._compact_locked)
+    # -- compaction (see compact.py) ------------------------------------------------
 
-    def _compact_locked(self) -> int:
+    def _compact(self, min_dead: float) -> CompactResult:
+        result = CompactResult()
+        plan = self._exclusive(lambda: self._compact_plan(min_dead))
+        for n, keys in plan:
+            try:
+                self._exclusive(lambda n=n, keys=keys: self._compact_segment(n, keys, result))  # type: ignore[misc]
+            except OSError as exc:
+                if not is_full(exc):
+                    raise
+                result.skipped += 1  # the disk filled up meanwhile: what was copied is dead space, nothing lost
+                log.warning("%s: compaction stopped, the disk is full: %s", self.name, exc.strerror)
+                break
+        self._exclusive(lambda: self._compact_index(result))
+        if result.segments or result.index_bytes or result.skipped:
+            log.info(
+                "%s: compacted %d segments, %d bytes freed (%d moved), %d skipped for lack of space",
+                self.name,
+                result.segments,
+                result.freed,
+                result.moved_bytes,
+                result.skipped,
+            )
+        return result
+
+    def _compact_plan(self, min_dead: float) -> list[tuple[int, list[bytes]]]:
+        """The segments worth compacting, cheapest (fewest live bytes) first, with their live keys then."""
         with self._lock:
             self._refresh(writer=True)
             if self._readonly:
                 raise errors.ReadOnly(self.name, f"{self._index_path} is not writable")
-            snap = Snapshot(self._id, self._generation, self._next, self._cur_seg, self._index.live())
+            remove_temp_files(self.path)
+            cur = self._cur_seg
+            picked: list[tuple[int, int]] = []
+            for n, size in self._segments.sizes().items():
+                live = self._seg_live.get(n, 0)
+                if n > cur or size <= live or (size - live) < min_dead * size:
+                    continue
+                picked.append((live, n))
+            picked.sort()
+            sealed = {n for _, n in picked if n < cur}
+            keys = self._index.in_segments(sealed) if sealed else {}
+        # The write segment's keys are listed again under the lock of its own step: writers add to it.
+        return [(n, keys.get(n, [])) for _, n in picked]
 
-        def reload() -> None:
-            with self._lock:
-                self._reload()
+    def _compact_segment(self, n: int, keys: list[bytes], result: CompactResult) -> None:
+        """Move segment ``n``'s live values to the write segment, then remove ``n`` (flock held)."""
+        path = self._segments.path(n)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            return
+        with self._lock:
+            self._refresh(writer=True)
+            if n > self._cur_seg:
+                return
+            if n == self._cur_seg:
+                keys = self._index.in_segments({n})[n]
+            entries = [(key, e) for key in keys if (e := self._index.get(key)) is not None and e[0] == n and e[2]]
+            if n == self._cur_seg:
+                if not entries:
+                    return  # nothing to move the writers on with: the index rewrite does (_compact_index)
+                self._cur_seg = n + 1  # the values (and with their records, every writer) go to a new segment
+        need = sum(e[2] for _, e in entries)
+        if need and not fits(self.path, need):
+            result.skipped += 1
+            return
+        if entries:
+            self._relocate(n, entries)
+        with self._lock:
+            if self._seg_live.get(n, 0):
+                log.error("%s: segment %s still holds live values after compaction; kept", self.name, seg_name(n))
+                return
+            self._segments.drop(n)
+        os.unlink(path)
+        fsync_dir(self._segments.data_dir)
+        result.segments += 1
+        result.removed_bytes += size
+        result.moved_bytes += need
 
-        return compact(self.name, self._segments, self._segment_size, snap, reload)
+    def _relocate(self, n: int, entries: list[tuple[bytes, Entry]]) -> None:
+        """Copy the values to the write segment, then append their relocation records (all synced)."""
+        src = os.open(self._segments.path(n), os.O_RDONLY | os.O_CLOEXEC)
+        records: list[bytes] = []
+        touched: set[int] = set()
+        try:
+            for key, (_, off, length, order) in entries:
+                with self._lock:
+                    seg, dst_off = self._reserve(length)
+                    wfd = self._segments.wfd
+                copy_value(self.name, src, off, wfd, dst_off, length, key)
+                records.append(pack_record(SET, key, seg, dst_off, length, order))
+                touched.add(seg)
+        finally:
+            os.close(src)
+        self._segments.sync(sorted(touched))
+        fsync_dir(self._segments.data_dir)  # a new segment's name, before records point into it
+        with self._lock:
+            pos = self._pos
+            data = b"".join(records)
+            try:
+                pwrite_all(self._ifd, data, pos)
+                os.fdatasync(self._ifd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._ifd, pos)
+                raise
+            self._parse_tail()
+
+    def _compact_index(self, result: CompactResult) -> None:
+        """Rewrite index.log when it is mostly stale records, or to move writers off an empty write segment."""
+        with self._lock:
+            self._refresh(writer=True)
+            cur = self._cur_seg
+            stale_cur = os.path.exists(self._segments.path(cur)) and not self._seg_live.get(cur, 0)
+            size = os.fstat(self._ifd).st_size
+            live = self._index.live()
+            needed = HEADER.size + sum(REC.size + len(key) for key, _ in live)
+            cur_bytes = self._segments.sizes().get(cur, 0) if stale_cur else 0
+            if not (stale_cur and cur_bytes) and not (size > _INDEX_SLACK and size > 2 * needed):
+                return
+            if not fits(self.path, needed):
+                result.skipped += 1
+                return
+            base = cur + 1 if stale_cur and cur_bytes else cur
+            body = b"".join(pack_record(SET, key, seg, off, length, order) for key, (seg, off, length, order) in live)
+            tmp = f"{self._index_path}{TMP_MARK}{os.getpid()}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                pwrite_all(fd, pack_header(self._id, self._generation + 1, base, self._next) + body, 0)
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            os.close(fd)
+            os.rename(tmp, self._index_path)
+            fsync_dir(self.path)
+            self._reload()
+            result.index_bytes += max(0, size - os.fstat(self._ifd).st_size)
+        if base > cur:  # the empty write segment is sealed now: nobody appends to it
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._segments.path(cur))
+                fsync_dir(self._segments.data_dir)
+                result.segments += 1
+                result.removed_bytes += cur_bytes
 
     def _close(self) -> None:
         with self._wlock, self._lock:

@@ -1,119 +1,83 @@
-"""Compaction of a dir backend: live values into new segments, a new index.log swapped in by ``rename``.
+"""Compaction of a dir backend, segment by segment, so it needs little free space.
 
-The backend calls ``compact`` holding the folder's flock, so no writer in any
-process runs meanwhile; readers go on, and other processes notice the new
-index file (a new inode) and reload it.
+The space of deleted and overwritten values is given back one segment at a time
+(``DirBackend.compact`` drives it; each step holds the folder's flock, so writers in
+every process wait only for that step, and readers never wait):
+
+1. A segment holding no live value is removed at once (no copy, no free space).
+2. Otherwise its live values are copied to the end of the current write segment
+   (the next one when the segment is the write segment itself), fdatasync'ed, and
+   index records pointing at the new places are appended to index.log (same key,
+   same order: a relocation, not a new write) and fdatasync'ed; then the old segment
+   is removed. It needs free space for that segment's live bytes only (at most
+   ``segment_size``), not for the whole backend's; segments are taken cheapest
+   first, and one that does not fit in the free space now is skipped and counted.
+3. When index.log holds many more records than live keys (relocations, deletes), or
+   the write segment must move on without a value to move it, a new index.log with
+   one record per live key is written beside it and renamed over it (free space: the
+   live records, a few dozen bytes per key); other processes see a new inode and
+   reload it.
+
+A crash anywhere leaves the backend consistent: copied values without their records
+are dead space, records are appended only once their values are on disk, and a
+segment is removed only once the records moving its values away are on disk.
+Another process that still reads the old segment does so through a descriptor it
+holds (a removed file's bytes stay readable) or finds it gone and re-reads the
+index; it drops its descriptors of a segment once its copy of the index says the
+segment holds nothing, so the space is given back.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.common import errors
-from services.common.backends.dirstore.folder import Segments, fsync_dir, pwrite_all, remove_temp_files
-from services.common.backends.dirstore.format import INDEX, SET, TMP_MARK, describe_key, pack_header, pack_record
-from services.common.backends.dirstore.index import Entry
+from services.common.backends.dirstore.folder import pwrite_all
+from services.common.backends.dirstore.format import describe_key
 
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The index as compaction starts from it, taken under the backend's lock."""
-
-    backend_id: bytes
-    generation: int
-    next_id: int
-    cur_seg: int  # the segment writers append to
-    live: list[tuple[bytes, Entry]]  # in write order
+MARGIN = 1024 * 1024  # free space kept beyond what a step writes
 
 
-def compact(name: str, segments: Segments, segment_size: int, snap: Snapshot, reload: Callable[[], None]) -> int:
-    """Rewrite ``snap.live`` into new segments; return the bytes freed.
+@dataclass
+class CompactResult:
+    """What one compaction did; ``freed`` is what the disk got back (segments removed minus bytes copied)."""
 
-    ``reload`` makes the backend read the new index, before the old segments go.
-    """
-    folder = segments.folder
-    remove_temp_files(folder)
-    old = segments.sizes()
-    first = max([snap.cur_seg, *old]) + 1
-    created = _rewrite(name, segments, segment_size, snap, first)
-    fsync_dir(folder)
-    reload()
-    for n in old:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(segments.path(n))
-    fsync_dir(segments.data_dir)
-    freed = sum(old.values()) - sum(segments.sizes().values())
-    log.info("%s: compacted %d segments into %d, %d bytes freed", name, len(old), len(created), freed)
-    return freed
+    segments: int = 0  # segments removed
+    removed_bytes: int = 0  # their size on disk
+    moved_bytes: int = 0  # live bytes copied to other segments
+    skipped: int = 0  # segments left because the free space did not fit their live bytes
+    index_bytes: int = 0  # index.log bytes given back by rewriting it
 
+    @property
+    def freed(self) -> int:
+        return self.removed_bytes - self.moved_bytes + self.index_bytes
 
-def _rewrite(name: str, segments: Segments, segment_size: int, snap: Snapshot, first: int) -> list[int]:
-    """Copy ``snap.live`` into segments numbered from ``first`` and rename a new index.log over the old one.
-
-    Returns the segments created; on failure removes them and the temporary index.
-    """
-    out_seg, out_fd, out_size = first - 1, -1, 0
-    created: list[int] = []
-    records: list[bytes] = []
-    sources: dict[int, int] = {}
-    index_path = os.path.join(segments.folder, INDEX)
-    tmp_index = f"{index_path}{TMP_MARK}{os.getpid()}"
-    try:
-        for key, (n, off, length, order) in snap.live:
-            if length == 0:
-                records.append(pack_record(SET, key, 0, 0, 0, order))
-                continue
-            if out_fd < 0 or (out_size > 0 and out_size + length > segment_size):
-                if out_fd >= 0:
-                    os.fdatasync(out_fd)
-                    os.close(out_fd)
-                    out_fd = -1
-                out_seg += 1
-                out_fd = os.open(segments.path(out_seg), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-                created.append(out_seg)
-                out_size = 0
-            src = sources.get(n)
-            if src is None:
-                src = sources[n] = os.open(segments.path(n), os.O_RDONLY | os.O_CLOEXEC)
-            _copy(name, src, off, out_fd, out_size, length, key)
-            records.append(pack_record(SET, key, out_seg, out_size, length, order))
-            out_size += length
-        if out_fd >= 0:
-            os.fdatasync(out_fd)
-            os.close(out_fd)
-            out_fd = -1
-        base = out_seg if created else first
-        fd = os.open(tmp_index, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            pwrite_all(fd, pack_header(snap.backend_id, snap.generation + 1, base, snap.next_id) + b"".join(records), 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_dir(segments.data_dir)
-        os.rename(tmp_index, index_path)
-    except BaseException:
-        if out_fd >= 0:
-            os.close(out_fd)
-        for n in created:
-            with contextlib.suppress(OSError):
-                os.unlink(segments.path(n))
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_index)
-        raise
-    finally:
-        for src in sources.values():
-            os.close(src)
-    return created
+    def add(self, other: CompactResult) -> None:
+        self.segments += other.segments
+        self.removed_bytes += other.removed_bytes
+        self.moved_bytes += other.moved_bytes
+        self.skipped += other.skipped
+        self.index_bytes += other.index_bytes
 
 
-def _copy(name: str, src: int, src_off: int, dst: int, dst_off: int, length: int, key: bytes) -> None:
+def free_bytes(path: str) -> int:
+    """Bytes an unprivileged writer may still use on the file system of ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def fits(path: str, need: int) -> bool:
+    """Whether ``need`` bytes (and a margin) fit on the file system of ``path`` now."""
+    return free_bytes(path) >= need + MARGIN
+
+
+def is_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def copy_value(name: str, src: int, src_off: int, dst: int, dst_off: int, length: int, key: bytes) -> None:
     """Copy one value between segment files (in the kernel where it can)."""
     done = 0
     try:

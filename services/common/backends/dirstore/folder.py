@@ -308,6 +308,14 @@ class Segments:
                 os.close(self.wfd)
         self.wfd, self.wseg = -1, -1
 
+    def drop(self, n: int) -> None:
+        """Stop holding segment ``n`` open (it holds nothing live; a compaction may remove it)."""
+        seg = self._cache.pop(n, None)
+        if seg is not None:
+            seg.retire()
+        if self.wseg == n:
+            self.close_write()
+
     def forget(self) -> None:
         """Drop every descriptor (a new index may name other segments); reads in flight keep theirs."""
         for seg in self._cache.values():

@@ -40,8 +40,8 @@ class SeqIndex:
             return None
         return self.segs[i], self.offs[i], size, i
 
-    def store(self, key: bytes, seg: int, off: int, length: int, order: int) -> int | None:
-        """Record key -> (seg, off, length); return the replaced value's length."""
+    def store(self, key: bytes, seg: int, off: int, length: int, order: int) -> Entry | None:
+        """Record key -> (seg, off, length); return the replaced entry."""
         if len(key) != SEQ_KEY_SIZE:
             return None  # cannot happen through this module; ignored rather than trusted
         i = int.from_bytes(key, "little")
@@ -60,20 +60,21 @@ class SeqIndex:
             self.offs.extend(array("Q", [0]) * grow)
             self.sizes.extend(array("I", [ABSENT]) * grow)
         old = self.sizes[i]
+        replaced = (self.segs[i], self.offs[i], old, i)
         self.segs[i], self.offs[i], self.sizes[i] = seg, off, length
         if old == ABSENT:
             self.count += 1
             return None
-        return old
+        return replaced
 
-    def remove(self, key: bytes) -> int | None:
-        """Forget ``key``; return the removed value's length (None: it was not stored)."""
+    def remove(self, key: bytes) -> Entry | None:
+        """Forget ``key``; return its entry (None: it was not stored)."""
         entry = self.get(key)
         if entry is None:
             return None
         self.sizes[entry[3]] = ABSENT
         self.count -= 1
-        return entry[2]
+        return entry
 
     def cursor(self, after: bytes) -> int | None:
         """Where a scan resumes after ``after`` (None: it cannot)."""
@@ -97,6 +98,15 @@ class SeqIndex:
             (seq_key(i), (self.segs[i], self.offs[i], size, i)) for i, size in enumerate(self.sizes) if size != ABSENT
         ]
 
+    def in_segments(self, wanted: set[int]) -> dict[int, list[bytes]]:
+        """The stored keys with a value in one of the segments ``wanted``, per segment."""
+        out: dict[int, list[bytes]] = {n: [] for n in wanted}
+        segs, sizes = self.segs, self.sizes
+        for i, seg in enumerate(segs):
+            if seg in wanted and sizes[i] not in (ABSENT, 0):
+                out[seg].append(seq_key(i))
+        return out
+
 
 class UserIndex:
     """User mode: a dict, plus the write order (with stale items, pruned now and then) for scan."""
@@ -116,7 +126,7 @@ class UserIndex:
     def get(self, key: bytes) -> Entry | None:
         return self.entries.get(key)
 
-    def store(self, key: bytes, seg: int, off: int, length: int, order: int) -> int | None:
+    def store(self, key: bytes, seg: int, off: int, length: int, order: int) -> Entry | None:
         old = self.entries.get(key)
         self.entries[key] = (seg, off, length, order)
         if old is None or old[3] != order:
@@ -129,14 +139,14 @@ class UserIndex:
             else:
                 self.orders.append(order)
                 self.keys.append(key)
-        return None if old is None else old[2]
+        return old
 
-    def remove(self, key: bytes) -> int | None:
+    def remove(self, key: bytes) -> Entry | None:
         old = self.entries.pop(key, None)
         if old is None:
             return None
         self._stale()
-        return old[2]
+        return old
 
     def _stale(self) -> None:
         self.stale += 1
@@ -169,6 +179,13 @@ class UserIndex:
 
     def live(self) -> list[tuple[bytes, Entry]]:
         return sorted(self.entries.items(), key=lambda item: item[1][3])
+
+    def in_segments(self, wanted: set[int]) -> dict[int, list[bytes]]:
+        out: dict[int, list[bytes]] = {n: [] for n in wanted}
+        for key, (seg, _, length, _) in self.entries.items():
+            if seg in wanted and length:
+                out[seg].append(key)
+        return out
 
 
 def new_index(mode: Mode) -> SeqIndex | UserIndex:
