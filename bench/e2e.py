@@ -18,6 +18,10 @@ In one run it measures:
   (g) the time to first byte of a 1 MiB HTTP Range at the end of a 1 GiB file
       (``--range-gib``), through Envoy's REST edge, against a 1 MiB Range at its start:
       a read near the end touches only the chunks it needs, so both take about as long.
+  (h) load: 100 concurrent downloads of one file, then 100 concurrent uploads (each on
+      its own channel, each its own content), with p50 / p99 latency, errors, and the peak
+      RSS of every process under the launcher during each, against the 300 MiB target
+      (and the RSS once the load is over: memory handed back). ``--load 0`` skips it.
 
 Each of (a)-(d) runs ``--runs`` times (default 9), bare and gateway runs alternating so
 drift hits both (the degraded runs follow as one block); the verdicts use the medians.
@@ -53,6 +57,7 @@ import contextlib
 import ctypes
 import http.client
 import json
+import math
 import os
 import shlex
 import shutil
@@ -916,6 +921,10 @@ async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> Non
             )
         if args.range_gib:
             await range_ttfb(args, cfg, ingest, metadata, report)
+        # (h) load
+        if args.load:
+            report.mark_rss("before load", suite.launcher_pid)
+            await load_section(args, cfg, ca, metadata, report, suite)
     finally:
         for ch in channels:
             await ch.close(None)
@@ -1059,6 +1068,135 @@ async def concurrent_uploads(
             print(f"  failure                : {text}")
 
 
+class RssWatch:
+    """The highest VmRSS of every process under the launcher while a block runs (sampled every 50 ms)."""
+
+    def __init__(self, launcher_pid: int) -> None:
+        self.launcher_pid = launcher_pid
+        self.peak: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for p in suite_processes(self.launcher_pid):
+                self.peak[p.name] = max(self.peak.get(p.name, 0.0), p.rss_mib)
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> RssWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values``, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def load_lines(what: str, latencies: list[float], errors: list[str], wall: float, nbytes: int) -> list[str]:
+    ok = len(latencies)
+    lines = [f"  {what:22s}: {ok} ok / {len(errors)} failed in {wall:.1f} s, {mbps(nbytes, wall):.1f} MB/s in total"]
+    if latencies:
+        lines.append(
+            f"  {'latency':22s}: p50 {percentile(latencies, 0.5):.2f} s   p99 {percentile(latencies, 0.99):.2f} s"
+            f"   max {max(latencies):.2f} s"
+        )
+    lines += [f"  failure                : {e}" for e in errors[:3]]
+    return lines
+
+
+def rss_lines(watch: RssWatch, report: Report, name: str) -> list[str]:
+    """Each process's peak RSS during the load against the target, and the verdict for all of them."""
+    over = {n: v for n, v in watch.peak.items() if v > RSS_TARGET_MIB}
+    shown = ", ".join(f"{n} {v:.0f}" for n, v in sorted(watch.peak.items(), key=lambda kv: -kv[1]))
+    verdict_text = report.target(name, not over)
+    return [
+        f"  peak RSS (MiB)         : {shown}",
+        f"  {'every process':22s}: <= {RSS_TARGET_MIB:.0f} MiB   {verdict_text}",
+    ]
+
+
+def _rpc_text(err: BaseException) -> str:
+    if isinstance(err, grpc.aio.AioRpcError):
+        return f"{err.code().name}: {err.details()}"
+    return f"{type(err).__name__}: {err}"
+
+
+async def load_section(
+    args: argparse.Namespace, cfg: Config, ca: bytes | None, metadata: Any, report: Report, suite: Suite
+) -> None:
+    """(h) 100 concurrent downloads, then 100 concurrent uploads: latency, errors, every process's peak RSS."""
+    n = args.load
+    size, each = args.load_mib * MIB, args.load_upload_mib * MIB
+    print(
+        f"\nload: {n} concurrent downloads of one {args.load_mib} MiB file, then {n} concurrent"
+        f" {args.load_upload_mib} MiB uploads (each on its own channel); peak RSS during each, target <="
+        f" {RSS_TARGET_MIB:.0f} MiB per process  (limits: downloads_per_process {cfg.limits.downloads_per_process},"
+        f" uploads_per_process {cfg.limits.uploads_per_process}, busy_wait {cfg.limits.busy_wait:g} s)"
+    )
+    first = open_channel(net.dial(cfg.address("ingest")), ca)
+    try:
+        content = os.urandom(size)
+        stored = await timed_upload(ingest_pb2_grpc.IngestServiceStub(first), content, "load.bin", metadata)
+    finally:
+        await first.close(None)
+    digest = blake3.blake3(content).digest(HASH_BYTES).hex()
+    if not stored.file_id.startswith(digest):
+        raise BenchFailure(f"load file: id {stored.file_id} does not start with its BLAKE3-192")
+
+    async def download(channel: grpc.aio.Channel, i: int) -> float:
+        stub = meta_pb2_grpc.MetaServiceStub(channel)
+        h = blake3.blake3()
+        got = 0
+        t0 = time.perf_counter()
+        async for msg in stub.Download(meta_pb2.DownloadRequest(id=stored.file_id)):
+            h.update(msg.data)
+            got += len(msg.data)
+        dt = time.perf_counter() - t0
+        if got != size or h.digest(HASH_BYTES).hex() != digest:
+            raise BenchFailure(f"load download: {got} of {size} bytes, or different bytes")
+        return dt
+
+    async def upload(channel: grpc.aio.Channel, i: int) -> float:
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        res = await timed_upload(stub, os.urandom(each), f"load-{i}.bin", metadata)
+        return res.done
+
+    steps: list[tuple[str, str, Callable[[grpc.aio.Channel, int], Awaitable[float]]]] = [
+        ("downloads", "meta", download),
+        ("uploads", "ingest", upload),
+    ]
+    for what, service, step in steps:
+        channels = [open_channel(net.dial(cfg.address(service)), ca) for _ in range(n)]
+        try:
+            for ch in channels:
+                await asyncio.wait_for(ch.channel_ready(), 10)
+            with RssWatch(suite.launcher_pid) as watch:
+                t0 = time.perf_counter()
+                results = await asyncio.gather(*(step(ch, i) for i, ch in enumerate(channels)), return_exceptions=True)
+                wall = time.perf_counter() - t0
+        finally:
+            for ch in channels:
+                await ch.close(None)
+        latencies = [r for r in results if isinstance(r, float)]
+        errors = [_rpc_text(r) for r in results if isinstance(r, BaseException)]
+        if errors:
+            report.failures.append(f"load {what}: {len(errors)} of {n} failed, e.g. {errors[0]}")
+        nbytes = len(latencies) * (size if what == "downloads" else each)
+        for line in load_lines(f"{n} {what}", latencies, errors, wall, nbytes):
+            print(line)
+        for line in rss_lines(watch, report, f"rss under {what}"):
+            print(line)
+        await asyncio.sleep(3)  # the services hand freed memory back once idle (services/common/capacity.py)
+        after = ", ".join(f"{p.name} {p.rss_mib:.0f}" for p in suite_processes(suite.launcher_pid))
+        print(f"  {'RSS 3 s after (MiB)':22s}: {after}", flush=True)
+
+
 def print_rss(suite: Suite, report: Report) -> None:
     print(f"\npeak RSS (VmHWM) of every process under the launcher (pid {suite.launcher_pid}), target <= "
           f"{RSS_TARGET_MIB:.0f} MiB each")  # fmt: skip
@@ -1152,6 +1290,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--range-gib", type=int, default=1, help="size of the file for the end-of-file Range (default 1; 0: skip)"
     )
+    ap.add_argument("--load", type=int, default=100, help="concurrent clients of the load section (0 = skip it)")
+    ap.add_argument("--load-mib", type=int, default=20, help="size of the file the load downloads (default 20)")
+    ap.add_argument("--load-upload-mib", type=int, default=4, help="size of each load upload (default 4)")
     ap.add_argument("--attach", metavar="CONFIG", help="measure the suite already running with this config")
     ap.add_argument("--token", help="bearer token for uploads when the gateway is not public (or GRIDSTOR_TOKEN)")
     ap.add_argument("--profile", metavar="DIR", help="py-spy raw profiles of ingest, its workers and meta into DIR")
@@ -1165,6 +1306,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.size_mib < 1 or args.runs < 1 or args.concurrent < 1 or args.concurrent_mib < 1 or args.range_gib < 0:
         ap.error("sizes and counts must be at least 1")
+    if args.load < 0 or args.load_mib < 1 or args.load_upload_mib < 1:
+        ap.error("--load must be >= 0, and the load sizes at least 1")
     return asyncio.run(amain(args))
 
 

@@ -319,7 +319,7 @@ class LimitsConfig:
         60.0, "seconds an upload may send nothing before ingest drops it", Number(positive=True)
     )
     downloads_per_process: int = setting(
-        12, "downloads one meta process streams at once (its memory bound); more wait for a slot; 0 = no cap", Int(0)
+        8, "downloads one meta process streams at once (its memory bound); more wait for a slot; 0 = no cap", Int(0)
     )
     uploads_per_process: int = setting(
         32, "uploads one ingest process receives at once; more wait, unread, for a slot; 0 = no cap", Int(0)
