@@ -15,7 +15,7 @@
    (``received``); any other is submitted complete. The reply (the job id) goes
    out only after that, so an acknowledged upload is on disk and its job in
    Redis (whose append-only file the launcher fsyncs at every write:
-   docs/durability.md). Past that point a cancellation no longer undoes it.
+   docs/resilience.md). Past that point a cancellation no longer undoes it.
 4. Anything failing before the commit removes the spool file; a streamed
    job is aborted first, so its worker stops and deletes what it wrote.
 """

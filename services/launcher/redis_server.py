@@ -75,7 +75,7 @@ def _q(text: str) -> str:
 # An upload is acknowledged (its job id returned) only once its job is in Redis; ``always`` fsyncs the
 # append-only file before Redis answers a write, so an acknowledged job survives a power cut, not only a
 # crash of redis-server. Redis batches the fsync per event-loop turn (about 0.2 ms here); see
-# docs/durability.md. (WAITAOF, which would sync only the job's writes, needs Redis 7.2; Debian 12 has 7.0.)
+# docs/resilience.md. (WAITAOF, which would sync only the job's writes, needs Redis 7.2; Debian 12 has 7.0.)
 APPENDFSYNC = "always"
 
 

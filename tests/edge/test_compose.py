@@ -112,6 +112,8 @@ def test_no_host_port_clashes(m1_m2: dict[str, Any]) -> None:
 
 
 def test_health_checks_and_restart(m1_m2: dict[str, Any]) -> None:
+    # docker restarts what dies; ingest's fixed host name keeps its workers' consumer names across re-creation.
+    assert m1_m2["services"]["ingest"]["hostname"] == "gridstor-ingest"
     for name, svc in m1_m2["services"].items():
         if name in ONE_SHOT:
             assert svc["restart"] == "no"
