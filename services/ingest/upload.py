@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 # Uploads this big are queued while they still arrive, so storing overlaps receiving. Smaller
 # ones arrive in a few ms: they keep the simple path (queued complete, FindByHash before any write).
 STREAM_FROM = 8 * 1024 * 1024
+DRAIN_FOR = 1.0  # seconds a refused upload is still read (and dropped), so its client hears why (``_drain``)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -94,8 +95,9 @@ class Upload:
         committed: asyncio.Future[None] | None = None
         job = ""
         streaming = False  # the job is queued already and a worker may be storing the spool as it grows
+        stream = idle_timeout(messages, self.cfg.limits.upload_idle_timeout)
         try:
-            pieces = self._file(idle_timeout(messages, self.cfg.limits.upload_idle_timeout), limit)
+            pieces = self._file(stream, limit)
             async with contextlib.aclosing(pieces):
                 async for header, data in pieces:
                     await sp.write(data)
@@ -153,6 +155,7 @@ class Upload:
             raise
         except (errors.InvalidInput, errors.LimitExceeded):
             self.result = "refused"
+            await self._drain(stream)
             raise
         finally:
             if committed is None:
@@ -205,6 +208,22 @@ class Upload:
                 yield self.header, piece
         if form is not None:
             form.finish()
+
+    async def _drain(self, stream: AsyncIterator[ingest_pb2.UploadRequest]) -> None:
+        """Read and drop what the client still sends, for up to DRAIN_FOR seconds, before refusing it.
+
+        grpc's asyncio client reports a call that the server ended while the client was
+        still writing as INTERNAL ("Internal error from Core"), not with the server's
+        status (grpc/aio/_call.py ``_write``: ``set_internal_error``). A client a little
+        over the limit finishes sending meanwhile and gets the real refusal (too large,
+        spool full); one that goes on sending is cut off after DRAIN_FOR anyway.
+        """
+        try:
+            async with asyncio.timeout(DRAIN_FOR):
+                async for msg in stream:
+                    self.on_bytes(len(msg.body.data))
+        except (TimeoutError, errors.GridstorError):
+            pass
 
     async def _spool_as_job(self, job: str, sp: spool.Spool) -> None:
         """Give the growing spool file its job name, with what arrived so far on disk."""
