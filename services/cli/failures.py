@@ -20,6 +20,7 @@ EXIT_INTERRUPTED = 130
 _FRIENDLY: dict[type[errors.GridstorError], str] = {
     errors.NotFound: "not found",
     errors.OutOfRange: "out of range",
+    errors.TooLarge: "too large",
     errors.InvalidInput: "invalid request",
     errors.Unauthenticated: "not authenticated",
     errors.PermissionDenied: "permission denied",
@@ -81,18 +82,22 @@ def describe_rpc_error(err: grpc.RpcError, what: str, address: str) -> str:
             f"cannot reach the {what} service at {address}: is the gateway running? (start it with `make up`;"
             " choose the address with --gateway HOST:PORT or --config FILE)"
         )
-    error = rpc.error_for(code, details, what, rpc.trailer(err, rpc.ERROR_TRAILER))
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after(err) and not isinstance(error, errors.Busy):
+    kind = rpc.trailer(err, rpc.ERROR_TRAILER)
+    cls: type[errors.GridstorError] = type(rpc.error_for(code, details, what, kind))
+    named = errors.named(kind) if kind else None
+    if named is not None and issubclass(named, cls):  # the exact cause, even one error_for cannot rebuild
+        cls = named
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after(err) and not issubclass(cls, errors.Busy):
         return f"over a limit: {details}"
-    message = f"{_words(error, code)}: {details or code.name}"
+    message = f"{_words(cls, code)}: {details or code.name}"
     if code is grpc.StatusCode.UNAUTHENTICATED:
         message += " (run `gridstor login`)"
     return message
 
 
-def _words(error: errors.GridstorError, code: grpc.StatusCode) -> str:
+def _words(error: type[errors.GridstorError], code: grpc.StatusCode) -> str:
     """A few words for what the status means, from the domain error it stands for (its cause, when named)."""
-    for cls in type(error).__mro__:
+    for cls in error.__mro__:
         if cls in _FRIENDLY:
             return _FRIENDLY[cls]
     return _FRIENDLY_CODES.get(code, code.name.lower())

@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--restart-window",
-        type=_positive,
+        type=positive_seconds,
         default=WINDOW,
         metavar="S",
         help=f"seconds over which a child's restarts are counted (default {WINDOW:g})",

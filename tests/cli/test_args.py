@@ -244,6 +244,16 @@ def test_resource_exhausted_reads_as_its_cause(
     assert describe_rpc_error(err, "ingest", "h:1").startswith(expected)
 
 
+def test_an_upload_over_max_upload_reads_as_too_large() -> None:
+    """TooLarge is INVALID_ARGUMENT (never worth retrying); its trailer still gives the words."""
+    err = FakeRpcError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "the upload is over the upload limit of 5 bytes",
+        (("gridstor-error", "TooLarge"),),
+    )
+    assert describe_rpc_error(err, "ingest", "h:1") == "too large: the upload is over the upload limit of 5 bytes"
+
+
 def test_unexpected_errors_have_no_traceback_unless_debug(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     token_file = tmp_path / "tok"
     token_file.mkdir()  # reading it fails with an OSError the CLI does not expect here

@@ -54,7 +54,7 @@ def test_put_from_stdin_exits_cleanly_when_the_server_fails_the_call(tmp_path: P
         err = proc.stderr.read().decode() if proc.stderr is not None else ""
         assert rc == 1, (rc, err)
         assert "Fatal Python error" not in err and "Traceback" not in err, err
-        assert err.startswith("gridstor: too large: upload is over the limit of 1048576 bytes"), err
+        assert err.startswith("gridstor: too large: the upload is over the upload limit of 1048576 bytes"), err
 
 
 def _feed(pipe: object, n: int) -> None:
