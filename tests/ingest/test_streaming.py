@@ -47,17 +47,23 @@ async def only_job(suite: Suite) -> str:
     return str(keys[0])[len(jobs.JOB_PREFIX) :] if len(keys) == 1 else ""
 
 
-async def test_streamed_upload_is_stored_and_deduplicated(suite_factory: SuiteFactory) -> None:
-    suite = await suite_factory()
-    data = os.urandom(STREAM_FROM + 3 * MiB + 7)
-    call, off = await begin(suite, data, 2 * MiB)
+async def held_while_receiving(suite: Suite) -> str:
+    """Wait until a worker holds the only job, queued while its upload still arrives; the job's id."""
 
-    async def storing() -> bool:
+    async def held() -> bool:
         job = await only_job(suite)
         h = await suite.job_hash(job) if job else {}
         return h.get("receiving") == "1" and bool(h.get("worker"))
 
-    await wait_until_async(storing, "the job queued and taken by a worker while the upload is incomplete")
+    await wait_until_async(held, "the job queued and taken by a worker while the upload is incomplete")
+    return await only_job(suite)
+
+
+async def test_streamed_upload_is_stored_and_deduplicated(suite_factory: SuiteFactory) -> None:
+    suite = await suite_factory()
+    data = os.urandom(STREAM_FROM + 3 * MiB + 7)
+    call, off = await begin(suite, data, 2 * MiB)
+    await held_while_receiving(suite)
     await send(call, data, off, len(data))
     await call.done_writing()
     reply = await call
@@ -152,14 +158,7 @@ async def test_a_stalled_upload_does_not_hold_up_the_queue(suite_factory: SuiteF
     suite = await suite_factory(workers=1)
     data = os.urandom(STREAM_FROM + 2 * MiB)
     call, off = await begin(suite, data, STREAM_FROM + MiB)
-
-    async def held() -> bool:
-        job = await only_job(suite)
-        h = await suite.job_hash(job) if job else {}
-        return h.get("receiving") == "1" and bool(h.get("worker"))
-
-    await wait_until_async(held, "the worker to hold the streamed job")
-    stalled = await only_job(suite)
+    stalled = await held_while_receiving(suite)
     small = os.urandom(MiB)
     status = await suite.wait((await suite.upload(small, "small.bin")).job, seconds=20)
     assert status.state == common_pb2.JOB_STATE_DONE, status.error
@@ -180,14 +179,7 @@ async def test_an_upload_whose_ingest_process_is_gone_ends_at_once(suite_factory
     suite = await suite_factory(workers=1)
     data = os.urandom(STREAM_FROM + 2 * MiB)
     call, _ = await begin(suite, data, STREAM_FROM + MiB)
-
-    async def held() -> bool:
-        job = await only_job(suite)
-        h = await suite.job_hash(job) if job else {}
-        return h.get("receiving") == "1" and bool(h.get("worker"))
-
-    await wait_until_async(held, "the worker to hold the streamed job")
-    job = await only_job(suite)
+    job = await held_while_receiving(suite)
     # A process that ran on this host and is gone: what the job would name had its ingest been killed.
     gone = await asyncio.create_subprocess_exec("true")
     await gone.wait()
