@@ -176,7 +176,7 @@ async def start_server(
             ("grpc.so_reuseport", 0),
             # No BDP probing: it grows every stream's receive window to several MiB, which the core fills
             # whether the handler reads or not (100 uploads took ingest to ~500 MiB; ~170 MiB without).
-            # Measured on loopback: no upload throughput lost (bench/e2e.py).
+            # The cost, on loopback: one big upload is received ~15-20% slower (docs/resilience.md).
             ("grpc.http2.bdp_probe", 0),
         ],
     )
