@@ -61,7 +61,7 @@ from nacl.signing import SigningKey
 from redis.exceptions import RedisError
 
 from gridstor.v1 import common_pb2
-from services.common import errors, gateway, jobs, net, readiness, rpc
+from services.common import errors, gateway, jobs, net, readiness, rpc, tuning
 from services.common.backends import Backend
 from services.common.config import Config, build_config, dump_config, load_config
 from services.common.engine import Engine, FileRecord, file_source
@@ -207,6 +207,7 @@ class Worker:
         held: set[asyncio.Task[None]] = set()
         backlog: list[tuple[str, str]] | None = None  # the slot's own pending entries, read first
         backoff = 0.5
+        worked = False  # a job ran since memory was last released
         try:
             while not stop.is_set():
                 if len(held) >= self.max_held:  # every held job awaits its upload: take no more for now
@@ -229,10 +230,14 @@ class Worker:
                         await asyncio.wait_for(stop.wait(), backoff)
                     backoff = min(backoff * 2, 10.0)
                     continue
+                if not entries and not held and worked:
+                    worked = False  # the queue is empty: hand what the jobs' buffers took back to the system
+                    tuning.release_memory()
                 for entry_id, job in entries:
                     task = asyncio.create_task(self._run_one(entry_id, job, stop), name=f"job-{job}")
                     held.add(task)
                     task.add_done_callback(held.discard)
+                    worked = True
                     await asyncio.sleep(0)  # let it take the lane before the next look
         finally:
             if held:
