@@ -6,14 +6,22 @@ file key, chunk index bound), coded into k data + m parity fragments, and the
 k+m fragments go to k+m distinct backends at once (``put_each``). CPU work for
 chunk i+1 runs in a worker thread while the shards of chunk i are being
 written, and at most ``write_ahead`` chunks are in flight, so memory is
-bounded by a few chunks whatever the file size.
+bounded by a few chunks whatever the file size. A chunk is stored when at
+least ``write_quorum`` of its shards are (k+1 by default): the others are
+marked ``unwritten`` in the record and maint rebuilds them (docs/engine.md).
 
 Read path: for each chunk the k data shards are fetched; a missing, failing,
 slow (``hedge_after``) or corrupt (checksum) shard brings in parity shards,
 and the chunk is decoded only then. ``read_ahead`` chunks are fetched ahead of
 the consumer so one slow backend does not stall the stream; at most
 ``read_slots`` chunks are being fetched and decoded in a process at once, for
-all its readers together, so memory does not grow with their number.
+all its readers together, so memory does not grow with their number. Backends sit
+behind circuit breakers (services/common/backends/pool.py): one that fails or
+keeps missing ``hedge_after`` is skipped up front until a probe finds it back.
+
+Every record notes the identity of each backend it wrote to: a backend that
+now answers with another identity was wiped, so its old shards count as
+missing, are never read, and are never deleted (their keys hold other data).
 
 This module imports no grpc: services wrap it.
 """
@@ -26,7 +34,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import blake3
@@ -34,17 +42,31 @@ import blake3
 from gridstor.v1 import record_pb2
 from services.common import crypto
 from services.common.backends.base import MAX_VALUE_SIZE, Backend, put_each
+from services.common.backends.pool import BackendPool, is_outage
 from services.common.erasure import DEFAULT_EC_TYPE, FRAGMENT_HEADER, Coder
 from services.common.errors import (
     BackendError,
     BackendUnavailable,
     IntegrityError,
     InvalidInput,
+    KeyNotFound,
     StoreFailed,
     Unrecoverable,
 )
 from services.common.ids import HASH_BYTES
 from services.common.setting import Int, Number, Size, Text, setting
+
+__all__ = [
+    "BackendPool",
+    "CheckReport",
+    "ChunkHealth",
+    "Engine",
+    "EngineConfig",
+    "FileRecord",
+    "file_source",
+    "rechunk",
+    "shard_checksum",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +78,7 @@ MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
 
 FileRecord = record_pb2.FileRecord
+ShardRef = record_pb2.ShardRef
 
 
 def shard_checksum(data: bytes | memoryview) -> bytes:
@@ -79,7 +102,18 @@ class EngineConfig:
     )  # fmt: skip
     hedge_after: float = setting(2.0, "seconds before a slow data shard brings in parity", Number(positive=True))
     shard_timeout: float = setting(30.0, "seconds one shard read or write may take", Number(positive=True))
-    backend_cooldown: float = setting(30.0, "seconds a backend that failed a write is skipped", Number(positive=True))
+    backend_cooldown: float = setting(
+        30.0,
+        "longest wait between probes of a backend whose circuit breaker is open (the first is 1 s, then doubling);"
+        " also how long a backend that refused a write (full, read-only) gets no new shards",
+        Number(positive=True),
+    )
+    write_quorum: int = setting(
+        0,
+        "shards of every chunk that must be written for an upload to succeed, k..k+m; 0 = k+1. Shards not"
+        " written are rebuilt by maint once backends return (docs/engine.md: the trade-off of k)",
+        Int(0),
+    )
 
     def __post_init__(self) -> None:
         if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
@@ -93,19 +127,45 @@ class EngineConfig:
             )
         if self.write_ahead < 1 or self.read_ahead < 1:
             raise InvalidInput("write_ahead and read_ahead must be at least 1")
+        if self.write_quorum and not self.k <= self.write_quorum <= self.k + self.m:
+            raise InvalidInput(
+                f"write_quorum must be between k={self.k} and k+m={self.k + self.m} (0 = k+1), got {self.write_quorum}"
+            )
+
+    @property
+    def quorum(self) -> int:
+        """Shards of a chunk that must be written for a store to succeed (``write_quorum``, 0 = k+1)."""
+        return self.write_quorum or min(self.k + 1, self.k + self.m)
 
 
 @dataclass
 class ChunkHealth:
-    """What a check found for one chunk (shard indexes)."""
+    """What a check found for one chunk (shard indexes).
+
+    ``missing``, ``corrupt`` and ``unwritten`` shards are lost and rebuilt by a
+    repair; ``unreachable`` ones are on backends that do not answer now and may
+    come back with them.
+    """
 
     index: int
     missing: list[int] = field(default_factory=list)
     corrupt: list[int] = field(default_factory=list)
+    unreachable: list[int] = field(default_factory=list)
+    unwritten: list[int] = field(default_factory=list)
 
     @property
     def bad(self) -> list[int]:
-        return sorted(self.missing + self.corrupt)
+        """Lost shards: what a repair rebuilds."""
+        return sorted(self.missing + self.corrupt + self.unwritten)
+
+    @property
+    def absent(self) -> list[int]:
+        """Shards not readable now: lost or unreachable."""
+        return sorted(self.bad + self.unreachable)
+
+    def sort(self) -> None:
+        for part in (self.missing, self.corrupt, self.unreachable, self.unwritten):
+            part.sort()
 
 
 @dataclass
@@ -119,49 +179,91 @@ class CheckReport:
     # Hard check only: did the decrypted content hash to the record's hash?
     hash_ok: bool | None = None
     error: str = ""
+    unreachable_backends: set[str] = field(default_factory=set)
+    replaced_backends: set[str] = field(default_factory=set)
 
     @property
     def damaged(self) -> list[ChunkHealth]:
-        return [c for c in self.chunks if c.bad]
+        """Chunks with a shard lost, unwritten or unreachable."""
+        return [c for c in self.chunks if c.absent]
 
     @property
     def unrecoverable(self) -> list[ChunkHealth]:
+        """Chunks that lost more than m shards: data is gone, whatever comes back."""
         return [c for c in self.chunks if len(c.bad) > self.m]
+
+    @property
+    def unreadable(self) -> list[ChunkHealth]:
+        """Chunks with fewer than k shards readable now (lost or unreachable)."""
+        return [c for c in self.chunks if len(c.absent) > self.m]
+
+    @property
+    def lost(self) -> int:
+        return sum(len(c.bad) for c in self.chunks)
+
+    @property
+    def unreachable(self) -> int:
+        return sum(len(c.unreachable) for c in self.chunks)
 
     @property
     def ok(self) -> bool:
         return not self.damaged and self.hash_ok is not False and not self.error
 
 
-class BackendPool:
-    """Named backends plus a short memory of which ones just failed."""
+def unwritten_shards(record: FileRecord) -> int:
+    """Shards the record marks unwritten (a degraded write, or a repair that found no backend)."""
+    return sum(1 for c in record.chunks for s in c.shards if s.unwritten)
 
-    def __init__(self, backends: dict[str, Backend], cooldown: float = 30.0) -> None:
-        if not backends:
-            raise InvalidInput("no backends configured")
-        self.backends = dict(backends)
-        self.cooldown = cooldown
-        self._down_until: dict[str, float] = {}
 
-    @property
-    def names(self) -> list[str]:
-        return list(self.backends)
+def backend_identity(record: FileRecord, index: int) -> bytes:
+    """The identity the record noted for its backend entry ``index`` (b"" = unknown)."""
+    return bytes(record.backend_ids[index]) if index < len(record.backend_ids) else b""
 
-    def get(self, name: str) -> Backend | None:
-        return self.backends.get(name)
 
-    def healthy(self) -> list[str]:
-        now = time.monotonic()
-        return [n for n in self.backends if self._down_until.get(n, 0.0) <= now]
+async def delete_if_same(backend: Backend, key: bytes, identity: bytes, timeout: float) -> bool:  # noqa: ASYNC109
+    """Delete ``key`` unless ``backend`` now holds another data set than ``identity``; whether it was deleted.
 
-    def mark_down(self, name: str) -> None:
-        self._down_until[name] = time.monotonic() + self.cooldown
+    A look at the key first brings the backend's idea of its identity up to date
+    (a replacement is noticed on the next call), then the identities are
+    compared: after a wipe the same key names another file's shard.
+    """
+    async with asyncio.timeout(timeout):
+        if await backend.length(key) is None:
+            return False
+        if identity and backend.identity and backend.identity != identity:
+            return False
+        try:
+            await backend.delete(key)
+        except KeyNotFound:
+            return False
+    return True
 
-    def mark_up(self, name: str) -> None:
-        self._down_until.pop(name, None)
 
-    async def close(self) -> None:
-        await asyncio.gather(*(b.close() for b in self.backends.values()), return_exceptions=True)
+class _Replaced(BackendError):
+    """The backend answers with another identity than the record's: the shard went with the old data set."""
+
+
+class _Unwritten(Exception):
+    """The record marks the shard unwritten: nothing to fetch."""
+
+
+UNWRITTEN = _Unwritten()
+
+
+def _classify(health: ChunkHealth, report: CheckReport | None, si: int, value: object, name: str) -> None:
+    """File shard ``si`` of a chunk under the category its fetch result stands for."""
+    if isinstance(value, _Unwritten):
+        health.unwritten.append(si)
+    elif isinstance(value, bytes) or value is WRONG_SIZE:
+        health.corrupt.append(si)
+    elif isinstance(value, BackendError | TimeoutError) and is_outage(value):
+        health.unreachable.append(si)
+        if report is not None:
+            report.unreachable_backends.add(name)
+    else:
+        health.missing.append(si)
+        if report is not None and isinstance(value, _Replaced):
+            report.replaced_backends.add(name)
 
 
 class Engine:
@@ -196,8 +298,10 @@ class Engine:
     ) -> FileRecord:
         """Store the bytes of ``source``; return the record (not yet in any metadata store).
 
-        On failure every shard already written is deleted (best effort) and
-        StoreFailed names the cause, so nothing is left half-registered.
+        Each chunk needs ``write_quorum`` of its k+m shards written; the rest are
+        marked unwritten. On failure every shard already written is deleted
+        (best effort) and StoreFailed names the cause, so nothing is left
+        half-registered.
         """
         cfg = self.config
         n = cfg.k + cfg.m
@@ -232,8 +336,8 @@ class Engine:
         try:
             async for plain in rechunk(source, cfg.chunk_size):
                 cipher_size, frags, sums = await asyncio.to_thread(prepare, index, plain)
-                chunk = record.chunks.add(plain_size=len(plain), cipher_size=cipher_size)
-                chunk.shards.extend(record_pb2.ShardRef() for _ in range(n))
+                chunk = record.chunks.add(plain_size=len(plain), cipher_size=cipher_size, shard_size=len(frags[0]))
+                chunk.shards.extend(ShardRef() for _ in range(n))
                 tasks.append(asyncio.create_task(writer.write_chunk(index, frags, sums)))
                 size += len(plain)
                 index += 1
@@ -251,22 +355,38 @@ class Engine:
         record.hash = hasher.digest(HASH_BYTES)
         record.size = size
         record.wrapped_key = crypto.wrap_key(self._master_key, file_key)
+        if writer.unwritten:
+            log.warning(
+                "stored with %d of %d shards unwritten (backends down); maint rebuilds them",
+                writer.unwritten,
+                n * index,
+            )
         return record
 
     async def delete_shards(self, record: FileRecord) -> int:
-        """Remove every shard of ``record`` that can be reached; return how many went."""
-        refs = [(record.backends[s.backend], s.key) for c in record.chunks for s in c.shards]
-        results = await asyncio.gather(*(self._delete_one(name, key) for name, key in refs))
+        """Remove every shard of ``record`` that can be reached; return how many went.
+
+        A shard on a backend that now has another identity is left alone: its
+        key may hold another file's shard.
+        """
+        refs = [s for c in record.chunks for s in c.shards if not s.unwritten]
+        results = await asyncio.gather(*(self.delete_ref(record, ref) for ref in refs))
         return sum(results)
 
-    async def _delete_one(self, name: str, key: bytes) -> bool:
+    async def delete_ref(self, record: FileRecord, ref: ShardRef) -> bool:
+        """Delete one shard of ``record`` if its backend still holds the record's data set; whether it went."""
+        if ref.unwritten or ref.backend >= len(record.backends):
+            return False
+        name = record.backends[ref.backend]
         backend = self.pool.get(name)
         if backend is None:
             return False
         try:
-            await asyncio.wait_for(backend.delete(key), self.config.shard_timeout)
-            return True
-        except (BackendError, TimeoutError):
+            return await delete_if_same(
+                backend, ref.key, backend_identity(record, ref.backend), self.config.shard_timeout
+            )
+        except (BackendError, TimeoutError) as exc:
+            self.pool.failed(name, exc)
             return False
 
     # ------------------------------------------------------------------- read
@@ -278,10 +398,12 @@ class Engine:
             raise IntegrityError(f"cipher {record.cipher!r} is not supported")
         coder = self.coder(record.k, record.m, record.ec_type or DEFAULT_EC_TYPE)
         nb = len(record.backends)
+        if len(record.backend_ids) > nb:
+            raise IntegrityError(f"record lists {len(record.backend_ids)} backend identities for {nb} backends")
         for i, c in enumerate(record.chunks):
             if len(c.shards) != coder.n:
                 raise IntegrityError(f"chunk {i} lists {len(c.shards)} shards, expected {coder.n}")
-            if any(sh.backend >= nb for sh in c.shards):
+            if any(sh.backend >= nb and not sh.unwritten for sh in c.shards):
                 raise IntegrityError(f"chunk {i} names a backend the record does not list")
         return coder
 
@@ -354,47 +476,76 @@ class Engine:
             raise Unrecoverable(_unrecoverable_msg(ci, coder, health))
         return await asyncio.to_thread(_decode_decrypt, coder, cipher, ci, frags, chunk.cipher_size)
 
-    async def _fetch(self, record: FileRecord, ci: int, si: int) -> bytes | Exception | None:
-        """One shard: bytes, None (not stored) or the error that stopped the read."""
+    def _where(self, record: FileRecord, ref: ShardRef) -> str:
+        return record.backends[ref.backend] if ref.backend < len(record.backends) else "?"
+
+    async def _fetch(self, record: FileRecord, ci: int, si: int, force: bool = False) -> bytes | BaseException | None:
+        """One shard: bytes, None (not stored) or why not (``_Unwritten``, ``_Replaced``, a BackendError).
+
+        A backend whose circuit breaker is open is not asked unless ``force``
+        (the chunk cannot be read without it).
+        """
         ref = record.chunks[ci].shards[si]
-        name = record.backends[ref.backend] if ref.backend < len(record.backends) else "?"
+        if ref.unwritten:
+            return UNWRITTEN
+        name = self._where(record, ref)
         backend = self.pool.get(name)
         if backend is None:
             return BackendError(name, "backend is not in the current configuration")
+        if not force and not self.pool.usable(name):
+            return BackendUnavailable(name, "circuit breaker open (the backend failed lately)")
+        expected = backend_identity(record, ref.backend)
         try:
             async with asyncio.timeout(self.config.shard_timeout):
                 value = await backend.get(ref.key)
-        except TimeoutError:
-            self.pool.mark_down(name)
-            return BackendError(name, f"no answer within {self.config.shard_timeout}s")
-        except BackendUnavailable as exc:
-            # Remembered for backend_cooldown: later chunks ask parity first instead of
-            # paying a failed fetch and a second round trip per chunk.
-            self.pool.mark_down(name)
-            return exc
+        except TimeoutError as exc:
+            self.pool.failed(name, exc)
+            return BackendUnavailable(name, f"no answer within {self.config.shard_timeout}s")
         except BackendError as exc:
+            self.pool.failed(name, exc)
             return exc
-        self.pool.mark_up(name)
+        self.pool.succeeded(name)
+        if expected and backend.identity and backend.identity != expected:
+            return _Replaced(name, "the backend was wiped and set up again since this shard was written")
         return value
 
     async def _gather(
-        self, record: FileRecord, coder: Coder, ci: int, *, want: int, hedge: bool = True, verify: bool = True
+        self,
+        record: FileRecord,
+        coder: Coder,
+        ci: int,
+        *,
+        want: int,
+        hedge: bool = True,
+        verify: bool = True,
+        report: CheckReport | None = None,
     ) -> tuple[dict[int, bytes], ChunkHealth]:
         """Fetch shards of chunk ``ci`` until ``want`` verified ones are in hand.
 
         Data shards first; parity comes in for each failure, and for every
-        outstanding data shard once ``hedge_after`` passes.
+        outstanding data shard once ``hedge_after`` passes (each such backend
+        gets a slow strike: a hung one is soon skipped up front).
         """
         chunk = record.chunks[ci]
         health = ChunkHealth(ci)
         good: dict[int, bytes] = {}
-        # Shards on backends known to be down go last, so parity is asked for up front.
-        healthy = set(self.pool.healthy())
-        order = sorted(range(coder.n), key=lambda i: record.backends[chunk.shards[i].backend] not in healthy)
+
+        def rank(i: int) -> int:
+            ref = chunk.shards[i]
+            if ref.unwritten:
+                return 2
+            return 0 if self.pool.usable(self._where(record, ref)) else 1
+
+        # Shards on backends known to be down go last, so parity is asked for up front; they are
+        # asked anyway (through their open breaker) only when the chunk cannot be read without them.
+        ranks = {i: rank(i) for i in range(coder.n)}
+        order = sorted(range(coder.n), key=ranks.__getitem__)
         queue = deque(order[want:]) if want < coder.n else deque()
-        pending: dict[asyncio.Task[bytes | Exception | None], int] = {
-            asyncio.create_task(self._fetch(record, ci, i)): i for i in order[:want]
-        }
+
+        def fetch(i: int) -> asyncio.Task[bytes | BaseException | None]:
+            return asyncio.create_task(self._fetch(record, ci, i, force=ranks[i] == 1))
+
+        pending = {fetch(i): i for i in order[:want]}
         deadline = time.monotonic() + self.config.hedge_after if hedge else None
         try:
             while pending and len(good) < want:
@@ -402,10 +553,12 @@ class Engine:
                 done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if not done:  # hedge: data shards are slow, bring in parity for each of them
                     deadline = None
+                    for si in pending.values():
+                        self.pool.slow(self._where(record, chunk.shards[si]))
                     for _ in range(len(pending)):
                         if queue:
                             i = queue.popleft()
-                            pending[asyncio.create_task(self._fetch(record, ci, i))] = i
+                            pending[fetch(i)] = i
                     continue
                 for task in done:
                     si = pending.pop(task)
@@ -413,46 +566,68 @@ class Engine:
                     if isinstance(value, bytes) and (not verify or shard_checksum(value) == chunk.shards[si].checksum):
                         good[si] = value
                         continue
-                    if isinstance(value, bytes):
-                        health.corrupt.append(si)
-                    else:
-                        health.missing.append(si)
-                        if isinstance(value, Exception):
-                            log.debug("chunk %d shard %d: %s", ci, si, value)
+                    _classify(health, report, si, value, self._where(record, chunk.shards[si]))
+                    if isinstance(value, Exception) and not isinstance(value, _Unwritten):
+                        log.debug("chunk %d shard %d: %s", ci, si, value)
                     if queue:
                         i = queue.popleft()
-                        pending[asyncio.create_task(self._fetch(record, ci, i))] = i
+                        pending[fetch(i)] = i
         finally:
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
-        health.missing.sort()
-        health.corrupt.sort()
+        health.sort()
         return good, health
 
     # ----------------------------------------------------------------- checks
 
     async def soft_check(self, record: FileRecord, concurrency: int = 64) -> CheckReport:
-        """Every shard present? (EXISTS on each backend; nothing is read.)"""
+        """Every shard present and of the size the record says, on a backend of the record's identity?
+
+        Nothing is read: LENGTH (0-db) or the index (dir) of each shard's key.
+        A backend that does not answer is reported unreachable, not missing.
+        """
         coder = self._check_record(record)
         sem = asyncio.Semaphore(concurrency)
+        report = CheckReport(hard=False, k=coder.k, m=coder.m)
 
-        async def present(ci: int, si: int) -> bool:
+        async def look(ci: int, si: int) -> object:
             ref = record.chunks[ci].shards[si]
-            backend = self.pool.get(record.backends[ref.backend])
+            if ref.unwritten:
+                return UNWRITTEN
+            name = self._where(record, ref)
+            backend = self.pool.get(name)
             if backend is None:
-                return False
+                return BackendError(name, "backend is not in the current configuration")
+            if not self.pool.usable(name):
+                return BackendUnavailable(name, "circuit breaker open")
             async with sem:
                 try:
-                    return await asyncio.wait_for(backend.exists(ref.key), self.config.shard_timeout)
-                except (BackendError, TimeoutError):
-                    return False
+                    async with asyncio.timeout(self.config.shard_timeout):
+                        size = await backend.length(ref.key)
+                except (BackendError, TimeoutError) as exc:
+                    self.pool.failed(name, exc)
+                    return exc
+            self.pool.succeeded(name)
+            expected = backend_identity(record, ref.backend)
+            if expected and backend.identity and backend.identity != expected:
+                return _Replaced(name, "wiped and set up again")
+            if size is None:
+                return None
+            want = record.chunks[ci].shard_size
+            if want and size != want:
+                return WRONG_SIZE  # another file's shard under a reused key: counted as corrupt
+            return PRESENT
 
-        report = CheckReport(hard=False, k=coder.k, m=coder.m)
         for ci, chunk in enumerate(record.chunks):
-            flags = await asyncio.gather(*(present(ci, si) for si in range(len(chunk.shards))))
-            report.chunks.append(ChunkHealth(ci, missing=[si for si, ok in enumerate(flags) if not ok]))
+            health = ChunkHealth(ci)
+            results = await asyncio.gather(*(look(ci, si) for si in range(len(chunk.shards))))
+            for si, value in enumerate(results):
+                if value is not PRESENT:
+                    _classify(health, report, si, value, self._where(record, chunk.shards[si]))
+            health.sort()
+            report.chunks.append(health)
         return report
 
     async def hard_check(self, record: FileRecord) -> CheckReport:
@@ -468,7 +643,7 @@ class Engine:
         size = 0
         decodable = True
         for ci, chunk in enumerate(record.chunks):
-            frags, health = await self._gather(record, coder, ci, want=coder.n, hedge=False)
+            frags, health = await self._gather(record, coder, ci, want=coder.n, hedge=False, report=report)
             report.chunks.append(health)
             if cipher is None or report.error or len(frags) < coder.k:
                 decodable = False
@@ -487,43 +662,72 @@ class Engine:
                 report.error = "content hash does not match the record"
         return report
 
-    async def repair(self, record: FileRecord, report: CheckReport | None = None) -> tuple[FileRecord, int]:
-        """Rebuild bad shards onto healthy backends; return (updated record, shards rewritten).
+    async def repair(
+        self,
+        record: FileRecord,
+        report: CheckReport | None = None,
+        *,
+        rebuild_unreachable: Collection[str] = (),
+    ) -> tuple[FileRecord, int]:
+        """Rebuild lost shards onto healthy backends; return (updated record, shards rewritten).
 
-        Uses ``report`` (a check of this record) or runs a hard check. Raises
-        Unrecoverable naming the chunks with fewer than k good shards; no
-        chunk is changed in that case. The caller stores the new record.
+        Lost = missing, corrupt or unwritten; shards on ``rebuild_unreachable``
+        backends (down too long) too; other unreachable shards are left where
+        they are (their backend may come back). Uses ``report`` (a check of this
+        record) or runs a hard check. A rebuilt shard no backend can take now is
+        marked unwritten (the file stays under-replicated); a chunk with fewer
+        than k shards readable now is left for later. Raises Unrecoverable
+        naming the chunks that lost more than m shards; no chunk is changed
+        then. The caller stores the new record.
         """
         coder = self._check_record(record)
         if report is None:
             report = await self.hard_check(record)
-        damaged = [h for h in report.chunks if h.bad]
-        lost = [h for h in damaged if len(h.bad) > coder.m]
+        rebuild = set(rebuild_unreachable)
+
+        def far(health: ChunkHealth) -> list[int]:
+            chunk = record.chunks[health.index]
+            return [si for si in health.unreachable if self._where(record, chunk.shards[si]) in rebuild]
+
+        def todo(health: ChunkHealth) -> list[int]:
+            return sorted(health.bad + far(health))
+
+        lost = [h for h in report.chunks if len(todo(h)) > coder.m]
         if lost:
             raise Unrecoverable("cannot repair: " + "; ".join(_unrecoverable_msg(h.index, coder, h) for h in lost[:5]))
+
         new = FileRecord()
         new.CopyFrom(record)
         rewritten = 0
         writer = _ChunkWriter(self.pool, new, self.config, start=random.randrange(len(self.pool.backends)))
         try:
-            for h in damaged:
+            for h in report.chunks:
+                if not todo(h):
+                    continue
                 frags, health = await self._gather(record, coder, h.index, want=coder.n, hedge=False)
-                bad = health.bad
+                bad = todo(health)
                 if not bad:
                     continue
-                if len(frags) < coder.k:
-                    raise Unrecoverable(_unrecoverable_msg(h.index, coder, health))
+                k = coder.k
+                if len(frags) < k:
+                    if len(bad) > coder.m:
+                        raise Unrecoverable(_unrecoverable_msg(h.index, coder, health))
+                    log.info("chunk %d: %d shards readable now, %d needed: left for later", h.index, len(frags), k)
+                    continue
                 good = {i: frags[i] for i in sorted(frags)[: coder.k]}
                 rebuilt = await asyncio.to_thread(coder.reconstruct, good, bad)
                 # The corrupt copies are left where they are: a backend that came back
                 # empty hands out its keys again, so the key may already hold another
-                # file's good shard. Unreferenced shards are garbage, never a risk.
-                await writer.rewrite(h.index, rebuilt)
-                rewritten += len(rebuilt)
+                # file's good shard. Unreferenced shards are collected as orphans.
+                rewritten += await writer.rewrite(h.index, rebuilt, keep_old=set(far(health)))
         except BaseException:
             await writer.cleanup()
             raise
         return new, rewritten
+
+
+PRESENT = object()  # soft_check: the shard is there, of the right size
+WRONG_SIZE = object()  # soft_check: something of another size is stored under the shard's key
 
 
 def _decode_decrypt(
@@ -534,11 +738,13 @@ def _decode_decrypt(
 
 
 def _unrecoverable_msg(ci: int, coder: Coder, health: ChunkHealth) -> str:
-    good = coder.n - len(health.bad)
-    return (
-        f"chunk {ci} has {good} good shards of {coder.n}, needs {coder.k}"
-        f" (missing {health.missing or 'none'}, corrupt {health.corrupt or 'none'})"
-    )
+    good = coder.n - len(health.absent)
+    parts = [f"missing {health.missing or 'none'}", f"corrupt {health.corrupt or 'none'}"]
+    if health.unwritten:
+        parts.append(f"unwritten {health.unwritten}")
+    if health.unreachable:
+        parts.append(f"unreachable {health.unreachable}")
+    return f"chunk {ci} has {good} good shards of {coder.n}, needs {coder.k} ({', '.join(parts)})"
 
 
 class _ChunkWriter:
@@ -549,56 +755,74 @@ class _ChunkWriter:
         self.record = record
         self.cfg = cfg
         self.start = start
-        self.written: list[tuple[str, bytes]] = []
-        self._index: dict[str, int] = {name: i for i, name in enumerate(record.backends)}
+        self.written: list[tuple[str, bytes, bytes]] = []  # (backend, key, its identity then)
+        self.unwritten = 0
+        self._index: dict[tuple[str, bytes], int] = {
+            (name, backend_identity(record, i)): i for i, name in enumerate(record.backends)
+        }
 
-    def _backend_index(self, name: str) -> int:
-        idx = self._index.get(name)
+    def _backend_index(self, name: str, identity: bytes) -> int:
+        """The record's entry for (backend, identity), added when new (identities kept parallel)."""
+        idx = self._index.get((name, identity))
         if idx is None:
-            idx = self._index[name] = len(self.record.backends)
-            self.record.backends.append(name)
+            rec = self.record
+            if identity and len(rec.backend_ids) < len(rec.backends):  # an older record: pad as unknown
+                rec.backend_ids.extend(b"" for _ in range(len(rec.backends) - len(rec.backend_ids)))
+            idx = self._index[(name, identity)] = len(rec.backends)
+            rec.backends.append(name)
+            if identity or rec.backend_ids:
+                rec.backend_ids.append(identity)
         return idx
 
     def _candidates(self, ci: int, exclude: set[str]) -> list[str]:
-        """Healthy backends not in ``exclude``, rotated per chunk to spread load."""
+        """Backends taking writes now (breaker closed, no recent refusal) not in ``exclude``, rotated per chunk."""
         names = self.pool.names
         n = len(names)
         rot = (self.start + ci * (self.cfg.k + self.cfg.m)) % n
-        healthy = set(self.pool.healthy())
         ordered = names[rot:] + names[:rot]
-        first = [b for b in ordered if b in healthy and b not in exclude]
-        # Backends in cooldown are the last resort: they may be back by now.
-        rest = [b for b in ordered if b not in healthy and b not in exclude]
-        return first + rest
+        return [b for b in ordered if b not in exclude and self.pool.writable(b)]
 
     async def write_chunk(self, ci: int, frags: Sequence[bytes], sums: Sequence[bytes]) -> None:
-        await self._place(ci, dict(enumerate(frags)), sums, exclude=set())
+        await self._place(ci, dict(enumerate(frags)), sums, exclude=set(), need=self.cfg.quorum)
 
-    async def rewrite(self, ci: int, rebuilt: dict[int, bytes]) -> None:
-        """Write rebuilt shards of chunk ``ci`` onto backends holding no other shard of it."""
+    async def rewrite(self, ci: int, rebuilt: dict[int, bytes], keep_old: Collection[int] = ()) -> int:
+        """Write rebuilt shards of chunk ``ci`` onto backends holding no other shard of it; how many were placed.
+
+        A shard no backend can take now is marked unwritten, unless it is in
+        ``keep_old`` (on an unreachable backend: its old copy may come back).
+        """
         chunk = self.record.chunks[ci]
-        keep = {self.record.backends[s.backend] for si, s in enumerate(chunk.shards) if si not in rebuilt}
+        kept = [s for si, s in enumerate(chunk.shards) if si not in rebuilt and not s.unwritten]
+        keep = {self.record.backends[s.backend] for s in kept}
         sums = {si: shard_checksum(f) for si, f in rebuilt.items()}
-        await self._place(ci, rebuilt, sums, exclude=keep)
+        return await self._place(ci, rebuilt, sums, exclude=keep, need=0, keep_old=keep_old)
 
     async def _place(
-        self, ci: int, frags: dict[int, bytes], sums: Sequence[bytes] | dict[int, bytes], exclude: set[str]
-    ) -> None:
+        self,
+        ci: int,
+        frags: dict[int, bytes],
+        sums: Sequence[bytes] | dict[int, bytes],
+        exclude: set[str],
+        need: int,
+        keep_old: Collection[int] = (),
+    ) -> int:
+        """Put each fragment on its own backend; at least ``need`` of the chunk's shards must end up stored.
+
+        Returns how many of ``frags`` were placed; the others are marked
+        unwritten (those in ``keep_old`` keep their old reference).
+        """
         candidates = deque(self._candidates(ci, exclude))
-        if len(candidates) < len(frags):
-            raise StoreFailed(
-                f"chunk {ci}: {len(candidates)} usable backends for {len(frags)} shards"
-                f" ({len(exclude)} already hold this chunk's other shards)"
-            )
+        stored_before = len(self.record.chunks[ci].shards) - len(frags)  # rewrite: the shards kept
         errors: list[str] = []
 
         def record(si: int, name: str, key: bytes) -> None:
-            self.pool.mark_up(name)
-            self.written.append((name, key))
+            identity = self.pool.backends[name].identity
+            self.written.append((name, key, identity))
             ref = self.record.chunks[ci].shards[si]
-            ref.backend = self._backend_index(name)
+            ref.backend = self._backend_index(name, identity)
             ref.key = key
             ref.checksum = sums[si]
+            ref.unwritten = False
 
         # Each round puts every shard still unplaced on the next candidate, all
         # at once and through one call (dir backends: one worker thread for the
@@ -606,35 +830,49 @@ class _ChunkWriter:
         # refused go to further candidates in the next round. A round ends when
         # every put has, so no write lands after cleanup().
         pending = dict(frags)
-        while pending:
-            if len(candidates) < len(pending):
-                raise StoreFailed(
-                    f"chunk {ci}: no backend accepted shard {', '.join(map(str, sorted(pending)))}; fewer than"
-                    f" {self.cfg.k + self.cfg.m} backends are usable ({'; '.join(errors[-4:])})"
-                )
-            tries = [(si, candidates.popleft()) for si in pending]
+        while pending and candidates:
+            tries = [(si, candidates.popleft()) for si in list(pending)[: len(candidates)]]
             results = await put_each(
                 [(self.pool.backends[name], pending[si]) for si, name in tries], self.cfg.shard_timeout
             )
             for (si, name), result in zip(tries, results, strict=True):
                 if isinstance(result, BackendError):
-                    self.pool.mark_down(name)
+                    self.pool.refused_write(name, result)
                     errors.append(str(result))
                     log.warning("shard write refused, trying another backend: %s", result)
                 else:
+                    self.pool.succeeded(name)
                     record(si, name, result)
                     del pending[si]
+        if not pending:
+            return len(frags)
+        stored = stored_before + len(frags) - len(pending)
+        if stored < need:
+            usable = len(self._candidates(ci, set()))
+            raise StoreFailed(
+                f"chunk {ci}: {stored} of {self.cfg.k + self.cfg.m} shards written, write_quorum is {need}"
+                f" ({usable} of {len(self.pool.names)} backends take writes now"
+                + (f"; {'; '.join(errors[-4:])})" if errors else ")")
+            )
+        for si in pending:
+            if si in keep_old:
+                continue
+            ref = self.record.chunks[ci].shards[si]
+            ref.Clear()
+            ref.unwritten = True
+            self.unwritten += 1
+        return len(frags) - len(pending)
 
     async def cleanup(self) -> None:
         """Delete every shard this writer put (after a failed store or repair)."""
 
-        async def rm(name: str, key: bytes) -> None:
+        async def rm(name: str, key: bytes, identity: bytes) -> None:
             try:
-                await asyncio.wait_for(self.pool.backends[name].delete(key), self.cfg.shard_timeout)
+                await delete_if_same(self.pool.backends[name], key, identity, self.cfg.shard_timeout)
             except (BackendError, TimeoutError) as exc:
-                log.warning("could not remove orphan shard on %s: %s", name, exc)
+                log.warning("could not remove orphan shard on %s (maint's orphan collection will): %s", name, exc)
 
-        await asyncio.gather(*(rm(n, k) for n, k in self.written))
+        await asyncio.gather(*(rm(n, k, i) for n, k, i in self.written))
         self.written.clear()
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -16,7 +17,7 @@ from services.common.backends.lazy import LazyBackend
 from services.common.backends.uri import DirURI, parse_uri
 from services.common.config import Config
 from services.common.engine import BackendPool, Engine
-from services.common.errors import BackendError
+from services.common.errors import BackendError, BackendUnavailable
 from services.common.keys import master_key, signing_key
 from services.common.metastore import MetaStore, Replica, ReplicatedMetaStore
 from services.common.rpc import service_token
@@ -47,17 +48,20 @@ async def open_pool(cfg: Config) -> BackendPool:
 
     A backend that cannot be reached now does not stop the start (reads must
     work with up to m backends gone): it is logged and wrapped in a
-    ``LazyBackend`` that keeps trying. A malformed URI still fails at once.
+    ``LazyBackend`` that keeps trying, behind an open circuit breaker. A
+    malformed URI still fails at once. Each backend's identity marker is read
+    (0-db: written into an empty namespace) as it opens.
     """
 
     ensure_local_dirs(cfg)
 
     async def one(uri: str) -> Backend:
         try:
-            return await open_backend(uri, Mode.SEQ)
+            return await open_backend(uri, Mode.SEQ, marked=True)
         except BackendError as exc:
             log.error("backend unreachable at start, will retry on use: %s", exc)
-            return LazyBackend(parse_uri(uri).redacted, Mode.SEQ, lambda: open_backend(uri, Mode.SEQ), exc)
+            opener = partial(open_backend, uri, Mode.SEQ, marked=True)
+            return LazyBackend(parse_uri(uri).redacted, Mode.SEQ, opener, exc)
 
     opened = await asyncio.gather(*(one(spec.uri) for spec in cfg.backends), return_exceptions=True)
     failures = [r for r in opened if isinstance(r, BaseException)]
@@ -68,13 +72,16 @@ async def open_pool(cfg: Config) -> BackendPool:
                     await b.close()
         raise failures[0]
     backends = {spec.name: b for spec, b in zip(cfg.backends, opened, strict=True) if isinstance(b, Backend)}
-    down = sum(isinstance(b, LazyBackend) for b in backends.values())
-    if down > cfg.engine.m:
+    pool = BackendPool(backends, cooldown=cfg.engine.backend_cooldown)
+    down = [name for name, b in backends.items() if isinstance(b, LazyBackend)]
+    for name in down:
+        pool.failed(name, BackendUnavailable(name, "unreachable when the gateway started"))
+    if len(down) > cfg.engine.m:
         log.error(
             "%d of %d backends are unreachable: files stay readable only while at most %d are down",
-            down, len(backends), cfg.engine.m,
+            len(down), len(backends), cfg.engine.m,
         )  # fmt: skip
-    return BackendPool(backends, cooldown=cfg.engine.backend_cooldown)
+    return pool
 
 
 async def open_engine(cfg: Config) -> Engine:

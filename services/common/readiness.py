@@ -4,13 +4,14 @@ A service hands ``services.common.server.create_server`` a readiness check: a
 coroutine answering ``Ready(True)`` or ``Ready(False, reason)``. The server
 polls it every few seconds and reports NOT_SERVING (logging the reason) while
 it fails. The checks here are the pieces services combine with ``all_of``:
-enough shard backends answering, the metadata store answering, Redis answering.
+enough shard backends answering (through their circuit breakers), the metadata
+store answering, Redis answering.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -18,6 +19,7 @@ from redis.exceptions import RedisError
 
 from services.common import errors
 from services.common.backends import Backend
+from services.common.backends.pool import BackendPool
 
 PROBE_TIMEOUT = 3.0  # seconds one backend or Redis may take to answer a probe
 
@@ -44,13 +46,20 @@ async def answers(backend: Backend) -> bool:
     return True
 
 
-async def backends(pool: Iterable[Backend], need: int, what: str = "shard backends") -> Ready:
-    """Serving while at least ``need`` of the backends answer (probed together)."""
-    probed = list(pool)
-    up = sum(await asyncio.gather(*(answers(b) for b in probed)))
+async def backends(pool: BackendPool, need: int, what: str = "shard backends") -> Ready:
+    """Serving while at least ``need`` of the pool's backends answer.
+
+    The probes go through the pool's circuit breakers (``BackendPool.probe_all``):
+    a backend whose breaker is open is not asked again before its time and
+    counts as down; a probe that fails opens a breaker, one that answers closes it.
+    """
+    await pool.probe_all()
+    up = sum(pool.usable(n) for n in pool.names)
     if up >= need:
         return READY
-    return Ready(False, f"{up} of {len(probed)} {what} answer; {need} are needed")
+    down = [f"{n} ({pool.breaker(n).reason or 'down'})" for n in pool.names if not pool.usable(n)]
+    shown = "; ".join(down[:3]) + (f"; {len(down) - 3} more" if len(down) > 3 else "")
+    return Ready(False, f"{up} of {len(pool.names)} {what} answer; {need} are needed (down: {shown})")
 
 
 async def store(backend: Backend, what: str) -> Ready:

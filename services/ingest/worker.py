@@ -51,7 +51,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import TypeVar
 
@@ -62,7 +62,7 @@ from redis.exceptions import RedisError
 
 from gridstor.v1 import common_pb2
 from services.common import errors, gateway, jobs, net, readiness, rpc, tuning
-from services.common.backends import Backend
+from services.common.backends.pool import BackendPool
 from services.common.config import Config, build_config, dump_config, load_config
 from services.common.engine import Engine, FileRecord, file_source
 from services.common.ids import HASH_BYTES
@@ -682,9 +682,9 @@ async def serve(cfg: Config, parent_pid: int | None = None, slot: int = 0) -> No
     store = JobStore(redis)
     consumer = consumer_name(slot, cfg.spool_dir)
     lock = SlotLock(cfg.data_dir / "ingest" / f"worker-{slot}.lock")
-    # A store writes each shard of a chunk to its own backend: every one of k+m must take writes.
-    need = cfg.engine.k + cfg.engine.m
-    reports = asyncio.create_task(report_readiness(store, engine.pool.backends.values(), need, stop, consumer))
+    # A store needs write_quorum backends taking writes (each shard of a chunk on its own backend).
+    need = cfg.engine.quorum
+    reports = asyncio.create_task(report_readiness(store, engine.pool, need, stop, consumer))
     try:
         # An upload still arriving is dropped by ingest after upload_idle_timeout; past that and a
         # margin, a silent spool file means its ingest process died without saying so (a backstop:
@@ -712,13 +712,10 @@ async def serve(cfg: Config, parent_pid: int | None = None, slot: int = 0) -> No
         await jobs.disconnect(redis)
 
 
-async def report_readiness(
-    store: JobStore, pool: Iterable[Backend], need: int, stop: asyncio.Event, consumer: str
-) -> None:
+async def report_readiness(store: JobStore, pool: BackendPool, need: int, stop: asyncio.Event, consumer: str) -> None:
     """Until ``stop``: every REPORT_EVERY seconds, whether ``need`` backends answer, into Redis for ingest's health."""
-    backends = list(pool)
     while not stop.is_set():
-        ready = await readiness.backends(backends, need)
+        ready = await readiness.backends(pool, need)
         try:
             await store.report_worker(consumer, ready.serving, ready.reason, REPORT_TTL)
         except errors.StoreFailed as exc:  # the job loop logs the queue's trouble; the report lapses meanwhile

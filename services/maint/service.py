@@ -203,7 +203,7 @@ async def build(
         stack.push_async_callback(maint.close)
         if schedules:
             maint.start()
-        ready = partial(readiness.backends, engine.pool.backends.values(), cfg.engine.k)
+        ready = partial(readiness.backends, engine.pool, cfg.engine.k)
         return Wiring(
             SERVICE, partial(maint_pb2_grpc.add_MaintServiceServicer_to_server, MaintServicer(maint)), POLICY, ready
         )

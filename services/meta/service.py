@@ -177,7 +177,7 @@ async def build(
         servicer = MetaServicer(catalog, engine, Metrics(registry or Registry()), cfg.limits)
         ready = readiness.all_of(
             partial(readiness.store, store.records, "metadata namespace"),
-            partial(readiness.backends, engine.pool.backends.values(), cfg.engine.k),
+            partial(readiness.backends, engine.pool, cfg.engine.k),
         )
         return Wiring(SERVICE, partial(meta_pb2_grpc.add_MetaServiceServicer_to_server, servicer), POLICY, ready)
 

@@ -35,6 +35,7 @@ def non_default(tmp_path: Path) -> dict[str, Any]:
         "engine": {
             "k": 4, "m": 2, "chunk_size": "1MiB", "ec_type": "liberasurecode_rs_vand", "write_ahead": 3,
             "read_ahead": 4, "read_slots": 2, "hedge_after": 0.5, "shard_timeout": 5, "backend_cooldown": 7.5,
+            "write_quorum": 5,
         },
         "backends": [f"dir://{d}/s{i}" for i in range(5)] + [{"name": "last", "uri": f"dir://{d}/s5"}],
         "metadata": {

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from services.common.backends import Mode, open_backend
 from services.common.backends.base import Backend
-from services.common.engine import Engine, EngineConfig, FileRecord, rechunk
+from services.common.engine import Engine, EngineConfig, FileRecord, rechunk, unwritten_shards
 from services.common.errors import (
     InvalidInput,
     StoreFailed,
@@ -131,14 +131,19 @@ async def test_any_m_backends_gone_reads_identical(stored: tuple[Engine, FileRec
 
 async def test_m_plus_one_gone_is_a_clear_error(stored: tuple[Engine, FileRecord, bytes], tmp_path: Path) -> None:
     engine, record, _ = stored
-    for d in _backend_dirs(tmp_path)[: M + 1]:
+    gone = _backend_dirs(tmp_path)[: M + 1]
+    for d in gone:
         shutil.rmtree(d)
     with pytest.raises(Unrecoverable, match=r"chunk 0 has 15 good shards of 20, needs 16"):
         await collect(engine.read(record))
+    # Folders gone (an unmounted disk?) are unreachable, not lost: the file is unreadable now, not lost.
     report = await engine.soft_check(record)
-    assert len(report.unrecoverable) == len(record.chunks)
-    with pytest.raises(Unrecoverable, match="cannot repair"):
-        await engine.repair(record, report)
+    assert len(report.unreadable) == len(record.chunks) and not report.unrecoverable
+    assert report.unreachable_backends == {d.name for d in gone}
+    same, rewritten = await engine.repair(record, report)  # nothing to rebuild from now: left for later
+    assert rewritten == 0 and same == record
+    with pytest.raises(Unrecoverable, match="cannot repair"):  # once they are written off, the data is lost
+        await engine.repair(record, report, rebuild_unreachable={d.name for d in gone})
 
 
 async def test_flipped_byte_read_check_repair(stored: tuple[Engine, FileRecord, bytes]) -> None:
@@ -168,8 +173,9 @@ async def test_repair_onto_spare_backends_after_loss(tmp_path: Path) -> None:
         shutil.rmtree(tmp_path / name)
     soft = await engine.soft_check(record)
     assert soft.damaged and not soft.unrecoverable
-    repaired, n = await engine.repair(record, soft)
-    assert n == sum(len(h.bad) for h in soft.chunks)
+    assert (await engine.repair(record, soft))[1] == 0, "unreachable backends may come back: nothing rebuilt yet"
+    repaired, n = await engine.repair(record, soft, rebuild_unreachable=set(lost))  # down too long: rebuild
+    assert n == sum(len(h.absent) for h in soft.chunks)
     for chunk in repaired.chunks:
         names = [repaired.backends[s.backend] for s in chunk.shards]
         assert len(set(names)) == K + M
@@ -194,11 +200,30 @@ async def test_repair_onto_replaced_empty_disks(stored: tuple[Engine, FileRecord
 
 
 async def test_repair_needs_free_distinct_backends(stored: tuple[Engine, FileRecord, bytes], tmp_path: Path) -> None:
-    engine, record, _ = stored
-    for d in _backend_dirs(tmp_path)[:M]:
+    engine, record, content = stored
+    gone = _backend_dirs(tmp_path)[:M]
+    for d in gone:
         shutil.rmtree(d)
-    with pytest.raises(StoreFailed, match="chunk 0"):
-        await engine.repair(record, await engine.soft_check(record))
+    # Exactly k+m backends, four of them gone: a rebuilt shard has nowhere to go (each backend of a chunk
+    # holds one shard). The repair writes nothing and keeps the old references: the disks may come back.
+    report = await engine.soft_check(record)
+    same, rewritten = await engine.repair(record, report, rebuild_unreachable={d.name for d in gone})
+    assert rewritten == 0 and same == record
+    # A lost shard (its backend answers without it) with no free backend is marked unwritten instead.
+    for d in gone:
+        d.mkdir()
+    assert all([await engine.pool.probe(d.name) for d in gone])  # a probe finds them back: breakers close
+    report = await engine.soft_check(record)
+    assert all(len(h.missing) == M for h in report.chunks)
+    for d in gone[1:]:
+        shutil.rmtree(d)
+    assert not any([await engine.pool.probe(d.name) for d in gone[1:]])
+    lost = gone[0].name
+    partial, rewritten = await engine.repair(record, await engine.soft_check(record))
+    assert rewritten == len(record.chunks)  # the one backend that is back takes its shard again
+    assert unwritten_shards(partial) == 0
+    assert await collect(engine.read(partial)) == content
+    assert lost in {partial.backends[s.backend] for c in partial.chunks for s in c.shards}
 
 
 async def test_wrong_master_key(stored: tuple[Engine, FileRecord, bytes]) -> None:
@@ -223,14 +248,35 @@ async def test_write_survives_refusing_backends(tmp_path: Path) -> None:
     await pool.close()
 
 
-async def test_too_few_backends_fails_clean(tmp_path: Path) -> None:
+@pytest.mark.parametrize("quorum", [0, K])
+async def test_degraded_write_within_the_quorum(tmp_path: Path, quorum: int) -> None:
     pool = await make_pool(tmp_path, 20)
-    engine = Engine(pool, os.urandom(32), EngineConfig(k=K, m=M, chunk_size=CHUNK))
-    shutil.rmtree(_backend_dirs(tmp_path)[7])
-    with pytest.raises(StoreFailed, match="fewer than 20"):
+    engine = Engine(pool, os.urandom(32), EngineConfig(k=K, m=M, chunk_size=CHUNK, write_quorum=quorum))
+    down = 1 if quorum == 0 else M  # k+1 needs 17 of 20; k needs 16
+    for d in _backend_dirs(tmp_path)[:down]:
+        shutil.rmtree(d)
+    data = os.urandom(3 * CHUNK + 5)
+    record = await engine.store([data])
+    assert unwritten_shards(record) == down * len(record.chunks)
+    for chunk in record.chunks:
+        assert sum(s.unwritten for s in chunk.shards) == down
+    for chunk in record.chunks[engine.config.write_ahead :]:  # once the breakers are open: skipped up front
+        assert not any(s.unwritten for s in chunk.shards[:K]), "data shards are placed first"
+    assert await collect(engine.read(record)) == data
+    soft = await engine.soft_check(record)
+    assert [len(h.unwritten) for h in soft.chunks] == [down] * len(record.chunks)
+    assert not soft.ok and not soft.unrecoverable and not soft.unreadable
+
+
+async def test_below_the_quorum_fails_clean(tmp_path: Path) -> None:
+    pool = await make_pool(tmp_path, 20)
+    engine = Engine(pool, os.urandom(32), EngineConfig(k=K, m=M, chunk_size=CHUNK))  # quorum k+1 = 17
+    for d in _backend_dirs(tmp_path)[5:9]:
+        shutil.rmtree(d)
+    with pytest.raises(StoreFailed, match="16 of 20 shards written, write_quorum is 17"):
         await engine.store([os.urandom(3 * CHUNK)])
     for name, backend in pool.backends.items():
-        if name != "b07":
+        if name not in {"b05", "b06", "b07", "b08"}:
             assert [k async for k in backend.scan()] == []  # written shards were removed again
     await pool.close()
 
@@ -283,11 +329,19 @@ async def test_delete_shards(stored: tuple[Engine, FileRecord, bytes]) -> None:
         ({"k": 1, "m": 1, "chunk_size": 64 * 1024 * 1024}, "8 MiB"),
         ({"k": 0}, "at least 1"),
         ({"read_ahead": 0}, "at least 1"),
+        ({"write_quorum": 15}, "write_quorum must be between k=16 and k\\+m=20"),
+        ({"write_quorum": 21}, "write_quorum must be between"),
     ],
 )
 def test_bad_config(kwargs: dict[str, Any], why: str) -> None:
     with pytest.raises(InvalidInput, match=why):
         EngineConfig(**kwargs)
+
+
+def test_write_quorum_default_is_k_plus_one() -> None:
+    assert EngineConfig().quorum == 17
+    assert EngineConfig(k=4, m=1).quorum == 5
+    assert EngineConfig(write_quorum=16).quorum == 16
 
 
 async def test_rechunk_exact_sizes() -> None:

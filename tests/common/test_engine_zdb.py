@@ -44,7 +44,7 @@ async def test_reads_survive_a_stopped_zdb_and_fail_clearly_past_m(zdb_factory: 
     assert await collect(engine.read(record)) == data
     assert await collect(engine.read(record, CHUNK - 3, CHUNK + 6)) == data[CHUNK - 3 : 2 * CHUNK + 3]
     soft = await engine.soft_check(record)
-    assert all(len(c.missing) == 4 for c in soft.chunks)
+    assert all(len(c.unreachable) == 4 and not c.missing for c in soft.chunks)  # down, not lost
 
     servers[2].stop()  # eight gone: more than m
     with pytest.raises(Unrecoverable, match=r"chunk 0 has 12 good shards of 20, needs 16"):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gridstor/v1/common.proto\x12\x0bgridstor.v1\"\xb1\x01\n\x08\x46ileInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12\x0b\n\x03\x65xt\x18\x04 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\x12\x0f\n\x07\x63reated\x18\x06 \x01(\x03\x12\x0f\n\x07meta_id\x18\x07 \x01(\r\x12\t\n\x01k\x18\x08 \x01(\r\x12\t\n\x01m\x18\t \x01(\r\x12\x12\n\nchunk_size\x18\n \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x0b \x01(\r\":\n\x07Receipt\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\"W\n\x0bReceiptBody\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12\x0b\n\x03job\x18\x04 \x01(\t\x12\x0e\n\x06issued\x18\x05 \x01(\x03*{\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_ACTIVE\x10\x01\x12\x15\n\x11JOB_STATE_TIMEOUT\x10\x02\x12\x13\n\x0fJOB_STATE_ERROR\x10\x03\x12\x12\n\x0eJOB_STATE_DONE\x10\x04\x42\x39Z7github.com/gridstor/gridstor/gen/gridstor/v1;gridstorv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gridstor/v1/common.proto\x12\x0bgridstor.v1\"\xcb\x01\n\x08\x46ileInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12\x0b\n\x03\x65xt\x18\x04 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\x12\x0f\n\x07\x63reated\x18\x06 \x01(\x03\x12\x0f\n\x07meta_id\x18\x07 \x01(\r\x12\t\n\x01k\x18\x08 \x01(\r\x12\t\n\x01m\x18\t \x01(\r\x12\x12\n\nchunk_size\x18\n \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x0b \x01(\r\x12\x18\n\x10unwritten_shards\x18\x0c \x01(\r\":\n\x07Receipt\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\"W\n\x0bReceiptBody\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12\x0b\n\x03job\x18\x04 \x01(\t\x12\x0e\n\x06issued\x18\x05 \x01(\x03*{\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_ACTIVE\x10\x01\x12\x15\n\x11JOB_STATE_TIMEOUT\x10\x02\x12\x13\n\x0fJOB_STATE_ERROR\x10\x03\x12\x12\n\x0eJOB_STATE_DONE\x10\x04\x42\x39Z7github.com/gridstor/gridstor/gen/gridstor/v1;gridstorv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,12 +32,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gridstor.v1.common_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z7github.com/gridstor/gridstor/gen/gridstor/v1;gridstorv1'
-  _globals['_JOBSTATE']._serialized_start=370
-  _globals['_JOBSTATE']._serialized_end=493
+  _globals['_JOBSTATE']._serialized_start=396
+  _globals['_JOBSTATE']._serialized_end=519
   _globals['_FILEINFO']._serialized_start=42
-  _globals['_FILEINFO']._serialized_end=219
-  _globals['_RECEIPT']._serialized_start=221
-  _globals['_RECEIPT']._serialized_end=279
-  _globals['_RECEIPTBODY']._serialized_start=281
-  _globals['_RECEIPTBODY']._serialized_end=368
+  _globals['_FILEINFO']._serialized_end=245
+  _globals['_RECEIPT']._serialized_start=247
+  _globals['_RECEIPT']._serialized_end=305
+  _globals['_RECEIPTBODY']._serialized_start=307
+  _globals['_RECEIPTBODY']._serialized_end=394
 # @@protoc_insertion_point(module_scope)

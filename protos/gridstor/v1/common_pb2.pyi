@@ -66,6 +66,7 @@ class FileInfo(_message.Message):
     M_FIELD_NUMBER: _builtins.int
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
     CHUNKS_FIELD_NUMBER: _builtins.int
+    UNWRITTEN_SHARDS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Canonical file id: 48 hex BLAKE3-192 + 8 hex metadata id, then the stored extension."""
     size: _builtins.int
@@ -88,6 +89,10 @@ class FileInfo(_message.Message):
     """Plaintext bytes per chunk (the last chunk may be shorter)."""
     chunks: _builtins.int
     """Number of chunks."""
+    unwritten_shards: _builtins.int
+    """Shards the upload (or a repair) could not write because too few backends took writes: the
+    file is under-replicated (readable, with less redundancy) until maint rebuilds them.
+    """
     def __init__(
         self,
         *,
@@ -102,10 +107,11 @@ class FileInfo(_message.Message):
         m: _builtins.int = ...,
         chunk_size: _builtins.int = ...,
         chunks: _builtins.int = ...,
+        unwritten_shards: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "chunks", b"chunks", "content_type", b"content_type", "created", b"created", "ext", b"ext", "hash", b"hash", "id", b"id", "k", b"k", "m", b"m", "meta_id", b"meta_id", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "chunks", b"chunks", "content_type", b"content_type", "created", b"created", "ext", b"ext", "hash", b"hash", "id", b"id", "k", b"k", "m", b"m", "meta_id", b"meta_id", "size", b"size", "unwritten_shards", b"unwritten_shards"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -145,6 +145,7 @@ class StatusReply(_message.Message):
     PROGRESS_BYTES_FIELD_NUMBER: _builtins.int
     DEDUPLICATED_FIELD_NUMBER: _builtins.int
     RECEIPT_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     """The job asked about."""
     state: _common_pb2.JobState.ValueType
@@ -165,6 +166,11 @@ class StatusReply(_message.Message):
     """ACTIVE: plaintext bytes stored so far, for progress against size."""
     deduplicated: _builtins.bool
     """DONE: the same content was already stored, so no new shards were written."""
+    waiting: _builtins.str
+    """ACTIVE: why the job is not progressing now and since when, e.g. "the metadata service is
+    unreachable since 12:01:07 UTC (UNAVAILABLE: ...); waiting up to 600 s"; empty when it is.
+    A job waits out such an outage for `outage_wait` seconds, then fails with that reason.
+    """
     @_builtins.property
     def receipt(self) -> _common_pb2.Receipt:
         """DONE: (file id, size, hash) signed by the gateway key."""
@@ -182,10 +188,11 @@ class StatusReply(_message.Message):
         progress_bytes: _builtins.int = ...,
         deduplicated: _builtins.bool = ...,
         receipt: _common_pb2.Receipt | None = ...,
+        waiting: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deduplicated", b"deduplicated", "error", b"error", "file_id", b"file_id", "hash", b"hash", "job", b"job", "progress_bytes", b"progress_bytes", "receipt", b"receipt", "result", b"result", "size", b"size", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deduplicated", b"deduplicated", "error", b"error", "file_id", b"file_id", "hash", b"hash", "job", b"job", "progress_bytes", b"progress_bytes", "receipt", b"receipt", "result", b"result", "size", b"size", "state", b"state", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

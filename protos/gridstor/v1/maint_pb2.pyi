@@ -46,22 +46,39 @@ Global___ScrubState: _TypeAlias = ScrubState  # noqa: Y015
 
 @_typing.final
 class ChunkHealth(_message.Message):
-    """What a check found wrong in one chunk (shard indexes 0..k-1 data, k..k+m-1 parity)."""
+    """What a check found wrong in one chunk (shard indexes 0..k-1 data, k..k+m-1 parity).
+    missing, corrupt and unwritten shards are lost: repair rebuilds them. unreachable ones may
+    come back with their backend.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     INDEX_FIELD_NUMBER: _builtins.int
     MISSING_FIELD_NUMBER: _builtins.int
     CORRUPT_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_FIELD_NUMBER: _builtins.int
+    UNWRITTEN_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Chunk index in the file."""
     @_builtins.property
     def missing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Shards absent from their backend (or the backend is unreachable)."""
+        """Lost: the backend answered and does not hold the shard, or it was wiped and re-provisioned
+        (another identity), or it is no longer in the configuration.
+        """
 
     @_builtins.property
     def corrupt(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Shards present but failing their checksum (found by hard checks only)."""
+        """Lost: present but not this file's shard: another size than the record says (soft and hard
+        checks) or failing its checksum (hard checks).
+        """
+
+    @_builtins.property
+    def unreachable(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Unreachable now: the backend did not answer (down, hung, its circuit breaker open)."""
+
+    @_builtins.property
+    def unwritten(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Never written: the upload (or a repair) found no backend to take it (a degraded write)."""
 
     def __init__(
         self,
@@ -69,10 +86,12 @@ class ChunkHealth(_message.Message):
         index: _builtins.int = ...,
         missing: _abc.Iterable[_builtins.int] | None = ...,
         corrupt: _abc.Iterable[_builtins.int] | None = ...,
+        unreachable: _abc.Iterable[_builtins.int] | None = ...,
+        unwritten: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["corrupt", b"corrupt", "index", b"index", "missing", b"missing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["corrupt", b"corrupt", "index", b"index", "missing", b"missing", "unreachable", b"unreachable", "unwritten", b"unwritten"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -118,6 +137,12 @@ class CheckReply(_message.Message):
     RECOVERABLE_FIELD_NUMBER: _builtins.int
     HASH_OK_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    READABLE_FIELD_NUMBER: _builtins.int
+    UNDER_REPLICATED_FIELD_NUMBER: _builtins.int
+    SHARDS_LOST_FIELD_NUMBER: _builtins.int
+    SHARDS_UNREACHABLE_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_BACKENDS_FIELD_NUMBER: _builtins.int
+    REPLACED_BACKENDS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Canonical file id."""
     ok: _builtins.bool
@@ -131,14 +156,36 @@ class CheckReply(_message.Message):
     chunks: _builtins.int
     """Number of chunks in the file."""
     recoverable: _builtins.bool
-    """True when every chunk still has at least k good shards, so Repair can restore all."""
+    """True when no chunk lost more than m shards (missing, corrupt, unwritten), so Repair can
+    restore every chunk once its unreachable backends answer. False = data is lost.
+    """
     hash_ok: _builtins.bool
     """Hard check: the decrypted content hashed to the id's hash. Always false for a soft check."""
     error: _builtins.str
     """A problem that is not about one shard (e.g. decryption failed); empty when none."""
+    readable: _builtins.bool
+    """True when every chunk has at least k good shards on backends answering now: the file can
+    be read now. (recoverable but not readable: wait for the unreachable backends.)
+    """
+    under_replicated: _builtins.bool
+    """True when some chunk has fewer than k+m good shards (lost, unwritten or unreachable)."""
+    shards_lost: _builtins.int
+    """Shards lost (missing, corrupt or unwritten), summed over the chunks."""
+    shards_unreachable: _builtins.int
+    """Shards on backends that do not answer now, summed over the chunks."""
     @_builtins.property
     def damaged(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChunkHealth]:
-        """Only the chunks with missing or corrupt shards; chunks not listed are healthy."""
+        """Only the chunks with lost, unwritten or unreachable shards; chunks not listed are healthy."""
+
+    @_builtins.property
+    def unreachable_backends(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Backends that did not answer during the check."""
+
+    @_builtins.property
+    def replaced_backends(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Backends that answer with another identity than the record's: wiped and re-provisioned,
+        so this file's shards on them are gone.
+        """
 
     def __init__(
         self,
@@ -153,10 +200,16 @@ class CheckReply(_message.Message):
         recoverable: _builtins.bool = ...,
         hash_ok: _builtins.bool = ...,
         error: _builtins.str = ...,
+        readable: _builtins.bool = ...,
+        under_replicated: _builtins.bool = ...,
+        shards_lost: _builtins.int = ...,
+        shards_unreachable: _builtins.int = ...,
+        unreachable_backends: _abc.Iterable[_builtins.str] | None = ...,
+        replaced_backends: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "damaged", b"damaged", "error", b"error", "hard", b"hard", "hash_ok", b"hash_ok", "id", b"id", "k", b"k", "m", b"m", "ok", b"ok", "recoverable", b"recoverable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "damaged", b"damaged", "error", b"error", "hard", b"hard", "hash_ok", b"hash_ok", "id", b"id", "k", b"k", "m", b"m", "ok", b"ok", "readable", b"readable", "recoverable", b"recoverable", "replaced_backends", b"replaced_backends", "shards_lost", b"shards_lost", "shards_unreachable", b"shards_unreachable", "under_replicated", b"under_replicated", "unreachable_backends", b"unreachable_backends"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -230,6 +283,7 @@ class RepairReply(_message.Message):
     REPAIRED_FIELD_NUMBER: _builtins.int
     UNRECOVERABLE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    SHARDS_PENDING_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Canonical file id."""
     ok: _builtins.bool
@@ -238,6 +292,11 @@ class RepairReply(_message.Message):
     """Shards rebuilt in total."""
     error: _builtins.str
     """A problem that stopped the repair; empty when none."""
+    shards_pending: _builtins.int
+    """Shards still missing after the repair: no backend could take them now (with exactly k+m
+    backends, one that is down), or they are on backends that do not answer now. The file stays
+    under-replicated and maint's repair queue tries again when backends return.
+    """
     @_builtins.property
     def repaired(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChunkRepair]:
         """Per chunk, what was rebuilt and where."""
@@ -255,10 +314,11 @@ class RepairReply(_message.Message):
         repaired: _abc.Iterable[Global___ChunkRepair] | None = ...,
         unrecoverable: _abc.Iterable[_builtins.int] | None = ...,
         error: _builtins.str = ...,
+        shards_pending: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "ok", b"ok", "repaired", b"repaired", "shards_repaired", b"shards_repaired", "unrecoverable", b"unrecoverable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "ok", b"ok", "repaired", b"repaired", "shards_pending", b"shards_pending", "shards_repaired", b"shards_repaired", "unrecoverable", b"unrecoverable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -284,6 +344,7 @@ class ScrubProgress(_message.Message):
     UNRECOVERABLE_IDS_FIELD_NUMBER: _builtins.int
     LAST_FULL_PASS_FIELD_NUMBER: _builtins.int
     LAST_HARD_PASS_FIELD_NUMBER: _builtins.int
+    FILES_PENDING_FIELD_NUMBER: _builtins.int
     state: Global___ScrubState.ValueType
     """Running or idle."""
     hard: _builtins.bool
@@ -310,6 +371,10 @@ class ScrubProgress(_message.Message):
     """Unix seconds when the last complete pass (soft or hard) ended; 0 = never."""
     last_hard_pass: _builtins.int
     """Unix seconds when the last complete hard pass ended; 0 = never."""
+    files_pending: _builtins.int
+    """Files left under-replicated by this pass: shards on unreachable backends, or rebuilt shards
+    no backend could take now. They are in the repair queue, retried when backends return.
+    """
     @_builtins.property
     def unrecoverable_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Ids of unrecoverable files (the first ones found, capped by the server)."""
@@ -331,10 +396,11 @@ class ScrubProgress(_message.Message):
         unrecoverable_ids: _abc.Iterable[_builtins.str] | None = ...,
         last_full_pass: _builtins.int = ...,
         last_hard_pass: _builtins.int = ...,
+        files_pending: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "dry_run", b"dry_run", "files_checked", b"files_checked", "files_damaged", b"files_damaged", "files_repaired", b"files_repaired", "files_unrecoverable", b"files_unrecoverable", "finished", b"finished", "hard", b"hard", "last_full_pass", b"last_full_pass", "last_hard_pass", b"last_hard_pass", "shards_repaired", b"shards_repaired", "started", b"started", "state", b"state", "unrecoverable_ids", b"unrecoverable_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "dry_run", b"dry_run", "files_checked", b"files_checked", "files_damaged", b"files_damaged", "files_pending", b"files_pending", "files_repaired", b"files_repaired", "files_unrecoverable", b"files_unrecoverable", "finished", b"finished", "hard", b"hard", "last_full_pass", b"last_full_pass", "last_hard_pass", b"last_hard_pass", "shards_repaired", b"shards_repaired", "started", b"started", "state", b"state", "unrecoverable_ids", b"unrecoverable_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -410,6 +476,12 @@ class ScrubStatusReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PROGRESS_FIELD_NUMBER: _builtins.int
+    REPAIR_QUEUE_FIELD_NUMBER: _builtins.int
+    repair_queue: _builtins.int
+    """Files in the repair queue: under-replicated (degraded uploads, repairs that could not place
+    every shard), repaired first and again whenever a backend comes back. -1 = the queue (redis)
+    cannot be read.
+    """
     @_builtins.property
     def progress(self) -> Global___ScrubProgress:
         """The running pass, or the last one."""
@@ -418,6 +490,90 @@ class ScrubStatusReply(_message.Message):
         self,
         *,
         progress: Global___ScrubProgress | None = ...,
+        repair_queue: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress", "repair_queue", b"repair_queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScrubStatusReply: _TypeAlias = ScrubStatusReply  # noqa: Y015
+
+@_typing.final
+class CollectOrphansRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    """Only count the orphans; delete nothing."""
+    def __init__(
+        self,
+        *,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CollectOrphansRequest: _TypeAlias = CollectOrphansRequest  # noqa: Y015
+
+@_typing.final
+class CollectOrphansReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STARTED_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    started: _builtins.bool
+    """False when a collection was already running (it continues; its progress is returned)."""
+    @_builtins.property
+    def progress(self) -> Global___OrphanProgress:
+        """The collection now running."""
+
+    def __init__(
+        self,
+        *,
+        started: _builtins.bool = ...,
+        progress: Global___OrphanProgress | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress", "started", b"started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CollectOrphansReply: _TypeAlias = CollectOrphansReply  # noqa: Y015
+
+@_typing.final
+class OrphanStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrphanStatusRequest: _TypeAlias = OrphanStatusRequest  # noqa: Y015
+
+@_typing.final
+class OrphanStatusReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> Global___OrphanProgress:
+        """The running collection, or the last one."""
+
+    def __init__(
+        self,
+        *,
+        progress: Global___OrphanProgress | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -425,7 +581,115 @@ class ScrubStatusReply(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ScrubStatusReply: _TypeAlias = ScrubStatusReply  # noqa: Y015
+Global___OrphanStatusReply: _TypeAlias = OrphanStatusReply  # noqa: Y015
+
+@_typing.final
+class OrphanBackend(_message.Message):
+    """What one orphan collection found on one backend."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SCANNED_FIELD_NUMBER: _builtins.int
+    ORPHANS_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
+    TOO_NEW_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Backend name from the config."""
+    scanned: _builtins.int
+    """Keys looked at (those old enough to judge)."""
+    orphans: _builtins.int
+    """Keys no record references and no running job owns."""
+    deleted: _builtins.int
+    """Orphans deleted (0 in a dry run)."""
+    too_new: _builtins.int
+    """Keys written after the collection's safe point (a job in flight may own them): left for later."""
+    skipped: _builtins.str
+    """Why this backend was skipped or stopped early; empty when it was fully scanned."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        scanned: _builtins.int = ...,
+        orphans: _builtins.int = ...,
+        deleted: _builtins.int = ...,
+        too_new: _builtins.int = ...,
+        skipped: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "name", b"name", "orphans", b"orphans", "scanned", b"scanned", "skipped", b"skipped", "too_new", b"too_new"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrphanBackend: _TypeAlias = OrphanBackend  # noqa: Y015
+
+@_typing.final
+class OrphanProgress(_message.Message):
+    """Counters of one orphan collection (the running one or the last)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    SCANNED_FIELD_NUMBER: _builtins.int
+    ORPHANS_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
+    TOO_NEW_FIELD_NUMBER: _builtins.int
+    BACKENDS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    state: Global___ScrubState.ValueType
+    """Running or idle (the ScrubState values)."""
+    dry_run: _builtins.bool
+    """Whether this collection only counts."""
+    started: _builtins.int
+    """Unix seconds when it started; 0 when none ever ran."""
+    finished: _builtins.int
+    """Unix seconds when it ended; 0 while running."""
+    records: _builtins.int
+    """Records listed (every shard they name is kept)."""
+    scanned: _builtins.int
+    """Keys looked at, over every backend."""
+    orphans: _builtins.int
+    """Orphans found, over every backend."""
+    deleted: _builtins.int
+    """Orphans deleted, over every backend."""
+    too_new: _builtins.int
+    """Keys too new to judge, over every backend."""
+    error: _builtins.str
+    """Why the collection stopped or did not start (e.g. the job queue is unreachable, so running
+    jobs cannot be seen); empty when none.
+    """
+    @_builtins.property
+    def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___OrphanBackend]:
+        """Per backend."""
+
+    def __init__(
+        self,
+        *,
+        state: Global___ScrubState.ValueType = ...,
+        dry_run: _builtins.bool = ...,
+        started: _builtins.int = ...,
+        finished: _builtins.int = ...,
+        records: _builtins.int = ...,
+        scanned: _builtins.int = ...,
+        orphans: _builtins.int = ...,
+        deleted: _builtins.int = ...,
+        too_new: _builtins.int = ...,
+        backends: _abc.Iterable[Global___OrphanBackend] | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "deleted", b"deleted", "dry_run", b"dry_run", "error", b"error", "finished", b"finished", "orphans", b"orphans", "records", b"records", "scanned", b"scanned", "started", b"started", "state", b"state", "too_new", b"too_new"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrphanProgress: _TypeAlias = OrphanProgress  # noqa: Y015
 
 @_typing.final
 class ReplicaInfo(_message.Message):

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class MaintServiceStub:
     """Every method needs a token unless the gateway is public. A replica gateway serves
-    Check and ReplicaStatus and refuses the writing methods with FAILED_PRECONDITION.
+    Check, ScrubStatus, OrphanStatus and ReplicaStatus and refuses the writing methods with
+    FAILED_PRECONDITION.
     """
 
     def __init__(self, channel):
@@ -56,6 +57,16 @@ class MaintServiceStub:
                 request_serializer=gridstor_dot_v1_dot_maint__pb2.ScrubStatusRequest.SerializeToString,
                 response_deserializer=gridstor_dot_v1_dot_maint__pb2.ScrubStatusReply.FromString,
                 _registered_method=True)
+        self.CollectOrphans = channel.unary_unary(
+                '/gridstor.v1.MaintService/CollectOrphans',
+                request_serializer=gridstor_dot_v1_dot_maint__pb2.CollectOrphansRequest.SerializeToString,
+                response_deserializer=gridstor_dot_v1_dot_maint__pb2.CollectOrphansReply.FromString,
+                _registered_method=True)
+        self.OrphanStatus = channel.unary_unary(
+                '/gridstor.v1.MaintService/OrphanStatus',
+                request_serializer=gridstor_dot_v1_dot_maint__pb2.OrphanStatusRequest.SerializeToString,
+                response_deserializer=gridstor_dot_v1_dot_maint__pb2.OrphanStatusReply.FromString,
+                _registered_method=True)
         self.ReplicaStatus = channel.unary_unary(
                 '/gridstor.v1.MaintService/ReplicaStatus',
                 request_serializer=gridstor_dot_v1_dot_maint__pb2.ReplicaStatusRequest.SerializeToString,
@@ -80,7 +91,8 @@ class MaintServiceStub:
 
 class MaintServiceServicer:
     """Every method needs a token unless the gateway is public. A replica gateway serves
-    Check and ReplicaStatus and refuses the writing methods with FAILED_PRECONDITION.
+    Check, ScrubStatus, OrphanStatus and ReplicaStatus and refuses the writing methods with
+    FAILED_PRECONDITION.
     """
 
     def Check(self, request, context):
@@ -108,6 +120,22 @@ class MaintServiceServicer:
 
     def ScrubStatus(self, request, context):
         """Progress of the running scrub pass, or the outcome of the last one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CollectOrphans(self, request, context):
+        """Start collecting orphans now: shards that no record references and no running job owns
+        are deleted (see docs/maint.md for how uploads in flight are kept safe). When a collection
+        is already running it keeps going and its progress is returned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OrphanStatus(self, request, context):
+        """Progress of the running orphan collection, or the outcome of the last one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -166,6 +194,16 @@ def add_MaintServiceServicer_to_server(servicer, server):
                     request_deserializer=gridstor_dot_v1_dot_maint__pb2.ScrubStatusRequest.FromString,
                     response_serializer=gridstor_dot_v1_dot_maint__pb2.ScrubStatusReply.SerializeToString,
             ),
+            'CollectOrphans': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectOrphans,
+                    request_deserializer=gridstor_dot_v1_dot_maint__pb2.CollectOrphansRequest.FromString,
+                    response_serializer=gridstor_dot_v1_dot_maint__pb2.CollectOrphansReply.SerializeToString,
+            ),
+            'OrphanStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.OrphanStatus,
+                    request_deserializer=gridstor_dot_v1_dot_maint__pb2.OrphanStatusRequest.FromString,
+                    response_serializer=gridstor_dot_v1_dot_maint__pb2.OrphanStatusReply.SerializeToString,
+            ),
             'ReplicaStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.ReplicaStatus,
                     request_deserializer=gridstor_dot_v1_dot_maint__pb2.ReplicaStatusRequest.FromString,
@@ -196,7 +234,8 @@ def add_MaintServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class MaintService:
     """Every method needs a token unless the gateway is public. A replica gateway serves
-    Check and ReplicaStatus and refuses the writing methods with FAILED_PRECONDITION.
+    Check, ScrubStatus, OrphanStatus and ReplicaStatus and refuses the writing methods with
+    FAILED_PRECONDITION.
     """
 
     @staticmethod
@@ -297,6 +336,60 @@ class MaintService:
             '/gridstor.v1.MaintService/ScrubStatus',
             gridstor_dot_v1_dot_maint__pb2.ScrubStatusRequest.SerializeToString,
             gridstor_dot_v1_dot_maint__pb2.ScrubStatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectOrphans(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gridstor.v1.MaintService/CollectOrphans',
+            gridstor_dot_v1_dot_maint__pb2.CollectOrphansRequest.SerializeToString,
+            gridstor_dot_v1_dot_maint__pb2.CollectOrphansReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OrphanStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gridstor.v1.MaintService/OrphanStatus',
+            gridstor_dot_v1_dot_maint__pb2.OrphanStatusRequest.SerializeToString,
+            gridstor_dot_v1_dot_maint__pb2.OrphanStatusReply.FromString,
             options,
             channel_credentials,
             insecure,

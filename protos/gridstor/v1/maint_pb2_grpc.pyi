@@ -28,7 +28,8 @@ GRPC_VERSION: str
 
 class MaintServiceStub:
     """Every method needs a token unless the gateway is public. A replica gateway serves
-    Check and ReplicaStatus and refuses the writing methods with FAILED_PRECONDITION.
+    Check, ScrubStatus, OrphanStatus and ReplicaStatus and refuses the writing methods with
+    FAILED_PRECONDITION.
     """
 
     @_typing.overload
@@ -47,6 +48,13 @@ class MaintServiceStub:
     """
     ScrubStatus: _grpc.UnaryUnaryMultiCallable[_maint_pb2.ScrubStatusRequest, _maint_pb2.ScrubStatusReply]
     """Progress of the running scrub pass, or the outcome of the last one."""
+    CollectOrphans: _grpc.UnaryUnaryMultiCallable[_maint_pb2.CollectOrphansRequest, _maint_pb2.CollectOrphansReply]
+    """Start collecting orphans now: shards that no record references and no running job owns
+    are deleted (see docs/maint.md for how uploads in flight are kept safe). When a collection
+    is already running it keeps going and its progress is returned.
+    """
+    OrphanStatus: _grpc.UnaryUnaryMultiCallable[_maint_pb2.OrphanStatusRequest, _maint_pb2.OrphanStatusReply]
+    """Progress of the running orphan collection, or the outcome of the last one."""
     ReplicaStatus: _grpc.UnaryUnaryMultiCallable[_maint_pb2.ReplicaStatusRequest, _maint_pb2.ReplicaStatusReply]
     """Whether every metadata replica holds the master's last id."""
     Backup: _grpc.UnaryUnaryMultiCallable[_maint_pb2.BackupRequest, _maint_pb2.BackupReply]
@@ -62,7 +70,8 @@ class MaintServiceStub:
 @_typing.type_check_only
 class MaintServiceAsyncStub(MaintServiceStub):
     """Every method needs a token unless the gateway is public. A replica gateway serves
-    Check and ReplicaStatus and refuses the writing methods with FAILED_PRECONDITION.
+    Check, ScrubStatus, OrphanStatus and ReplicaStatus and refuses the writing methods with
+    FAILED_PRECONDITION.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -78,6 +87,13 @@ class MaintServiceAsyncStub(MaintServiceStub):
     """
     ScrubStatus: _aio.UnaryUnaryMultiCallable[_maint_pb2.ScrubStatusRequest, _maint_pb2.ScrubStatusReply]  # type: ignore[assignment]
     """Progress of the running scrub pass, or the outcome of the last one."""
+    CollectOrphans: _aio.UnaryUnaryMultiCallable[_maint_pb2.CollectOrphansRequest, _maint_pb2.CollectOrphansReply]  # type: ignore[assignment]
+    """Start collecting orphans now: shards that no record references and no running job owns
+    are deleted (see docs/maint.md for how uploads in flight are kept safe). When a collection
+    is already running it keeps going and its progress is returned.
+    """
+    OrphanStatus: _aio.UnaryUnaryMultiCallable[_maint_pb2.OrphanStatusRequest, _maint_pb2.OrphanStatusReply]  # type: ignore[assignment]
+    """Progress of the running orphan collection, or the outcome of the last one."""
     ReplicaStatus: _aio.UnaryUnaryMultiCallable[_maint_pb2.ReplicaStatusRequest, _maint_pb2.ReplicaStatusReply]  # type: ignore[assignment]
     """Whether every metadata replica holds the master's last id."""
     Backup: _aio.UnaryUnaryMultiCallable[_maint_pb2.BackupRequest, _maint_pb2.BackupReply]  # type: ignore[assignment]
@@ -92,7 +108,8 @@ class MaintServiceAsyncStub(MaintServiceStub):
 
 class MaintServiceServicer(metaclass=_abc_1.ABCMeta):
     """Every method needs a token unless the gateway is public. A replica gateway serves
-    Check and ReplicaStatus and refuses the writing methods with FAILED_PRECONDITION.
+    Check, ScrubStatus, OrphanStatus and ReplicaStatus and refuses the writing methods with
+    FAILED_PRECONDITION.
     """
 
     @_abc_1.abstractmethod
@@ -130,6 +147,25 @@ class MaintServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_maint_pb2.ScrubStatusReply, _abc.Awaitable[_maint_pb2.ScrubStatusReply]]:
         """Progress of the running scrub pass, or the outcome of the last one."""
+
+    @_abc_1.abstractmethod
+    def CollectOrphans(
+        self,
+        request: _maint_pb2.CollectOrphansRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_maint_pb2.CollectOrphansReply, _abc.Awaitable[_maint_pb2.CollectOrphansReply]]:
+        """Start collecting orphans now: shards that no record references and no running job owns
+        are deleted (see docs/maint.md for how uploads in flight are kept safe). When a collection
+        is already running it keeps going and its progress is returned.
+        """
+
+    @_abc_1.abstractmethod
+    def OrphanStatus(
+        self,
+        request: _maint_pb2.OrphanStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_maint_pb2.OrphanStatusReply, _abc.Awaitable[_maint_pb2.OrphanStatusReply]]:
+        """Progress of the running orphan collection, or the outcome of the last one."""
 
     @_abc_1.abstractmethod
     def ReplicaStatus(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gridstor/v1/record.proto\x12\x0bgridstor.v1\":\n\x08ShardRef\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\r\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x0c\"]\n\x0b\x43hunkRecord\x12\x12\n\nplain_size\x18\x01 \x01(\x04\x12\x13\n\x0b\x63ipher_size\x18\x02 \x01(\x04\x12%\n\x06shards\x18\x03 \x03(\x0b\x32\x15.gridstor.v1.ShardRef\"\xfa\x02\n\nFileRecord\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0c\n\x04hash\x18\x02 \x01(\x0c\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0b\n\x03\x65xt\x18\x04 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\x12\x12\n\nchunk_size\x18\x06 \x01(\x04\x12\t\n\x01k\x18\x07 \x01(\r\x12\t\n\x01m\x18\x08 \x01(\r\x12\x0f\n\x07\x65\x63_type\x18\t \x01(\t\x12\x13\n\x0bwrapped_key\x18\n \x01(\x0c\x12\x10\n\x08\x62\x61\x63kends\x18\x0b \x03(\t\x12(\n\x06\x63hunks\x18\x0c \x03(\x0b\x32\x18.gridstor.v1.ChunkRecord\x12\x0f\n\x07\x63reated\x18\r \x01(\x03\x12\x0e\n\x06\x63ipher\x18\x0e \x01(\t\x12<\n\x0bother_types\x18\x0f \x03(\x0b\x32\'.gridstor.v1.FileRecord.OtherTypesEntry\x1a\x31\n\x0fOtherTypesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x39Z7github.com/gridstor/gridstor/gen/gridstor/v1;gridstorv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gridstor/v1/record.proto\x12\x0bgridstor.v1\"M\n\x08ShardRef\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\r\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x0c\x12\x11\n\tunwritten\x18\x04 \x01(\x08\"q\n\x0b\x43hunkRecord\x12\x12\n\nplain_size\x18\x01 \x01(\x04\x12\x13\n\x0b\x63ipher_size\x18\x02 \x01(\x04\x12%\n\x06shards\x18\x03 \x03(\x0b\x32\x15.gridstor.v1.ShardRef\x12\x12\n\nshard_size\x18\x04 \x01(\r\"\x8f\x03\n\nFileRecord\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0c\n\x04hash\x18\x02 \x01(\x0c\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0b\n\x03\x65xt\x18\x04 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\x12\x12\n\nchunk_size\x18\x06 \x01(\x04\x12\t\n\x01k\x18\x07 \x01(\r\x12\t\n\x01m\x18\x08 \x01(\r\x12\x0f\n\x07\x65\x63_type\x18\t \x01(\t\x12\x13\n\x0bwrapped_key\x18\n \x01(\x0c\x12\x10\n\x08\x62\x61\x63kends\x18\x0b \x03(\t\x12(\n\x06\x63hunks\x18\x0c \x03(\x0b\x32\x18.gridstor.v1.ChunkRecord\x12\x0f\n\x07\x63reated\x18\r \x01(\x03\x12\x0e\n\x06\x63ipher\x18\x0e \x01(\t\x12<\n\x0bother_types\x18\x0f \x03(\x0b\x32\'.gridstor.v1.FileRecord.OtherTypesEntry\x12\x13\n\x0b\x62\x61\x63kend_ids\x18\x10 \x03(\x0c\x1a\x31\n\x0fOtherTypesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x39Z7github.com/gridstor/gridstor/gen/gridstor/v1;gridstorv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILERECORD_OTHERTYPESENTRY']._loaded_options = None
   _globals['_FILERECORD_OTHERTYPESENTRY']._serialized_options = b'8\001'
   _globals['_SHARDREF']._serialized_start=41
-  _globals['_SHARDREF']._serialized_end=99
-  _globals['_CHUNKRECORD']._serialized_start=101
-  _globals['_CHUNKRECORD']._serialized_end=194
-  _globals['_FILERECORD']._serialized_start=197
-  _globals['_FILERECORD']._serialized_end=575
-  _globals['_FILERECORD_OTHERTYPESENTRY']._serialized_start=526
-  _globals['_FILERECORD_OTHERTYPESENTRY']._serialized_end=575
+  _globals['_SHARDREF']._serialized_end=118
+  _globals['_CHUNKRECORD']._serialized_start=120
+  _globals['_CHUNKRECORD']._serialized_end=233
+  _globals['_FILERECORD']._serialized_start=236
+  _globals['_FILERECORD']._serialized_end=635
+  _globals['_FILERECORD_OTHERTYPESENTRY']._serialized_start=586
+  _globals['_FILERECORD_OTHERTYPESENTRY']._serialized_end=635
 # @@protoc_insertion_point(module_scope)

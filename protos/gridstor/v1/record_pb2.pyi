@@ -29,22 +29,29 @@ class ShardRef(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
     CHECKSUM_FIELD_NUMBER: _builtins.int
+    UNWRITTEN_FIELD_NUMBER: _builtins.int
     backend: _builtins.int
     """Index into FileRecord.backends."""
     key: _builtins.bytes
     """The backend's key for this shard (0-db: the 8-byte sequential id)."""
     checksum: _builtins.bytes
-    """BLAKE3-128 of the stored shard bytes."""
+    """BLAKE3-128 of the stored shard bytes; empty when unwritten."""
+    unwritten: _builtins.bool
+    """The upload (or a repair) could not write this shard: fewer backends than k+m took writes,
+    but at least engine.write_quorum did. key and checksum are empty and backend means nothing;
+    maint rebuilds the shard as soon as a backend can take it. Records without the field: false.
+    """
     def __init__(
         self,
         *,
         backend: _builtins.int = ...,
         key: _builtins.bytes = ...,
         checksum: _builtins.bytes = ...,
+        unwritten: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "checksum", b"checksum", "key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "checksum", b"checksum", "key", b"key", "unwritten", b"unwritten"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -59,10 +66,15 @@ class ChunkRecord(_message.Message):
     PLAIN_SIZE_FIELD_NUMBER: _builtins.int
     CIPHER_SIZE_FIELD_NUMBER: _builtins.int
     SHARDS_FIELD_NUMBER: _builtins.int
+    SHARD_SIZE_FIELD_NUMBER: _builtins.int
     plain_size: _builtins.int
     """Plaintext bytes in this chunk (every chunk but the last has chunk_size)."""
     cipher_size: _builtins.int
     """Ciphertext bytes (plain_size + 16-byte GCM tag); the coded payload."""
+    shard_size: _builtins.int
+    """Bytes of every stored shard of this chunk (soft checks compare it with the backend's
+    length of the key); 0 in records written before it was kept = unknown.
+    """
     @_builtins.property
     def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardRef]:
         """Exactly k+m entries; entry i holds fragment i (0..k-1 data, k.. parity)."""
@@ -73,10 +85,11 @@ class ChunkRecord(_message.Message):
         plain_size: _builtins.int = ...,
         cipher_size: _builtins.int = ...,
         shards: _abc.Iterable[Global___ShardRef] | None = ...,
+        shard_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cipher_size", b"cipher_size", "plain_size", b"plain_size", "shards", b"shards"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cipher_size", b"cipher_size", "plain_size", b"plain_size", "shard_size", b"shard_size", "shards", b"shards"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -121,6 +134,7 @@ class FileRecord(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     CIPHER_FIELD_NUMBER: _builtins.int
     OTHER_TYPES_FIELD_NUMBER: _builtins.int
+    BACKEND_IDS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Record layout version; readers refuse versions they do not know."""
     hash: _builtins.bytes
@@ -155,6 +169,16 @@ class FileRecord(_message.Message):
         are the first upload's.
         """
 
+    @_builtins.property
+    def backend_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Identity of each backend in `backends` (same order) when its shards were written: the marker
+        written at provisioning (dir: meta.json's id; 0-db: a marker value, the namespace's first key).
+        A backend that now answers with another identity was wiped and re-provisioned: the shards this
+        record has on it are gone, whatever its keys now hold. Empty entry, or a record written before
+        identities were kept (fewer entries than backends) = unknown. The same name may appear twice,
+        with two identities, after a repair onto a replaced backend.
+        """
+
     def __init__(
         self,
         *,
@@ -173,10 +197,11 @@ class FileRecord(_message.Message):
         created: _builtins.int = ...,
         cipher: _builtins.str = ...,
         other_types: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        backend_ids: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "chunk_size", b"chunk_size", "chunks", b"chunks", "cipher", b"cipher", "content_type", b"content_type", "created", b"created", "ec_type", b"ec_type", "ext", b"ext", "hash", b"hash", "k", b"k", "m", b"m", "other_types", b"other_types", "size", b"size", "version", b"version", "wrapped_key", b"wrapped_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_ids", b"backend_ids", "backends", b"backends", "chunk_size", b"chunk_size", "chunks", b"chunks", "cipher", b"cipher", "content_type", b"content_type", "created", b"created", "ec_type", b"ec_type", "ext", b"ext", "hash", b"hash", "k", b"k", "m", b"m", "other_types", b"other_types", "size", b"size", "version", b"version", "wrapped_key", b"wrapped_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

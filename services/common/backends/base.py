@@ -13,6 +13,13 @@ Every method is a coroutine. Errors are the ``BackendError`` family from
 ``services.common.errors``; a missing key is ``None`` from ``get`` (not an
 error), but ``KeyNotFound`` from ``delete`` and from ``set`` in seq mode.
 
+Identity: a shard backend carries a random marker written when it is first
+set up (``identity``; dir: the id in meta.json, 0-db: a marker value, the
+namespace's first key, see zdb.py). A backend wiped and set up again gets a
+new one, so records, which note the identity of each backend they wrote to,
+can tell that their old shards are gone even though sequential keys restart
+from 0 and the same keys now hold other data. ``b""`` = unknown.
+
 ``put_each`` stores one value in each of several backends at once, the way
 the engine spreads a chunk's shards: each driver class writes its share with
 its ``put_batch`` (by default ``put`` concurrently; dir backends override it to
@@ -70,6 +77,16 @@ class Backend(abc.ABC):
     name: str
     mode: Mode
 
+    @property
+    def identity(self) -> bytes:
+        """The marker of the data set this backend holds now (see the module docstring); b"" = unknown."""
+        return b""
+
+    @property
+    def marker_key(self) -> bytes | None:
+        """The key holding the identity marker, when it is a stored value (never a shard, never collected)."""
+        return None
+
     @abc.abstractmethod
     async def put(self, value: bytes) -> bytes:
         """Store a new value (seq mode) and return its new key."""
@@ -85,6 +102,24 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def exists(self, key: bytes) -> bool:
         """Whether ``key`` is stored."""
+
+    async def length(self, key: bytes) -> int | None:
+        """Bytes stored at ``key``, or None when it is not stored (soft checks compare it with the record)."""
+        value = await self.get(key)
+        return None if value is None else len(value)
+
+    async def high_water(self) -> int:
+        """Seq mode: a number every key allocated from now on is at least (as a little-endian id).
+
+        The orphan collector keeps every key at or above the high water mark it
+        noted before an upload in flight began. This default scans every key;
+        drivers answer from their allocator.
+        """
+        top = -1
+        async for key in self.scan():
+            if len(key) == SEQ_KEY_SIZE:
+                top = max(top, seq_id(key))
+        return top + 1
 
     @abc.abstractmethod
     async def delete(self, key: bytes) -> None:

@@ -51,6 +51,14 @@ class LazyBackend(Backend):
                 raise
             return self._inner
 
+    @property
+    def identity(self) -> bytes:
+        return b"" if self._inner is None else self._inner.identity
+
+    @property
+    def marker_key(self) -> bytes | None:
+        return None if self._inner is None else self._inner.marker_key
+
     async def put(self, value: bytes) -> bytes:
         return await (await self._backend()).put(value)
 
@@ -66,6 +74,12 @@ class LazyBackend(Backend):
 
     async def exists(self, key: bytes) -> bool:
         return await (await self._backend()).exists(key)
+
+    async def length(self, key: bytes) -> int | None:
+        return await (await self._backend()).length(key)
+
+    async def high_water(self) -> int:
+        return await (await self._backend()).high_water()
 
     async def delete(self, key: bytes) -> None:
         await (await self._backend()).delete(key)

@@ -18,6 +18,20 @@ differences (docs/engine.md, "0-db backends"):
   ``SCAN`` reply as an integer cursor; the end is ``-No more data``.
 * ``DEL k x`` means "delete k with timestamp x", so ``delete`` sends one key.
 
+Identity (``open(..., marked=True)``, the shard backends): sequential ids
+restart from 0 when a namespace is wiped and created again, so a key alone
+cannot tell an old shard from a new one. The first time a namespace is used as
+a shard backend, ``MARKER_PREFIX`` + 16 random bytes is stored as its first
+value; those bytes are the backend's ``identity`` (records note it per
+backend). Opening reads the first key of the namespace (SCAN): a marker is
+adopted; an empty namespace gets one (two processes racing keep the lower
+key, the other is deleted). Every new connection then GETs the marker key
+right after SELECT: another value means the namespace was wiped and set up
+again, and the backend adopts (or writes) the new marker before any command
+runs on it, so no shard is ever written under the old identity. A namespace
+that already held data without a marker (written before markers existed) has
+no identity (``b""``); its wipes are found by shard sizes only.
+
 Errors are the ``BackendError`` family from ``services.common.errors``; every
 message starts with the backend's redacted URI and never contains a password.
 """
@@ -25,7 +39,10 @@ message starts with the backend's redacted URI and never contains a password.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
@@ -68,6 +85,10 @@ _UNAVAILABLE: Final = (rexc.ConnectionError, rexc.TimeoutError, OSError, asyncio
 
 DEFAULT_TIMEOUT: Final = 5.0
 DEFAULT_MAX_CONNECTIONS: Final = 32
+MARKER_PREFIX: Final = b"gridstor:backend-identity:v1:"
+IDENTITY_BYTES: Final = 16
+
+log = logging.getLogger(__name__)
 
 
 class NamespaceNotFound(errors.BackendUnavailable):
@@ -92,6 +113,30 @@ class _Secret:
     __str__ = __repr__
 
 
+class _Marker:
+    """The identity marker a backend expects (shared by its connections); ``key`` None = nothing to check."""
+
+    __slots__ = ("identity", "key", "replaced", "value")
+
+    def __init__(self) -> None:
+        self.key: bytes | None = None
+        self.value = b""
+        self.identity = b""
+        self.replaced = False
+
+    def set(self, key: bytes | None, value: bytes) -> None:
+        self.key, self.value = key, value
+        self.identity = value[len(MARKER_PREFIX) :] if key is not None else b""
+        self.replaced = False
+
+    def __repr__(self) -> str:
+        return f"<marker {self.identity.hex() or 'none'}>"
+
+
+def _is_marker(value: object) -> bool:
+    return isinstance(value, bytes) and value.startswith(MARKER_PREFIX) and len(value) == len(MARKER_PREFIX) + 16
+
+
 def _keep_reply(response: Any, **_options: Any) -> Any:
     """A response callback that returns the raw reply (0-db's SET/AUTH replies carry data)."""
     return response
@@ -111,11 +156,13 @@ class ZdbConnection(Connection):
         *,
         zdb_namespace: str | None = None,
         zdb_password: _Secret | None = None,
+        zdb_marker: _Marker | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.zdb_namespace = zdb_namespace
         self._zdb_password = zdb_password
+        self._zdb_marker = zdb_marker
 
     async def on_connect_check_health(self, check_health: bool = True) -> None:
         await super().on_connect_check_health(check_health=check_health)
@@ -128,6 +175,15 @@ class ZdbConnection(Connection):
         reply = await self.read_response()
         if reply != b"OK":
             raise rexc.ConnectionError(f"unexpected reply to SELECT {self.zdb_namespace}: {reply!r}")
+        marker = self._zdb_marker
+        if marker is not None and marker.key is not None:
+            await self.send_command("GET", marker.key, check_health=False)
+            if await self.read_response() != marker.value:
+                marker.replaced = True
+                raise rexc.ConnectionError(
+                    f"namespace {self.zdb_namespace} holds another data set now (its identity marker changed:"
+                    " wiped and set up again)"
+                )
 
     def repr_pieces(self) -> list[tuple[str, Any]]:
         pieces: list[tuple[str, Any]] = list(super().repr_pieces())  # type: ignore[no-untyped-call]
@@ -189,13 +245,23 @@ def _unavailable(name: str, exc: BaseException) -> errors.BackendUnavailable:
 class ZdbBackend(Backend):
     """A gridstor backend on one 0-db namespace. Build it with ``await ZdbBackend.open(...)``."""
 
-    def __init__(self, uri: ZdbURI, mode: Mode, client: aioredis.Redis) -> None:
+    def __init__(self, uri: ZdbURI, mode: Mode, client: aioredis.Redis, marker: _Marker | None = None) -> None:
         """Wrap an already configured client; use :meth:`open` instead."""
         self.uri = uri
         self.name = uri.redacted
         self.mode = mode
         self._client = client
         self._closed = False
+        self._marker = marker if marker is not None else _Marker()
+        self._identify_lock = asyncio.Lock()
+
+    @property
+    def identity(self) -> bytes:
+        return self._marker.identity
+
+    @property
+    def marker_key(self) -> bytes | None:
+        return self._marker.key
 
     @classmethod
     async def open(
@@ -205,12 +271,18 @@ class ZdbBackend(Backend):
         *,
         timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - a per-request socket timeout, not a deadline
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        marked: bool = False,
     ) -> ZdbBackend:
         """Connect, SELECT the namespace and check with NSINFO that it runs in ``mode``.
 
+        ``marked`` (shard backends, seq mode): read the namespace's identity
+        marker, writing one into an empty namespace (see the module docstring).
         Raises ``NamespaceNotFound``, ``AccessDenied`` (wrong password, private
         namespace), ``NamespaceModeMismatch`` or ``BackendUnavailable``.
         """
+        if marked and mode is not Mode.SEQ:
+            raise errors.InvalidInput(f"{uri.redacted}: identity markers are for sequential (shard) namespaces")
+        marker = _Marker()
         pool = BlockingConnectionPool(
             connection_class=ZdbConnection,
             max_connections=max_connections,
@@ -226,10 +298,11 @@ class ZdbBackend(Backend):
             retry=Retry(NoBackoff(), 0),
             zdb_namespace=uri.namespace,
             zdb_password=_Secret(uri.password) if uri.password else None,
+            zdb_marker=marker,
         )
         client = aioredis.Redis(connection_pool=pool)
         client.set_response_callback("SET", _keep_reply)
-        backend = cls(uri, mode, client)
+        backend = cls(uri, mode, client, marker)
         try:
             fields = await backend._nsinfo()
             actual = fields.get("mode", "?")
@@ -239,6 +312,8 @@ class ZdbBackend(Backend):
                     f"namespace {uri.namespace} is in {actual} mode but a {mode.value} backend needs "
                     f"{_NSINFO_MODE[mode]} mode (create it with ensure_namespace(mode=Mode.{mode.name}))",
                 )
+            if marked:
+                await backend._identify()
         except BaseException:
             await backend.close()
             raise
@@ -257,6 +332,8 @@ class ZdbBackend(Backend):
             raise errors.BackendUnavailable(self.name, "backend is closed")
         attempts = 2 if retry else 1
         for attempt in range(1, attempts + 1):
+            if self._marker.replaced:
+                await self._reidentify()
             try:
                 return await self._client.execute_command(*args)  # type: ignore[no-untyped-call]
             except rexc.ResponseError as exc:
@@ -273,6 +350,58 @@ class ZdbBackend(Backend):
 
     async def _nsinfo(self) -> dict[str, str]:
         return _parse_nsinfo(await self._call("NSINFO", self.uri.namespace))
+
+    # -- identity -----------------------------------------------------------
+
+    async def _first_key(self) -> bytes | None:
+        reply = await self._call("SCANX", end_ok=True)
+        if reply is None:
+            return None
+        try:
+            return bytes(reply[1][0][0])
+        except (TypeError, IndexError, ValueError) as exc:
+            raise errors.BackendError(self.name, f"unexpected reply to SCAN: {reply!r:.200}") from exc
+
+    async def _identify(self) -> None:
+        """Adopt the namespace's marker (its first value), or write one into an empty namespace."""
+        self._marker.set(None, b"")  # no check on the connections used meanwhile
+        first = await self._first_key()
+        if first is None:
+            value = MARKER_PREFIX + os.urandom(IDENTITY_BYTES)
+            key = await self._call("SET", b"", value, retry=False)
+            first = await self._first_key()
+            if first != key:  # another process set the namespace up at the same moment: the first value wins
+                with contextlib.suppress(errors.KeyNotFound):
+                    await self._call("DEL", bytes(key), retry=False)
+            else:
+                self._marker.set(key, value)
+                log.info("%s: new backend identity %s written", self.name, value[len(MARKER_PREFIX) :].hex())
+                return
+        if first is None:
+            raise errors.BackendUnavailable(self.name, "the namespace emptied while its identity was being written")
+        value = await self._call("GET", first)
+        if _is_marker(value):
+            self._marker.set(first, value)
+        else:
+            log.warning(
+                "%s holds data but no identity marker (written before markers existed): a wipe of it can only be"
+                " told from shard sizes",
+                self.name,
+            )
+
+    async def _reidentify(self) -> None:
+        """A connection found another marker: adopt the namespace's new identity (once, for every caller)."""
+        async with self._identify_lock:
+            if not self._marker.replaced:
+                return
+            old = self._marker.identity.hex() or "none"
+            await self._identify()
+            log.warning(
+                "%s was wiped and set up again: identity %s -> %s; shards of older records on it are gone",
+                self.name,
+                old,
+                self._marker.identity.hex() or "none",
+            )
 
     # -- Backend ----------------------------------------------------------
 
@@ -311,6 +440,29 @@ class ZdbBackend(Backend):
         if not self._is_possible_key(key):
             return False
         return bool(await self._call("EXISTS", bytes(key)))
+
+    async def length(self, key: bytes) -> int | None:
+        if not self._is_possible_key(key):
+            return None
+        reply = await self._call("LENGTH", bytes(key))
+        if reply is None:
+            return None
+        if not isinstance(reply, int):
+            raise errors.BackendError(self.name, f"unexpected reply to LENGTH: {reply!r:.100}")
+        return reply
+
+    async def high_water(self) -> int:
+        """The last key + 1 (RSCAN): later sequential ids are higher; 0 for an empty namespace."""
+        if self.mode is not Mode.SEQ:
+            raise errors.InvalidInput(f"{self.name}: a high water mark needs a sequential namespace")
+        reply = await self._call("RSCAN", end_ok=True)
+        if reply is None:
+            return 0
+        try:
+            last = bytes(reply[1][0][0])
+        except (TypeError, IndexError, ValueError) as exc:
+            raise errors.BackendError(self.name, f"unexpected reply to RSCAN: {reply!r:.200}") from exc
+        return seq_id(last) + 1 if len(last) == SEQ_KEY_SIZE else 0
 
     async def delete(self, key: bytes) -> None:
         if not self._is_possible_key(key):

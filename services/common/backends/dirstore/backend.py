@@ -184,6 +184,11 @@ class DirBackend(Backend):
 
     # -- Backend ------------------------------------------------------------
 
+    @property
+    def identity(self) -> bytes:
+        """The folder's backend id (meta.json); a wiped folder set up again has a new one."""
+        return self._id
+
     async def put(self, value: bytes) -> bytes:
         self._check_put(value)
         key = await self._thread("put", self._write, SET, None, value)
@@ -235,6 +240,15 @@ class DirBackend(Backend):
         if not self._is_possible_key(key):
             return False
         return await self._thread("exists", self._exists, bytes(key))
+
+    async def length(self, key: bytes) -> int | None:
+        if not self._is_possible_key(key):
+            return None
+        return await self._thread("length", self._length, bytes(key))
+
+    async def high_water(self) -> int:
+        """The next id the folder's allocator hands out (deleted ids are never reused)."""
+        return await self._thread("high_water", self._high_water)
 
     async def delete(self, key: bytes) -> None:
         if not self._is_possible_key(key):
@@ -636,6 +650,17 @@ class DirBackend(Backend):
         with self._lock:
             self._refresh()
             return self._index.get(key) is not None
+
+    def _length(self, key: bytes) -> int | None:
+        with self._lock:
+            self._refresh()
+            entry = self._index.get(key)
+            return None if entry is None else entry[2]
+
+    def _high_water(self) -> int:
+        with self._lock:
+            self._refresh()
+            return self._next
 
     def _scan_start(self, after: bytes | None) -> int:
         with self._lock:
