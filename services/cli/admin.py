@@ -1,4 +1,4 @@
-"""Maintenance commands: ``gridstor check ID`` and ``gridstor admin scrub|repair|replicas|backup|restore|compact``.
+"""Maintenance commands: ``gridstor check ID``, ``gridstor admin scrub|orphans|repair|replicas|backup|restore|compact``.
 
 They call the gateway's MaintService with the saved token (see ``gridstor login``).
 Exit codes follow the rest of the CLI: 0 ok, 1 the answer is bad news (damage
@@ -41,26 +41,59 @@ def _check_id(text: str) -> str:
 
 
 def cmd_check(s: Session, a: argparse.Namespace) -> int:
-    """Soft (every shard present) or hard (fetch, verify, decrypt, hash) check of one file; exit 1 when damaged."""
+    """Soft (every shard present) or hard (fetch, verify, decrypt, hash) check of one file; exit 1 when damaged.
+
+    Lost shards (missing, corrupt, unwritten) are reported apart from shards on backends that do not
+    answer now, which may come back with them.
+    """
     file_id = _check_id(a.id)
     request = maint_pb2.CheckRequest(id=file_id, soft=not a.hard)
     with s.rpc("maint"):
         r = _stub(s).Check(request, metadata=s.auth_metadata(), timeout=LONG_TIMEOUT if a.hard else UNARY_TIMEOUT)
-    damaged = [{"chunk": c.index, "missing": list(c.missing), "corrupt": list(c.corrupt)} for c in r.damaged]
+    damaged = [
+        {
+            "chunk": c.index,
+            "missing": list(c.missing),
+            "corrupt": list(c.corrupt),
+            "unwritten": list(c.unwritten),
+            "unreachable": list(c.unreachable),
+        }
+        for c in r.damaged
+    ]
     kind = "hard" if r.hard else "soft"
-    lines = [f"{'ok' if r.ok else 'DAMAGED'}: {r.id} ({kind} check, {r.chunks} chunks, k={r.k} m={r.m})"]
+    if r.ok:
+        verdict = "ok"
+    elif not r.recoverable:
+        verdict = "LOST"
+    elif not r.readable:
+        verdict = "UNAVAILABLE NOW"
+    else:
+        verdict = "UNDER-REPLICATED" if r.under_replicated and not r.error else "DAMAGED"
+    lines = [f"{verdict}: {r.id} ({kind} check, {r.chunks} chunks, k={r.k} m={r.m})"]
+    if r.damaged:
+        lines.append(f"  lost: {r.shards_lost} shards (missing, corrupt or never written); rebuilt by a repair")
+        lines.append(f"  unreachable now: {r.shards_unreachable} shards, on backends that do not answer")
     for d in damaged:
-        lines.append(
-            f"  chunk {d['chunk']}: missing shards {d['missing'] or '-'}, corrupt shards {d['corrupt'] or '-'}"
-        )
+        parts = [f"{what} {d[what]}" for what in ("missing", "corrupt", "unwritten", "unreachable") if d[what]]
+        lines.append(f"  chunk {d['chunk']}: {', '.join(parts)}")
+    if r.unreachable_backends:
+        lines.append(f"  unreachable backends: {', '.join(r.unreachable_backends)}")
+    if r.replaced_backends:
+        lines.append(f"  replaced backends (wiped, set up again; this file's shards on them are gone): "
+                     f"{', '.join(r.replaced_backends)}")  # fmt: skip
     if r.hard:
         lines.append(f"  content hash {'matches' if r.hash_ok else 'DOES NOT match'} the id")
     if not r.ok:
-        lines.append(
-            "  repairable: run `gridstor admin repair ID`"
-            if r.recoverable
-            else "  UNRECOVERABLE: a chunk has fewer than k good shards"
-        )
+        if not r.recoverable:
+            lines.append("  UNRECOVERABLE: a chunk lost more than m shards (fewer than k good ones remain)")
+        elif not r.readable:
+            lines.append(
+                "  not readable now: a chunk has fewer than k shards on answering backends (none lost for good)"
+            )
+        elif r.shards_lost:
+            lines.append("  repairable: run `gridstor admin repair ID` (maint's repair queue does it too)")
+        else:
+            lines.append("  readable; full redundancy returns when the unreachable backends answer again")
     if r.error:
         lines.append(f"  error: {r.error}")
     s.result(
@@ -74,6 +107,12 @@ def cmd_check(s: Session, a: argparse.Namespace) -> int:
             "chunks": r.chunks,
             "damaged": damaged,
             "recoverable": r.recoverable,
+            "readable": r.readable,
+            "under_replicated": r.under_replicated,
+            "shards_lost": r.shards_lost,
+            "shards_unreachable": r.shards_unreachable,
+            "unreachable_backends": list(r.unreachable_backends),
+            "replaced_backends": list(r.replaced_backends),
             "hash_ok": r.hash_ok,
             "error": r.error,
         },
@@ -90,6 +129,11 @@ def cmd_repair(s: Session, a: argparse.Namespace) -> int:
         )
     lines = [f"{'ok' if r.ok else 'NOT REPAIRED'}: {r.id}: {r.shards_repaired} shards rebuilt"]
     lines += [f"  chunk {c.index}: shards {list(c.shards)} -> {', '.join(c.backends)}" for c in r.repaired]
+    if r.shards_pending:
+        lines.append(
+            f"  {r.shards_pending} shards pending: their backends do not answer or no backend can take them now;"
+            " the repair queue retries when backends return"
+        )
     if r.unrecoverable:
         lines.append(f"  UNRECOVERABLE chunks: {list(r.unrecoverable)}")
     if r.error:
@@ -104,6 +148,7 @@ def cmd_repair(s: Session, a: argparse.Namespace) -> int:
                 {"chunk": c.index, "shards": list(c.shards), "backends": list(c.backends)} for c in r.repaired
             ],
             "unrecoverable": list(r.unrecoverable),
+            "shards_pending": r.shards_pending,
             "error": r.error,
         },
     )
@@ -130,6 +175,7 @@ def _progress(p: maint_pb2.ScrubProgress) -> dict[str, Any]:
         "unrecoverable_ids": list(p.unrecoverable_ids),
         "last_full_pass": p.last_full_pass,
         "last_hard_pass": p.last_hard_pass,
+        "files_pending": p.files_pending,
     }
 
 
@@ -140,7 +186,8 @@ def _progress_text(p: maint_pb2.ScrubProgress) -> str:
         f"scrub {d['state']} ({kind} pass started {_when(p.started)}"
         + (f", finished {_when(p.finished)})" if p.finished else ")"),
         f"  checked {p.files_checked}, damaged {p.files_damaged}, repaired {p.files_repaired}"
-        f" ({p.shards_repaired} shards), unrecoverable {p.files_unrecoverable}",
+        f" ({p.shards_repaired} shards), waiting for backends {p.files_pending}, unrecoverable"
+        f" {p.files_unrecoverable}",
         f"  last full pass {_when(p.last_full_pass)}, last hard pass {_when(p.last_hard_pass)}",
     ]
     lines += [f"  unrecoverable: {fid}" for fid in p.unrecoverable_ids]
@@ -150,11 +197,11 @@ def _progress_text(p: maint_pb2.ScrubProgress) -> str:
 def cmd_scrub(s: Session, a: argparse.Namespace) -> int:
     """Start a scrub pass (or show the running / last one with --status); --wait follows it to its end."""
     stub = _stub(s)
+    queued = -1
     with s.rpc("maint"):
         if a.status:
-            progress = stub.ScrubStatus(
-                maint_pb2.ScrubStatusRequest(), metadata=s.auth_metadata(), timeout=UNARY_TIMEOUT
-            ).progress
+            status = stub.ScrubStatus(maint_pb2.ScrubStatusRequest(), metadata=s.auth_metadata(), timeout=UNARY_TIMEOUT)
+            progress, queued = status.progress, status.repair_queue
         else:
             reply = stub.Scrub(
                 maint_pb2.ScrubRequest(hard=a.hard, dry_run=a.dry_run),
@@ -169,7 +216,11 @@ def cmd_scrub(s: Session, a: argparse.Namespace) -> int:
             progress = stub.ScrubStatus(
                 maint_pb2.ScrubStatusRequest(), metadata=s.auth_metadata(), timeout=UNARY_TIMEOUT
             ).progress
-    s.result(_progress_text(progress), _progress(progress))
+    text, data = _progress_text(progress), _progress(progress)
+    if a.status:
+        text += f"\n  repair queue: {queued if queued >= 0 else 'unknown (redis unreachable)'} under-replicated files"
+        data["repair_queue"] = queued
+    s.result(text, data)
     return EXIT_FAILED if progress.files_unrecoverable else EXIT_OK
 
 
@@ -226,6 +277,74 @@ def cmd_compact(s: Session, a: argparse.Namespace) -> int:
         },
     )
     return EXIT_FAILED if any(b.error for b in r.backends) else EXIT_OK
+
+
+def _orphans(p: maint_pb2.OrphanProgress) -> dict[str, Any]:
+    return {
+        "state": maint_pb2.ScrubState.Name(p.state).removeprefix("SCRUB_STATE_").lower(),
+        "dry_run": p.dry_run,
+        "started": p.started,
+        "finished": p.finished,
+        "records": p.records,
+        "scanned": p.scanned,
+        "orphans": p.orphans,
+        "deleted": p.deleted,
+        "too_new": p.too_new,
+        "backends": [
+            {
+                "name": b.name,
+                "scanned": b.scanned,
+                "orphans": b.orphans,
+                "deleted": b.deleted,
+                "too_new": b.too_new,
+                "skipped": b.skipped,
+            }
+            for b in p.backends
+        ],
+        "error": p.error,
+    }
+
+
+def _orphans_text(p: maint_pb2.OrphanProgress) -> str:
+    state = maint_pb2.ScrubState.Name(p.state).removeprefix("SCRUB_STATE_").lower()
+    kind = "dry run" if p.dry_run else "collection"
+    lines = [
+        f"orphans {state} ({kind} started {_when(p.started)}"
+        + (f", finished {_when(p.finished)})" if p.finished else ")"),
+        f"  {p.records} records listed; {p.scanned} shard keys judged, {p.orphans} orphans,"
+        f" {p.deleted} deleted; {p.too_new} too new to judge (uploads in flight, orphan_grace)",
+    ]
+    for b in p.backends:
+        if b.orphans or b.skipped:
+            note = f" (skipped: {b.skipped})" if b.skipped else ""
+            lines.append(f"  {b.name}: {b.orphans} orphans, {b.deleted} deleted of {b.scanned} judged{note}")
+    if p.error:
+        lines.append(f"  error: {p.error}")
+    return "\n".join(lines)
+
+
+def cmd_orphans(s: Session, a: argparse.Namespace) -> int:
+    """Collect orphan shards (no record references them, no running job owns them); --wait follows it to its end."""
+    stub = _stub(s)
+    with s.rpc("maint"):
+        if a.status:
+            progress = stub.OrphanStatus(
+                maint_pb2.OrphanStatusRequest(), metadata=s.auth_metadata(), timeout=UNARY_TIMEOUT
+            ).progress
+        else:
+            reply = stub.CollectOrphans(
+                maint_pb2.CollectOrphansRequest(dry_run=a.dry_run), metadata=s.auth_metadata(), timeout=UNARY_TIMEOUT
+            )
+            progress = reply.progress
+            if not reply.started:
+                s.note("gridstor: an orphan collection is already running; showing its progress")
+        while a.wait and progress.state == maint_pb2.SCRUB_STATE_RUNNING:
+            time.sleep(POLL)
+            progress = stub.OrphanStatus(
+                maint_pb2.OrphanStatusRequest(), metadata=s.auth_metadata(), timeout=UNARY_TIMEOUT
+            ).progress
+    s.result(_orphans_text(progress), _orphans(progress))
+    return EXIT_FAILED if progress.error else EXIT_OK
 
 
 def cmd_replicas(s: Session, a: argparse.Namespace) -> int:
@@ -361,7 +480,9 @@ def add_commands(sub: Any, common: Sequence[argparse.ArgumentParser]) -> None:
     p.add_argument("--hard", action="store_true", help="fetch and verify every shard, decrypt, compare the hash")
 
     admin = sub.add_parser(
-        "admin", help="gateway maintenance: token, scrub, repair, replicas, backup, restore, compact", parents=common
+        "admin",
+        help="gateway maintenance: token, scrub, orphans, repair, replicas, backup, restore, compact",
+        parents=common,
     )
     asub = admin.add_subparsers(dest="admin_command", metavar="ADMIN_COMMAND", required=True)
     p = command(asub, "scrub", cmd_scrub, "start a scrub pass (check everything, repair damage)")
@@ -369,6 +490,10 @@ def add_commands(sub: Any, common: Sequence[argparse.ArgumentParser]) -> None:
     p.add_argument("--dry-run", action="store_true", help="only report damage")
     p.add_argument("--wait", action="store_true", help="follow the pass until it ends")
     p.add_argument("--status", action="store_true", help="show the running or last pass; start nothing")
+    p = command(asub, "orphans", cmd_orphans, "delete shards no record references and no running job owns")
+    p.add_argument("--dry-run", action="store_true", help="only count the orphans")
+    p.add_argument("--wait", action="store_true", help="follow the collection until it ends")
+    p.add_argument("--status", action="store_true", help="show the running or last collection; start nothing")
     p = command(asub, "repair", cmd_repair, "rebuild a file's missing (--hard: and corrupt) shards")
     p.add_argument("id", metavar="ID", help="file id")
     p.add_argument("--hard", action="store_true", help="find damage with a hard check")

@@ -219,6 +219,24 @@ class MaintConfig:
         0.25, "a scheduled compaction rewrites a segment once this share of it is dead (0..1; asked: any dead byte)",
         Number("a fraction", kind="fraction", zero="any dead byte"),
     )  # fmt: skip
+    orphan_interval: float = setting(
+        86400.0,
+        "seconds between orphan collections (shards no record references and no running job owns are deleted);"
+        " 0 = only when asked (CollectOrphans RPC)",
+        Number(),
+    )
+    orphan_grace: float = setting(
+        3600.0,
+        "seconds a shard must have existed before it can be collected as an orphan, on top of the running"
+        " jobs' leases (by the high water marks maint notes)",
+        Number(),
+    )
+    rebuild_unreachable_after: float = setting(
+        86400.0,
+        "seconds a backend may stay unreachable before repairs rebuild its shards on other backends (0 = at"
+        " once); until then they wait for it to come back",
+        Number(),
+    )
 
     def validate(self) -> None:
         if self.compact_min_dead > 1:
@@ -432,6 +450,12 @@ class Config:
     max_upload: int = setting(100 * 10**6, "largest upload in bytes (sizes like 100MB or 1GiB work too)", Size())
     workers: int = setting(0, "ingest's store worker processes; 0 = one per CPU core", Int(0, 64))
     status_max_wait: int = setting(300, "longest wait of Status(wait=true), in seconds", Int(1, 3600))
+    outage_wait: float = setting(
+        600.0,
+        "seconds a store job waits out an unreachable meta service, metadata store or job queue (redis), ACTIVE"
+        " with the reason in Status, before it fails",
+        Number(positive=True),
+    )
     role: str = setting(
         "master", "master, or replica: serve reads from the metadata replica alone", Choice("master", "replica")
     )

@@ -17,12 +17,25 @@ from services.common.backends.lazy import LazyBackend
 from services.common.backends.uri import DirURI, parse_uri
 from services.common.config import Config
 from services.common.engine import BackendPool, Engine
-from services.common.errors import BackendError, BackendUnavailable
+from services.common.errors import BackendError, BackendUnavailable, Refused
 from services.common.keys import master_key, signing_key
 from services.common.metastore import MetaStore, Replica, ReplicatedMetaStore
 from services.common.rpc import service_token
 
 log = logging.getLogger(__name__)
+
+
+REPLICA_REFUSAL = "this gateway is a read-only replica: {} goes to the master gateway"
+
+
+def refuse_on_replica(cfg: Config, what: str) -> None:
+    """Refused (FAILED_PRECONDITION) on a ``role: replica`` gateway: ``what`` would write into the shared pool.
+
+    Called before anything is read or written, so a replica never leaves shards
+    behind for a record it cannot store.
+    """
+    if cfg.role == "replica":
+        raise Refused(REPLICA_REFUSAL.format(what))
 
 
 def ensure_local_dirs(cfg: Config) -> None:

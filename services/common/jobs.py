@@ -7,7 +7,8 @@ Keys (``redis.asyncio``, strings decoded as UTF-8):
   identity, created, progress, file_id, error, dedup, receipt (hex of a serialized
   Receipt), attempts, worker, worker_pid, updated, receiving (1 = the upload is still
   arriving in the spool file: size and hash are set once it is complete), ingest (the
-  ingest process receiving a ``receiving`` upload: services/ingest/liveness.py). Finished
+  ingest process receiving a ``receiving`` upload: services/ingest/liveness.py), waiting (why
+  an ACTIVE job does not progress now, e.g. meta unreachable; absent when it does). Finished
   jobs expire after ``JOB_TTL``; uploads aborted while receiving after ``ABORTED_TTL``.
 * ``gridstor:jobs``         Stream of ``{job: <id>}`` read by the consumer group ``workers``.
   An entry is acknowledged and deleted once its job ended, so the stream length is
@@ -152,6 +153,7 @@ class Job:
     worker: str = ""
     receiving: bool = False
     ingest: str = ""
+    waiting: str = ""
 
     @property
     def finished(self) -> bool:
@@ -195,6 +197,7 @@ class Job:
             worker=h.get("worker", ""),
             receiving=h.get("receiving") == "1",
             ingest=h.get("ingest", ""),
+            waiting=h.get("waiting", ""),
         )
 
 
@@ -427,6 +430,13 @@ class JobStore:
             )
             attempts, _ = await pipe.execute()
         return int(attempts)
+
+    async def set_waiting(self, job: str, reason: str | None) -> None:
+        """Note why the job waits (an outage), or that it no longer does (None)."""
+        if reason is None:
+            await self.redis.hdel(job_key(job), "waiting")
+        else:
+            await self.redis.hset(job_key(job), mapping={"waiting": reason, "updated": _now()})
 
     async def set_progress(self, job: str, done: int) -> None:
         fields: dict[Any, Any] = {"progress": str(done), "updated": _now()}

@@ -3,13 +3,19 @@
 Used by maint (``Records``: get, update, put, list) and by ingest's store
 workers (find_by_hash, put, get, add_extension). A status from meta becomes the domain error
 it stands for (``rpc.error_for``); meta unreachable is BackendUnavailable.
-With ``retry_for`` a call to an unreachable meta is retried with backoff for
-that many seconds before it fails.
+With ``retry_for`` a call to an unreachable meta (UNAVAILABLE: meta down, or
+its metadata store; with ``retry_deadline`` also DEADLINE_EXCEEDED: meta hung)
+is retried with backoff for that many seconds before it fails; ``on_wait`` hears
+why while it waits (and None once a call gets through; a context variable, so
+each task hears of its own calls), so a store worker can show the reason in its
+job's Status. Every call meta makes is safe to repeat:
+a repeated PutRecord of the same content answers with the first record (dedup).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +35,12 @@ log = logging.getLogger(__name__)
 UNARY_TIMEOUT = 60.0
 SERVICE = "meta"
 
+#: Told why a call waits (meta unreachable) while it retries, and None once a call gets through: set by
+#: the task making the calls (a store worker's job), so concurrent jobs each hear about their own calls.
+on_wait: contextvars.ContextVar[Callable[[str | None], Awaitable[None]] | None] = contextvars.ContextVar(
+    "meta_on_wait", default=None
+)
+
 _T = TypeVar("_T")
 
 
@@ -41,6 +53,7 @@ class MetaClient:
         token: Callable[[], tuple[tuple[str, str], ...]],
         *,
         retry_for: float = 0.0,
+        retry_deadline: bool = False,
         timeout: float = UNARY_TIMEOUT,
     ) -> None:
         self.channel = chan
@@ -48,26 +61,52 @@ class MetaClient:
         self._metadata = token
         self.retry_for = retry_for
         self.timeout = timeout
+        self.retry_codes = {grpc.StatusCode.UNAVAILABLE}
+        if retry_deadline:
+            self.retry_codes.add(grpc.StatusCode.DEADLINE_EXCEEDED)
 
     @classmethod
-    def for_config(cls, cfg: Config, name: str, *, retry_for: float = 0.0) -> MetaClient:
+    def for_config(
+        cls,
+        cfg: Config,
+        name: str,
+        *,
+        retry_for: float = 0.0,
+        retry_deadline: bool = False,
+        timeout: float = UNARY_TIMEOUT,
+    ) -> MetaClient:
         """A client of this gateway's meta service (cfg.address("meta")) calling as ``service:<name>``."""
-        return cls(channel(cfg, SERVICE), ServiceCredentials(cfg, name), retry_for=retry_for)
+        return cls(
+            channel(cfg, SERVICE),
+            ServiceCredentials(cfg, name),
+            retry_for=retry_for,
+            retry_deadline=retry_deadline,
+            timeout=timeout,
+        )
 
     async def _call(self, method: str, fn: Callable[..., Awaitable[_T]], request: Any) -> _T:
         """Call ``fn``; while meta is unreachable retry with backoff for up to ``retry_for`` seconds."""
         give_up = time.monotonic() + self.retry_for
         delay = 0.2
+        waited = False
+        hook = on_wait.get()
         while True:
             try:
-                return await fn(request, metadata=self._metadata(), timeout=self.timeout)
+                reply = await fn(request, metadata=self._metadata(), timeout=self.timeout)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() is grpc.StatusCode.UNAVAILABLE and time.monotonic() + delay < give_up:
-                    log.warning("meta %s unavailable (%s); retrying in %.1fs", method, exc.details(), delay)
+                if exc.code() in self.retry_codes and time.monotonic() + delay < give_up:
+                    why = f"{exc.code().name}: {exc.details() or exc.code().name}"
+                    log.warning("meta %s unavailable (%s); retrying in %.1fs", method, why, delay)
+                    if hook is not None:
+                        waited = True
+                        await hook(why)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue
                 raise rpc.rpc_error(exc, SERVICE) from None
+            if waited and hook is not None:
+                await hook(None)
+            return reply
 
     async def get(self, file_id: str) -> Entry:
         reply = await self._call("GetRecord", self.stub.GetRecord, meta_pb2.GetRecordRequest(id=file_id))

@@ -17,6 +17,7 @@ from gridstor.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 from services.common import errors, jobs, spool
 from services.common.capacity import Gate
 from services.common.config import Config
+from services.common.gateway import refuse_on_replica
 from services.common.jobs import Job, JobStore, Notifier
 from services.common.keys import signing_key
 from services.common.metrics import Registry
@@ -54,6 +55,9 @@ class Metrics:
         self.failed = registry.counter("ingest_jobs_failed_total", "Jobs that ended ERROR (all workers)")
         self.dedup = registry.counter("ingest_dedup_hits_total", "Jobs whose content was already stored")
         self.stored = registry.counter("ingest_bytes_stored_total", "Plaintext bytes of newly stored files")
+        self.degraded = registry.counter(
+            "ingest_degraded_writes_total", "Files stored with shards unwritten (backends down; maint rebuilds them)"
+        )
         self.queue = registry.gauge("ingest_queue_length", "Jobs queued or being stored")
         self.workers = registry.gauge("ingest_workers", "Worker processes running")
         self.restarts = registry.gauge("ingest_worker_restarts", "Worker processes restarted since start")
@@ -61,7 +65,12 @@ class Metrics:
 
     def mirror(self, stats: dict[str, int]) -> None:
         """Advance the counters by what the workers counted since the last look."""
-        for key, counter in (("done", self.done), ("failed", self.failed), ("dedup", self.dedup)):
+        for key, counter in (
+            ("done", self.done),
+            ("failed", self.failed),
+            ("dedup", self.dedup),
+            ("degraded", self.degraded),
+        ):
             self._bump(key, counter, stats)
         self._bump("bytes_stored", self.stored, stats)
 
@@ -91,6 +100,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, request_iterator: AsyncIterator[ingest_pb2.UploadRequest], context: Context
     ) -> ingest_pb2.UploadReply:
         """Receive one file; reply with the job that stores it."""
+        refuse_on_replica(self.cfg, "an upload")
         up = upload.Upload(self.cfg, self.store, current_identity.get(), self.metrics.bytes.inc, self.instance)
         try:
             async with self.uploads.slot():
@@ -147,8 +157,10 @@ def status_reply(job: Job, timed_out: bool) -> ingest_pb2.StatusReply:
     elif timed_out:
         reply.state = common_pb2.JOB_STATE_TIMEOUT
         reply.result = "TIMEOUT"
+        reply.waiting = job.waiting
     else:
         reply.result = "ACTIVE"
+        reply.waiting = job.waiting
     return reply
 
 

@@ -25,15 +25,23 @@ Each worker runs in a slot of the pool with a stable consumer name
 SIGKILL) first reads the entries its predecessor left pending and carries them
 on at once. Entries of a worker gone for good (its slot no longer exists, or its
 host) are taken over with XAUTOCLAIM after ``GRIDSTOR_CLAIM_IDLE_MS`` (default
-60000) of silence; a live worker sends a heartbeat well within that. The shards a
-dead attempt wrote are orphans (logged; maint's scrub finds shards no record
-references).
+60000) of silence; a live worker sends a heartbeat well within that. A job holds
+a lease in Redis while it writes shards (services/common/leases.py); the attempt
+that takes a job over replaces it, so the shards a dead attempt wrote are
+orphans that maint's orphan collection deletes (services/maint/orphans.py),
+while those of running jobs are safe.
 
 A worker holds up to MAX_HELD jobs but works on one at a time (its lane). A
 streamed job whose upload has not arrived yet steps aside after ASIDE_AFTER
 seconds, so the next queued job is stored meanwhile; when the process that was
 receiving that upload is gone (services/ingest/liveness.py) the job ends at once
 (``aborted``: nobody was given its id), not after the stall timeout.
+
+Outages: a job waits out an unreachable meta service or metadata store (calls
+retried, the reason in the job's ``waiting`` field for Status) and an
+unreachable Redis when it records its outcome, for ``outage_wait`` seconds,
+then fails naming the outage. A job stored with shards unwritten (backends
+down, ``engine.write_quorum``) goes into maint's repair queue.
 
 ``WorkerPool`` (used by the ingest service) starts one worker process per
 core, restarts any that exits (in the same slot), and stops them on cleanup.
@@ -46,12 +54,13 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -61,15 +70,17 @@ from nacl.signing import SigningKey
 from redis.exceptions import RedisError
 
 from gridstor.v1 import common_pb2
-from services.common import errors, gateway, jobs, net, readiness, rpc, tuning
+from services.common import errors, gateway, jobs, metaclient, net, readiness, rpc, tuning
 from services.common.backends.pool import BackendPool
 from services.common.config import Config, build_config, dump_config, load_config
-from services.common.engine import Engine, FileRecord, file_source
+from services.common.engine import Engine, FileRecord, file_source, unwritten_shards
 from services.common.ids import HASH_BYTES
 from services.common.jobs import Job, JobStore
 from services.common.keys import key_id, signing_key
+from services.common.leases import Lease, LeaseLost, Leases
 from services.common.metaclient import MetaClient
 from services.common.readiness import READY, Ready
+from services.common.repairqueue import RepairQueue
 from services.ingest import liveness
 from services.ingest.slots import Lane, SlotLock, Ticket, consumer_name
 
@@ -81,7 +92,8 @@ DEFAULT_CLAIM_IDLE_MS = 60_000
 MAX_ATTEMPTS = 3  # a job whose workers die this often (e.g. it crashes them) fails instead of looping
 PROGRESS_INTERVAL = 0.1  # seconds between progress writes to the job hash
 STOP_GRACE = 5.0  # a stopping worker lets its job run this long before putting it back in the queue
-META_RETRY_FOR = 30.0  # keep retrying an unreachable meta this long before failing the job
+META_CALL_TIMEOUT = 20.0  # seconds one call to meta may take before it is retried (a hung meta)
+LEASE_SLACK = 300.0  # a job's lease outlives outage_wait by this much: renewals may fail during an outage
 PRUNE_IDLE_MS = 3_600_000
 TAIL_POLL = 0.003  # seconds between looks at a spool file that is still growing
 DEFAULT_STALL_TIMEOUT = 90.0  # a growing spool file silent this long: its upload died with its ingest process
@@ -94,6 +106,8 @@ LIVENESS_EVERY = 1.0  # seconds between checks that the process receiving a sile
 
 # The lane ticket of the job being processed (set per job task; read where its upload is awaited).
 _ticket: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("lane_ticket", default=None)
+# The lease of the job being stored (per job task: a job stepped aside keeps its own while another is stored).
+_lease: contextvars.ContextVar[Lease | None] = contextvars.ContextVar("job_lease", default=None)
 
 _T = TypeVar("_T")
 
@@ -157,6 +171,8 @@ async def _meta(method: str, call: Awaitable[_T]) -> _T:
     """Await a MetaClient call; its failure as MetaCallFailed (which fails the job with that message)."""
     try:
         return await call
+    except LeaseLost:
+        raise
     except errors.GridstorError as exc:
         raise MetaCallFailed(method, exc) from None
 
@@ -183,9 +199,15 @@ class Worker:
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         consumer: str = "",
         max_held: int = MAX_HELD,
+        leases: Leases | None = None,
+        queue: RepairQueue | None = None,
+        outage_wait: float = 600.0,
     ) -> None:
         self.store = store
         self.stall_timeout = stall_timeout
+        self.leases = leases
+        self.queue = queue
+        self.outage_wait = outage_wait
         self.engine = engine
         self.meta = meta
         self.key = key
@@ -314,7 +336,7 @@ class Worker:
             await self._fail(job, entry_id, f"gave up after {MAX_ATTEMPTS} attempts: its worker stopped each time")
             return
         started = time.monotonic()
-        work = asyncio.create_task(self._store(job))
+        work = asyncio.create_task(self._store_leased(job))
         lost = asyncio.Event()
         beat = asyncio.create_task(self._heartbeat(entry_id, job_id, work, lost))
         try:
@@ -345,7 +367,8 @@ class Worker:
         receipt = sign_receipt(
             self.key, file_id=outcome.file_id, size=outcome.size, hash_hex=outcome.hash_hex, job=job_id
         )
-        await self.store.done(
+        done = functools.partial(
+            self.store.done,
             job_id,
             file_id=outcome.file_id,
             dedup=outcome.dedup,
@@ -353,7 +376,8 @@ class Worker:
             size=outcome.size,
             hash_hex=outcome.hash_hex,
         )
-        await self.store.ack(entry_id)
+        await self._despite_redis_outage(f"job {job_id}: recording DONE", done)
+        await self._despite_redis_outage(f"job {job_id}: acknowledging", functools.partial(self.store.ack, entry_id))
         self._remove_spool(job)
         log.info(
             "job %s done: %s",
@@ -391,6 +415,53 @@ class Worker:
         if job.remove and job.spool:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(job.spool)
+
+    async def _despite_redis_outage(self, what: str, call: Callable[[], Awaitable[object]]) -> None:
+        """Run ``call`` (a job queue write), retrying while Redis is unreachable, for up to ``outage_wait`` s."""
+        give_up = time.monotonic() + self.outage_wait
+        delay = 0.5
+        while True:
+            try:
+                await call()
+                return
+            except RedisError as exc:
+                if time.monotonic() + delay >= give_up:
+                    raise
+                log.warning("%s: the job queue (redis) is unavailable (%s); retrying in %.1fs", what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _store_leased(self, job: Job) -> Outcome:
+        """``_store`` under the job's lease (orphan collection leaves its shards alone), outages shown in Status."""
+        waiting_since: list[float] = []
+
+        async def note(reason: str | None) -> None:
+            if reason is None:
+                waiting_since.clear()
+            elif not waiting_since:
+                waiting_since.append(time.time())
+            lease = _lease.get()
+            if lease is not None and reason is not None:
+                lease.check()  # lapsed during the outage: do not commit shards that may be collected
+            text = None
+            if reason is not None:
+                since = time.strftime("%H:%M:%S UTC", time.gmtime(waiting_since[0]))
+                text = (
+                    f"the metadata service is unreachable since {since} ({reason}); waiting up to"
+                    f" {self.outage_wait:.0f} s"
+                )
+            try:
+                await self.store.set_waiting(job.id, text)
+            except RedisError as exc:
+                log.debug("job %s: waiting reason not recorded: %s", job.id, exc)
+
+        # This runs in the job's own task: the hook and the lease are this job's alone.
+        metaclient.on_wait.set(note)
+        if self.leases is None:
+            return await self._store(job)
+        async with self.leases.hold(job.id) as lease:
+            _lease.set(lease)
+            return await self._store(job)
 
     async def _store(self, job: Job) -> Outcome:
         """Dedup or store the job's file and register it at meta."""
@@ -444,6 +515,9 @@ class Worker:
                 raise errors.IntegrityError(
                     "the spooled file changed while it was being stored (its hash or size differs from the upload)"
                 )
+            lease = _lease.get()
+            if lease is not None:
+                lease.check()
             entry, dedup = await _meta("PutRecord", self.meta.put(record))
         except MetaCallFailed as exc:
             if exc.refused:
@@ -462,6 +536,8 @@ class Worker:
                 removed = await self.engine.delete_shards(record)
                 log.info("job %s: content stored meanwhile by another job; removed %d new shards", job.id, removed)
                 return Outcome(await self._as_uploaded(job, entry.file_id), size, digest.hex(), dedup=True)
+        if unwritten_shards(record):
+            await self._queue_degraded(job, entry.file_id, unwritten_shards(record))
         return Outcome(entry.file_id, size, digest.hex(), dedup=dedup)
 
     async def _as_uploaded(self, job: Job, file_id: str) -> str:
@@ -470,6 +546,18 @@ class Worker:
         if not job.ext or (dot and "." + ext == job.ext):
             return file_id
         return await _meta("AddExtension", self.meta.add_extension(file_id, job.ext, job.content_type))
+
+    async def _queue_degraded(self, job: Job, file_id: str, unwritten: int) -> None:
+        """A file stored with shards unwritten: into maint's repair queue (scrub finds it otherwise)."""
+        log.warning(
+            "job %s: %s stored with %d shards unwritten (backends down); queued for repair", job.id, file_id, unwritten
+        )
+        if self.queue is None:
+            return
+        try:
+            await self.queue.degraded_upload(file_id)
+        except errors.StoreFailed as exc:
+            log.warning("job %s: %s not queued for repair (the next scrub pass finds it): %s", job.id, file_id, exc)
 
     async def _source(self, job: Job, path: Path, tail: list[tuple[int, str]] | None = None) -> AsyncIterator[bytes]:
         """The spool file's bytes, noting progress in the job hash as the engine takes them.
@@ -665,7 +753,9 @@ async def serve(cfg: Config, parent_pid: int | None = None, slot: int = 0) -> No
         loop.add_signal_handler(sig, stop.set)
     redis = jobs.connect(cfg.redis_url)
     engine = await gateway.open_engine(cfg)
-    meta = MetaClient.for_config(cfg, "ingest", retry_for=META_RETRY_FOR)
+    meta = MetaClient.for_config(
+        cfg, "ingest", retry_for=cfg.outage_wait, retry_deadline=True, timeout=META_CALL_TIMEOUT
+    )
     watch: asyncio.Task[None] | None = None
     if parent_pid is not None:
 
@@ -698,6 +788,9 @@ async def serve(cfg: Config, parent_pid: int | None = None, slot: int = 0) -> No
             claim_idle=claim_idle_ms(),
             stall_timeout=stall,
             consumer=consumer,
+            leases=Leases(redis, cfg.outage_wait + LEASE_SLACK, consumer),
+            queue=RepairQueue(redis),
+            outage_wait=cfg.outage_wait,
         )
         if await lock.acquire(stop):
             await worker.run(stop)

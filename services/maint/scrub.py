@@ -5,12 +5,17 @@ call), soft-checks every file (every shard present), or hard-checks it on the
 slower cycle (every ``hard_every``-th pass: every shard fetched and verified,
 decrypted, the content hash compared). Damage is repaired through
 ``checks.repair`` (rebuilt shards on backends holding no other shard of the
-chunk, record swapped with compare-and-swap). A soft pass that found damage
-makes the next scheduled pass hard: a disk replaced by an empty one reissues
-keys, so an old shard key can name a new shard, which only checksums reveal.
-A file with a chunk below k good
-shards, or whose content no longer hashes to its id, is unrecoverable: it is
-logged, counted, listed in the progress and left in place, never dropped.
+chunk, record swapped with compare-and-swap). A soft check finds shards that
+are missing, of the wrong size, or on a backend wiped and set up again (its
+identity changed), and tells them from shards on backends that do not answer
+now; those wait for their backend (``rebuild_unreachable_after``), and a file
+left under-replicated goes into the repair queue (services/maint/repairs.py),
+retried as soon as a backend returns. A soft pass that found damage makes the
+next scheduled pass hard: damage comes in groups (a failing disk), and only
+checksums find a corrupt shard of the right size. A file that lost more than m
+shards of a chunk, or whose content no longer hashes to its id, is
+unrecoverable: it is logged, counted, listed in the progress and left in place,
+never dropped.
 
 ``RateLimiter`` keeps a pass to a budget of files and shard bytes per second so
 it never starves uploads and downloads; a pass over many files simply takes
@@ -31,11 +36,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from services.common.config import MaintConfig
-from services.common.engine import Engine, FileRecord
+from services.common.engine import CheckReport, Engine, FileRecord
 from services.common.errors import GridstorError
 from services.common.metrics import Registry
 from services.common.records import Entry, Records
 from services.maint import checks
+
+Repair = Callable[[Entry, CheckReport], Awaitable[checks.RepairResult]]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +107,7 @@ class Progress:
     unrecoverable_ids: list[str] = field(default_factory=list)
     last_full_pass: int = 0
     last_hard_pass: int = 0
+    files_pending: int = 0
     error: str = ""
 
 
@@ -170,8 +178,10 @@ class Scrubber:
         metrics: ScrubMetrics | None = None,
         limiter: RateLimiter | None = None,
         page: int = PAGE,
+        repair: Repair | None = None,
     ) -> None:
         self.engine = engine
+        self.repair: Repair = repair or self._repair
         self.records = records
         self.cfg = cfg
         self.state_path = state_path
@@ -272,8 +282,8 @@ class Scrubber:
                 self.metrics.last_hard_pass.set(p.finished)
                 self.state.passes_since_hard = 0
             elif p.files_damaged:
-                # Shards went missing: a disk was lost or replaced. A replaced (empty) namespace hands out
-                # its keys again, which a soft check cannot tell from the old shards: hard-check next.
+                # Damage comes in groups (a failing disk): hard-check next, so corrupt shards of the right
+                # size, which only checksums reveal, are found too.
                 self.state.passes_since_hard = max(self.state.passes_since_hard + 1, self.cfg.hard_every - 1)
             else:
                 self.state.passes_since_hard += 1
@@ -317,7 +327,7 @@ class Scrubber:
         chunk_bytes = max((c.cipher_size for c in record.chunks), default=0)
         await self.limiter.take(nbytes=len(report.damaged) * chunk_bytes * (record.k + record.m) // max(1, record.k))
         try:
-            result = await checks.repair(self.engine, self.records, entry.file_id, entry=entry, report=report)
+            result = await self.repair(entry, report)
         except GridstorError as exc:
             log.warning("repair of %s failed: %s", entry.file_id, exc)
             return
@@ -326,13 +336,27 @@ class Scrubber:
             return
         if result.unrecoverable:
             self._unrecoverable(p, entry.file_id, result.error)
-        elif result.ok and result.shards_repaired:
-            p.files_repaired += 1
+            return
+        if result.shards_repaired:
             p.shards_repaired += result.shards_repaired
-            self.metrics.repaired.inc()
             self.metrics.shards.inc(result.shards_repaired)
+        if result.ok and result.shards_repaired:
+            p.files_repaired += 1
+            self.metrics.repaired.inc()
+        elif result.pending:  # waits for backends: the repair queue has it
+            p.files_pending += 1
         elif not result.ok:
             log.warning("repair of %s did not finish: %s", entry.file_id, result.error)
+
+    async def _repair(self, entry: Entry, report: CheckReport) -> checks.RepairResult:
+        return await checks.repair(
+            self.engine,
+            self.records,
+            entry.file_id,
+            entry=entry,
+            report=report,
+            rebuild_after=self.cfg.rebuild_unreachable_after,
+        )
 
     def _unrecoverable(self, p: Progress, file_id: str, reason: str) -> None:
         p.files_unrecoverable += 1

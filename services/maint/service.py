@@ -18,6 +18,7 @@ import grpc
 from gridstor.v1 import maint_pb2, maint_pb2_grpc
 from services.common import readiness, rpc
 from services.common.config import Config
+from services.common.engine import CheckReport
 from services.common.gateway import open_engine
 from services.common.metaclient import MetaClient
 from services.common.metrics import Registry
@@ -25,6 +26,7 @@ from services.common.records import Records
 from services.common.server import READY_EVERY, Cleanup, Running, Wiring, create_server
 from services.maint import checks, replicas
 from services.maint.compaction import Pass
+from services.maint.orphans import OrphanProgress
 from services.maint.scrub import Progress
 from services.maint.tasks import Maint
 
@@ -34,7 +36,7 @@ NAME = "maint"
 SERVICE = "gridstor.v1.MaintService"
 # Read-only methods need a token unless the gateway is public; the ones that change or
 # expose stored data need an operator's token in every mode.
-POLICY = rpc.Policy(admin=frozenset({"Repair", "Scrub", "Backup", "Restore", "Compact"}))
+POLICY = rpc.Policy(admin=frozenset({"Repair", "Scrub", "Backup", "Restore", "Compact", "CollectOrphans"}))
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -56,6 +58,61 @@ def progress_message(p: Progress) -> maint_pb2.ScrubProgress:
         unrecoverable_ids=p.unrecoverable_ids,
         last_full_pass=p.last_full_pass,
         last_hard_pass=p.last_hard_pass,
+        files_pending=p.files_pending,
+    )
+
+
+def orphan_message(p: OrphanProgress) -> maint_pb2.OrphanProgress:
+    """The proto form of orphan collection counters."""
+    return maint_pb2.OrphanProgress(
+        state=maint_pb2.SCRUB_STATE_RUNNING if p.running else maint_pb2.SCRUB_STATE_IDLE,
+        dry_run=p.dry_run,
+        started=p.started,
+        finished=p.finished,
+        records=p.records,
+        scanned=p.scanned,
+        orphans=p.orphans,
+        deleted=p.deleted,
+        too_new=p.too_new,
+        backends=[
+            maint_pb2.OrphanBackend(
+                name=b.name,
+                scanned=b.scanned,
+                orphans=b.orphans,
+                deleted=b.deleted,
+                too_new=b.too_new,
+                skipped=b.skipped,
+            )
+            for b in p.backends
+        ],
+        error=p.error,
+    )
+
+
+def check_reply(file_id: str, report: CheckReport) -> maint_pb2.CheckReply:
+    """The proto form of a check: lost (missing, corrupt, unwritten) apart from unreachable now."""
+    return maint_pb2.CheckReply(
+        id=file_id,
+        ok=report.ok,
+        hard=report.hard,
+        k=report.k,
+        m=report.m,
+        chunks=len(report.chunks),
+        damaged=[
+            maint_pb2.ChunkHealth(
+                index=h.index, missing=h.missing, corrupt=h.corrupt, unreachable=h.unreachable, unwritten=h.unwritten
+            )
+            for h in report.damaged
+        ],
+        recoverable=not report.unrecoverable,
+        hash_ok=report.hash_ok is True,
+        error=report.error,
+        readable=not report.unreadable,
+        under_replicated=bool(report.damaged),
+        shards_lost=report.lost,
+        shards_unreachable=report.unreachable,
+        unreachable_backends=sorted(report.unreachable_backends),
+        replaced_backends=sorted(report.replaced_backends),
     )
 
 
@@ -93,24 +150,11 @@ class MaintServicer(maint_pb2_grpc.MaintServiceServicer):
     async def Check(self, request: maint_pb2.CheckRequest, context: Context) -> maint_pb2.CheckReply:
         soft = request.soft if request.HasField("soft") else True
         entry, report = await checks.check(self.maint.engine, self.maint.records, request.id, hard=not soft)
-        return maint_pb2.CheckReply(
-            id=entry.file_id,
-            ok=report.ok,
-            hard=report.hard,
-            k=report.k,
-            m=report.m,
-            chunks=len(report.chunks),
-            damaged=[
-                maint_pb2.ChunkHealth(index=h.index, missing=h.missing, corrupt=h.corrupt) for h in report.damaged
-            ],
-            recoverable=not report.unrecoverable,
-            hash_ok=report.hash_ok is True,
-            error=report.error,
-        )
+        return check_reply(entry.file_id, report)
 
     async def Repair(self, request: maint_pb2.RepairRequest, context: Context) -> maint_pb2.RepairReply:
         self.maint.writable("Repair")
-        result = await checks.repair(self.maint.engine, self.maint.records, request.id, hard=request.hard)
+        result = await self.maint.repair(request.id, hard=request.hard)
         return maint_pb2.RepairReply(
             id=result.file_id,
             ok=result.ok,
@@ -118,6 +162,7 @@ class MaintServicer(maint_pb2_grpc.MaintServiceServicer):
             repaired=[maint_pb2.ChunkRepair(index=f.index, shards=f.shards, backends=f.backends) for f in result.fixes],
             unrecoverable=result.unrecoverable,
             error=result.error,
+            shards_pending=result.pending,
         )
 
     async def Scrub(self, request: maint_pb2.ScrubRequest, context: Context) -> maint_pb2.ScrubReply:
@@ -127,7 +172,20 @@ class MaintServicer(maint_pb2_grpc.MaintServiceServicer):
         return maint_pb2.ScrubReply(started=started, progress=progress_message(self.maint.scrubber.status()))
 
     async def ScrubStatus(self, request: maint_pb2.ScrubStatusRequest, context: Context) -> maint_pb2.ScrubStatusReply:
-        return maint_pb2.ScrubStatusReply(progress=progress_message(self.maint.scrubber.status()))
+        return maint_pb2.ScrubStatusReply(
+            progress=progress_message(self.maint.scrubber.status()), repair_queue=await self.maint.queue_size()
+        )
+
+    async def CollectOrphans(
+        self, request: maint_pb2.CollectOrphansRequest, context: Context
+    ) -> maint_pb2.CollectOrphansReply:
+        started = self.maint.collect_orphans(dry_run=request.dry_run)
+        return maint_pb2.CollectOrphansReply(started=started, progress=orphan_message(self.maint.orphans.status()))
+
+    async def OrphanStatus(
+        self, request: maint_pb2.OrphanStatusRequest, context: Context
+    ) -> maint_pb2.OrphanStatusReply:
+        return maint_pb2.OrphanStatusReply(progress=orphan_message(self.maint.orphans.status()))
 
     async def ReplicaStatus(
         self, request: maint_pb2.ReplicaStatusRequest, context: Context

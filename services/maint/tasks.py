@@ -1,10 +1,17 @@
-"""maint's work beside its RPCs: backups, restores, home cleanup and the schedules that run them.
+"""maint's work beside its RPCs: repairs, orphan collection, backups, restores, compaction, home cleanup, schedules.
 
-Background tasks (master role): the scrub schedule, metadata backups, compaction
-of the dir:// backends (services/maint/compaction.py) and home cleanup. A
-``role: replica`` gateway serves Check, ScrubStatus,
-ReplicaStatus and dry-run scrubs from its replica and refuses the writing
-methods with FAILED_PRECONDITION (``writable``).
+Background tasks (master role): the scrub schedule, the repair queue of
+under-replicated files (services/maint/repairs.py), orphan collection
+(services/maint/orphans.py), metadata backups, compaction of the dir://
+backends (services/maint/compaction.py) and home cleanup. A ``role: replica``
+gateway serves Check, ScrubStatus, OrphanStatus, ReplicaStatus and dry-run
+scrubs from its replica and refuses the writing methods with
+FAILED_PRECONDITION (``writable``).
+
+maint's own shard writes (repairs, backups) are tracked by ``InFlight`` so an
+orphan collection waits for those that began before it; the store workers'
+are covered by their job leases in Redis (services/common/leases.py), which
+maint reads through its Redis client (``redis_url``, the job queue's).
 """
 
 from __future__ import annotations
@@ -15,14 +22,20 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from services.common import errors
+from redis.exceptions import RedisError
+
+from services.common import errors, jobs
 from services.common.config import Config
-from services.common.engine import Engine, FileRecord
+from services.common.engine import CheckReport, Engine, FileRecord
+from services.common.leases import LeaseInfo, live_leases, server_time
 from services.common.metrics import Registry
-from services.common.records import Records
+from services.common.records import Entry, Records
+from services.common.repairqueue import RepairQueue
 from services.maint import backup as backups
-from services.maint import cleanup
+from services.maint import checks, cleanup
 from services.maint.compaction import Compactor
+from services.maint.orphans import InFlight, OrphanCollector, OrphanMetrics
+from services.maint.repairs import RepairQueueRunner
 from services.maint.scrub import Scrubber, ScrubMetrics
 
 log = logging.getLogger(__name__)
@@ -39,13 +52,27 @@ class Maint:
         self.cfg = cfg
         self.engine = engine
         self.records = records
+        self.redis = jobs.connect(cfg.redis_url)
+        self.queue = RepairQueue(self.redis)
+        self.inflight = InFlight()
         self.scrubber = Scrubber(
             engine,
             records,
             cfg.maint,
             state_path=cfg.data_dir / "maint" / "scrub.json",
             metrics=ScrubMetrics(registry),
+            repair=self.repair_entry,
         )
+        self.orphans = OrphanCollector(
+            engine,
+            records,
+            self._leases,
+            self.inflight,
+            cfg.maint,
+            marks_path=cfg.data_dir / "maint" / "watermarks.json",
+            metrics=OrphanMetrics(registry),
+        )
+        self.repair_queue = RepairQueueRunner(self.queue, engine.pool, self._queued_repair, registry)
         self.cleanup_removed = registry.counter("maint_cleanup_files_removed_total", "Files removed from full homes")
         self.cleanup_bytes = registry.counter("maint_cleanup_bytes_removed_total", "Bytes removed from full homes")
         self.backups = registry.counter("maint_backups_total", "Metadata backups stored")
@@ -62,10 +89,70 @@ class Maint:
         if self.replica:
             raise errors.Refused(REPLICA_REFUSAL.format(method))
 
+    # -- repairs ----------------------------------------------------------------------
+
+    async def repair(self, file_id: str, *, hard: bool = False) -> checks.RepairResult:
+        """Repair one file now (the Repair RPC); left under-replicated, it goes into the repair queue."""
+        self.writable("Repair")
+        async with self.inflight.track():
+            result = await checks.repair(
+                self.engine, self.records, file_id, hard=hard, rebuild_after=self.cfg.maint.rebuild_unreachable_after
+            )
+        await self._requeue(result)
+        return result
+
+    async def repair_entry(self, entry: Entry, report: CheckReport) -> checks.RepairResult:
+        """The scrubber's repair of a file it just checked (same bookkeeping as ``repair``)."""
+        async with self.inflight.track():
+            result = await checks.repair(
+                self.engine,
+                self.records,
+                entry.file_id,
+                entry=entry,
+                report=report,
+                rebuild_after=self.cfg.maint.rebuild_unreachable_after,
+            )
+        await self._requeue(result)
+        return result
+
+    async def _queued_repair(self, file_id: str) -> checks.RepairResult:
+        async with self.inflight.track():
+            return await checks.repair(
+                self.engine, self.records, file_id, rebuild_after=self.cfg.maint.rebuild_unreachable_after
+            )
+
+    async def _requeue(self, result: checks.RepairResult) -> None:
+        if result.ok or result.unrecoverable or not result.pending:
+            return
+        try:
+            await self.queue.add(result.file_id)
+        except errors.StoreFailed as exc:
+            log.warning("%s stays under-replicated and cannot be queued for a retry: %s", result.file_id, exc)
+
+    async def queue_size(self) -> int:
+        """Files in the repair queue; -1 when it cannot be read."""
+        try:
+            return await self.queue.size()
+        except errors.StoreFailed:
+            return -1
+
+    async def _leases(self) -> tuple[float, list[LeaseInfo]]:
+        """The Redis clock and the live job leases (StoreFailed when Redis cannot be read)."""
+        try:
+            return await server_time(self.redis), await live_leases(self.redis)
+        except (RedisError, OSError) as exc:
+            raise errors.StoreFailed(f"the job queue (redis) is unavailable: {exc}") from None
+
+    def collect_orphans(self, *, dry_run: bool = False) -> bool:
+        """Start an orphan collection now; False when one runs already."""
+        if not dry_run:
+            self.writable("CollectOrphans (other than dry_run)")
+        return self.orphans.start(dry_run=dry_run)
+
     async def backup(self) -> backups.BackupResult:
         """Store a metadata snapshot now (one at a time)."""
         self.writable("Backup")
-        async with self._backup_lock:
+        async with self._backup_lock, self.inflight.track():
             result = await backups.backup(self.engine, self.records, self.cfg.data_dir)
         self.backups.inc()
         self.last_backup.set(result.created)
@@ -96,6 +183,8 @@ class Maint:
     def start(self) -> None:
         if not self.replica:
             self._spawn(self.scrubber.run_schedule(), "scrub-schedule")
+            self._spawn(self.repair_queue.run(), "repair-queue")
+            self._spawn(self.orphans.run_schedule(), "orphan-collection")
             if self.cfg.maint.backup_interval > 0:
                 self._spawn(self._backup_schedule(), "backup-schedule")
             if self.cfg.maint.compact_interval > 0:
@@ -142,3 +231,5 @@ class Maint:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.compactor.close()
         await self.scrubber.close()
+        await self.orphans.close()
+        await jobs.disconnect(self.redis)

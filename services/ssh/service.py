@@ -16,6 +16,7 @@ from gridstor.v1 import ssh_pb2, ssh_pb2_grpc
 from services.common import errors, jobs, readiness, spool
 from services.common.accounts import Account, check_username
 from services.common.config import Config, SshConfig
+from services.common.gateway import refuse_on_replica
 from services.common.jobs import JobStore, Notifier
 from services.common.keys import signing_key
 from services.common.metrics import Registry
@@ -50,8 +51,15 @@ class SshServicer(ssh_pb2_grpc.SshServiceServicer):
     """Unpacks requests, checks who may act on the account (ownership.py), calls the gateway / processor."""
 
     def __init__(
-        self, gateway: SshGateway, processor: Processor, ownership: Ownership, settings: SshConfig, host_fp: str
+        self,
+        gateway: SshGateway,
+        processor: Processor,
+        ownership: Ownership,
+        settings: SshConfig,
+        host_fp: str,
+        cfg: Config,
     ) -> None:
+        self.cfg = cfg
         self.gateway = gateway
         self.processor = processor
         self.ownership = ownership
@@ -118,6 +126,7 @@ class SshServicer(ssh_pb2_grpc.SshServiceServicer):
 
     async def Process(self, request: ssh_pb2.ProcessRequest, context: Context) -> ssh_pb2.ProcessReply:
         """Queue an upload job for a file or folder of the home (not of a disabled account)."""
+        refuse_on_replica(self.cfg, "Process (storing a file of a home)")
         acct, _ = await self._allow("Process", request.username, request)
         if acct is not None and not acct.enabled:
             raise errors.Refused(
@@ -200,7 +209,7 @@ async def start(
         )
         opened.append((bound_ssh, gateway, processor, host_fp))
         ownership = Ownership(cfg.mode, RedisReplayGuard(redis, PROOF_REPLAY_PREFIX), cfg.auth_skew)
-        servicer = SshServicer(gateway, processor, ownership, settings, host_fp)
+        servicer = SshServicer(gateway, processor, ownership, settings, host_fp, cfg)
         add = partial(ssh_pb2_grpc.add_SshServiceServicer_to_server, servicer)
         return Wiring(SERVICE, add, POLICY, partial(readiness.redis, redis, "job queue"))
 

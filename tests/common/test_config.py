@@ -45,10 +45,12 @@ def non_default(tmp_path: Path) -> dict[str, Any]:
         "max_upload": "5MB",
         "workers": 3,
         "status_max_wait": 60,
+        "outage_wait": 90,
         "role": "replica",
         "maint": {
             "scrub_interval": 0, "scrub_files_per_second": 2.5, "scrub_bytes_per_second": "1MB", "hard_every": 2,
             "cleanup_interval": 60, "backup_interval": 0, "compact_interval": 0, "compact_min_dead": 0.5,
+            "orphan_interval": 60, "orphan_grace": 0, "rebuild_unreachable_after": 600,
         },
         "admins": ["alice"],
         "envoy_port": 18080,
