@@ -144,7 +144,12 @@ def test_record_proto_keeps_its_fields() -> None:
         "created": 13,
         "cipher": 14,
         "other_types": 15,
+        "backend_ids": 16,
     }
+    shard = {f.name: f.number for f in module("record_pb2").ShardRef.DESCRIPTOR.fields}
+    assert shard == {"backend": 1, "key": 2, "checksum": 3, "unwritten": 4}
+    chunk = {f.name: f.number for f in module("record_pb2").ChunkRecord.DESCRIPTOR.fields}
+    assert chunk == {"plain_size": 1, "cipher_size": 2, "shards": 3, "shard_size": 4}
 
 
 def test_every_architecture_method_exists() -> None:

@@ -67,8 +67,10 @@ def cmd_check(s: Session, a: argparse.Namespace) -> int:
         verdict = "LOST"
     elif not r.readable:
         verdict = "UNAVAILABLE NOW"
-    else:
-        verdict = "UNDER-REPLICATED" if r.under_replicated and not r.error else "DAMAGED"
+    elif r.error or any(c.missing or c.corrupt for c in r.damaged):
+        verdict = "DAMAGED"
+    else:  # only shards never written or on backends away now
+        verdict = "UNDER-REPLICATED"
     lines = [f"{verdict}: {r.id} ({kind} check, {r.chunks} chunks, k={r.k} m={r.m})"]
     if r.damaged:
         lines.append(f"  lost: {r.shards_lost} shards (missing, corrupt or never written); rebuilt by a repair")

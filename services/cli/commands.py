@@ -136,6 +136,7 @@ def _status_dict(r: ingest_pb2.StatusReply) -> dict[str, Any]:
         "error": r.error,
         "progress_bytes": r.progress_bytes,
         "deduplicated": r.deduplicated,
+        "waiting": r.waiting,
     }
 
 
@@ -327,6 +328,8 @@ def cmd_status(s: Session, a: argparse.Namespace) -> int:
     text = r.result or common_pb2.JobState.Name(r.state).removeprefix("JOB_STATE_")
     if r.state == common_pb2.JOB_STATE_ACTIVE and a.wait:
         text = "TIMEOUT"  # our own deadline passed between two long-polls
+    if r.waiting and r.state in (common_pb2.JOB_STATE_ACTIVE, common_pb2.JOB_STATE_TIMEOUT):
+        text += f" (waiting: {r.waiting})"
     s.result(text, _status_dict(r))
     if r.state == common_pb2.JOB_STATE_ERROR:
         raise CliFailure(f"job {a.job} failed: {r.error or r.result}")
@@ -440,6 +443,7 @@ def cmd_stat(s: Session, a: argparse.Namespace) -> int:
         "m": info.m,
         "chunk_size": info.chunk_size,
         "chunks": info.chunks,
+        "unwritten_shards": info.unwritten_shards,
     }
     rows = [
         ("id", info.id),
@@ -450,5 +454,9 @@ def cmd_stat(s: Session, a: argparse.Namespace) -> int:
         ("coding", f"{info.k}+{info.m} shards, {info.chunks} chunk(s) of {info.chunk_size} bytes"),
         ("meta id", str(info.meta_id)),
     ]
+    if info.unwritten_shards:
+        rows.append(
+            ("health", f"UNDER-REPLICATED: {info.unwritten_shards} shard(s) not written yet (maint rebuilds them)")
+        )
     s.result("\n".join(f"{k + ':':<9}{v}" for k, v in rows), data)
     return EXIT_OK

@@ -194,7 +194,7 @@ class MetadataConfig:
 
 @dataclass(frozen=True)
 class MaintConfig:
-    """Maintenance: scrub and repair, SSH home cleanup, metadata backups, compaction of dir:// backends."""
+    """Maintenance: scrub and repair, the repair queue, orphan collection, home cleanup, backups, dir compaction."""
 
     scrub_interval: float = setting(
         86400.0, "seconds between scrub pass starts; 0 = only when asked (Scrub RPC)", Number()

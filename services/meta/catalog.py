@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from gridstor.v1 import common_pb2
 from services.common.crypto import TAG_BYTES
-from services.common.engine import CHECKSUM_BYTES, RECORD_VERSION
+from services.common.engine import CHECKSUM_BYTES, RECORD_VERSION, unwritten_shards
 from services.common.errors import Conflict, InvalidInput, NotFound, Refused
 from services.common.ids import HASH_BYTES, FileId, check_ext, parse_file_id
 from services.common.metastore import FileRecord, MetaStore
@@ -98,6 +98,10 @@ def check_record(record: FileRecord) -> None:
             f" it lists {len(record.chunks)}"
         )
     n = record.k + record.m
+    if len(record.backend_ids) > len(record.backends):
+        raise InvalidInput(
+            f"record lists {len(record.backend_ids)} backend identities for {len(record.backends)} backends"
+        )
     for i, chunk in enumerate(record.chunks):
         want = record.chunk_size if i < expected_chunks - 1 else record.size - record.chunk_size * i
         if chunk.plain_size != want:
@@ -106,13 +110,21 @@ def check_record(record: FileRecord) -> None:
             raise InvalidInput(f"record chunk {i} cipher_size {chunk.cipher_size} is not plain_size + {TAG_BYTES}")
         if len(chunk.shards) != n:
             raise InvalidInput(f"record chunk {i} lists {len(chunk.shards)} shards, expected k+m = {n}")
+        written = 0
         for si, shard in enumerate(chunk.shards):
+            if shard.unwritten:
+                if shard.key or shard.checksum:
+                    raise InvalidInput(f"record chunk {i} shard {si} is marked unwritten but has a key or checksum")
+                continue
+            written += 1
             if shard.backend >= len(record.backends):
                 raise InvalidInput(f"record chunk {i} shard {si} names backend #{shard.backend}, which is not listed")
             if not shard.key:
                 raise InvalidInput(f"record chunk {i} shard {si} has no key")
             if len(shard.checksum) != CHECKSUM_BYTES:
                 raise InvalidInput(f"record chunk {i} shard {si} checksum must be {CHECKSUM_BYTES} bytes")
+        if written < record.k:
+            raise InvalidInput(f"record chunk {i} has {written} shards written; at least k = {record.k} are needed")
 
 
 def file_info(entry: Entry) -> common_pb2.FileInfo:
@@ -130,6 +142,7 @@ def file_info(entry: Entry) -> common_pb2.FileInfo:
         m=r.m,
         chunk_size=r.chunk_size,
         chunks=len(r.chunks),
+        unwritten_shards=unwritten_shards(r),
     )
 
 

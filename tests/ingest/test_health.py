@@ -41,21 +41,29 @@ async def test_health_follows_redis(
 
 
 async def test_health_follows_what_the_workers_can_reach(tmp_path: Path, redis_server: RedisProcess) -> None:
-    """A worker stores each shard of a chunk on its own backend: with one of them gone, ingest cannot serve."""
+    """A worker stores a chunk when write_quorum (k+1 = 17) of its shards land on distinct backends.
+
+    With one of the 20 backends gone ingest still serves (degraded writes); with four gone it cannot.
+    """
     raw = {"data_dir": str(tmp_path / "data"), "redis": redis_server.url, "workers": 1}
     meta_running, meta_cleanup = await meta_service.build(build_config(raw), port=0)
     cfg = build_config(raw | {"ports": {"meta": meta_running.port}})
     running, cleanup = await ingest_service.build(cfg, port=0, ready_every=0.2)
     watch = HealthWatch(running.port, SERVICE_NAME)
-    parsed = parse_uri(cfg.backends[0].uri)
-    assert isinstance(parsed, DirURI)
-    folder = Path(parsed.path)
+    folders = []
+    for spec in cfg.backends[:4]:
+        parsed = parse_uri(spec.uri)
+        assert isinstance(parsed, DirURI)
+        folders.append(Path(parsed.path))
     try:
         await watch.until(SERVING)
-        shutil.move(folder, folder.with_name("away"))
+        for folder in folders:
+            shutil.move(folder, folder.with_name(folder.name + "-away"))
         await watch.until(NOT_SERVING)
-        shutil.move(folder.with_name("away"), folder)
+        for folder in folders[1:]:  # three back: 19 of 20 take writes, over the quorum of 17
+            shutil.move(folder.with_name(folder.name + "-away"), folder)
         await watch.until(SERVING)
+        assert watch.seen[-2:] == [NOT_SERVING, SERVING]
     finally:
         await watch.close()
         await cleanup()
