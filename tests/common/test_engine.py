@@ -226,6 +226,60 @@ async def test_repair_needs_free_distinct_backends(stored: tuple[Engine, FileRec
     assert lost in {partial.backends[s.backend] for c in partial.chunks for s in c.shards}
 
 
+async def test_a_wiped_backend_reusing_keys_is_seen_as_replaced(
+    stored: tuple[Engine, FileRecord, bytes], tmp_path: Path
+) -> None:
+    """A disk replaced by an empty one hands out its keys again: new shards land under the old keys.
+
+    The record noted each backend's identity, so a soft check (no data read) calls the old shards gone
+    even though the keys hold data of the right size, reads skip them, deletes leave the new data alone,
+    and a repair puts the shards back under the new identity.
+    """
+    engine, record, content = stored
+    victim = _backend_dirs(tmp_path)[5]
+    shutil.rmtree(victim)
+    victim.mkdir()
+    newer_data = os.urandom(len(content))
+    newer = await engine.store([newer_data])  # same size: keys 0.. reused on the victim, same shard sizes
+    backend = engine.pool.backends[victim.name]
+    on_victim = [(c, s) for c in record.chunks for s in c.shards if record.backends[s.backend] == victim.name]
+    assert [await backend.length(s.key) for _, s in on_victim] == [c.shard_size for c, _ in on_victim]
+
+    soft = await engine.soft_check(record)
+    assert soft.replaced_backends == {victim.name}
+    assert [len(h.missing) for h in soft.chunks] == [1] * len(record.chunks)
+    assert await collect(engine.read(record)) == content
+    repaired, n = await engine.repair(record, soft)
+    assert n == len(record.chunks) and (await engine.soft_check(repaired)).ok
+    assert (await engine.hard_check(repaired)).ok
+    assert backend.identity in repaired.backend_ids and backend.identity not in record.backend_ids
+    # Deleting the old record's shards leaves the keys it had on the wiped backend: they hold new data.
+    assert await engine.delete_shards(record) == (K + M - 1) * len(record.chunks)
+    assert await collect(engine.read(newer)) == newer_data  # still whole
+    assert (await engine.soft_check(newer)).ok
+
+
+async def test_records_without_identities_or_sizes_still_work(stored: tuple[Engine, FileRecord, bytes]) -> None:
+    """A record written before identities, shard sizes and unwritten shards were kept reads, checks, repairs."""
+    engine, record, content = stored
+    old = FileRecord()
+    old.CopyFrom(record)
+    old.ClearField("backend_ids")
+    for chunk in old.chunks:
+        chunk.ClearField("shard_size")
+    assert await collect(engine.read(old)) == content
+    assert (await engine.soft_check(old)).ok
+    ref = old.chunks[1].shards[2]
+    await engine.pool.backends[old.backends[ref.backend]].delete(ref.key)
+    soft = await engine.soft_check(old)
+    assert [(h.index, h.missing) for h in soft.damaged] == [(1, [2])]
+    repaired, n = await engine.repair(old, soft)
+    assert n == 1 and (await engine.hard_check(repaired)).ok
+    # The new entry carries its identity; the old ones stay unknown, in step with the backend list.
+    assert len(repaired.backend_ids) == len(repaired.backends) == len(old.backends) + 1
+    assert set(repaired.backend_ids[:-1]) == {b""} and repaired.backend_ids[-1]
+
+
 async def test_wrong_master_key(stored: tuple[Engine, FileRecord, bytes]) -> None:
     engine, record, _ = stored
     other = Engine(engine.pool, os.urandom(32), engine.config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -415,3 +416,78 @@ async def test_closed_backend_is_unusable(zdb_server: ZdbProcess, opener: Opener
     await backend.close()  # idempotent
     with pytest.raises(errors.BackendUnavailable, match="closed"):
         await backend.put(b"v")
+
+
+async def test_hung_server_never_keeps_a_pool_slot(zdb_server: ZdbProcess) -> None:
+    """A stopped 0-db accepts connections and never answers: every call ends within the timeout, and the
+    pool's slots come back, so more calls than slots neither hang nor fail once it answers again."""
+    await ensure_namespace(zdb_server.host, zdb_server.port, "hung", mode=Mode.SEQ)
+    backend = await ZdbBackend.open(zdb_server.uri("hung"), Mode.SEQ, timeout=0.5, max_connections=2)
+    try:
+        key = await backend.put(b"v")
+        zdb_server.pause()
+        try:
+            results = await asyncio.gather(*(backend.get(key) for _ in range(6)), return_exceptions=True)
+        finally:
+            zdb_server.resume()
+        assert all(isinstance(r, errors.BackendUnavailable) for r in results), results
+        assert await asyncio.gather(*(backend.get(key) for _ in range(6))) == [b"v"] * 6
+    finally:
+        await backend.close()
+
+
+async def test_identity_marker_written_adopted_and_replaced(zdb_server: ZdbProcess) -> None:
+    """A shard namespace gets a marker as its first value; a wipe and re-provisioning is noticed on the next call."""
+    await ensure_namespace(zdb_server.host, zdb_server.port, "shards", mode=Mode.SEQ)
+    first = await ZdbBackend.open(zdb_server.uri("shards"), Mode.SEQ, timeout=2.0, marked=True)
+    second = await ZdbBackend.open(zdb_server.uri("shards"), Mode.SEQ, timeout=2.0, marked=True)
+    plain = await ZdbBackend.open(zdb_server.uri("shards"), Mode.SEQ, timeout=2.0)
+    try:
+        assert len(first.identity) == 16 and second.identity == first.identity and plain.identity == b""
+        assert first.marker_key == seq_key(0) and nsinfo(zdb_server, "shards")["entries"] == "1"
+        shard = await first.put(b"x" * 100)
+        assert await first.length(shard) == 100 and await first.length(seq_key(99)) is None
+        assert await first.high_water() == seq_id(shard) + 1
+        old = first.identity
+
+        zdb_server.command("NSDEL", "shards")  # the disk is replaced: a new, empty namespace of the same name
+        await ensure_namespace(zdb_server.host, zdb_server.port, "shards", mode=Mode.SEQ)
+        # The open backend reconnects, finds another value under its marker key (nothing there) and sets the
+        # new namespace up with a new marker before anything else runs on it.
+        with contextlib.suppress(errors.BackendError):  # 0-db tells the old connection first
+            await first.length(shard)
+        assert await first.length(shard) is None
+        assert first.identity not in (b"", old) and first.marker_key == seq_key(0)
+        with contextlib.suppress(errors.BackendError):  # its old connection hears of the removal first
+            await second.get(seq_key(0))
+        await second.get(seq_key(0))  # another process adopts the same new identity
+        assert second.identity == first.identity
+        again = await first.put(b"y")
+        assert seq_id(again) >= 1  # the marker stays the first value
+    finally:
+        for b in (first, second, plain):
+            await b.close()
+
+
+async def test_identity_of_a_namespace_filled_before_markers(zdb_server: ZdbProcess, opener: Opener) -> None:
+    old = await opener(zdb_server, "legacy", Mode.SEQ)
+    await old.put(b"an old shard")
+    marked = await ZdbBackend.open(zdb_server.uri("legacy"), Mode.SEQ, timeout=2.0, marked=True)
+    try:
+        assert marked.identity == b"" and marked.marker_key is None  # unknown: only shard sizes tell a wipe
+        assert nsinfo(zdb_server, "legacy")["entries"] == "1"  # nothing written into it
+    finally:
+        await marked.close()
+
+
+async def test_empty_namespace_opened_by_two_at_once_gets_one_identity(zdb_server: ZdbProcess) -> None:
+    await ensure_namespace(zdb_server.host, zdb_server.port, "race", mode=Mode.SEQ)
+    opened = await asyncio.gather(
+        *(ZdbBackend.open(zdb_server.uri("race"), Mode.SEQ, timeout=2.0, marked=True) for _ in range(4))
+    )
+    try:
+        assert len({b.identity for b in opened}) == 1 and opened[0].identity
+        assert nsinfo(zdb_server, "race")["entries"] == "1"  # the losers' markers were deleted
+    finally:
+        for b in opened:
+            await b.close()

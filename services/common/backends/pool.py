@@ -255,6 +255,11 @@ class BackendPool:
         results = await asyncio.gather(*(self.probe(n) for n in names))
         return sum(results)
 
+    async def wait_probes(self) -> None:
+        """Wait for the probes running in the background (tests, shutdown)."""
+        if self._probes:
+            await asyncio.gather(*self._probes, return_exceptions=True)
+
     async def close(self) -> None:
         for task in list(self._probes):
             task.cancel()

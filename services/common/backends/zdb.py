@@ -331,7 +331,9 @@ class ZdbBackend(Backend):
         if self._closed:
             raise errors.BackendUnavailable(self.name, "backend is closed")
         attempts = 2 if retry else 1
-        for attempt in range(1, attempts + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             if self._marker.replaced:
                 await self._reidentify()
             try:
@@ -343,10 +345,14 @@ class ZdbBackend(Backend):
             except (rexc.TimeoutError, TimeoutError) as exc:  # never repeated: it would double the wait
                 raise _unavailable(self.name, exc) from exc
             except _UNAVAILABLE as exc:
+                if self._marker.replaced:
+                    # A new connection found the namespace replaced before the command was sent: set the
+                    # new data set up, then run the command there (safe for any command: it never ran).
+                    attempt -= 1
+                    continue
                 if attempt < attempts:
                     continue
                 raise _unavailable(self.name, exc) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _nsinfo(self) -> dict[str, str]:
         return _parse_nsinfo(await self._call("NSINFO", self.uri.namespace))
