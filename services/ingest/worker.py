@@ -327,7 +327,7 @@ class Worker:
         if attempt > 1:
             log.warning(
                 "job %s: attempt %d; shards written by an earlier attempt that died are orphans"
-                " (no record references them; maint's scrub removes them)",
+                " (no record references them; maint's orphan collection removes them)",
                 job_id,
                 attempt,
                 extra={"previous_worker": job.worker},

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import io
 import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import pytest
+import yaml
 
 from gridstor.v1 import maint_pb2, maint_pb2_grpc, meta_pb2, meta_pb2_grpc
+from services.cli.app import main
 from services.common import rpc
 from services.common.backends import Mode, open_backend
 from services.common.backends.base import SEQ_KEY_SIZE
-from services.common.config import Config, build_config
+from services.common.config import DEFAULT_PORTS, Config, build_config
 from services.common.engine import Engine, FileRecord
 from services.common.gateway import ensure_local_dirs, open_engine
 from services.common.keys import MASTER_KEY_FILE, SIGNING_KEY_FILE, signing_key
@@ -221,6 +225,21 @@ async def raw_records(cfg: Config) -> dict[int, bytes]:
 async def replica_records(uri: str) -> dict[int, bytes]:
     """A metadata replica's records by id (read directly; its cursor left out)."""
     return await stored_values(uri, Mode.USER, key_size=SEQ_KEY_SIZE)
+
+
+class HasPorts(Protocol):
+    meta_port: int
+    maint_port: int
+
+
+async def gridstor(gw: HasPorts, tmp_path: Path, *args: str) -> tuple[int, str, str]:
+    """Run the CLI (in a thread: it makes blocking calls to servers on this loop); (exit code, stdout, stderr)."""
+    config = tmp_path / "cli.yaml"
+    ports = {**DEFAULT_PORTS, "meta": gw.meta_port, "maint": gw.maint_port}
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "cli-data"), "ports": ports}))
+    out, err = io.StringIO(), io.StringIO()
+    code = await asyncio.to_thread(main, [*args, "--config", str(config)], stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture

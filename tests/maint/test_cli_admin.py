@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import io
 import json
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-import yaml
 
-from services.cli.app import main
-from services.common.config import DEFAULT_PORTS
-from tests.maint.conftest import CHUNK, Gateway, delete_shard, gateway_config
+from tests.maint.conftest import CHUNK, Gateway, delete_shard, gateway_config, gridstor
 
 Make = Callable[..., Awaitable[Gateway]]
 pytestmark = pytest.mark.usefixtures("private_home")  # the user's real token and config are never touched
-
-
-async def gridstor(gw: Gateway, tmp_path: Path, *args: str) -> tuple[int, str, str]:
-    """Run the CLI (in a thread: it makes blocking calls to servers on this loop); (exit code, stdout, stderr)."""
-    config = tmp_path / "cli.yaml"
-    ports = {**DEFAULT_PORTS, "meta": gw.meta_port, "maint": gw.maint_port}
-    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "cli-data"), "ports": ports}))
-    out, err = io.StringIO(), io.StringIO()
-    code = await asyncio.to_thread(main, [*args, "--config", str(config)], stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 async def test_check_repair_scrub_replicas_backup_restore(tmp_path: Path, gateways: Make) -> None:
