@@ -228,8 +228,10 @@ async def replica_records(uri: str) -> dict[int, bytes]:
 
 
 class HasPorts(Protocol):
-    meta_port: int
-    maint_port: int
+    @property
+    def meta_port(self) -> int: ...
+    @property
+    def maint_port(self) -> int: ...
 
 
 async def gridstor(gw: HasPorts, tmp_path: Path, *args: str) -> tuple[int, str, str]:
