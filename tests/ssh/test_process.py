@@ -173,3 +173,16 @@ async def test_removal_resumes_after_restart_and_keeps_changes(ssh_factory: SshF
     # the home itself stays; the entries changed after Process stay too
     assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == ["tree", "tree/b", "tree/sub", "tree/sub/new"]
     assert home.is_dir() and (home / "tree" / "b").read_bytes() == b"rewritten"
+
+
+async def test_a_replica_gateway_refuses_process(ssh_factory: SshFactory, tmp_path: Path) -> None:
+    """A role: replica gateway shares the master's pool but cannot store a record: Process is refused up front."""
+    env = await ssh_factory(role="replica", metadata={"mode": "user", "uri": f"dir://{tmp_path}/replica"})
+    await env.enable("alice")
+    (env.home("alice") / "photo.jpg").write_bytes(b"jpeg")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await process(env, "photo.jpg")
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "read-only replica" in (info.value.details() or "") and "master gateway" in (info.value.details() or "")
+    assert (env.home("alice") / "photo.jpg").read_bytes() == b"jpeg"  # nothing queued, nothing removed
+    assert os.listdir(env.cfg.spool_dir) == [] and pending(env) == []
