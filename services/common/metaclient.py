@@ -27,6 +27,7 @@ from gridstor.v1 import meta_pb2, meta_pb2_grpc
 from services.common import rpc
 from services.common.config import Config
 from services.common.engine import FileRecord
+from services.common.errors import BackendUnavailable
 from services.common.gateway import ServiceCredentials, channel
 from services.common.records import Entry
 
@@ -103,7 +104,10 @@ class MetaClient:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue
-                raise rpc.rpc_error(exc, SERVICE) from None
+                error = rpc.rpc_error(exc, SERVICE)
+                if waited and isinstance(error, BackendUnavailable):
+                    error = BackendUnavailable(error.backend, f"{error.reason} (still, after {self.retry_for:g} s)")
+                raise error from None
             if waited and hook is not None:
                 await hook(None)
             return reply
