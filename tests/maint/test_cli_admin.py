@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_until_async
 from tests.maint.conftest import CHUNK, Gateway, delete_shard, gateway_config, gridstor
 
 Make = Callable[..., Awaitable[Gateway]]
@@ -28,6 +29,24 @@ async def test_check_repair_scrub_replicas_backup_restore(tmp_path: Path, gatewa
     assert "content hash matches the id" in out
     code, out, _ = await gridstor(gw, tmp_path, "check", "bad-id")
     assert code == 1 and out == ""
+
+    # A backend that does not answer now is reported apart from lost shards: the file is readable.
+    record = await gw.record(file_id)
+    away = record.backends[record.chunks[0].shards[2].backend]
+    folder = gw.cfg.data_dir / "backends" / away
+    os.rename(folder, folder.with_name(away + "-away"))
+    try:
+        code, out, _ = await gridstor(gw, tmp_path, "check", file_id)
+    finally:
+        os.rename(folder.with_name(away + "-away"), folder)
+    assert code == 1 and out.startswith("DAMAGED"), out  # chunk 1 lost shard 6 as well
+    assert "lost: 1 shards" in out and "unreachable now: 3 shards" in out
+    assert f"unreachable backends: {away}\n" in out and "chunk 0: unreachable [2]" in out
+    assert "repairable: run `gridstor admin repair ID`" in out
+    # Back, it answers again once its circuit breaker's probe finds it (a second or so).
+    await wait_until_async(
+        lambda: gw.check(file_id), f"{away} to answer again", until=lambda c: not c.unreachable_backends
+    )
 
     code, _, err = await gridstor(gw, tmp_path, "admin", "repair", file_id)
     assert code == 1 and "gridstor admin token" in err  # operators only, even in public mode
