@@ -22,6 +22,11 @@ In one run it measures:
       its own channel, each its own content), with p50 / p99 latency, errors, and the peak
       RSS of every process under the launcher during each, against the 300 MiB target
       (and the RSS once the load is over: memory handed back). ``--load 0`` skips it.
+  (i) with a 0-db binary (ZDB_BIN, or zdb on PATH) and a suite of its own: one of the 20
+      backends is a 0-db namespace; the download of a file holding data shards on it is
+      timed healthy, then with that 0-db stopped (SIGSTOP: it accepts connections and never
+      answers), as a ratio (target: within 1.5x of healthy). The first download after the
+      stop, which opens the backend's circuit breaker, is shown apart.
 
 Each of (a)-(d) runs ``--runs`` times (default 9), bare and gateway runs alternating so
 drift hits both (the degraded runs follow as one block); the verdicts use the medians.
@@ -98,6 +103,8 @@ DEGRADED_BACKENDS = 4
 UPLOAD_TARGET = 0.35  # x bare upload
 DOWNLOAD_TARGET = 0.75  # x bare download
 DEGRADED_TARGET = 0.9  # x healthy download
+HUNG_TARGET = 1 / 1.5  # x healthy download, with one backend hung
+HUNG_BACKEND = "b19"  # the default config's backend that becomes a 0-db namespace for (i)
 RSS_TARGET_MIB = 300.0
 RANGE_TTFB_TARGET = 3.0  # x a range at the start of the same file (a read that scanned from the start: 100x+)
 STATUS_WAIT = 60  # seconds per Status(wait=true) call; repeated while the job is ACTIVE
@@ -259,8 +266,10 @@ def free_port(taken: set[int], offset: int = 0) -> int:
     raise BenchFailure("no free loopback ports")
 
 
-def write_config(data_dir: Path, size: int) -> tuple[Path, list[str]]:
-    """DIR/gridstor.yaml: the launcher's default config with free ports (and room for the upload)."""
+def write_config(
+    data_dir: Path, size: int, tweak: Callable[[dict[str, Any]], None] | None = None
+) -> tuple[Path, list[str]]:
+    """DIR/gridstor.yaml: the launcher's default config with free ports, room for the upload, then ``tweak``."""
     from services.common.config_text import default_yaml
     from services.launcher import CONFIG_NAME
 
@@ -275,6 +284,8 @@ def write_config(data_dir: Path, size: int) -> tuple[Path, list[str]]:
     if int(raw.get("max_upload", 0)) < size:
         notes.append(f"max_upload raised from {raw.get('max_upload')} to {size} bytes for the upload")
         raw["max_upload"] = size
+    if tweak is not None:
+        tweak(raw)
     path = data_dir / CONFIG_NAME
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -304,10 +315,13 @@ class Suite:
         self.launcher_pid = launcher_pid
         self.proc = proc
         self.output: list[str] = []
+        self.hung: HungZdb | None = None  # (i): the 0-db backend this run stops
 
     @classmethod
-    def start(cls, data_dir: Path, size: int) -> tuple[Suite, list[str]]:
-        config_path, notes = write_config(data_dir, size)
+    def start(
+        cls, data_dir: Path, size: int, tweak: Callable[[dict[str, Any]], None] | None = None
+    ) -> tuple[Suite, list[str]]:
+        config_path, notes = write_config(data_dir, size, tweak)
         argv = [sys.executable, "-m", "services.launcher", "--data", str(data_dir)]
         proc = subprocess.Popen(
             argv,
@@ -756,7 +770,8 @@ async def data_holders(cfg: Config, meta: Any, file_id: str, count: int) -> tupl
     for chunk in rec.chunks:
         for ref in chunk.shards[: rec.k]:
             held[rec.backends[ref.backend]] += 1
-    chosen = [name for name, _ in held.most_common(count)]
+    folders = {b.name for b in cfg.backends if isinstance(parse_uri(b.uri), DirURI)}  # (d) moves folders
+    chosen = [name for name, _ in held.most_common() if name in folders][:count]
     total = rec.k * len(rec.chunks)
     return chosen, f"holding {sum(held[n] for n in chosen)} of the file's {total} data shards"
 
@@ -909,6 +924,10 @@ async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> Non
         print(f"  ratio                  : {ratio}")
         print(f"  cpu s/run, degraded    : {meter.line('degraded')}")
 
+        # (i) one backend hung
+        if suite.hung is not None:
+            await hung_downloads(args, suite, ingest, meta, metadata, data, file_id, meter, report)
+
         # (f) concurrent uploads
         report.mark_rss("after downloads", suite.launcher_pid)
         meter.refresh()
@@ -1007,6 +1026,134 @@ async def range_ttfb(args: argparse.Namespace, cfg: Config, ingest: Any, metadat
         f"  ratio                  : {ratio:5.2f}x the start (medians)   target <= {RANGE_TTFB_TARGET}x   "
         f"{report.target('range-ttfb', ratio <= RANGE_TTFB_TARGET)}"
     )
+
+
+class HungZdb:
+    """(i): a 0-db server holding one backend's namespace, which the run stops (SIGSTOP) and resumes."""
+
+    NAMESPACE = "bench-hung"
+
+    def __init__(self, binary: str, root: Path) -> None:
+        self.root = root
+        self.port = free_port(set())
+        root.mkdir(parents=True, exist_ok=True)
+        self.log = open(root / "zdb.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [binary, "--listen", "127.0.0.1", "--port", str(self.port), "--data", str(root / "data"),
+             "--index", str(root / "index"), "--datasize", str(64 * MIB)],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_term_with_parent(os.getpid()),
+        )  # fmt: skip
+
+    @classmethod
+    def start(cls, root: Path) -> HungZdb | None:
+        """A running 0-db with the namespace made, or None when there is no zdb binary."""
+        binary = os.environ.get("ZDB_BIN") or shutil.which("zdb")
+        if not binary or not os.access(binary, os.X_OK):
+            return None
+        zdb = cls(binary, root)
+        from services.common.backends.base import Mode
+        from services.common.backends.zdb import ensure_namespace
+
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                asyncio.run(ensure_namespace("127.0.0.1", zdb.port, cls.NAMESPACE, mode=Mode.SEQ, timeout=1.0))
+                return zdb
+            except Exception as exc:  # not listening yet
+                if time.monotonic() > deadline or zdb.proc.poll() is not None:
+                    zdb.stop()
+                    raise BenchFailure(f"the 0-db for (i) did not come up: {exc}") from None
+                time.sleep(0.1)
+
+    @property
+    def uri(self) -> str:
+        return f"zdb://127.0.0.1:{self.port}/{self.NAMESPACE}"
+
+    def into(self, raw: dict[str, Any]) -> None:
+        """Make HUNG_BACKEND of a config mapping this 0-db's namespace."""
+        for i, spec in enumerate(raw["backends"]):
+            if spec.get("name") == HUNG_BACKEND:
+                raw["backends"][i] = {"name": HUNG_BACKEND, "uri": self.uri}
+                return
+        raise BenchFailure(f"the default config has no backend {HUNG_BACKEND}")
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+async def hung_data_shards(cfg: Config, meta: Any, file_id: str) -> int:
+    """How many data shards of ``file_id`` sit on HUNG_BACKEND (from its record)."""
+    from services.common.gateway import service_metadata
+
+    reply = await meta.GetRecord(meta_pb2.GetRecordRequest(id=file_id), metadata=service_metadata(cfg, "bench"))
+    rec = reply.record
+    return sum(1 for c in rec.chunks for ref in c.shards[: rec.k] if rec.backends[ref.backend] == HUNG_BACKEND)
+
+
+async def hung_downloads(
+    args: argparse.Namespace,
+    suite: Suite,
+    ingest: Any,
+    meta: Any,
+    metadata: Any,
+    data: bytes,
+    file_id: str,
+    meter: CpuMeter,
+    report: Report,
+) -> None:
+    """(i): download MB/s with the 0-db backend stopped (SIGSTOP) vs healthy, in the same run."""
+    assert suite.hung is not None
+    cfg, size = suite.cfg, len(data)
+    # A file keeps one placement for all its chunks: use one with data shards on the 0-db, else the
+    # stopped backend would only hold parity, which a healthy read never asks for.
+    held = await hung_data_shards(cfg, meta, file_id)
+    for i in range(10):
+        if held:
+            break
+        data = os.urandom(size)
+        file_id = (await timed_upload(ingest, data, f"bench-hung-{i}.bin", metadata)).file_id
+        held = await hung_data_shards(cfg, meta, file_id)
+    if not held:
+        raise BenchFailure(f"no upload put a data shard on {HUNG_BACKEND}")
+    request = meta_pb2.DownloadRequest(id=file_id)
+
+    async def download(step: str) -> float:
+        parts, dt = await meter.run(step, lambda: timed_download(meta, request))
+        check_download(parts, data, file_id, f"{step} download")
+        return mbps(size, dt)
+
+    print(
+        f"\ndownload {args.size_mib} MiB with one backend hung: {HUNG_BACKEND} is a 0-db namespace holding"
+        f" {held} data shards of the file, stopped with SIGSTOP ({args.runs} runs healthy, then hung)",
+        flush=True,
+    )
+    healthy = [await download("healthy, (i)") for _ in range(args.runs)]
+    suite.hung.pause()
+    try:
+        first = await download("first after the stop")
+        hung = [await download("hung") for _ in range(args.runs)]
+    finally:
+        suite.hung.resume()
+    print(f"  healthy download       : {fmt_runs(healthy)}")
+    print(f"  first after the stop   : {first:7.1f} MB/s  (its reads miss hedge_after until the breaker opens)")
+    print(f"  hung download          : {fmt_runs(hung)}")
+    print(f"  ratio                  : {ratio_text(hung, healthy, 'healthy', HUNG_TARGET, report, 'hung')}")
+    print(f"  cpu s/run, hung        : {meter.line('hung')}")
 
 
 async def concurrent_uploads(
@@ -1245,6 +1392,19 @@ async def amain(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             room = max(args.size_mib * MIB, args.range_gib * GIB)
             suite, notes = Suite.start(scratch / "data", room)  # main thread: see _term_with_parent
+            hung = None if args.no_hung else HungZdb.start(scratch / "zdb")
+            try:
+                # main thread: see _term_with_parent
+                suite, notes = Suite.start(scratch / "data", args.size_mib * MIB, hung.into if hung else None)
+            except BaseException:
+                if hung is not None:
+                    hung.stop()
+                raise
+            suite.hung = hung
+            if hung is not None:
+                notes.append(f"backend {HUNG_BACKEND} is the 0-db namespace {hung.uri} (stopped in (i))")
+            else:
+                notes.append("(i) skipped: " + ("--no-hung" if args.no_hung else "no zdb binary (set ZDB_BIN)"))
             for note in notes:
                 print(f"  config: {note}")
             print(f"  the suite came up in {time.perf_counter() - t0:.1f} s (data {scratch / 'data'})")
@@ -1262,6 +1422,8 @@ async def amain(args: argparse.Namespace) -> int:
     finally:
         if suite is not None and not args.attach:
             suite.stop()
+        if suite is not None and suite.hung is not None:
+            suite.hung.stop()
         if scratch is not None:
             if args.keep:
                 print(f"kept {scratch}")
@@ -1298,6 +1460,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", metavar="DIR", help="py-spy raw profiles of ingest, its workers and meta into DIR")
     ap.add_argument("--dir", help="where the temp data dir goes (default: the system temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the temp data dir (logs) afterwards")
+    ap.add_argument("--no-hung", action="store_true", help="skip (i), the download with a hung 0-db backend")
     ap.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bare-tls", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
