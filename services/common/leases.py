@@ -114,17 +114,32 @@ class Leases:
         """Seconds between renewals."""
         return min(30.0, max(1.0, self.ttl / 10))
 
+    async def _take(self, name: str, retry_for: float) -> str:
+        """Write the lease ``name``, retrying while Redis does not answer for up to ``retry_for`` seconds."""
+        give_up = time.monotonic() + retry_for
+        delay = 0.2
+        while True:
+            try:
+                since = await server_time(self.redis)
+                value = f"{os.urandom(8).hex()} {since:.6f} {self.owner}"
+                await self.redis.set(PREFIX + name, value, px=int(self.ttl * 1000))
+                return value
+            except (RedisError, OSError) as exc:
+                if time.monotonic() + delay >= give_up:
+                    raise errors.StoreFailed(
+                        f"cannot take a lease for {name}: the job queue (redis) is unavailable: {exc}"
+                    ) from None
+                log.warning("lease %s not taken (redis: %s); retrying in %.1fs", name, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
     @contextlib.asynccontextmanager
-    async def hold(self, name: str) -> AsyncIterator[Lease]:
-        """Take the lease ``name`` (StoreFailed when Redis does not answer), renew it, give it back at the end."""
-        try:
-            since = await server_time(self.redis)
-            value = f"{os.urandom(8).hex()} {since:.6f} {self.owner}"
-            await self.redis.set(PREFIX + name, value, px=int(self.ttl * 1000))
-        except (RedisError, OSError) as exc:
-            raise errors.StoreFailed(
-                f"cannot take a lease for {name}: the job queue (redis) is unavailable: {exc}"
-            ) from None
+    async def hold(self, name: str, *, retry_for: float = 0.0) -> AsyncIterator[Lease]:
+        """Take the lease ``name`` (retrying ``retry_for`` s while Redis is away), renew it, give it back at the end.
+
+        StoreFailed when Redis does not answer in time: no shard may be written without a lease.
+        """
+        value = await self._take(name, retry_for)
         lease = Lease(name, value, self.ttl)
         task = asyncio.create_task(self._keep(lease), name=f"lease-{name}")
         try:

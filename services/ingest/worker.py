@@ -459,7 +459,7 @@ class Worker:
         metaclient.on_wait.set(note)
         if self.leases is None:
             return await self._store(job)
-        async with self.leases.hold(job.id) as lease:
+        async with self.leases.hold(job.id, retry_for=self.outage_wait) as lease:
             _lease.set(lease)
             return await self._store(job)
 
