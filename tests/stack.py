@@ -209,26 +209,14 @@ class Stack:
         )
         return ended
 
-    async def keys(self) -> dict[str, set[bytes]]:
-        """Every key each shard backend holds (identity markers left out)."""
+    async def keys(self, *, markers: bool = False) -> dict[str, set[bytes]]:
+        """Every key each shard backend holds, identity markers left out (``markers``: only those; none for dir)."""
         out: dict[str, set[bytes]] = {}
         for spec in self.cfg.backends:
             backend = await open_backend(spec.uri, Mode.SEQ, marked=True)
             try:
                 marker = backend.marker_key
-                out[spec.name] = {k async for k in backend.scan() if k != marker}
-            finally:
-                await backend.close()
-        return out
-
-    async def markers(self) -> dict[str, set[bytes]]:
-        """Each shard backend's identity marker key (empty for dir backends: theirs is in meta.json)."""
-        out: dict[str, set[bytes]] = {}
-        for spec in self.cfg.backends:
-            backend = await open_backend(spec.uri, Mode.SEQ, marked=True)
-            try:
-                marker = backend.marker_key
-                out[spec.name] = {k async for k in backend.scan() if k == marker}
+                out[spec.name] = {k async for k in backend.scan() if (k == marker) == markers}
             finally:
                 await backend.close()
         return out

@@ -12,7 +12,7 @@ import getpass
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError
 from nacl.signing import SigningKey
@@ -196,32 +196,51 @@ def _progress_text(p: maint_pb2.ScrubProgress) -> str:
     return "\n".join(lines)
 
 
+_P = TypeVar("_P", maint_pb2.ScrubProgress, maint_pb2.OrphanProgress)
+
+
+def _start_or_follow(
+    s: Session,
+    a: argparse.Namespace,
+    status: Callable[[], _P],
+    start: Callable[[], tuple[bool, _P]],
+    what: str,
+) -> _P:
+    """--status: the running or last run's progress; else start one (or join the running one); --wait: to its end."""
+    with s.rpc("maint"):
+        if a.status:
+            progress = status()
+        else:
+            started, progress = start()
+            if not started:
+                s.note(f"gridstor: {what} is already running; showing its progress")
+        while a.wait and progress.state == maint_pb2.SCRUB_STATE_RUNNING:
+            time.sleep(POLL)
+            progress = status()
+    return progress
+
+
 def cmd_scrub(s: Session, a: argparse.Namespace) -> int:
     """Start a scrub pass (or show the running / last one with --status); --wait follows it to its end."""
     stub = _stub(s)
-    queued = -1
-    with s.rpc("maint"):
-        if a.status:
-            status = stub.ScrubStatus(maint_pb2.ScrubStatusRequest(), metadata=s.auth_metadata(), timeout=UNARY_TIMEOUT)
-            progress, queued = status.progress, status.repair_queue
-        else:
-            reply = stub.Scrub(
-                maint_pb2.ScrubRequest(hard=a.hard, dry_run=a.dry_run),
-                metadata=s.auth_metadata(),
-                timeout=UNARY_TIMEOUT,
-            )
-            progress = reply.progress
-            if not reply.started:
-                s.note("gridstor: a scrub pass is already running; showing its progress")
-        while a.wait and progress.state == maint_pb2.SCRUB_STATE_RUNNING:
-            time.sleep(POLL)
-            progress = stub.ScrubStatus(
-                maint_pb2.ScrubStatusRequest(), metadata=s.auth_metadata(), timeout=UNARY_TIMEOUT
-            ).progress
+    queued = [-1]
+
+    def status() -> maint_pb2.ScrubProgress:
+        reply = stub.ScrubStatus(maint_pb2.ScrubStatusRequest(), metadata=s.auth_metadata(), timeout=UNARY_TIMEOUT)
+        queued[0] = reply.repair_queue
+        return reply.progress
+
+    def start() -> tuple[bool, maint_pb2.ScrubProgress]:
+        request = maint_pb2.ScrubRequest(hard=a.hard, dry_run=a.dry_run)
+        reply = stub.Scrub(request, metadata=s.auth_metadata(), timeout=UNARY_TIMEOUT)
+        return reply.started, reply.progress
+
+    progress = _start_or_follow(s, a, status, start, "a scrub pass")
     text, data = _progress_text(progress), _progress(progress)
     if a.status:
-        text += f"\n  repair queue: {queued if queued >= 0 else 'unknown (redis unreachable)'} under-replicated files"
-        data["repair_queue"] = queued
+        n = queued[0]
+        text += f"\n  repair queue: {n if n >= 0 else 'unknown (redis unreachable)'} under-replicated files"
+        data["repair_queue"] = n
     s.result(text, data)
     return EXIT_FAILED if progress.files_unrecoverable else EXIT_OK
 
@@ -328,23 +347,18 @@ def _orphans_text(p: maint_pb2.OrphanProgress) -> str:
 def cmd_orphans(s: Session, a: argparse.Namespace) -> int:
     """Collect orphan shards (no record references them, no running job owns them); --wait follows it to its end."""
     stub = _stub(s)
-    with s.rpc("maint"):
-        if a.status:
-            progress = stub.OrphanStatus(
-                maint_pb2.OrphanStatusRequest(), metadata=s.auth_metadata(), timeout=UNARY_TIMEOUT
-            ).progress
-        else:
-            reply = stub.CollectOrphans(
-                maint_pb2.CollectOrphansRequest(dry_run=a.dry_run), metadata=s.auth_metadata(), timeout=UNARY_TIMEOUT
-            )
-            progress = reply.progress
-            if not reply.started:
-                s.note("gridstor: an orphan collection is already running; showing its progress")
-        while a.wait and progress.state == maint_pb2.SCRUB_STATE_RUNNING:
-            time.sleep(POLL)
-            progress = stub.OrphanStatus(
-                maint_pb2.OrphanStatusRequest(), metadata=s.auth_metadata(), timeout=UNARY_TIMEOUT
-            ).progress
+
+    def status() -> maint_pb2.OrphanProgress:
+        return stub.OrphanStatus(
+            maint_pb2.OrphanStatusRequest(), metadata=s.auth_metadata(), timeout=UNARY_TIMEOUT
+        ).progress
+
+    def start() -> tuple[bool, maint_pb2.OrphanProgress]:
+        request = maint_pb2.CollectOrphansRequest(dry_run=a.dry_run)
+        reply = stub.CollectOrphans(request, metadata=s.auth_metadata(), timeout=UNARY_TIMEOUT)
+        return reply.started, reply.progress
+
+    progress = _start_or_follow(s, a, status, start, "an orphan collection")
     s.result(_orphans_text(progress), _orphans(progress))
     return EXIT_FAILED if progress.error else EXIT_OK
 

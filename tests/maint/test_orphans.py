@@ -91,7 +91,7 @@ async def test_a_killed_workers_shards_are_collected(
             assert await stack.download(fid) == content
             assert (await stack.check(fid)).ok
         if backend == "zdb":  # the identity markers stayed
-            assert all(len(k) == 1 for k in (await stack.markers()).values())
+            assert all(len(k) == 1 for k in (await stack.keys(markers=True)).values())
     finally:
         await stack.stop()
 
