@@ -34,7 +34,7 @@ from services.maint import service as maint_service
 from services.meta import service as meta_service
 from tests.helpers import Served, free_port, wait_until_async
 from tests.ingest.conftest import requests
-from tests.maint.conftest import BearerToken
+from tests.maint.conftest import operator_channel
 from tests.redis_server import RedisProcess
 
 CHUNK = "64KiB"
@@ -112,11 +112,7 @@ class Stack:
         stack.maint = await Served.start(
             maint_service.build, cfg, registry=stack.maint_registry, options={"schedules": schedules}
         )
-        token = rpc.admin_token(signing_key(cfg.data_dir), "tests")
-        admin = grpc.aio.insecure_channel(
-            f"127.0.0.1:{stack.maint.port}",
-            interceptors=[BearerToken(token)],  # type: ignore[list-item]
-        )
+        admin = operator_channel(cfg, stack.maint.port)
         stack._channels.append(admin)
         stack._admin = maint_pb2_grpc.MaintServiceStub(admin)
 

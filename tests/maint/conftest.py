@@ -52,6 +52,12 @@ class BearerToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-ar
         return await continuation(details, request)
 
 
+def operator_channel(cfg: Config, port: int) -> grpc.aio.Channel:
+    """A channel to maint on ``port`` with an operator's token: Repair, Scrub ... need one even in public mode."""
+    token = rpc.admin_token(signing_key(cfg.data_dir), "tests")
+    return grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=[BearerToken(token)])  # type: ignore[list-item]
+
+
 def raw_config(data_dir: Path, *, backends: Sequence[Any] | None = None, **settings: Any) -> dict[str, Any]:
     """The settings of ``gateway_config`` as a YAML-ready mapping."""
     raw: dict[str, Any] = {
@@ -121,12 +127,7 @@ class Gateway:
         self._maint = await Served.start(maint_service.build, cfg, registry=self.registry, options={"schedules": False})
         self.maint_port = self._maint.port
         self.maint = maint_pb2_grpc.MaintServiceStub(self._maint.channel)
-        # The operator's channel: Repair, Scrub, Backup and Restore need an admin token even in public mode.
-        token = rpc.admin_token(signing_key(self.cfg.data_dir), "tests")
-        ach = grpc.aio.insecure_channel(
-            f"127.0.0.1:{self.maint_port}",
-            interceptors=[BearerToken(token)],  # type: ignore[list-item]
-        )
+        ach = operator_channel(self.cfg, self.maint_port)
         self._channels.append(ach)
         self._admin = maint_pb2_grpc.MaintServiceStub(ach)
 
