@@ -17,7 +17,6 @@ from gridstor.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 from services.common import errors, jobs, spool
 from services.common.capacity import Gate
 from services.common.config import Config
-from services.common.gateway import refuse_on_replica
 from services.common.jobs import Job, JobStore, Notifier
 from services.common.keys import signing_key
 from services.common.metrics import Registry
@@ -100,7 +99,6 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, request_iterator: AsyncIterator[ingest_pb2.UploadRequest], context: Context
     ) -> ingest_pb2.UploadReply:
         """Receive one file; reply with the job that stores it."""
-        refuse_on_replica(self.cfg, "an upload")
         up = upload.Upload(self.cfg, self.store, current_identity.get(), self.metrics.bytes.inc, self.instance)
         try:
             async with self.uploads.slot():

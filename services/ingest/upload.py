@@ -18,6 +18,11 @@
    docs/resilience.md). Past that point a cancellation no longer undoes it.
 4. Anything failing before the commit removes the spool file; a streamed
    job is aborted first, so its worker stops and deletes what it wrote.
+
+A ``role: replica`` gateway refuses every upload (FAILED_PRECONDITION) before
+anything is spooled or stored: it shares the master's pool but cannot store a
+record. What the client still sends is read and dropped for a moment first
+(``_drain``), so it hears why.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import grpc
 from gridstor.v1 import ingest_pb2
 from services.common import errors, jobs, spool
 from services.common.config import Config
+from services.common.gateway import refuse_on_replica
 from services.common.ids import dropped_ext
 from services.common.jobs import JobStore
 from services.common.limits import idle_timeout
@@ -91,11 +97,15 @@ class Upload:
     async def receive(self, messages: AsyncIterator[ingest_pb2.UploadRequest], context: Context) -> Received:
         """Spool ``messages`` and queue the job; the spool file is gone again unless the job is queued."""
         limit = self.cfg.max_upload
+        stream = idle_timeout(messages, self.cfg.limits.upload_idle_timeout)
+        if self.cfg.role == "replica":  # it cannot store a record: refused before a byte is kept or a shard written
+            self.result = "refused"
+            await self._drain(stream)
+            refuse_on_replica(self.cfg, "an upload")
         sp = spool.Spool(self.cfg.spool_dir, limit)
         committed: asyncio.Future[None] | None = None
         job = ""
         streaming = False  # the job is queued already and a worker may be storing the spool as it grows
-        stream = idle_timeout(messages, self.cfg.limits.upload_idle_timeout)
         try:
             pieces = self._file(stream, limit)
             async with contextlib.aclosing(pieces):
