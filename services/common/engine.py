@@ -774,13 +774,14 @@ class _ChunkWriter:
                 rec.backend_ids.append(identity)
         return idx
 
-    def _candidates(self, ci: int, exclude: set[str]) -> list[str]:
-        """Backends taking writes now (breaker closed, no recent refusal) not in ``exclude``, rotated per chunk."""
+    def _candidates(self, ci: int, exclude: set[str], *, writable: bool = True) -> list[str]:
+        """Backends not in ``exclude``, rotated per chunk: those taking writes now (breaker closed, no recent
+        refusal), or with ``writable=False`` the others (the last resort)."""
         names = self.pool.names
         n = len(names)
         rot = (self.start + ci * (self.cfg.k + self.cfg.m)) % n
         ordered = names[rot:] + names[:rot]
-        return [b for b in ordered if b not in exclude and self.pool.writable(b)]
+        return [b for b in ordered if b not in exclude and self.pool.writable(b) == writable]
 
     async def write_chunk(self, ci: int, frags: Sequence[bytes], sums: Sequence[bytes]) -> None:
         await self._place(ci, dict(enumerate(frags)), sums, exclude=set(), need=self.cfg.quorum)
@@ -808,11 +809,16 @@ class _ChunkWriter:
     ) -> int:
         """Put each fragment on its own backend; at least ``need`` of the chunk's shards must end up stored.
 
-        Returns how many of ``frags`` were placed; the others are marked
-        unwritten (those in ``keep_old`` keep their old reference).
+        Backends that take writes now come first; the others only when those
+        cannot reach ``need``. Returns how many of ``frags`` were placed; the
+        others are marked unwritten (those in ``keep_old`` keep their old reference).
         """
         candidates = deque(self._candidates(ci, exclude))
         stored_before = len(self.record.chunks[ci].shards) - len(frags)  # rewrite: the shards kept
+        if stored_before + len(candidates) < need:
+            # Too few backends take writes to reach the quorum: try the skipped ones too (they may be back
+            # before their breaker's probe says so). Never otherwise: a hung one costs its timeout.
+            candidates.extend(self._candidates(ci, exclude, writable=False))
         errors: list[str] = []
 
         def record(si: int, name: str, key: bytes) -> None:

@@ -322,6 +322,31 @@ async def test_degraded_write_within_the_quorum(tmp_path: Path, quorum: int) -> 
     assert not soft.ok and not soft.unrecoverable and not soft.unreadable
 
 
+async def test_backends_back_before_their_probe_take_writes_when_the_quorum_needs_them(tmp_path: Path) -> None:
+    """Four backends went away and came back; their breakers are still open (no probe yet). Without them a
+    chunk cannot reach the quorum, so they are tried anyway, and the upload keeps full redundancy."""
+    pool = await make_pool(tmp_path, 20)
+    engine = Engine(pool, os.urandom(32), EngineConfig(k=K, m=M, chunk_size=CHUNK))
+    away = _backend_dirs(tmp_path)[:M]
+    for d in away:
+        d.rename(d.with_name(d.name + "-away"))
+    assert not any([await pool.probe(d.name) for d in away])  # a health check saw them gone
+    for d in away:
+        d.with_name(d.name + "-away").rename(d)
+    assert not any(pool.writable(d.name) for d in away)
+    data = os.urandom(2 * CHUNK)
+    record = await engine.store([data])
+    assert unwritten_shards(record) == 0 and all(pool.usable(d.name) for d in away)
+    assert await collect(engine.read(record)) == data
+    # With one backend down (and 19 taking writes) the down one is not asked: it is simply skipped.
+    gone = _backend_dirs(tmp_path)[7]
+    gone.rename(gone.with_name("gone"))
+    assert not await pool.probe(gone.name)
+    skipped = await engine.store([data[:CHUNK]])
+    assert unwritten_shards(skipped) == 1 and pool.breaker(gone.name).opened == 1
+    await pool.close()
+
+
 async def test_below_the_quorum_fails_clean(tmp_path: Path) -> None:
     pool = await make_pool(tmp_path, 20)
     engine = Engine(pool, os.urandom(32), EngineConfig(k=K, m=M, chunk_size=CHUNK))  # quorum k+1 = 17
