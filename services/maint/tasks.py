@@ -176,7 +176,7 @@ class Maint:
         """One pass of home cleanup over every SSH account (blocking: run in a thread)."""
         for removed in cleanup.sweep_homes(self.cfg).values():
             self.cleanup_removed.inc(len(removed))
-            self.cleanup_bytes.inc(sum(r.size for r in removed))
+            self.cleanup_bytes.inc(sum(r.allocated for r in removed))
 
     # -- schedules ------------------------------------------------------------------
 

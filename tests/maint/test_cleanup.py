@@ -1,4 +1,7 @@
-"""Home cleanup: oldest first, stops under the limit, never follows a symlink out of the home."""
+"""Home cleanup: oldest first, stops under the limit, any depth, never follows a symlink out of the home.
+
+A home holds allocated blocks: the files here are whole blocks (B), each folder takes one.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from services.common.errors import InvalidInput
 from services.maint.cleanup import enforce_quota, home_usage, sweep_homes
 
 NOW = 1_700_000_000
+B = 4096  # one block of the test file system (ext4, tmpfs)
 
 
 def put(home: Path, rel: str, size: int, age: int) -> Path:
@@ -35,24 +39,26 @@ def home(tmp_path: Path) -> Path:
 def test_under_the_limit_nothing_goes(home: Path) -> None:
     put(home, "a", 100, 30)
     put(home, "b", 100, 20)
-    assert enforce_quota(home, 200) == []
+    assert home_usage(home) == 2 * B  # 100 bytes take a block each
+    assert enforce_quota(home, 2 * B) == []
     assert sorted(p.name for p in home.iterdir()) == ["a", "b"]
 
 
 def test_oldest_first_and_stops_as_soon_as_under(home: Path, caplog: pytest.LogCaptureFixture) -> None:
-    put(home, "newest", 100, 10)
-    put(home, "sub/oldest", 100, 50)
-    put(home, "middle", 100, 30)
-    put(home, "sub/deep/older", 100, 40)
-    caplog.set_level(logging.INFO, logger="services.maint.cleanup")
-    removed = enforce_quota(home, 250)
+    put(home, "newest", B, 10)
+    put(home, "sub/oldest", B, 50)
+    put(home, "middle", B, 30)
+    put(home, "sub/deep/older", B, 40)
+    assert home_usage(home) == 6 * B  # 4 files, 2 folders
+    caplog.set_level(logging.INFO, logger="services.common.homes")
+    removed = enforce_quota(home, 4 * B + B // 2)
     assert [r.path for r in removed] == ["sub/oldest", "sub/deep/older"]
-    assert [r.size for r in removed] == [100, 100]
+    assert [(r.size, r.allocated) for r in removed] == [(B, B), (B, B)]
     assert removed[0].mtime == NOW - 50
     assert (home / "newest").exists() and (home / "middle").exists()
     assert not (home / "sub" / "oldest").exists()
     assert (home / "sub" / "deep").is_dir()  # folders stay
-    assert home_usage(home) == 200
+    assert home_usage(home) == 4 * B
     assert [r.getMessage() for r in caplog.records if "removed" in r.getMessage()] == [
         "home over its limit: removed sub/oldest",
         "home over its limit: removed sub/deep/older",
@@ -60,10 +66,10 @@ def test_oldest_first_and_stops_as_soon_as_under(home: Path, caplog: pytest.LogC
 
 
 def test_a_big_new_file_takes_old_ones_with_it(home: Path) -> None:
-    put(home, "old1", 10, 100)
-    put(home, "old2", 10, 90)
-    put(home, "huge", 1000, 1)
-    removed = enforce_quota(home, 500)
+    put(home, "old1", B, 100)
+    put(home, "old2", B, 90)
+    put(home, "huge", 10 * B, 1)
+    removed = enforce_quota(home, 5 * B)
     # Oldest first until under: the small old files go first, then the big one itself.
     assert [r.path for r in removed] == ["old1", "old2", "huge"]
     assert list(home.iterdir()) == []
@@ -82,10 +88,11 @@ def test_symlinks_are_not_followed_counted_or_removed(home: Path, tmp_path: Path
     victim = put(outside, "precious", 10_000, 1000)  # very old, outside the home
     (home / "link-to-file").symlink_to(victim)
     (home / "link-to-dir").symlink_to(outside, target_is_directory=True)
-    put(home, "mine-old", 300, 500)
-    put(home, "mine-new", 300, 5)
-    assert home_usage(home) == 600  # the 10 kB behind the links do not count
-    removed = enforce_quota(home, 400)
+    put(home, "mine-old", 3 * B, 500)
+    put(home, "mine-new", 3 * B, 5)
+    # the 10 kB behind the links do not count; the links themselves (long targets) take a block each
+    assert home_usage(home) == 6 * B + 2 * B
+    removed = enforce_quota(home, 5 * B)
     assert [r.path for r in removed] == ["mine-old"]
     assert victim.exists() and victim.stat().st_size == 10_000
     assert (home / "link-to-file").is_symlink() and (home / "link-to-dir").is_symlink()
@@ -101,12 +108,12 @@ def test_a_symlinked_home_is_left_alone(tmp_path: Path) -> None:
 
 
 def test_hard_links_count_once_and_go_together(home: Path) -> None:
-    a = put(home, "a", 400, 100)
+    a = put(home, "a", 4 * B, 100)
     os.link(a, home / "a-again")
-    put(home, "b", 100, 10)
-    assert home_usage(home) == 500
-    removed = enforce_quota(home, 450)
-    assert [(r.path, r.size) for r in removed] == [("a", 400)]
+    put(home, "b", B, 10)
+    assert home_usage(home) == 5 * B
+    removed = enforce_quota(home, 4 * B + B // 2)
+    assert [(r.path, r.size) for r in removed] == [("a", 4 * B)]
     assert sorted(p.name for p in home.iterdir()) == ["b"]
 
 
@@ -126,7 +133,7 @@ def test_sweep_uses_the_ssh_accounts(tmp_path: Path, monkeypatch: pytest.MonkeyP
     doc = {
         "version": 1,
         "accounts": {
-            "alice": {"public_key": key, "max_bytes": 150},
+            "alice": {"public_key": key, "max_bytes": B + B // 2},
             "bob": {"public_key": key, "max_bytes": 10_000},
         },
     }
@@ -138,3 +145,25 @@ def test_sweep_uses_the_ssh_accounts(tmp_path: Path, monkeypatch: pytest.MonkeyP
     removed = sweep_homes(cfg)
     assert {u: [r.path for r in rs] for u, rs in removed.items()} == {"alice": ["old"]}
     assert (data / "homes" / "bob" / "old").exists()
+
+
+def test_files_at_any_depth_are_counted_and_go_in_age_order(home: Path) -> None:
+    """3,000 folders deep (no recursion, one folder descriptor at a time): the old deep file goes first."""
+    fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(3000):
+        os.mkdir("d", dir_fd=fd)
+        sub = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = sub
+    deep = os.open("deep.bin", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+    os.write(deep, b"d" * B)
+    os.close(deep)
+    os.utime("deep.bin", (NOW - 1000, NOW - 1000), dir_fd=fd)
+    os.close(fd)
+    put(home, "visible-new", B, 10)
+    put(home, "visible-newer", B, 5)
+    assert home_usage(home) == 3000 * B + 3 * B
+    removed = enforce_quota(home, 3000 * B + 2 * B)
+    assert [(r.path.count("/"), r.path.rsplit("/", 1)[-1]) for r in removed] == [(3000, "deep.bin")]
+    assert (home / "visible-new").exists() and (home / "visible-newer").exists()
+    assert home_usage(home) == 3000 * B + 2 * B

@@ -116,7 +116,7 @@ async def test_backup_and_cleanup_schedules(tmp_path: Path, gateways: Make, monk
     data = tmp_path / "gw"
     cfg = gateway_config(data, maint={"scrub_interval": 0, "backup_interval": 3600, "cleanup_interval": 0.05})
     (data / "ssh").mkdir(parents=True)
-    doc = {"version": 1, "accounts": {"alice": {"public_key": KEY, "max_bytes": 100}}}
+    doc = {"version": 1, "accounts": {"alice": {"public_key": KEY, "max_bytes": 6000}}}  # one 4 KiB block of two
     (data / "ssh" / "accounts.json").write_text(json.dumps(doc))
     home = data / "homes" / "alice"
     home.mkdir(parents=True)
