@@ -3,7 +3,8 @@ tokens as auth issues them (login_token, bearer), the environment of child proce
 stopping and running programs.
 
 Disks: ``tmpfs(path, size)`` mounts a small real file system to fill (skipping where mounting is not
-permitted).
+permitted). Trees: ``deep_folder`` makes folders deeper than Python's recursion, ``remove_tree``
+removes them (pytest's own cleanup of old temp dirs recurses and would fail on one left behind).
 
 Waiting: a test never sleeps to let something happen; it polls for the thing itself and fails
 naming what it waited for and what it saw last::
@@ -320,3 +321,23 @@ async def run_program(
         pytest.fail(f"{argv[0]} did not finish within {limit:g} s: {' '.join(map(str, argv))}")
     assert proc.returncode is not None
     return Result(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+# -- deep trees ---------------------------------------------------------------------------------------
+
+
+def deep_folder(root: Path, depth: int, name: str = "d") -> int:
+    """Make ``root/name/name/...`` ``depth`` levels deep (relative opens: no path length limit); the deepest
+    folder's descriptor (the caller closes it)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir(name, dir_fd=fd)
+        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = sub
+    return fd
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a tree of any depth (GNU rm walks without recursion; shutil.rmtree stops near 1,000 levels)."""
+    subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=True)

@@ -269,6 +269,16 @@ class SshConfig:
         Text("a path to rrsync"),
         env="GRIDSTOR_RRSYNC",
     )
+    max_entries: int = setting(
+        1_000_000, "files, folders and links a home may hold (every account; docs/ssh.md)", Int(1)
+    )
+    login_timeout: float = setting(
+        30.0, "seconds a connection has to log in before it is closed", Number(positive=True)
+    )
+    max_unauthenticated: int = setting(100, "connections not yet logged in, in all; more are closed at once", Int(1))
+    max_unauthenticated_per_address: int = setting(
+        10, "connections not yet logged in from one client address; more are closed at once", Int(1)
+    )
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,9 @@
-"""SSH accounts and their homes: the writer of the accounts file, home folders, usage counting.
+"""SSH accounts and their homes: the writer of the accounts file, home folders.
 
 The account record and the file's format are in services/common/accounts.py
 (maint reads the file too); ``AccountStore`` is its one writer, rewriting it
 atomically (temp file, fsync, rename) on every change. A home is
-``HOMES/<username>`` (0700). ``Home`` keeps the bytes used by a home for the
-quota checks of SFTP writes: a full scan when it is stale, deltas in between.
+``HOMES/<username>`` (0700); what it holds is counted by services/ssh/home.py.
 """
 
 from __future__ import annotations
@@ -33,8 +32,7 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 MAX_SIZE_MB = 1 << 30  # 1 PiB: a typo guard, not a policy
-SCAN_MAX_AGE = 30.0  # seconds a usage scan is trusted before a new session rescans
-RECOUNT_AFTER = 5.0  # a write over the limit recounts first when the last count is older than this
+HOME_MODE = 0o700  # homes keep it: SFTP refuses to change it, rsync's chmod of it is answered without effect
 
 
 class AccountStore:
@@ -140,118 +138,17 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def ensure_home(homes_dir: Path, username: str) -> Path:
-    """Create the home (0700) if missing; refuse one that is not a plain folder."""
+    """Create the home (0700, the service's own) if missing or put its mode and owner back; refuse a non-folder."""
     homes_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = home_path(homes_dir, username)
     with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
+        os.mkdir(path, HOME_MODE)
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         log.warning("home %s exists but is not a folder; move it away", path, extra={"user": username})
         raise errors.Refused(f"the home of {username!r} exists on the gateway but is not a folder: ask its operator")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
+    if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+        os.chown(path, os.geteuid(), os.getegid(), follow_symlinks=False)
+    if stat.S_IMODE(st.st_mode) != HOME_MODE:
+        os.chmod(path, HOME_MODE)
     return path
-
-
-def scan_usage(root: Path) -> tuple[int, int]:
-    """(bytes, regular files) under ``root``; hard links count once, symlinks are not followed."""
-    total = files = 0
-    seen: set[tuple[int, int]] = set()
-    stack = [str(root)]
-    while stack:
-        top = stack.pop()
-        try:
-            it = os.scandir(top)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            log.warning("cannot list %s while counting a home: %s", top, exc.strerror)
-            continue
-        with it:
-            for entry in it:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(entry.path)
-                elif stat.S_ISREG(st.st_mode):
-                    if st.st_nlink > 1:
-                        ident = (st.st_dev, st.st_ino)
-                        if ident in seen:
-                            continue
-                        seen.add(ident)
-                    total += st.st_size
-                    files += 1
-    return total, files
-
-
-class QuotaExceeded(errors.LimitExceeded):
-    """A write would take the home over its maximum size."""
-
-
-class Home:
-    """A home's root, size limit and bytes used (shared by every session of its user)."""
-
-    def __init__(self, username: str, root: Path, max_bytes: int) -> None:
-        self.username = username
-        self.root = root
-        self.max_bytes = max_bytes
-        self.used = 0
-        self.files = 0
-        self.scanned_at: float | None = None  # monotonic time of the last full scan
-        self._scan: asyncio.Task[None] | None = None
-        self._delta_while_scanning = 0
-
-    @property
-    def stale(self) -> bool:
-        return self.scanned_at is None or time.monotonic() - self.scanned_at > SCAN_MAX_AGE
-
-    @property
-    def recount_due(self) -> bool:
-        """Whether a refused write should recount first (the count may miss removals made outside SFTP)."""
-        return self.scanned_at is None or time.monotonic() - self.scanned_at > RECOUNT_AFTER
-
-    def invalidate(self) -> None:
-        """Something outside the SFTP hooks changed the home (rsync, Process, maint): rescan next time."""
-        self.scanned_at = None
-
-    async def refresh(self, *, force: bool = False) -> None:
-        """Rescan when stale (or ``force``); concurrent callers share one scan."""
-        if not force and not self.stale:
-            return
-        if self._scan is None or self._scan.done():
-            self._scan = asyncio.create_task(self._rescan())
-        await asyncio.shield(self._scan)
-
-    async def _rescan(self) -> None:
-        self._delta_while_scanning = 0
-        used, files = await asyncio.to_thread(scan_usage, self.root)
-        # Writes during the scan may or may not have been seen; counting them again errs on the safe side.
-        self.used = max(0, used + self._delta_while_scanning)
-        self.files = files
-        self.scanned_at = time.monotonic()
-
-    def message(self) -> str:
-        return f"quota exceeded: home is {self.used} of {self.max_bytes} bytes"
-
-    def reserve(self, growth: int) -> None:
-        """Count ``growth`` new bytes, or QuotaExceeded when they do not fit."""
-        if growth <= 0:
-            return
-        if self.used + growth > self.max_bytes:
-            raise QuotaExceeded(self.message())
-        self.used += growth
-        self._delta_while_scanning += growth
-
-    def release(self, freed: int) -> None:
-        """Bytes removed (a file deleted or truncated)."""
-        if freed <= 0:
-            return
-        self.used = max(0, self.used - freed)
-        self._delta_while_scanning -= freed
-
-    @property
-    def free(self) -> int:
-        return max(0, self.max_bytes - self.used)

@@ -18,6 +18,7 @@ class SshMetrics:
         self.refused = registry.counter("ssh_refused_total", "Refused requests by kind (escape, shell, forward ...)")
         self.quota = registry.counter("ssh_quota_refusals_total", "Writes refused because a home was full")
         self.bytes_written = registry.counter("ssh_sftp_bytes_written_total", "Bytes written through SFTP and SCP")
+        self.bytes_read = registry.counter("ssh_sftp_bytes_read_total", "Bytes read through SFTP and SCP")
         self.rsync = registry.counter("ssh_rsync_sessions_total", "rsync sessions by direction (push, pull)")
         self.processed = registry.counter("ssh_process_total", "Process calls that queued a job, by kind")
         self.removed = registry.counter("ssh_process_removed_total", "Processed paths removed after their job")

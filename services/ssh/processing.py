@@ -5,11 +5,12 @@
   out or a folder swapped for a symlink cannot reach outside. A missing path, a
   symlink, or something that is not a file or folder is a clear error.
 * A file is copied into the ingest spool while hashed; a folder is streamed
-  as a .tar.gz straight into the spool (no temporary copy of the tree;
-  symlinks are stored as symlinks, never followed; FIFOs and devices are
-  skipped). Then, exactly like an upload, the spool file is renamed to
-  ``<job>.spool`` and the job is queued with ``JobStore.submit``; ingest's
-  workers store it. Over ``max_upload`` is errors.TooLarge (INVALID_ARGUMENT; 413 over REST).
+  as a .tar.gz straight into the spool (no temporary copy of the tree; any
+  depth, walked without recursion by services/common/homes.py; symlinks are
+  stored as symlinks, never followed; FIFOs and devices are skipped). Then,
+  exactly like an upload, the spool file is renamed to ``<job>.spool`` and
+  the job is queued with ``JobStore.submit``; ingest's workers store it.
+  Over ``max_upload`` is errors.TooLarge (INVALID_ARGUMENT; 413 over REST).
 * With remove, a watcher waits for the job (``Notifier.wait``). Only when it
   is DONE are the processed entries removed, and only those that are unchanged
   since they were archived (same inode, size and mtime): a file added or
@@ -37,7 +38,7 @@ from typing import Any
 
 import blake3
 
-from services.common import errors, jobs, spool
+from services.common import errors, homes, jobs, spool
 from services.common.ids import HASH_BYTES
 from services.common.jobs import JobStore, Notifier
 from services.ssh.accounts import write_atomic
@@ -258,31 +259,24 @@ def _write_tar(dir_fd: int, top: str, writer: _SpoolWriter) -> dict[str, Entry]:
         tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar,
     ):
         tar.addfile(_tarinfo(top, os.fstat(dir_fd), tarfile.DIRTYPE))
-        # fwalk never follows symlinks (follow_symlinks=False) and re-checks each folder it enters
-        for dirpath, dirnames, filenames, dfd in os.fwalk(".", dir_fd=dir_fd, follow_symlinks=False):
-            dirnames.sort()
-            descend: list[str] = []
-            for name in sorted([*dirnames, *filenames]):
-                rel = posixpath.normpath(posixpath.join(dirpath, name))
-                arc = posixpath.join(top, rel)
-                try:
-                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    tar.addfile(_tarinfo(arc, st, tarfile.DIRTYPE))
-                    descend.append(name)
-                elif stat.S_ISLNK(st.st_mode):
-                    info = _tarinfo(arc, st, tarfile.SYMTYPE)
-                    info.linkname = os.readlink(name, dir_fd=dfd)
-                    tar.addfile(info)
-                elif stat.S_ISREG(st.st_mode):
-                    st = _add_file(tar, dfd, name, arc)
-                else:
-                    log.info("Process: skipping %s (not a file, folder or symlink)", arc)
-                    continue
-                manifest[rel] = _entry(st)
-            dirnames[:] = [d for d in dirnames if d in descend]
+        # any depth, without recursion; symlinks are never followed, each folder re-checked as it is entered
+        for item in homes.walk(dir_fd, sort=True):
+            assert isinstance(item, homes.Entry)  # no Left events without leave=True
+            rel = item.path
+            arc = posixpath.join(top, rel)
+            st = item.st
+            if stat.S_ISDIR(st.st_mode):
+                tar.addfile(_tarinfo(arc, st, tarfile.DIRTYPE))
+            elif stat.S_ISLNK(st.st_mode):
+                info = _tarinfo(arc, st, tarfile.SYMTYPE)
+                info.linkname = os.readlink(item.name, dir_fd=item.fd)
+                tar.addfile(info)
+            elif stat.S_ISREG(st.st_mode):
+                st = _add_file(tar, item.fd, item.name, arc)
+            else:
+                log.info("Process: skipping %s (not a file, folder or symlink)", arc)
+                continue
+            manifest[rel] = _entry(st)
     return manifest
 
 
@@ -329,10 +323,12 @@ def remove_processed(root: Path, parts: list[str], directory: bool, manifest: di
             if _entry(os.fstat(fd))[:2] != (manifest.get("") or ("", 0))[:2]:
                 log.warning("not removing %s: it was replaced after Process", "/".join(parts) or "/")
                 return 0
-            for dirpath, dirnames, filenames, dfd in os.fwalk(".", topdown=False, dir_fd=fd, follow_symlinks=False):
-                for name in [*filenames, *dirnames]:
-                    rel = posixpath.normpath(posixpath.join(dirpath, name))
-                    removed += _unlink_if_same(dfd, name, manifest.get(rel))
+            # files as they are met, each folder once the walk has left it (emptied, unless something was added)
+            for item in homes.walk(fd, leave=True):
+                if isinstance(item, homes.Left):
+                    removed += _unlink_if_same(item.fd, item.folder.name, manifest.get(item.folder.path))
+                elif not stat.S_ISDIR(item.st.st_mode):
+                    removed += _unlink_if_same(item.fd, item.name, manifest.get(item.path))
         finally:
             os.close(fd)
         if parts:

@@ -6,21 +6,26 @@
   key) closes the user's open connections.
 * Sessions: the ``sftp`` subsystem and ``scp`` (both served by
   ``HomeSFTPServer``), and ``rsync --server ...`` run through rsync's own
-  restricted wrapper (``rrsync -munge -no-lock HOME``), so rsync stays in the
-  home and symlinks it stores are munged. Shells, other commands, other
-  subsystems, PTYs, port/agent/X11 forwarding are refused (and logged).
+  restricted wrapper under the quota guard (services/ssh/rsync.py). Shells,
+  other commands, other subsystems, PTYs, port/agent/X11 forwarding are
+  refused (and logged); so is a command with control characters (a NUL).
+  At most ``MAX_SESSIONS`` sessions at a time per connection (OpenSSH's
+  MaxSessions default).
+* Connections that have not logged in: at most ``ssh.max_unauthenticated`` in
+  all and ``ssh.max_unauthenticated_per_address`` from one address (more are
+  closed at once, before the SSH banner), each closed after ``ssh.login_timeout``.
 * The host key is generated once into ``DATA/ssh/host_key`` (ed25519, 0600).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shlex
 import shutil
 import stat
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +33,19 @@ import asyncssh
 
 from services.common import errors
 from services.common.accounts import Account, check_username, home_path
-from services.ssh.accounts import MAX_SIZE_MB, MIB, AccountStore, Home, ensure_home
+from services.common.config import SshConfig
+from services.ssh import rsync
+from services.ssh.accounts import MAX_SIZE_MB, MIB, AccountStore, ensure_home
 from services.ssh.audit import SshMetrics, refused
-from services.ssh.sftp import HomeSFTPServer, install_write_padding_fix
+from services.ssh.home import Home
+from services.ssh.rsync import refuse as _refuse
+from services.ssh.sftp import HomeSFTPServer, install_sftp_fixes
 
 log = logging.getLogger(__name__)
 
 HOST_KEY_FILE = "host_key"
-PUMP_BLOCK = 256 * 1024
+MAX_SESSIONS = 10  # sessions (channels) open at a time on one connection, as OpenSSH's MaxSessions
+SFTP_VERSION = 3  # what asyncssh's server offers by default (open56 is refused)
 NOT_A_SHELL = b"This account allows SFTP, SCP and rsync only: no shell, no commands.\n"
 
 
@@ -76,19 +86,23 @@ class SshGateway:
     def __init__(
         self,
         accounts: AccountStore,
-        homes_dir: Path,
+        settings: SshConfig,
         metrics: SshMetrics,
         rrsync: Path | None,
+        unwatched: str | None = None,
     ) -> None:
         self.accounts = accounts
-        self.homes_dir = homes_dir
+        self.settings = settings
+        self.homes_dir = settings.homes_dir
         self.metrics = metrics
         self.rrsync = rrsync
+        self.unwatched = unwatched  # why rsync cannot run under the quota guard here (None: it can)
         self.homes: dict[str, Home] = {}
         self.connections: dict[str, set[asyncssh.SSHServerConnection]] = {}
+        self.pending: Counter[str] = Counter()  # connections not logged in yet, per client address
         self.tasks: set[asyncio.Task[Any]] = set()
         self.acceptor: asyncssh.SSHAcceptor | None = None
-        install_write_padding_fix()
+        install_sftp_fixes()
 
     def home(self, username: str) -> Home:
         """The home of an existing account (one shared object per user)."""
@@ -97,7 +111,8 @@ class SshGateway:
             raise errors.NotFound(f"no SSH account {username!r}")
         home = self.homes.get(username)
         if home is None:
-            home = self.homes[username] = Home(username, home_path(self.homes_dir, username), acct.max_bytes)
+            root = home_path(self.homes_dir, username)
+            home = self.homes[username] = Home(username, root, acct.max_bytes, self.settings.max_entries)
         home.max_bytes = acct.max_bytes
         return home
 
@@ -121,10 +136,7 @@ class SshGateway:
             host,
             port,
             server_host_keys=[host_key],
-            process_factory=self._process,
-            sftp_factory=self._sftp,
-            allow_scp=True,
-            encoding=None,
+            encoding=None,  # sessions come from _Connection.session_requested (counted there)
             agent_forwarding=False,
             x11_forwarding=False,
             allow_pty=False,
@@ -134,6 +146,7 @@ class SshGateway:
             gss_host=None,
             line_editor=False,
             keepalive_interval=60,
+            login_timeout=self.settings.login_timeout,
         )
         sockets = self.acceptor.sockets
         return int(sockets[0].getsockname()[1]) if sockets else port
@@ -228,112 +241,42 @@ class SshGateway:
         peer = _peer(process.get_extra_info("peername"))
         try:
             if process.subsystem is not None:
-                refused(self.metrics, "subsystem", f"subsystem {process.subsystem!r}", user=user, peer=peer)
-                _refuse(process, f"subsystem {process.subsystem!r} is not available here; use sftp.\n".encode())
+                refused(self.metrics, "subsystem", f"subsystem {process.subsystem[:100]!r}", user=user, peer=peer)
+                _refuse(process, f"subsystem {process.subsystem[:100]!r} is not available here; use sftp.\n".encode())
                 return
             command = process.command
             if command is None:
                 refused(self.metrics, "shell", "interactive shell", user=user, peer=peer)
                 _refuse(process, NOT_A_SHELL)
                 return
+            if any(ord(c) < 32 and c != "\t" for c in command):
+                why = f"command with control characters {command[:200]!r}"
+                refused(self.metrics, "exec", why, user=user, peer=peer)
+                _refuse(process, b"the command holds control characters (a NUL?); nothing was run\n")
+                return
             try:
                 argv = shlex.split(command)
             except ValueError:
                 argv = []
             if argv[:2] == ["rsync", "--server"]:
-                await self._rsync(process, self.home(user), command, argv, peer)
+                if self.rrsync is None:
+                    _refuse(process, b"rsync is not available on this server (rrsync is missing)\n")
+                    return
+                await rsync.serve(
+                    process,
+                    self.home(user),
+                    command,
+                    rrsync=self.rrsync,
+                    watched=self.unwatched is None,
+                    metrics=self.metrics,
+                    peer=peer,
+                    after_push=lambda home: self.background(_after_push(home)),
+                )
                 return
             refused(self.metrics, "exec", f"command {command[:200]!r}", user=user, peer=peer)
             _refuse(process, NOT_A_SHELL)
         except errors.NotFound:  # the account went away meanwhile
             _refuse(process, b"this account is no longer enabled\n")
-
-    async def _rsync(
-        self, process: asyncssh.SSHServerProcess[bytes], home: Home, command: str, argv: list[str], peer: str
-    ) -> None:
-        """Run rsync's server side through rrsync, confined to the home, links munged."""
-        if self.rrsync is None:
-            _refuse(process, b"rsync is not available on this server (rrsync is missing)\n")
-            return
-        pull = len(argv) > 2 and argv[2] == "--sender"
-        if not pull:
-            await home.refresh()
-            if home.used >= home.max_bytes:
-                self.metrics.quota.inc()
-                _refuse(process, f"rsync: {home.message()}\n".encode())
-                return
-        self.metrics.rsync.inc(direction="pull" if pull else "push")
-        client = process.get_extra_info("peername") or ("", 0)
-        local = process.get_extra_info("sockname") or ("", 0)
-        env = {
-            "SSH_ORIGINAL_COMMAND": command,
-            "SSH_CONNECTION": f"{client[0]} {client[1]} {local[0]} {local[1]}",
-            "PATH": "/usr/bin:/bin",
-            "HOME": str(home.root),
-            "LANG": "C.UTF-8",
-        }
-        proc = await asyncio.create_subprocess_exec(
-            str(self.rrsync),
-            "-munge",
-            "-no-lock",
-            str(home.root),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=home.root,
-            env=env,
-            start_new_session=True,
-        )
-        log.info("rsync started", extra={"user": home.username, "peer": peer, "pull": pull, "pid": proc.pid})
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        # Own pumps rather than process.redirect: the exit status goes out only after rsync's last byte.
-        feed = asyncio.ensure_future(_pump_in(process.stdin, proc.stdin))
-        outputs = asyncio.gather(_pump_out(proc.stdout, process.stdout), _pump_out(proc.stderr, process.stderr))
-        finished = asyncio.gather(proc.wait(), outputs)
-        closed: asyncio.Future[None] = asyncio.ensure_future(process.channel.wait_closed())
-        try:
-            either: list[asyncio.Future[Any]] = [finished, closed]
-            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-            if finished.done() and not finished.exception():
-                process.exit(finished.result()[0])
-            else:
-                log.info("rsync client went away; stopping rsync", extra={"user": home.username, "peer": peer})
-        finally:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-            if not finished.done():
-                try:
-                    await asyncio.wait_for(asyncio.shield(finished), 2)
-                except Exception as exc:  # rsync is killed; its output has nowhere to go
-                    log.debug("rsync's last output dropped: %r", exc, extra={"user": home.username, "peer": peer})
-                finished.cancel()
-            feed.cancel()
-            closed.cancel()
-            proc.stdin.close()
-            await asyncio.gather(finished, feed, closed, return_exceptions=True)
-            if not pull:
-                home.invalidate()
-                self.background(_after_push(home))
-
-
-async def _pump_in(src: asyncssh.SSHReader[bytes], dst: asyncio.StreamWriter) -> None:
-    """Client to rsync, until the client's EOF."""
-    try:
-        while data := await src.read(PUMP_BLOCK):
-            dst.write(data)
-            await dst.drain()
-    except (ConnectionError, asyncssh.Error):
-        pass
-    finally:
-        dst.close()
-
-
-async def _pump_out(src: asyncio.StreamReader, dst: asyncssh.SSHWriter[bytes]) -> None:
-    """rsync's stdout or stderr to the client, until rsync closes it."""
-    while data := await src.read(PUMP_BLOCK):
-        dst.write(data)
-        await dst.drain()
 
 
 async def _after_push(home: Home) -> None:
@@ -346,15 +289,23 @@ async def _after_push(home: Home) -> None:
         )
 
 
+class _Session(asyncssh.SSHServerProcess[bytes]):
+    """asyncssh's own session (sftp and scp served by HomeSFTPServer, the rest by SshGateway._process),
+    counted against its connection's MAX_SESSIONS until its channel closes."""
+
+    def __init__(self, owner: _Connection, process_factory: Any, sftp_factory: Any) -> None:
+        super().__init__(process_factory, sftp_factory, SFTP_VERSION, True)
+        self.owner = owner
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.sessions -= 1
+        super().connection_lost(exc)
+
+
 def _peer(addr: Any) -> str:
     if not addr:
         return ""
     return f"{addr[0]}:{addr[1]}"
-
-
-def _refuse(process: asyncssh.SSHServerProcess[bytes], message: bytes) -> None:
-    process.stderr.write(message)  # bytes: the sessions run with encoding=None
-    process.exit(1)
 
 
 class _Connection(asyncssh.SSHServer):
@@ -364,15 +315,47 @@ class _Connection(asyncssh.SSHServer):
         self.gw = gateway
         self.conn: asyncssh.SSHServerConnection | None = None
         self.peer = ""
+        self.address = ""
         self.username = ""
         self.user = ""  # set once logged in
+        self.pending = False  # counted among the connections not logged in yet
+        self.dropped = False  # closed at once: too many connections not logged in
+        self.sessions = 0
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
-        self.peer = _peer(conn.get_extra_info("peername"))
-        self.gw.metrics.sessions.inc()
+        addr = conn.get_extra_info("peername")
+        self.peer = _peer(addr)
+        self.address = str(addr[0]) if addr else ""
+        gw, cfg = self.gw, self.gw.settings
+        total, mine = sum(gw.pending.values()), gw.pending[self.address]
+        if total >= cfg.max_unauthenticated or mine >= cfg.max_unauthenticated_per_address:
+            self.dropped = True
+            refused(
+                gw.metrics,
+                "connection",
+                "too many connections not logged in yet: closed at once",
+                peer=self.peer,
+                from_address=mine,
+                total=total,
+            )
+            asyncio.get_running_loop().call_soon(conn.abort)
+            return
+        gw.pending[self.address] += 1
+        self.pending = True
+        gw.metrics.sessions.inc()
+
+    def _logged_in_or_gone(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.gw.pending[self.address] -= 1
+            if self.gw.pending[self.address] <= 0:
+                del self.gw.pending[self.address]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.dropped:
+            return
+        self._logged_in_or_gone()
         self.gw.metrics.sessions.inc(-1)
         if self.user:
             conns = self.gw.connections.get(self.user)
@@ -383,6 +366,17 @@ class _Connection(asyncssh.SSHServer):
             log.info("ssh logout", extra={"user": self.user, "peer": self.peer})
         elif self.username:
             log.info("ssh connection closed without a login", extra={"user": self.username, "peer": self.peer})
+        elif exc is not None and "timeout" in str(exc).lower():
+            log.info("ssh connection closed: %s", exc, extra={"peer": self.peer})
+
+    def session_requested(self) -> asyncssh.SSHServerSession[bytes] | bool:
+        """A session (sftp, scp, rsync or a refusal), or False past MAX_SESSIONS open on this connection."""
+        if self.sessions >= MAX_SESSIONS:
+            why = f"more than {MAX_SESSIONS} sessions at once"
+            refused(self.gw.metrics, "session", why, user=self.user, peer=self.peer)
+            return False
+        self.sessions += 1
+        return _Session(self, self.gw._process, self.gw._sftp)
 
     def begin_auth(self, username: str) -> bool:
         self.username = username
@@ -411,6 +405,7 @@ class _Connection(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         assert self.conn is not None
+        self._logged_in_or_gone()
         self.user = self.conn.get_extra_info("username")
         self.gw.connections.setdefault(self.user, set()).add(self.conn)
         self.gw.metrics.logins.inc(result="ok")

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from gridstor.v1 import ssh_pb2, ssh_pb2_grpc
-from services.common import errors, jobs, readiness, spool
+from services.common import errors, homes, jobs, readiness, spool
 from services.common.accounts import Account, check_username
 from services.common.config import Config, SshConfig
 from services.common.gateway import refuse_on_replica
@@ -23,6 +23,7 @@ from services.common.metrics import Registry
 from services.common.replay import RedisReplayGuard
 from services.common.rpc import Policy, current_caller
 from services.common.server import READY_EVERY, Cleanup, Running, Wiring, create_server
+from services.ssh import guard
 from services.ssh.accounts import AccountStore, ensure_home
 from services.ssh.audit import SshMetrics
 from services.ssh.ownership import PROOF_REPLAY_PREFIX, Allowed, Ownership, Proof
@@ -33,6 +34,7 @@ from services.ssh.server import SshGateway, fingerprint, load_host_key
 log = logging.getLogger(__name__)
 
 NAME = "ssh"
+SHOWN_PATHS = 100  # paths a resize reply lists of what the next cleanup sweep removes
 SERVICE = ssh_pb2.DESCRIPTOR.services_by_name["SshService"].full_name
 POLICY = Policy()  # every method needs a token unless the gateway is public; then ownership.py decides
 
@@ -85,7 +87,7 @@ class SshServicer(ssh_pb2_grpc.SshServiceServicer):
     async def EnableAccount(
         self, request: ssh_pb2.EnableAccountRequest, context: Context
     ) -> ssh_pb2.EnableAccountReply:
-        """Create an account with a home folder, or update its key and size."""
+        """Create an account with a home folder, or update its key and size; say so when the home is over it."""
         old, allowed = await self._allow("EnableAccount", request.username, request)
         acct, created = await self.gateway.enable(
             request.username,
@@ -95,12 +97,41 @@ class SshServicer(ssh_pb2_grpc.SshServiceServicer):
             expect=old,
             owner=allowed.owner,
         )
-        return ssh_pb2.EnableAccountReply(
+        _, home = await self.gateway.home_size(acct.username)
+        reply = ssh_pb2.EnableAccountReply(
             username=acct.username,
             created=created,
             max_bytes=acct.max_bytes,
             host_key_fingerprint=self.host_fp,
             owner=acct.owner,
+            used_bytes=home.held,
+        )
+        if home.held > acct.max_bytes:
+            plan = await asyncio.to_thread(homes.preview_cleanup, home.root, acct.max_bytes)
+            reply.over_limit.CopyFrom(self._over_limit(home.held, acct.max_bytes, plan))
+            notice = reply.over_limit.notice
+            log.warning("ssh home resized below what it holds: %s", notice, extra={"user": acct.username})
+        return reply
+
+    def _over_limit(self, held: int, max_bytes: int, plan: homes.Plan) -> ssh_pb2.HomeCleanup:
+        """What the next sweep removes from a home over its limit, in fields and in one sentence."""
+        removes = plan.removes
+        interval = self.cfg.maint.cleanup_interval  # maint's sweeps; 0 = off
+        when = (
+            f"the next cleanup sweep (every {interval:g} s)"
+            if interval > 0
+            else "a cleanup sweep (maint.cleanup_interval is 0: sweeps are off)"
+        )
+        notice = (
+            f"home holds {held} bytes, over its limit of {max_bytes}: {when} removes {len(removes)} files"
+            f" ({plan.freed} bytes), oldest first"
+        )
+        if plan.used - plan.freed > max_bytes:
+            notice += f", and it still holds {plan.used - plan.freed} bytes (folders and links are kept)"
+        if held > plan.used:
+            notice += f"; {held - plan.used} bytes are files removed but still open over SFTP"
+        return ssh_pb2.HomeCleanup(
+            files=len(removes), bytes=plan.freed, paths=[r.path for r in removes[:SHOWN_PATHS]], notice=notice
         )
 
     async def DisableAccount(
@@ -112,16 +143,18 @@ class SshServicer(ssh_pb2_grpc.SshServiceServicer):
         return ssh_pb2.DisableAccountReply(username=request.username, existed=existed, home_removed=removed)
 
     async def HomeSize(self, request: ssh_pb2.HomeSizeRequest, context: Context) -> ssh_pb2.HomeSizeReply:
-        """Bytes used in the home and its maximum."""
+        """What the home holds (bytes on disk, entries) and its limits."""
         await self._allow("HomeSize", request.username, request)
         acct, home = await self.gateway.home_size(request.username)
         return ssh_pb2.HomeSizeReply(
             username=acct.username,
-            used_bytes=home.used,
+            used_bytes=home.held,
             max_bytes=acct.max_bytes,
             files=home.files,
             enabled=acct.enabled,
             owner=acct.owner,
+            entries=home.entries,
+            max_entries=home.max_entries,
         )
 
     async def Process(self, request: ssh_pb2.ProcessRequest, context: Context) -> ssh_pb2.ProcessReply:
@@ -175,6 +208,9 @@ async def start(
         host_fp = fingerprint(host_key)
         metrics = SshMetrics(registry or Registry())
         rrsync = find_rrsync(settings.rrsync, state_dir)
+        unwatched = guard.probe() if rrsync is not None else None
+        if unwatched is not None:
+            log.error("rsync uploads are disabled: the quota guard cannot run here (%s)", unwatched)
         for acct in accounts:
             await asyncio.to_thread(ensure_home, settings.homes_dir, acct.username)
         spool.prepare_dir(cfg.spool_dir)
@@ -182,7 +218,7 @@ async def start(
         stack.push_async_callback(jobs.disconnect, redis)
         notifier = Notifier(redis)
         stack.push_async_callback(notifier.stop)
-        gateway = SshGateway(accounts, settings.homes_dir, metrics, rrsync)
+        gateway = SshGateway(accounts, settings, metrics, rrsync, unwatched)
         stack.push_async_callback(gateway.stop)
         processor = Processor(
             spool_dir=cfg.spool_dir,
@@ -204,6 +240,7 @@ async def start(
                 "host_key": host_fp,
                 "accounts": len(list(accounts)),
                 "rsync": str(rrsync) if rrsync else "disabled",
+                "rsync_uploads": "limited" if unwatched is None else f"disabled: {unwatched}",
                 "pending_removals": resumed,
             },
         )

@@ -6,17 +6,31 @@ put and rename files outside its home). So every path operation checks
 that the real path of the parent folder is inside the home, and the
 operations that follow the last component (open, stat, setstat, scandir)
 check the real path of the whole path too. Creating symlinks and hard links
-is refused. Writes count against the home's maximum size and a write
-that does not fit fails with "quota exceeded: home is N of M bytes".
+is refused; so is a path with a NUL byte.
 
-Two fixes for stock clients: ``exit`` sends exit status 0 (OpenSSH scp in
-SFTP mode exits 1 without it) and FXP_WRITE ignores bytes after the data
-(rclone's Go client pads a short last write to 32 KiB). The latter replaces a
-handler in asyncssh's private table: asyncssh is pinned (2.24.1) for it.
+What a home holds (services/ssh/home.py) is kept up to date: a write is
+checked first against the blocks it can add (past the end of the file, or
+holes it fills) and counted afterwards with the blocks the file really
+gained; a write that does not fit fails with "quota exceeded: home holds N of
+M bytes". New files and folders count against the entry limit; a file removed
+while a handle keeps it open counts until the last handle closes.
+
+The server protects itself: a READ returns at most ``MAX_READ`` bytes (as
+OpenSSH), a session holds at most ``MAX_HANDLES`` open files and folders, and
+it stops reading requests while ``REPLY_BUFFER`` bytes of replies wait for the
+client (so a client that pipelines reads without reading the answers holds a
+bounded amount of memory). Errors name paths as the client sees them (SCP
+puts them in its messages), never the server's.
+
+Fixes for stock clients: ``exit`` sends exit status 0 (OpenSSH scp in SFTP
+mode exits 1 without it) and FXP_WRITE ignores bytes after the data (rclone's
+Go client pads a short last write to 32 KiB). These and the limits above
+replace handlers in asyncssh's private table: asyncssh is pinned (2.24.1) for it.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import io
 import logging
@@ -24,16 +38,33 @@ import os
 import posixpath
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import NoReturn, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import asyncssh
-from asyncssh.constants import FXF_APPEND, FXF_CREAT, FXF_EXCL, FXF_READ, FXF_TRUNC, FXF_WRITE, FXP_WRITE
+from asyncssh.constants import (
+    FXF_APPEND,
+    FXF_CREAT,
+    FXF_EXCL,
+    FXF_READ,
+    FXF_TRUNC,
+    FXF_WRITE,
+    FXP_OPEN,
+    FXP_OPENDIR,
+    FXP_READ,
+    FXP_WRITE,
+)
 from asyncssh.packet import SSHPacket
+from asyncssh.sftp import MAX_SFTP_PACKET_LEN, MAX_SFTP_WRITE_LEN, SFTPServerHandler
 
-from services.ssh.accounts import Home, QuotaExceeded
+from services.common.homes import blocks_of
 from services.ssh.audit import SshMetrics, refused
+from services.ssh.home import Home, QuotaExceeded
 
 log = logging.getLogger(__name__)
+
+MAX_READ = 256 * 1024  # bytes one READ returns at most (OpenSSH's sftp-server caps the same)
+MAX_HANDLES = 256  # open files and folders per SFTP session
+REPLY_BUFFER = 2 * 1024 * 1024  # replies waiting for the client before a session stops reading requests
 
 
 class HomeSFTPServer(asyncssh.SFTPServer):
@@ -44,8 +75,28 @@ class HomeSFTPServer(asyncssh.SFTPServer):
         self.home = home
         self.metrics = metrics
         self._root = os.fsencode(os.path.realpath(home.root))
+        self._roots = sorted({self._root, os.fsencode(home.root)}, key=len, reverse=True)
         peer = chan.get_extra_info("peername") or ("", 0)
         self._peer = f"{peer[0]}:{peer[1]}"
+        chan.set_write_buffer_limits(high=REPLY_BUFFER)
+
+    def client_path(self, local: str | bytes) -> bytes:
+        """A local path as the client sees it ("/..." in its home); "?" for anything outside."""
+        raw = os.fsencode(local)
+        for root in self._roots:
+            if raw == root:
+                return b"/"
+            if raw.startswith(root + b"/"):
+                return raw[len(root) :]
+        return b"?"
+
+    def hide_paths(self, exc: OSError) -> OSError:
+        """``exc`` with its file names as the client sees them (SCP shows them; they must not be the server's)."""
+        if exc.filename is not None:
+            exc.filename = self.client_path(exc.filename)
+        if exc.filename2 is not None:
+            exc.filename2 = self.client_path(exc.filename2)
+        return exc
 
     # ----------------------------------------------------------- containment
 
@@ -66,6 +117,8 @@ class HomeSFTPServer(asyncssh.SFTPServer):
 
     def map_path(self, path: bytes) -> bytes:
         """The local path under the home; refused when its folder is reached through a symlink out."""
+        if b"\0" in path:
+            raise asyncssh.SFTPInvalidFilename("the path holds a NUL byte")
         mapped = super().map_path(path).rstrip(b"/") or b"/"
         if mapped == self._root:
             return mapped
@@ -92,6 +145,11 @@ class HomeSFTPServer(asyncssh.SFTPServer):
             before = None
         if before is None or not stat.S_ISLNK(before.st_mode):
             flags |= os.O_NOFOLLOW  # a symlink planted after the check cannot redirect the open
+        if before is None and flags & os.O_CREAT:
+            try:
+                self.home.check_entry()
+            except QuotaExceeded as exc:
+                self._quota_refused(exc)
         # O_NONBLOCK: a FIFO (rsync can make one) must not block the event loop; it is refused below.
         fd = os.open(mapped, flags | os.O_NONBLOCK | os.O_CLOEXEC, _file_mode(attrs.permissions))
         try:
@@ -103,37 +161,55 @@ class HomeSFTPServer(asyncssh.SFTPServer):
         except BaseException:
             os.close(fd)
             raise
-        if pflags & FXF_TRUNC and before is not None and stat.S_ISREG(before.st_mode) and before.st_nlink == 1:
-            self.home.release(before.st_size)
+        if before is None:
+            self.home.changed(blocks_of(st), 1)
+        elif flags & os.O_TRUNC and stat.S_ISREG(before.st_mode):
+            self.home.changed(blocks_of(st) - blocks_of(before))
+        self.home.opened(file_obj, st)
         return file_obj
+
+    def close(self, file_obj: object) -> None:
+        """Close a handle; a file removed while it was open stops counting with its last handle."""
+        f = cast(io.FileIO, file_obj)
+        try:
+            self.home.closing(f)
+        finally:
+            f.close()
 
     def open56(self, path: bytes, desired_access: int, flags: int, attrs: asyncssh.SFTPAttrs) -> object:
         """SFTPv5+ opens are not offered (the server speaks version 3)."""
         raise asyncssh.SFTPOpUnsupported("SFTP version 5+ opens are not supported")
 
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
-        """Read with pread (no shared file position)."""
-        return os.pread(cast(io.FileIO, file_obj).fileno(), size, offset)
+        """Read with pread (no shared file position), at most MAX_READ bytes whatever the client asks."""
+        data = os.pread(cast(io.FileIO, file_obj).fileno(), min(size, MAX_READ), offset)
+        self.metrics.bytes_read.inc(len(data))
+        return data
 
     def write(self, file_obj: object, offset: int, data: bytes) -> int | Awaitable[int]:
-        """Write, counting the growth of the file against the home's maximum size."""
+        """Write, checking first the blocks it can add, counting afterwards the blocks it did."""
         f = cast(io.FileIO, file_obj)
         fd = f.fileno()
-        size = os.fstat(fd).st_size
+        before = os.fstat(fd)
         append = "a" in f.mode
-        growth = (size if append else offset) + len(data) - size
-        if growth > 0:
+        start = before.st_size if append else offset
+        end = start + len(data)
+        if end > self.home.max_bytes:
+            self._quota_refused(QuotaExceeded(f"a file cannot be larger than the home ({self.home.max_bytes} bytes)"))
+        need = _new_blocks(fd, before, start, end)
+        if need > 0:
             try:
-                self.home.reserve(growth)
+                self.home.check(need)
             except QuotaExceeded as exc:
                 if self.home.recount_due:  # files removed behind our back (maint, Process) free room
                     return self._write_after_recount(f, offset, data)
                 self._quota_refused(exc)
         try:
             _write_all(fd, data, None if append else offset)
-        except BaseException:
-            self.home.release(growth)
-            raise
+        finally:
+            grown = blocks_of(os.fstat(fd)) - blocks_of(before)
+            if grown:
+                self.home.changed(grown)
         self.metrics.bytes_written.inc(len(data))
         return len(data)
 
@@ -153,11 +229,19 @@ class HomeSFTPServer(asyncssh.SFTPServer):
         mapped = self.map_path(path)
         st = os.lstat(mapped)
         os.remove(mapped)
-        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-            self.home.release(st.st_size)
+        self.home.removed(st)
+
+    def rmdir(self, path: bytes) -> None:
+        """Remove an empty folder (never the home itself)."""
+        mapped = self.map_path(path)
+        if mapped == self._root:
+            self._deny("rmdir", path, "the home folder cannot be removed")
+        st = os.lstat(mapped)
+        os.rmdir(mapped)
+        self.home.removed(st)
 
     def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
-        """Rename over an existing file: its bytes are freed."""
+        """Rename over an existing file: what it held goes."""
         old, new = self.map_path(oldpath), self.map_path(newpath)
         try:
             target: os.stat_result | None = os.lstat(new)
@@ -165,17 +249,19 @@ class HomeSFTPServer(asyncssh.SFTPServer):
             target = None
         src = os.lstat(old)
         os.replace(old, new)
-        if (
-            target is not None
-            and stat.S_ISREG(target.st_mode)
-            and target.st_nlink == 1
-            and (target.st_dev, target.st_ino) != (src.st_dev, src.st_ino)
-        ):
-            self.home.release(target.st_size)
+        if target is not None and (target.st_dev, target.st_ino) != (src.st_dev, src.st_ino):
+            self.home.removed(target)
 
     def mkdir(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
-        """Create a folder; the owner keeps rwx so the gateway can always clean up."""
-        os.mkdir(self.map_path(path), _dir_mode(attrs.permissions))
+        """Create a folder (counted); the owner keeps rwx so the gateway can always clean up."""
+        mapped = self.map_path(path)
+        try:
+            self.home.check_entry()
+            self.home.check(os.statvfs(mapped.rsplit(b"/", 1)[0] or b"/").f_bsize)
+        except QuotaExceeded as exc:
+            self._quota_refused(exc)
+        os.mkdir(mapped, _dir_mode(attrs.permissions))
+        self.home.changed(blocks_of(os.lstat(mapped)), 1)
 
     # ------------------------------------------------------------ attributes
 
@@ -206,19 +292,15 @@ class HomeSFTPServer(asyncssh.SFTPServer):
                 self._deny("setstat", path, "the home folder's permissions are fixed")
             is_dir = stat.S_ISDIR(st.st_mode)
             attrs.permissions = _dir_mode(attrs.permissions) if is_dir else _file_mode(attrs.permissions)
-        growth = 0 if attrs.size is None else attrs.size - st.st_size
-        if growth > 0:
-            try:
-                self.home.reserve(growth)
-            except QuotaExceeded as exc:
-                self._quota_refused(exc)
+        if attrs.size is not None and attrs.size > self.home.max_bytes:
+            self._quota_refused(QuotaExceeded(f"a file cannot be larger than the home ({self.home.max_bytes} bytes)"))
         try:
             apply()  # asyncssh's own setstat: synchronous
-        except BaseException:
-            self.home.release(growth)
-            raise
-        if growth < 0 and st.st_nlink == 1:
-            self.home.release(-growth)
+        finally:
+            if attrs.size is not None:
+                grown = blocks_of(os.stat(target)) - blocks_of(st)
+                if grown:
+                    self.home.changed(grown)
 
     async def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
         self._followed("scandir", path)
@@ -291,6 +373,25 @@ class HomeSFTPServer(asyncssh.SFTPServer):
             chan.exit(0)
 
 
+def _new_blocks(fd: int, st: os.stat_result, start: int, end: int) -> int:
+    """Bytes of new blocks a write of [start, end) can allocate: past the file's end, and holes it covers."""
+    bs = st.st_blksize or 4096
+    size = st.st_size
+    need = 0
+    if end > size:
+        first = max(start, size)  # a gap between the end and start stays a hole
+        need = -(-end // bs) * bs - max(-(-size // bs) * bs, first // bs * bs)
+    inside = min(end, size) - start
+    if inside > 0 and blocks_of(st) < size:  # the file has holes: does this write fill some?
+        try:
+            hole = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError:
+            hole = start
+        if hole < start + inside:
+            need += -(-inside // bs) * bs + bs
+    return max(0, need)
+
+
 def _write_all(fd: int, data: bytes, offset: int | None) -> None:
     view = memoryview(data)
     while view:
@@ -333,10 +434,13 @@ def _dir_mode(permissions: int | None) -> int:
     return (0o777 if permissions is None else stat.S_IMODE(permissions) & 0o777) | 0o700
 
 
-# ------------------------------------------------------- rclone's padded writes
+# ------------------------------------------------ asyncssh's handlers, bounded
+
+_HANDLERS: dict[int | bytes, Any] = dict(SFTPServerHandler._packet_handlers)  # asyncssh's own, before any change
+_Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[object]])
 
 
-async def _process_write_padded(self: asyncssh.sftp.SFTPServerHandler, packet: SSHPacket) -> object:
+async def _process_write_padded(self: SFTPServerHandler, packet: SSHPacket) -> object:
     """FXP_WRITE that ignores trailing bytes after the data string, as OpenSSH's sftp-server does."""
     handle = packet.get_string()
     offset = packet.get_uint64()
@@ -351,6 +455,84 @@ async def _process_write_padded(self: asyncssh.sftp.SFTPServerHandler, packet: S
     return result
 
 
-def install_write_padding_fix() -> None:
-    """Replace asyncssh's FXP_WRITE handler (idempotent)."""
-    asyncssh.sftp.SFTPServerHandler._packet_handlers[FXP_WRITE] = _process_write_padded
+async def _process_read_paced(self: SFTPServerHandler, packet: SSHPacket) -> object:
+    """FXP_READ once the replies already waiting for the client are under REPLY_BUFFER."""
+    writer = self._writer
+    if writer is not None:
+        await writer.drain()
+    return await _HANDLERS[FXP_READ](self, packet)
+
+
+def _capped(original: _Handler) -> _Handler:
+    """An open handler that refuses a handle past MAX_HANDLES in one session."""
+
+    @functools.wraps(original)
+    async def handler(self: SFTPServerHandler, packet: SSHPacket) -> object:
+        if len(self._file_handles) + len(self._dir_handles) >= MAX_HANDLES:
+            raise asyncssh.SFTPFailure(f"too many open files and folders in this session (at most {MAX_HANDLES})")
+        return await original(self, packet)
+
+    return cast(_Handler, handler)
+
+
+async def _process_limits(self: SFTPServerHandler, packet: SSHPacket) -> asyncssh.SFTPLimits:
+    """limits@openssh.com: the read cap and the handle cap of this server."""
+    packet.check_end()
+    return asyncssh.SFTPLimits(MAX_SFTP_PACKET_LEN, MAX_READ, MAX_SFTP_WRITE_LEN, MAX_HANDLES)
+
+
+def install_sftp_fixes() -> None:
+    """Replace asyncssh's FXP_WRITE, FXP_READ, open and limits handlers (idempotent)."""
+    table = SFTPServerHandler._packet_handlers
+    table[FXP_WRITE] = _process_write_padded
+    table[FXP_READ] = _process_read_paced
+    table[FXP_OPEN] = _capped(_HANDLERS[FXP_OPEN])
+    table[FXP_OPENDIR] = _capped(_HANDLERS[FXP_OPENDIR])
+    table[b"limits@openssh.com"] = _process_limits
+
+
+# ------------------------------------------------------- server paths out of errors
+
+_PATH_METHODS = (
+    "open", "close", "remove", "rmdir", "rename", "posix_rename", "mkdir", "stat", "lstat", "setstat", "lsetstat",
+    "fsetstat", "readlink", "realpath", "statvfs",
+)  # fmt: skip
+
+
+def _hiding(name: str) -> None:
+    original = getattr(HomeSFTPServer, name)
+
+    @functools.wraps(original)
+    def method(self: HomeSFTPServer, *args: Any) -> Any:
+        try:
+            result = original(self, *args)
+        except OSError as exc:
+            raise self.hide_paths(exc) from None
+        if inspect.isawaitable(result):
+            return _awaited(self, result)
+        return result
+
+    setattr(HomeSFTPServer, name, method)
+
+
+async def _awaited(server: HomeSFTPServer, result: Awaitable[Any]) -> Any:
+    try:
+        return await result
+    except OSError as exc:
+        raise server.hide_paths(exc) from None
+
+
+for _name in _PATH_METHODS:
+    _hiding(_name)
+_scandir = HomeSFTPServer.scandir
+
+
+async def _scandir_hiding(self: HomeSFTPServer, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
+    try:
+        async for name in _scandir(self, path):
+            yield name
+    except OSError as exc:
+        raise self.hide_paths(exc) from None
+
+
+HomeSFTPServer.scandir = _scandir_hiding  # type: ignore[method-assign]

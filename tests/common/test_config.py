@@ -56,7 +56,8 @@ def non_default(tmp_path: Path) -> dict[str, Any]:
         "envoy_port": 18080,
         "ssh": {
             "port": 2022, "listen_host": "127.0.0.2", "homes_dir": "h", "default_max_size": "500MB",
-            "rrsync": "/opt/rrsync",
+            "rrsync": "/opt/rrsync", "max_entries": 5000, "login_timeout": 5, "max_unauthenticated": 7,
+            "max_unauthenticated_per_address": 3,
         },
         "hosts": {"meta": "meta.internal"},
         "tls": {

@@ -15,6 +15,7 @@ import pytest
 from services.common.config import build_config
 from services.common.errors import InvalidInput
 from services.maint.cleanup import enforce_quota, home_usage, sweep_homes
+from tests.helpers import deep_folder, remove_tree
 
 NOW = 1_700_000_000
 B = 4096  # one block of the test file system (ext4, tmpfs)
@@ -149,21 +150,19 @@ def test_sweep_uses_the_ssh_accounts(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_files_at_any_depth_are_counted_and_go_in_age_order(home: Path) -> None:
     """3,000 folders deep (no recursion, one folder descriptor at a time): the old deep file goes first."""
-    fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(3000):
-        os.mkdir("d", dir_fd=fd)
-        sub = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+    try:
+        fd = deep_folder(home, 3000)
+        deep = os.open("deep.bin", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(deep, b"d" * B)
+        os.close(deep)
+        os.utime("deep.bin", (NOW - 1000, NOW - 1000), dir_fd=fd)
         os.close(fd)
-        fd = sub
-    deep = os.open("deep.bin", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-    os.write(deep, b"d" * B)
-    os.close(deep)
-    os.utime("deep.bin", (NOW - 1000, NOW - 1000), dir_fd=fd)
-    os.close(fd)
-    put(home, "visible-new", B, 10)
-    put(home, "visible-newer", B, 5)
-    assert home_usage(home) == 3000 * B + 3 * B
-    removed = enforce_quota(home, 3000 * B + 2 * B)
-    assert [(r.path.count("/"), r.path.rsplit("/", 1)[-1]) for r in removed] == [(3000, "deep.bin")]
-    assert (home / "visible-new").exists() and (home / "visible-newer").exists()
-    assert home_usage(home) == 3000 * B + 2 * B
+        put(home, "visible-new", B, 10)
+        put(home, "visible-newer", B, 5)
+        assert home_usage(home) == 3000 * B + 3 * B
+        removed = enforce_quota(home, 3000 * B + 2 * B)
+        assert [(r.path.count("/"), r.path.rsplit("/", 1)[-1]) for r in removed] == [(3000, "deep.bin")]
+        assert (home / "visible-new").exists() and (home / "visible-newer").exists()
+        assert home_usage(home) == 3000 * B + 2 * B
+    finally:
+        remove_tree(home)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -170,8 +171,63 @@ class SshEnv:
     async def rsync(self, *args: str, key: str = "alice") -> Result:
         return await run_program("rsync", "-e", self.ssh_command(key), *args)
 
+    def rclone_remote(self, user: str = "alice") -> list[str]:
+        """rclone's flags for an on-the-fly ``:sftp:`` remote of ``user``'s home."""
+        return [
+            "--sftp-host=127.0.0.1",
+            f"--sftp-port={self.port}",
+            f"--sftp-user={user}",
+            f"--sftp-key-file={self.keys.path(user)}",
+            "--sftp-shell-type=none",
+            "--config=" + str(self.tmp / "rclone.conf"),
+        ]
+
+    def restic(self, user: str = "alice", repo: str = "/repo") -> list[str]:
+        """restic's argv prefix for a repository in ``user``'s home (0.14 has no sftp.args)."""
+        command = f"sftp.command={self.ssh_command(user)} {user}@127.0.0.1 -s sftp"
+        return ["restic", "-o", command, "-r", f"sftp:{user}@127.0.0.1:{repo}"]
+
+    def client(self, user: str = "alice", **options: Any) -> Any:
+        """An asyncssh client connection (``async with``) as ``user``."""
+        return asyncssh.connect(
+            "127.0.0.1",
+            self.port,
+            username=user,
+            client_keys=[str(self.keys.path(user))],
+            known_hosts=None,
+            **options,
+        )
+
+    def check_homes(self) -> None:
+        """What must hold after anything a client did: homes keep mode 0700 and the service's owner; no file
+        in any home has set-id or sticky bits or a foreign owner; the homes folder holds only homes."""
+        homes_dir = self.svc.settings.homes_dir
+        for home in homes_dir.iterdir():
+            st = home.lstat()
+            assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700, (home, oct(st.st_mode))
+            assert (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid()), home
+            for dirpath, dirnames, filenames in os.walk(home):
+                for name in dirnames + filenames:
+                    sub = os.lstat(os.path.join(dirpath, name))
+                    assert not sub.st_mode & 0o7000, (dirpath, name, oct(sub.st_mode))
+                    assert (sub.st_uid, sub.st_gid) == (os.geteuid(), os.getegid()), (dirpath, name)
+            assert self.svc.gateway.accounts.get(home.name) is not None, f"{home} is not a home"
+
 
 SshFactory = Callable[..., Awaitable[SshEnv]]
+
+
+def processes_in(folder: Path) -> list[int]:
+    """Pids whose working directory is ``folder`` (the server side of an rsync runs in the home)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "cwd") == str(folder):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
 
 
 @pytest.fixture
@@ -223,4 +279,4 @@ async def restart(env: SshEnv) -> SshEnv:
     return env
 
 
-__all__ = ["Keys", "SshEnv", "SshFactory", "need", "restart"]
+__all__ = ["Keys", "SshEnv", "SshFactory", "need", "processes_in", "restart"]

@@ -81,7 +81,7 @@ async def test_disable_and_remove_home(ssh_factory: SshFactory, tmp_path: Path) 
     assert (reply.username, reply.existed, reply.home_removed) == ("alice", True, False)
     assert (await env.sftp("alice", "pwd\n")).rc == 255
     size = await env.size("alice")
-    assert (size.enabled, size.used_bytes, size.files) == (False, 4, 1)
+    assert (size.enabled, size.used_bytes, size.files) == (False, 4096, 1)  # 4 bytes take a block
     assert (env.home("alice") / "f").read_bytes() == b"data"
     # enabling again keeps the home
     again = await env.enable("alice")

@@ -8,8 +8,9 @@ import json
 import os
 from pathlib import Path
 
+from services.common import homes
 from tests.helpers import run_program, wait_until_async
-from tests.ssh.conftest import SshFactory, need
+from tests.ssh.conftest import SshFactory, need, processes_in
 
 KiB = 1024
 
@@ -52,9 +53,11 @@ async def test_sftp_put_get_mkdir_rename_df(ssh_factory: SshFactory, tmp_path: P
     # df shows the home's quota (8 MiB = 8192 KiB) and what is left of it, not the disk
     df_line = res.out.strip().splitlines()[-1].split()
     assert int(df_line[0]) == 8192
-    assert 8192 - 300 - 8 <= int(df_line[2]) <= 8192 - 300  # in whole blocks of the file system
     size = await env.size("alice")
-    assert (size.used_bytes, size.files, size.max_bytes, size.enabled) == (300 * KiB + 7, 1, 8 << 20, True)
+    held = homes.usage(env.home("alice")).bytes  # the file's blocks and the folder's
+    assert held == 300 * KiB + 4 * KiB + 4 * KiB
+    assert int(df_line[2]) == 8192 - held // KiB
+    assert (size.used_bytes, size.files, size.max_bytes, size.enabled) == (held, 1, 8 << 20, True)
 
 
 async def test_scp_both_modes(ssh_factory: SshFactory, tmp_path: Path) -> None:
@@ -94,7 +97,7 @@ async def test_rsync_push_and_pull(ssh_factory: SshFactory, tmp_path: Path) -> N
     pull = await env.rsync("-a", "alice@127.0.0.1:backup/", f"{pulled}/")
     assert pull.rc == 0, pull
     assert tree(pulled) == tree(src)
-    assert (await env.size("alice")).used_bytes == sum(len(v) for v in tree(src).values() if v)
+    assert (await env.size("alice")).used_bytes == homes.usage(env.home("alice")).bytes
 
 
 async def test_restic_init_backup_restore(ssh_factory: SshFactory, tmp_path: Path) -> None:
@@ -147,19 +150,6 @@ async def test_rclone_copy_large_file(ssh_factory: SshFactory, tmp_path: Path) -
     about = await run_program("rclone", "about", *remote, ":sftp:", "--json")
     assert about.rc == 0, about
     assert json.loads(about.out)["total"] == 64 << 20  # statvfs@openssh.com answers the home's quota
-
-
-def processes_in(folder: Path) -> list[int]:
-    """Pids whose working directory is ``folder`` (the server side of an rsync runs in the home)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.readlink(entry / "cwd") == str(folder):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
 
 
 async def test_rsync_server_side_ends_with_the_client(ssh_factory: SshFactory, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from gridstor.v1 import common_pb2, ssh_pb2
 from services.common.jobs import JobStore, connect
-from tests.helpers import wait_until_async
+from tests.helpers import deep_folder, remove_tree, wait_until_async
 from tests.ssh.conftest import SshEnv, SshFactory, restart
 from tests.ssh.test_clients import make_tree, tree
 
@@ -75,7 +75,7 @@ async def test_file_and_folder_to_stored_files(ssh_factory: SshFactory, tmp_path
     assert os.readlink(out / "album" / "link-to-a") == "a.txt"
     await wait_until_async(lambda: not (env.home("alice") / "album").exists(), "the stored folder removed")
     size = await env.size("alice")
-    assert (size.used_bytes, size.files) == (0, 0)
+    assert (size.used_bytes, size.files) == (4096, 0)  # the docs folder's block
     assert sorted(os.listdir(env.home("alice"))) == ["docs"]
     assert env.suite.spool_files == []
 
@@ -186,3 +186,34 @@ async def test_a_replica_gateway_refuses_process(ssh_factory: SshFactory, tmp_pa
     assert "read-only replica" in (info.value.details() or "") and "master gateway" in (info.value.details() or "")
     assert (env.home("alice") / "photo.jpg").read_bytes() == b"jpeg"  # nothing queued, nothing removed
     assert os.listdir(env.cfg.spool_dir) == [] and pending(env) == []
+
+
+async def test_a_folder_deeper_than_recursion_is_stored_and_removed(ssh_factory: SshFactory, tmp_path: Path) -> None:
+    """1,000 levels (Python's recursion stops near there): archived whole, then removed whole."""
+    env = await ssh_factory(ingest=True)
+    assert env.suite is not None
+    await env.enable("alice")
+    home = env.home("alice")
+    (home / "deep").mkdir()
+    try:
+        fd = deep_folder(home / "deep", 1000)
+        bottom = os.open("bottom.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(bottom, b"at the bottom")
+        os.close(bottom)
+        os.close(fd)
+        (home / "deep" / "top.txt").write_bytes(b"on top")
+        reply = await process(env, "deep")
+        status = await env.suite.wait(reply.job)
+        assert status.state == common_pb2.JOB_STATE_DONE, status.error
+        data = await env.suite.download(status.file_id)
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            files = {m.name: m for m in tar.getmembers() if m.isfile()}
+            deepest = "deep/" + "d/" * 1000 + "bottom.txt"
+            assert sorted(files) == [deepest, "deep/top.txt"]
+            got = tar.extractfile(files[deepest])
+            assert got is not None and got.read() == b"at the bottom"
+            assert sum(1 for m in tar.getmembers() if m.isdir()) == 1001
+        await wait_until_async(lambda: not (home / "deep").exists(), "the stored folder removed, all of it")
+        assert list(home.iterdir()) == []
+    finally:
+        remove_tree(home / "deep")

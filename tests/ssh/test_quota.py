@@ -1,4 +1,7 @@
-"""Quota: writes past a home's maximum size fail with a clear message; the home stays consistent."""
+"""Quota: writes past a home's maximum size fail with a clear message; the home stays consistent.
+
+What a home holds is counted in allocated blocks (the sizes used here are whole blocks).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from services.ssh import accounts
-from services.ssh.accounts import scan_usage
+from services.common import homes
+from services.ssh import home as ssh_home
 from tests.ssh.conftest import SshFactory
 
 KiB = 1024
@@ -29,17 +32,17 @@ async def test_write_past_the_maximum_fails(
     res = await env.sftp("alice", f"put {f700} b.bin\n")
     assert res.rc != 0 and "Failure" in res.err, res
     assert any(
-        "quota exceeded: home is" in r.getMessage() and "of 1048576 bytes" in r.getMessage() for r in caplog.records
+        "quota exceeded: home holds" in r.getMessage() and "of 1048576 bytes" in r.getMessage() for r in caplog.records
     )
     # consistent: HomeSize counts what is really there (the partial b.bin included) and stays under the max
-    used, files = scan_usage(home)
+    used, files = homes.usage(home).bytes, homes.usage(home).files
     size = await env.size("alice")
     assert (size.used_bytes, size.files, size.max_bytes) == (used, files, 1 << 20)
     assert 700 * KiB <= used <= 1 << 20 and files == 2
     assert (home / "a.bin").read_bytes() == f700.read_bytes()
     # legacy scp shows the message itself
     scp = await env.scp(str(f700), "alice@127.0.0.1:c.bin", legacy=True)
-    assert scp.rc != 0 and "quota exceeded: home is" in scp.err, scp
+    assert scp.rc != 0 and "quota exceeded: home holds" in scp.err, scp
     # rsync writes outside the SFTP hooks: a push into a full home is refused up front
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "x").write_bytes(b"x")
@@ -55,7 +58,7 @@ async def test_write_past_the_maximum_fails(
     res = await env.sftp("alice", f"rm fill.bin\nput {tmp_path / 'src' / 'x'} x\n")
     assert res.rc == 0, res
     size = await env.size("alice")
-    assert size.used_bytes == 700 * KiB + 1 and size.files == 2
+    assert size.used_bytes == 700 * KiB + 4 * KiB and size.files == 2  # a 1-byte file takes a block
 
 
 async def test_raising_the_maximum_applies_to_open_sessions(ssh_factory: SshFactory, tmp_path: Path) -> None:
@@ -82,7 +85,7 @@ async def test_removals_outside_sftp_are_recounted(
     f700.write_bytes(os.urandom(700 * KiB))
     assert (await env.sftp("alice", f"put {f700} a.bin\n")).rc == 0
     (env.home("alice") / "a.bin").unlink()  # as maint's cleanup would
-    monkeypatch.setattr(accounts, "RECOUNT_AFTER", 0.0)
+    monkeypatch.setattr(ssh_home, "RECOUNT_AFTER", 0.0)
     res = await env.sftp("alice", f"put {f700} b.bin\n")
     assert res.rc == 0, res
     assert (await env.size("alice")).used_bytes == 700 * KiB

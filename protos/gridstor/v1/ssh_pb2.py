@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15gridstor/v1/ssh.proto\x12\x0bgridstor.v1\x1a\x1cgoogle/api/annotations.proto\"?\n\x0c\x41\x63\x63ountProof\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\t\"{\n\x14\x45nableAccountRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\t\x12\x13\n\x0bmax_size_mb\x18\x03 \x01(\r\x12(\n\x05proof\x18\x04 \x01(\x0b\x32\x19.gridstor.v1.AccountProof\"w\n\x12\x45nableAccountReply\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x11\n\tmax_bytes\x18\x03 \x01(\x03\x12\x1c\n\x14host_key_fingerprint\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\"h\n\x15\x44isableAccountRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x13\n\x0bremove_home\x18\x02 \x01(\x08\x12(\n\x05proof\x18\x03 \x01(\x0b\x32\x19.gridstor.v1.AccountProof\"N\n\x13\x44isableAccountReply\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x0f\n\x07\x65xisted\x18\x02 \x01(\x08\x12\x14\n\x0chome_removed\x18\x03 \x01(\x08\"M\n\x0fHomeSizeRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12(\n\x05proof\x18\x02 \x01(\x0b\x32\x19.gridstor.v1.AccountProof\"w\n\rHomeSizeReply\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x12\n\nused_bytes\x18\x02 \x01(\x03\x12\x11\n\tmax_bytes\x18\x03 \x01(\x03\x12\r\n\x05\x66iles\x18\x04 \x01(\x03\x12\x0f\n\x07\x65nabled\x18\x05 \x01(\x08\x12\r\n\x05owner\x18\x06 \x01(\t\"z\n\x0eProcessRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x13\n\x06remove\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12(\n\x05proof\x18\x04 \x01(\x0b\x32\x19.gridstor.v1.AccountProofB\t\n\x07_remove\"J\n\x0cProcessReply\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tdirectory\x18\x03 \x01(\x08\x12\x0c\n\x04name\x18\x04 \x01(\t2\xe9\x03\n\nSshService\x12{\n\rEnableAccount\x12!.gridstor.v1.EnableAccountRequest\x1a\x1f.gridstor.v1.EnableAccountReply\"&\x82\xd3\xe4\x93\x02 \x1a\x1b/v1/ssh/accounts/{username}:\x01*\x12{\n\x0e\x44isableAccount\x12\".gridstor.v1.DisableAccountRequest\x1a .gridstor.v1.DisableAccountReply\"#\x82\xd3\xe4\x93\x02\x1d*\x1b/v1/ssh/accounts/{username}\x12n\n\x08HomeSize\x12\x1c.gridstor.v1.HomeSizeRequest\x1a\x1a.gridstor.v1.HomeSizeReply\"(\x82\xd3\xe4\x93\x02\"\x12 /v1/ssh/accounts/{username}/size\x12q\n\x07Process\x12\x1b.gridstor.v1.ProcessRequest\x1a\x19.gridstor.v1.ProcessReply\".\x82\xd3\xe4\x93\x02(\"#/v1/ssh/accounts/{username}/process:\x01*B9Z7github.com/gridstor/gridstor/gen/gridstor/v1;gridstorv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15gridstor/v1/ssh.proto\x12\x0bgridstor.v1\x1a\x1cgoogle/api/annotations.proto\"?\n\x0c\x41\x63\x63ountProof\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\t\"{\n\x14\x45nableAccountRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\t\x12\x13\n\x0bmax_size_mb\x18\x03 \x01(\r\x12(\n\x05proof\x18\x04 \x01(\x0b\x32\x19.gridstor.v1.AccountProof\"\xb9\x01\n\x12\x45nableAccountReply\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x11\n\tmax_bytes\x18\x03 \x01(\x03\x12\x1c\n\x14host_key_fingerprint\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\x12\x12\n\nused_bytes\x18\x06 \x01(\x03\x12,\n\nover_limit\x18\x07 \x01(\x0b\x32\x18.gridstor.v1.HomeCleanup\"J\n\x0bHomeCleanup\x12\r\n\x05\x66iles\x18\x01 \x01(\x03\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\r\n\x05paths\x18\x03 \x03(\t\x12\x0e\n\x06notice\x18\x04 \x01(\t\"h\n\x15\x44isableAccountRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x13\n\x0bremove_home\x18\x02 \x01(\x08\x12(\n\x05proof\x18\x03 \x01(\x0b\x32\x19.gridstor.v1.AccountProof\"N\n\x13\x44isableAccountReply\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x0f\n\x07\x65xisted\x18\x02 \x01(\x08\x12\x14\n\x0chome_removed\x18\x03 \x01(\x08\"M\n\x0fHomeSizeRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12(\n\x05proof\x18\x02 \x01(\x0b\x32\x19.gridstor.v1.AccountProof\"\x9d\x01\n\rHomeSizeReply\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x12\n\nused_bytes\x18\x02 \x01(\x03\x12\x11\n\tmax_bytes\x18\x03 \x01(\x03\x12\r\n\x05\x66iles\x18\x04 \x01(\x03\x12\x0f\n\x07\x65nabled\x18\x05 \x01(\x08\x12\r\n\x05owner\x18\x06 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x07 \x01(\x03\x12\x13\n\x0bmax_entries\x18\x08 \x01(\x03\"z\n\x0eProcessRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x13\n\x06remove\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12(\n\x05proof\x18\x04 \x01(\x0b\x32\x19.gridstor.v1.AccountProofB\t\n\x07_remove\"J\n\x0cProcessReply\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tdirectory\x18\x03 \x01(\x08\x12\x0c\n\x04name\x18\x04 \x01(\t2\xe9\x03\n\nSshService\x12{\n\rEnableAccount\x12!.gridstor.v1.EnableAccountRequest\x1a\x1f.gridstor.v1.EnableAccountReply\"&\x82\xd3\xe4\x93\x02 \x1a\x1b/v1/ssh/accounts/{username}:\x01*\x12{\n\x0e\x44isableAccount\x12\".gridstor.v1.DisableAccountRequest\x1a .gridstor.v1.DisableAccountReply\"#\x82\xd3\xe4\x93\x02\x1d*\x1b/v1/ssh/accounts/{username}\x12n\n\x08HomeSize\x12\x1c.gridstor.v1.HomeSizeRequest\x1a\x1a.gridstor.v1.HomeSizeReply\"(\x82\xd3\xe4\x93\x02\"\x12 /v1/ssh/accounts/{username}/size\x12q\n\x07Process\x12\x1b.gridstor.v1.ProcessRequest\x1a\x19.gridstor.v1.ProcessReply\".\x82\xd3\xe4\x93\x02(\"#/v1/ssh/accounts/{username}/process:\x01*B9Z7github.com/gridstor/gridstor/gen/gridstor/v1;gridstorv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,20 +45,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACCOUNTPROOF']._serialized_end=131
   _globals['_ENABLEACCOUNTREQUEST']._serialized_start=133
   _globals['_ENABLEACCOUNTREQUEST']._serialized_end=256
-  _globals['_ENABLEACCOUNTREPLY']._serialized_start=258
-  _globals['_ENABLEACCOUNTREPLY']._serialized_end=377
-  _globals['_DISABLEACCOUNTREQUEST']._serialized_start=379
-  _globals['_DISABLEACCOUNTREQUEST']._serialized_end=483
-  _globals['_DISABLEACCOUNTREPLY']._serialized_start=485
-  _globals['_DISABLEACCOUNTREPLY']._serialized_end=563
-  _globals['_HOMESIZEREQUEST']._serialized_start=565
-  _globals['_HOMESIZEREQUEST']._serialized_end=642
-  _globals['_HOMESIZEREPLY']._serialized_start=644
-  _globals['_HOMESIZEREPLY']._serialized_end=763
-  _globals['_PROCESSREQUEST']._serialized_start=765
-  _globals['_PROCESSREQUEST']._serialized_end=887
-  _globals['_PROCESSREPLY']._serialized_start=889
-  _globals['_PROCESSREPLY']._serialized_end=963
-  _globals['_SSHSERVICE']._serialized_start=966
-  _globals['_SSHSERVICE']._serialized_end=1455
+  _globals['_ENABLEACCOUNTREPLY']._serialized_start=259
+  _globals['_ENABLEACCOUNTREPLY']._serialized_end=444
+  _globals['_HOMECLEANUP']._serialized_start=446
+  _globals['_HOMECLEANUP']._serialized_end=520
+  _globals['_DISABLEACCOUNTREQUEST']._serialized_start=522
+  _globals['_DISABLEACCOUNTREQUEST']._serialized_end=626
+  _globals['_DISABLEACCOUNTREPLY']._serialized_start=628
+  _globals['_DISABLEACCOUNTREPLY']._serialized_end=706
+  _globals['_HOMESIZEREQUEST']._serialized_start=708
+  _globals['_HOMESIZEREQUEST']._serialized_end=785
+  _globals['_HOMESIZEREPLY']._serialized_start=788
+  _globals['_HOMESIZEREPLY']._serialized_end=945
+  _globals['_PROCESSREQUEST']._serialized_start=947
+  _globals['_PROCESSREQUEST']._serialized_end=1069
+  _globals['_PROCESSREPLY']._serialized_start=1071
+  _globals['_PROCESSREPLY']._serialized_end=1145
+  _globals['_SSHSERVICE']._serialized_start=1148
+  _globals['_SSHSERVICE']._serialized_end=1637
 # @@protoc_insertion_point(module_scope)

@@ -3,8 +3,10 @@
 isort:skip_file
 SshService: SFTP/SCP/rsync-only home folders with quotas, and ingest from them."""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -95,6 +97,8 @@ class EnableAccountReply(_message.Message):
     MAX_BYTES_FIELD_NUMBER: _builtins.int
     HOST_KEY_FINGERPRINT_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    USED_BYTES_FIELD_NUMBER: _builtins.int
+    OVER_LIMIT_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     """The account."""
     created: _builtins.bool
@@ -105,6 +109,14 @@ class EnableAccountReply(_message.Message):
     """The SSH server's host key fingerprint ("SHA256:..."), to pin on first connect."""
     owner: _builtins.str
     """The identity the account belongs to (allowlist mode); "" = whoever holds its key."""
+    used_bytes: _builtins.int
+    """Bytes the home holds now (as HomeSizeReply.used_bytes)."""
+    @_builtins.property
+    def over_limit(self) -> Global___HomeCleanup:
+        """Set when the home holds more than max_bytes (it was resized below what it holds): what the next
+        cleanup sweep will remove. Nothing is removed before that sweep.
+        """
+
     def __init__(
         self,
         *,
@@ -113,14 +125,52 @@ class EnableAccountReply(_message.Message):
         max_bytes: _builtins.int = ...,
         host_key_fingerprint: _builtins.str = ...,
         owner: _builtins.str = ...,
+        used_bytes: _builtins.int = ...,
+        over_limit: Global___HomeCleanup | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["over_limit", b"over_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "host_key_fingerprint", b"host_key_fingerprint", "max_bytes", b"max_bytes", "owner", b"owner", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "host_key_fingerprint", b"host_key_fingerprint", "max_bytes", b"max_bytes", "over_limit", b"over_limit", "owner", b"owner", "used_bytes", b"used_bytes", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnableAccountReply: _TypeAlias = EnableAccountReply  # noqa: Y015
+
+@_typing.final
+class HomeCleanup(_message.Message):
+    """What maint's next home cleanup sweep removes from a home over its limit: its oldest files first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILES_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    PATHS_FIELD_NUMBER: _builtins.int
+    NOTICE_FIELD_NUMBER: _builtins.int
+    files: _builtins.int
+    """Files the sweep removes."""
+    bytes: _builtins.int
+    """Bytes on disk they hold."""
+    notice: _builtins.str
+    """The same in one sentence, e.g. "home holds 9437184 bytes, over its limit of 5242880: ..."."""
+    @_builtins.property
+    def paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Their paths relative to the home, oldest first (at most the first 100)."""
+
+    def __init__(
+        self,
+        *,
+        files: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        paths: _abc.Iterable[_builtins.str] | None = ...,
+        notice: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "files", b"files", "notice", b"notice", "paths", b"paths"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HomeCleanup: _TypeAlias = HomeCleanup  # noqa: Y015
 
 @_typing.final
 class DisableAccountRequest(_message.Message):
@@ -216,10 +266,15 @@ class HomeSizeReply(_message.Message):
     FILES_FIELD_NUMBER: _builtins.int
     ENABLED_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    MAX_ENTRIES_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     """The account."""
     used_bytes: _builtins.int
-    """Bytes in the home folder."""
+    """Bytes the home holds on disk: the blocks allocated to everything in it (a sparse file counts its
+    blocks, a small file its whole block, folders theirs), plus files removed while an SFTP handle
+    still keeps them open.
+    """
     max_bytes: _builtins.int
     """The home's maximum size in bytes."""
     files: _builtins.int
@@ -228,6 +283,10 @@ class HomeSizeReply(_message.Message):
     """Whether the account may log in."""
     owner: _builtins.str
     """The identity the account belongs to (allowlist mode); "" = whoever holds its key."""
+    entries: _builtins.int
+    """Entries in the home: files, folders, links."""
+    max_entries: _builtins.int
+    """The most entries a home may hold (ssh.max_entries)."""
     def __init__(
         self,
         *,
@@ -237,10 +296,12 @@ class HomeSizeReply(_message.Message):
         files: _builtins.int = ...,
         enabled: _builtins.bool = ...,
         owner: _builtins.str = ...,
+        entries: _builtins.int = ...,
+        max_entries: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "files", b"files", "max_bytes", b"max_bytes", "owner", b"owner", "used_bytes", b"used_bytes", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "entries", b"entries", "files", b"files", "max_bytes", b"max_bytes", "max_entries", b"max_entries", "owner", b"owner", "used_bytes", b"used_bytes", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -94,7 +94,7 @@ class SshServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def HomeSize(self, request, context):
-        """Bytes used in the home and its maximum.
+        """What the home holds (bytes on disk, entries) and its limits.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

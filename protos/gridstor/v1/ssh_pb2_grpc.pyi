@@ -48,7 +48,7 @@ class SshServiceStub:
     DisableAccount: _grpc.UnaryUnaryMultiCallable[_ssh_pb2.DisableAccountRequest, _ssh_pb2.DisableAccountReply]
     """Refuse further logins; the home is kept unless remove_home."""
     HomeSize: _grpc.UnaryUnaryMultiCallable[_ssh_pb2.HomeSizeRequest, _ssh_pb2.HomeSizeReply]
-    """Bytes used in the home and its maximum."""
+    """What the home holds (bytes on disk, entries) and its limits."""
     Process: _grpc.UnaryUnaryMultiCallable[_ssh_pb2.ProcessRequest, _ssh_pb2.ProcessReply]
     """Ingest a file, or a folder as .tar.gz, from the home through the upload job pipeline.
     Poll the job with IngestService.Status. A disabled account's home is not processed (FAILED_PRECONDITION).
@@ -74,7 +74,7 @@ class SshServiceAsyncStub(SshServiceStub):
     DisableAccount: _aio.UnaryUnaryMultiCallable[_ssh_pb2.DisableAccountRequest, _ssh_pb2.DisableAccountReply]  # type: ignore[assignment]
     """Refuse further logins; the home is kept unless remove_home."""
     HomeSize: _aio.UnaryUnaryMultiCallable[_ssh_pb2.HomeSizeRequest, _ssh_pb2.HomeSizeReply]  # type: ignore[assignment]
-    """Bytes used in the home and its maximum."""
+    """What the home holds (bytes on disk, entries) and its limits."""
     Process: _aio.UnaryUnaryMultiCallable[_ssh_pb2.ProcessRequest, _ssh_pb2.ProcessReply]  # type: ignore[assignment]
     """Ingest a file, or a folder as .tar.gz, from the home through the upload job pipeline.
     Poll the job with IngestService.Status. A disabled account's home is not processed (FAILED_PRECONDITION).
@@ -115,7 +115,7 @@ class SshServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ssh_pb2.HomeSizeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ssh_pb2.HomeSizeReply, _abc.Awaitable[_ssh_pb2.HomeSizeReply]]:
-        """Bytes used in the home and its maximum."""
+        """What the home holds (bytes on disk, entries) and its limits."""
 
     @_abc_1.abstractmethod
     def Process(
