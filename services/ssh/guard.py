@@ -17,8 +17,11 @@ stopped calls on the event loop (Linux 5.14 or later, x86_64 or aarch64;
 * mkdir: made by this service (mode without set-id or sticky bits), counted;
   symlink, link: counted, then run. "Disk quota exceeded" past the entry limit
   (or, for a folder, when the home is full).
-* chmod: done by this service without set-id and sticky bits; the home's own
-  mode is kept (the call is answered "done" without effect).
+* chmod: the home's own mode is kept (the call is answered "done" without
+  effect); a mode with set-id or sticky bits is applied by this service without
+  them; other modes run as asked.
+* unlink, rmdir, rename: done by this service, so what they free (a file
+  replaced by rsync's new copy, --delete) is counted at once, exactly.
 * setxattr: only ``user.*`` attributes are stored (security.*, trusted.* and
   ACLs are answered "done" without effect); refused while the home is over.
 * In the filter itself: chown and its relatives succeed without effect (no
@@ -77,9 +80,13 @@ NOTIF_ADDFD = _ioc(1, 3, 24)
 # BPF (classic): load word, jump if equal / greater-or-equal / bits set, return
 LD_W_ABS, JEQ_K, JGE_K, JSET_K, RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC
+SPECIAL_BITS = 0o7000  # set-uid, set-gid, sticky
+SETFL_BITS = os.O_APPEND | getattr(os, "O_DIRECT", 0) | getattr(os, "O_NOATIME", 0)  # what F_SETFL sets, but O_NONBLOCK
 O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
 AT_FDCWD = -100
+AT_REMOVEDIR = 0x200
 AT_SYMLINK_NOFOLLOW = 0x100
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 AT_EMPTY_PATH = 0x1000
 PATH_MAX = 4096
 
@@ -89,18 +96,21 @@ _X86_64 = {
     "symlinkat": 266, "link": 86, "linkat": 265, "mknod": 133, "mknodat": 259, "chmod": 90, "fchmod": 91,
     "fchmodat": 268, "fchmodat2": 452, "chown": 92, "fchown": 93, "lchown": 94, "fchownat": 260, "setxattr": 188,
     "lsetxattr": 189, "fsetxattr": 190, "setxattrat": 463, "fallocate": 285, "io_uring_setup": 425,
-    "open_by_handle_at": 304, "seccomp": 317,
+    "open_by_handle_at": 304, "seccomp": 317, "rename": 82, "renameat": 264, "renameat2": 316, "unlink": 87,
+    "unlinkat": 263, "rmdir": 84,
 }  # fmt: skip
 _AARCH64 = {
     "openat": 56, "openat2": 437, "mkdirat": 34, "symlinkat": 36, "linkat": 37, "mknodat": 33, "fchmod": 52,
     "fchmodat": 53, "fchmodat2": 452, "fchown": 55, "fchownat": 54, "setxattr": 5, "lsetxattr": 6, "fsetxattr": 7,
     "setxattrat": 463, "fallocate": 47, "io_uring_setup": 425, "open_by_handle_at": 265, "seccomp": 277,
+    "renameat": 38, "renameat2": 276, "unlinkat": 35,
 }  # fmt: skip
 _ARCHES = {"x86_64": (0xC000003E, _X86_64), "aarch64": (0xC00000B7, _AARCH64)}
 ARCH, SYSCALLS = _ARCHES.get(platform.machine(), (0, {}))
 NAMES = {nr: name for name, nr in SYSCALLS.items()}
 
-# what the filter does with each call: ("notify",), ("errno", code), ("flags", index of the open flags argument)
+# what the filter does with each call: ("notify", 0), ("errno", code), ("flags", index of the open flags argument:
+# notify when it asks for writing)
 _RULES: dict[str, tuple[str, int]] = {
     "open": ("flags", 1), "openat": ("flags", 2), "creat": ("notify", 0), "openat2": ("errno", errno.ENOSYS),
     "mkdir": ("notify", 0), "mkdirat": ("notify", 0), "symlink": ("notify", 0), "symlinkat": ("notify", 0),
@@ -109,7 +119,8 @@ _RULES: dict[str, tuple[str, int]] = {
     "fsetxattr": ("notify", 0), "setxattrat": ("notify", 0), "chown": ("errno", 0), "fchown": ("errno", 0),
     "lchown": ("errno", 0), "fchownat": ("errno", 0), "fallocate": ("errno", errno.EOPNOTSUPP),
     "mknod": ("errno", errno.EPERM), "mknodat": ("errno", errno.EPERM), "io_uring_setup": ("errno", errno.EPERM),
-    "open_by_handle_at": ("errno", errno.EPERM),
+    "open_by_handle_at": ("errno", errno.EPERM), "rename": ("notify", 0), "renameat": ("notify", 0),
+    "renameat2": ("notify", 0), "unlink": ("notify", 0), "unlinkat": ("notify", 0), "rmdir": ("notify", 0),
 }  # fmt: skip
 
 
@@ -160,6 +171,7 @@ def program() -> bytes:
 
 JAIL = Path(__file__).with_name("jail.py")
 _PROGRAM = program()
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def jail_command(sock: socket.socket) -> list[str]:
@@ -216,12 +228,17 @@ def probe() -> str | None:
 # ------------------------------------------------------------------ watch
 
 
+_NOTIF = struct.Struct("QIIiIQ6Q")  # struct seccomp_notif
+_RESP = struct.Struct("QqiI")  # struct seccomp_notif_resp
+
+
 class _Notif:
     __slots__ = ("args", "id", "nr", "pid", "recounted")
 
-    def __init__(self, buf: bytes) -> None:
-        self.id, self.pid, _flags, self.nr, _arch, _ip = struct.unpack_from("QIIiIQ", buf, 0)
-        self.args = struct.unpack_from("6Q", buf, 32)
+    def __init__(self, buf: bytearray) -> None:
+        fields = _NOTIF.unpack(buf)
+        self.id, self.pid, self.nr = fields[0], fields[1], fields[3]
+        self.args = fields[6:]
         self.recounted = False
 
     def fd_arg(self, i: int) -> int:
@@ -241,6 +258,7 @@ class Watch:
         self.quota_refusals = 0  # opens and folders refused for the quota or the entry limit
         self.outside = 0  # writes outside the home refused
         self.pids: set[int] = set()
+        self._mem: dict[int, int] = {}  # pid -> its /proc/PID/mem, kept open
         self._reading = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -258,6 +276,9 @@ class Watch:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        for mem in self._mem.values():
+            os.close(mem)
+        self._mem.clear()
         for pid in self.pids:
             self.home.finish(pid)
         self.pids.clear()
@@ -274,7 +295,7 @@ class Watch:
             asyncio.get_running_loop().remove_reader(self.fd)
             self._reading = False  # every process of the tree is gone
             return
-        self._dispatch(_Notif(bytes(buf)))
+        self._dispatch(_Notif(buf))
 
     def _dispatch(self, n: _Notif) -> None:
         try:
@@ -290,9 +311,9 @@ class Watch:
 
     def _answer(self, n: _Notif, error: int = 0, *, proceed: bool = False) -> None:
         """Let the call run (``proceed``), or finish it with ``error`` (0: success without doing it)."""
-        resp = struct.pack("QqiI", n.id, 0, -error, SECCOMP_USER_NOTIF_FLAG_CONTINUE if proceed else 0)
+        resp = _RESP.pack(n.id, 0, -error, SECCOMP_USER_NOTIF_FLAG_CONTINUE if proceed else 0)
         try:
-            fcntl.ioctl(self.fd, NOTIF_SEND, bytearray(resp))
+            fcntl.ioctl(self.fd, NOTIF_SEND, resp)
         except OSError as exc:
             if exc.errno != errno.ENOENT:  # ENOENT: the caller was killed meanwhile
                 raise
@@ -306,25 +327,29 @@ class Watch:
 
     def _read_path(self, n: _Notif, addr: int) -> bytes | None:
         """The NUL-terminated string at ``addr`` in the caller's memory (None when it cannot be read)."""
-        try:
-            fd = os.open(f"/proc/{n.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            out = b""
-            while len(out) <= PATH_MAX:
-                chunk = os.pread(fd, 4096 - (addr + len(out)) % 4096, addr + len(out))
-                if not chunk:
+        for fresh in (False, True):
+            fd = self._mem.get(n.pid, -1)
+            if fresh or fd < 0:
+                if fd >= 0:
+                    os.close(fd)  # opened before the process exec'd: its old memory is gone
+                try:
+                    fd = self._mem[n.pid] = os.open(f"/proc/{n.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    self._mem.pop(n.pid, None)
                     return None
-                end = chunk.find(b"\0")
-                if end >= 0:
-                    return out + chunk[:end]
-                out += chunk
-            return None
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
+            out = b""
+            try:
+                while len(out) <= PATH_MAX:
+                    chunk = os.pread(fd, 4096 - (addr + len(out)) % 4096, addr + len(out))
+                    if not chunk:
+                        break
+                    end = chunk.find(b"\0")
+                    if end >= 0:
+                        return out + chunk[:end]
+                    out += chunk
+            except OSError:
+                pass
+        return None
 
     def _parent(self, n: _Notif, dirfd: int, path: bytes) -> tuple[int, bytes, bool]:
         """(descriptor of the folder holding the path's last part, that part, whether the folder is in the home)."""
@@ -376,6 +401,14 @@ class Watch:
             self._chmod(n, n.fd_arg(0), a[1], a[2] & 0o7777, a[3] & 0xFFFFFFFF if name == "fchmodat2" else 0)
         elif name in ("setxattr", "lsetxattr", "fsetxattr", "setxattrat"):
             self._setxattr(n, a[3] if name == "setxattrat" else a[1])
+        elif name == "rename":
+            self._rename(n, AT_FDCWD, a[0], AT_FDCWD, a[1], 0)
+        elif name in ("renameat", "renameat2"):
+            self._rename(n, n.fd_arg(0), a[1], n.fd_arg(2), a[3], a[4] & 0xFFFFFFFF if name == "renameat2" else 0)
+        elif name in ("unlink", "rmdir"):
+            self._unlink(n, AT_FDCWD, a[0], AT_REMOVEDIR if name == "rmdir" else 0)
+        elif name == "unlinkat":
+            self._unlink(n, n.fd_arg(0), a[1], a[2] & 0xFFFFFFFF)
         else:
             self._answer(n, proceed=True)
 
@@ -482,7 +515,7 @@ class Watch:
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EACCES, "not a regular file")
             if not flags & os.O_NONBLOCK:
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags & SETFL_BITS)
         except OSError as exc:
             os.close(fd)
             self._answer(n, exc.errno or errno.EACCES)
@@ -522,20 +555,20 @@ class Watch:
         except OSError as exc:
             self._answer(n, exc.errno or errno.EACCES)
             return None
-        if not inside:
-            os.close(pfd)
-            self._refuse_outside(n, path)
-            return None
         try:
             os.stat(name or b".", dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
-            return pfd, name
+            if inside:
+                return pfd, name
+            os.close(pfd)
+            self._refuse_outside(n, path)
+            return None
         except OSError as exc:
             os.close(pfd)
             self._answer(n, exc.errno or errno.EACCES)
             return None
         os.close(pfd)
-        self._answer(n, errno.EEXIST)
+        self._answer(n, errno.EEXIST)  # as the call itself would (rsync makes /proc/self/fd/N's parts, existing)
         return None
 
     def _mkdir(self, n: _Notif, dirfd: int, addr: int, mode: int) -> None:
@@ -584,18 +617,36 @@ class Watch:
             path = b""
         else:
             read = self._read_path(n, addr)
-            if read is None or not self._valid(n):
-                self._answer(n, errno.EFAULT if read is None else errno.ESRCH)
+            if read is None:
+                self._answer(n, errno.EFAULT)
                 return
             path = read
+        nofollow = bool(flags & AT_SYMLINK_NOFOLLOW)
+        if not mode & SPECIAL_BITS:
+            # the usual case, cheaply: not the home itself? then the call runs as it is
+            try:
+                if addr is None or (not path and flags & AT_EMPTY_PATH):
+                    st = os.stat(f"/proc/{n.pid}/fd/{dirfd}")
+                else:
+                    st = self._stat_at(n, dirfd, path, nofollow)
+            except OSError as exc:
+                self._answer(n, exc.errno or errno.ENOENT)
+                return
+            if (st.st_dev, st.st_ino) != self.root_ident:
+                self._answer(n, proceed=True)
+                return
+        if addr is not None and not self._valid(n):
+            self._answer(n, errno.ESRCH)
+            return
         try:
             if not path and (flags & AT_EMPTY_PATH or addr is None):
                 target = os.open(f"/proc/{n.pid}/fd/{dirfd}", os.O_PATH | os.O_CLOEXEC)
             else:
                 pfd, name, _ = self._parent(n, dirfd, path)
                 try:
-                    nofollow = os.O_NOFOLLOW if flags & AT_SYMLINK_NOFOLLOW else 0
-                    target = os.open(name or b".", os.O_PATH | os.O_CLOEXEC | nofollow, dir_fd=pfd)
+                    target = os.open(
+                        name or b".", os.O_PATH | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0), dir_fd=pfd
+                    )
                 finally:
                     os.close(pfd)
         except OSError as exc:
@@ -612,12 +663,101 @@ class Watch:
             if stat.S_ISLNK(st.st_mode):
                 self._answer(n, errno.EOPNOTSUPP)  # as Linux answers for a symlink
                 return
-            os.chmod(f"/proc/self/fd/{target}", mode & 0o777)
+            os.chmod(f"/proc/self/fd/{target}", mode & 0o777)  # without set-id and sticky bits
             self._answer(n, 0)
         except OSError as exc:
             self._answer(n, exc.errno or errno.EACCES)
         finally:
             os.close(target)
+
+    def _stat_at(self, n: _Notif, dirfd: int, path: bytes, nofollow: bool) -> os.stat_result:
+        """stat of ``path`` as the caller sees it (relative to its cwd or ``dirfd``)."""
+        if path.startswith(b"/"):
+            for alias in (b"/proc/self/", b"/proc/thread-self/"):
+                if path.startswith(alias):
+                    path = b"/proc/%d/" % n.pid + path[len(alias) :]
+            return os.stat(path, follow_symlinks=not nofollow)
+        where = f"/proc/{n.pid}/cwd" if dirfd == AT_FDCWD else f"/proc/{n.pid}/fd/{dirfd}"
+        base = os.open(where, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return os.stat(path, dir_fd=base, follow_symlinks=not nofollow)
+        finally:
+            os.close(base)
+
+    def _entry_at(self, n: _Notif, dirfd: int, addr: int) -> tuple[int, bytes, bytes] | None:
+        """(parent descriptor, name, path) of an existing entry in the home; None when answered already."""
+        path = self._path(n, addr)
+        if path is None:
+            return None
+        try:
+            pfd, name, inside = self._parent(n, dirfd, path)
+        except OSError as exc:
+            self._answer(n, exc.errno or errno.ENOENT)
+            return None
+        if not inside:
+            os.close(pfd)
+            self._refuse_outside(n, path)
+            return None
+        if not name:
+            os.close(pfd)
+            self._answer(n, errno.EBUSY)  # ".", "..": not something to remove or rename here
+            return None
+        return pfd, name, path
+
+    def _unlink(self, n: _Notif, dirfd: int, addr: int, flags: int) -> None:
+        """unlink, rmdir: done here, so what they free is counted exactly."""
+        found = self._entry_at(n, dirfd, addr)
+        if found is None:
+            return
+        pfd, name, _ = found
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            if flags & AT_REMOVEDIR:
+                os.rmdir(name, dir_fd=pfd)
+            else:
+                os.unlink(name, dir_fd=pfd)
+        except OSError as exc:
+            self._answer(n, exc.errno or errno.EACCES)
+            return
+        finally:
+            os.close(pfd)
+        self.home.removed(st)
+        self._answer(n, 0)
+
+    def _rename(self, n: _Notif, olddirfd: int, oldaddr: int, newdirfd: int, newaddr: int, flags: int) -> None:
+        """rename (rsync's temp file over the old copy): done here, so what the old copy held is counted as freed."""
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            self._answer(n, errno.EINVAL)  # RENAME_WHITEOUT: not for a home
+            return
+        old = self._entry_at(n, olddirfd, oldaddr)
+        if old is None:
+            return
+        new = self._entry_at(n, newdirfd, newaddr)
+        if new is None:
+            os.close(old[0])
+            return
+        (opfd, oldname, _), (npfd, newname, _) = old, new
+        try:
+            src = os.stat(oldname, dir_fd=opfd, follow_symlinks=False)
+            try:
+                target: os.stat_result | None = os.stat(newname, dir_fd=npfd, follow_symlinks=False)
+            except FileNotFoundError:
+                target = None
+            if flags:
+                if _libc.renameat2(opfd, oldname, npfd, newname, flags) != 0:
+                    raise OSError(ctypes.get_errno(), "renameat2")
+            else:
+                os.rename(oldname, newname, src_dir_fd=opfd, dst_dir_fd=npfd)
+        except OSError as exc:
+            self._answer(n, exc.errno or errno.EACCES)
+            return
+        finally:
+            os.close(opfd)
+            os.close(npfd)
+        same = target is not None and (target.st_dev, target.st_ino) == (src.st_dev, src.st_ino)
+        if target is not None and not same and not flags & RENAME_EXCHANGE:
+            self.home.removed(target)
+        self._answer(n, 0)
 
     def _setxattr(self, n: _Notif, name_addr: int) -> None:
         """Only user.* attributes are stored (others are answered "done" without effect), and not over quota."""

@@ -56,6 +56,7 @@ class Grant:
         self.pid = pid
         self.fd = fd
         st = os.fstat(fd)
+        self.ident = _ident(st)
         self.base = homes.blocks_of(st)  # allocated bytes already counted (at the grant or the last count)
         self.holes = max(0, st.st_size - self.base)  # holes below the end: filling them is not size growth
         try:
@@ -66,6 +67,11 @@ class Grant:
 
     def blocks(self) -> int:
         return homes.blocks_of(os.fstat(self.fd))
+
+    def counted(self) -> int:
+        """What a full count of the home sees of this file now: its blocks, or nothing once it has no name."""
+        st = os.fstat(self.fd)
+        return homes.blocks_of(st) if st.st_nlink else 0
 
     def growth(self) -> int:
         return self.blocks() - self.base
@@ -83,9 +89,15 @@ class Grant:
             pass  # the process is gone; its grant goes when the session ends
 
     def close(self) -> int:
-        """Stop watching the file; what it grew by since it was counted."""
+        """Stop watching the file; what the home holds more (or less) since it was counted.
+
+        A file removed while rsync wrote it is held open by this grant until now: it was still counted; from
+        here on it is gone.
+        """
         try:
-            return self.growth()
+            st = os.fstat(self.fd)
+            blocks = homes.blocks_of(st)
+            return blocks - self.base if st.st_nlink else -self.base
         finally:
             os.close(self.fd)
 
@@ -138,7 +150,7 @@ class Home:
     async def _rescan(self) -> None:
         self._delta_bytes = self._delta_entries = 0
         self.written_since_count = 0
-        bases = {pid: (g, g.blocks()) for pid, g in self.grants.items()}
+        bases = {pid: (g, g.counted()) for pid, g in self.grants.items()}
         try:
             found = await asyncio.to_thread(homes.usage, self.root)
         except homes.TreeChanged:
@@ -234,6 +246,7 @@ class Home:
 
     def removed(self, st: os.stat_result) -> None:
         """A name went (``st``: what it named, before): its blocks go with the inode's last name and handle."""
+        self.peak = max(self.peak, self.held)  # e.g. rsync's new copy and the old one it replaces, both
         self.changed(0, -1)
         if stat.S_ISDIR(st.st_mode):
             self.changed(-homes.blocks_of(st))
@@ -244,6 +257,8 @@ class Home:
         if ident in self._open:
             self._orphans.add(ident)  # still on disk until its handles close
             return
+        if any(g.ident == ident for g in self.grants.values()):
+            return  # rsync is writing it: it goes when the grant is finished
         self.changed(-homes.blocks_of(st))
 
     # ----------------------------------------------------------------- rsync
@@ -261,8 +276,10 @@ class Home:
 
     def finish(self, pid: int) -> None:
         """rsync process ``pid`` is done with its file (it opens the next one, or ends)."""
-        grant = self.grants.pop(pid, None)
+        grant = self.grants.get(pid)
         if grant is not None:
+            self.peak = max(self.peak, self.held)  # what the file reached, before it may go
+            del self.grants[pid]
             self.written_since_count += 1
             self.changed(grant.close())
             self._regrant()

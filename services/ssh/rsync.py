@@ -146,7 +146,7 @@ async def serve(
         if not watched:
             refuse(process, b"rsync: uploads are not available on this server (its kernel cannot limit them)\n")
             return
-        await home.refresh()
+        await home.refresh(force=home.recount_due)  # the kernel will hold rsync to this count: a recent one
         if home.held >= home.max_bytes or home.entries >= home.max_entries:
             metrics.quota.inc()
             why = home.message() if home.held >= home.max_bytes else home.entries_message()

@@ -129,6 +129,28 @@ async def test_rsync_many_files_stop_at_the_quota(env: SshEnv, tmp_path: Path) -
     assert 10 <= len(kept) < 16  # what fits in 4 MiB, folders' blocks included
 
 
+async def test_rsync_updates_and_deletes_free_what_they_replace(env: SshEnv, tmp_path: Path) -> None:
+    """Half full: new copies of every file, then a tree replacing it (--delete) fit, since what they replace
+    is counted as freed the moment rsync renames over it or deletes it."""
+    src = tmp_path / "tree"
+    for name in ("a.bin", "b.bin"):
+        random_file(src / name, MiB)
+    assert (await env.rsync("-a", f"{src}/", "alice@127.0.0.1:t/")).rc == 0
+    for name in ("a.bin", "b.bin"):  # new contents: rsync writes a new copy of each, then renames it over
+        random_file(src / name, MiB)
+    await reset_peak(env)
+    again = await env.rsync("-a", "--no-whole-file", f"{src}/", "alice@127.0.0.1:t/")
+    assert again.rc == 0, again
+    other = tmp_path / "other"
+    for name in ("c.bin", "d.bin"):
+        random_file(other / name, MiB)
+    replaced = await env.rsync("-a", "--delete", f"{other}/", "alice@127.0.0.1:t/")
+    assert replaced.rc == 0, replaced
+    assert sorted(p.name for p in (env.home("alice") / "t").iterdir()) == ["c.bin", "d.bin"]
+    await overshoot(env, "rsync updates and --delete in a half-full home")
+    assert home_of(env).held == homes.usage(env.home("alice")).bytes  # counted exactly, no recount needed
+
+
 async def test_rsync_cannot_set_modes_owners_or_set_id_bits(env: SshEnv, tmp_path: Path) -> None:
     """-a of a 0777 folder with a setuid file, a setgid folder, a foreign owner and a trusted.* attribute."""
     src = tmp_path / "tree"
