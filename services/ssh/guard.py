@@ -1,12 +1,12 @@
 """rsync under watch: its processes ask this service before they create or grow anything.
 
 rsync's server side writes files in its own processes, outside the SFTP hooks.
-Before it starts (``child_setup``, between fork and exec) it installs a seccomp
-filter that stops each process of the transfer at every call that opens a
-file for writing, makes a folder or link, changes a mode or sets an extended
-attribute, and hands this service the filter's listener. ``Watch`` answers the
-stopped calls on the event loop (Linux 5.14 or later, x86_64 or aarch64;
-``probe`` says whether this kernel can):
+It starts through services/ssh/jail.py, which installs a seccomp filter that
+stops each process of the transfer at every call that opens a file for
+writing, makes, removes or renames an entry, changes a mode or sets an
+extended attribute, and hands this service the filter's listener before it
+execs rrsync. ``Watch`` answers the stopped calls on the event loop (Linux
+5.14 or later, x86_64 or aarch64; ``probe`` says whether this kernel can):
 
 * open for writing: this service opens the file itself (only inside the home,
   never through a symlink at the last component, never a FIFO or device), asks

@@ -13,7 +13,7 @@
   MaxSessions default).
 * Connections that have not logged in: at most ``ssh.max_unauthenticated`` in
   all and ``ssh.max_unauthenticated_per_address`` from one address (more are
-  closed at once, before the SSH banner), each closed after ``ssh.login_timeout``.
+  closed at once), each closed after ``ssh.login_timeout``.
 * The host key is generated once into ``DATA/ssh/host_key`` (ed25519, 0600).
 """
 
