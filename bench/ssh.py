@@ -1,4 +1,5 @@
-"""SSH benchmark: 100 MiB ``sftp put`` into a home, then Process to a stored file; OpenSSH's sftp alongside.
+"""SSH benchmark: 100 MiB ``sftp put`` into a home and ``sftp get`` back, then Process to a stored file;
+OpenSSH's sshd alongside; and main's code against this one in the same run.
 
 In one run it starts:
   * the gateway in this process on loopback ports: meta, ingest (with its worker
@@ -9,19 +10,26 @@ In one run it starts:
     host key and authorized_keys in the temp dir, no PAM, ``Subsystem sftp internal-sftp``.
 
 Then, for each cipher (the client's default chacha20-poly1305, and aes128-gcm), it
-times the same ``sftp -b`` put of the same file to both servers (median of 3) and
-prints MB/s and the ratio OpenSSH / gridstor (target: <= 1.5). Finally it times
-Process of the uploaded file until its job is DONE and checks the stored hash.
-MB = 10^6 bytes.
+times the same ``sftp -b`` put of the same file to both servers, and the get of it
+back (to /dev/null), median of 3 each, and prints MB/s and the ratio OpenSSH /
+gridstor (target: <= 1.5). Finally it times Process of the uploaded file until its
+job is DONE and checks the stored hash. MB = 10^6 bytes.
 
-    .venv/bin/python bench/ssh.py            # 100 MiB
-    .venv/bin/python bench/ssh.py --mib 20   # a quicker look
+``--tree DIR`` measures the services of another checkout (e.g. /work/main) with this
+script. ``--compare DIR`` runs this checkout and DIR alternately (``--rounds`` each, SFTP
+only) and prints both with the ratio, so a change is judged against a baseline taken
+on the same machine at the same time (target: put and get within 10%).
+
+    .venv/bin/python bench/ssh.py                          # 100 MiB
+    .venv/bin/python bench/ssh.py --mib 20                 # a quicker look
+    .venv/bin/python bench/ssh.py --compare /work/main     # this tree against main's, alternating
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import pwd
 import shutil
@@ -36,7 +44,20 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
+
+
+def _tree() -> Path:
+    """The checkout whose services are measured (``--tree``; default: this one), known before the imports."""
+    for i, arg in enumerate(sys.argv):
+        if arg == "--tree" and i + 1 < len(sys.argv):
+            return Path(sys.argv[i + 1]).resolve()
+        if arg.startswith("--tree="):
+            return Path(arg.split("=", 1)[1]).resolve()
+    return ROOT
+
+
+TREE = _tree()
+sys.path[:0] = [str(TREE), str(TREE / "protos")]
 
 import asyncssh  # noqa: E402
 import blake3  # noqa: E402
@@ -51,6 +72,7 @@ from services.ssh import service as ssh_service  # noqa: E402
 
 MIB = 1024 * 1024
 RATIO_TARGET = 1.5
+COMPARE_TARGET = 0.9  # --compare: this tree's MB/s at least 90% of the baseline's
 RUNS = 3
 CIPHERS = ("chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com")
 SSHD = "/usr/sbin/sshd"
@@ -143,8 +165,8 @@ Subsystem sftp internal-sftp -d {home}
     return proc, port, home
 
 
-async def sftp_put(port: int, user: str, key: Path, src: Path, name: str, cipher: str) -> float:
-    """Seconds for one ``sftp -b`` put (connection setup included, as a user sees it)."""
+async def sftp_batch(port: int, user: str, key: Path, command: str, cipher: str) -> float:
+    """Seconds for one ``sftp -b`` command (connection setup included, as a user sees it)."""
     args = [
         "sftp",
         "-q",
@@ -174,25 +196,26 @@ async def sftp_put(port: int, user: str, key: Path, src: Path, name: str, cipher
     proc = await asyncio.create_subprocess_exec(
         *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
-    _, err = await proc.communicate(f"put {src} {name}\n".encode())
+    _, err = await proc.communicate(f"{command}\n".encode())
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"sftp to port {port} failed: {err.decode(errors='replace')}")
+        raise SystemExit(f"sftp {command!r} to port {port} failed: {err.decode(errors='replace')}")
     return dt
 
 
-async def median_put(
+async def median_put_get(
     port: int, user: str, key: Path, src: Path, cipher: str, landed: Path, size: int
-) -> tuple[float, list[float]]:
-    """Median MB/s of RUNS puts of ``src``; the uploaded copy (``landed``) is removed after each."""
-    rates = []
+) -> tuple[float, float, list[float], list[float]]:
+    """Median MB/s of RUNS puts of ``src`` and RUNS gets of it back (to /dev/null); ``landed`` removed after."""
+    puts, gets = [], []
     for _ in range(RUNS):
-        rates.append(size / await sftp_put(port, user, key, src, landed.name, cipher) / 1e6)
+        puts.append(size / await sftp_batch(port, user, key, f"put {src} {landed.name}", cipher) / 1e6)
+        gets.append(size / await sftp_batch(port, user, key, f"get {landed.name} /dev/null", cipher) / 1e6)
         await asyncio.to_thread(landed.unlink)
-    return statistics.median(rates), rates
+    return statistics.median(puts), statistics.median(gets), puts, gets
 
 
-async def bench(size: int) -> int:
+async def bench(size: int, *, with_sshd: bool, process: bool, as_json: bool) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="gridstor-bench-ssh-"))
     cleanups: list[Callable[[], Awaitable[None]]] = []
     procs: list[subprocess.Popen[bytes]] = []
@@ -220,28 +243,41 @@ async def bench(size: int) -> int:
         )
         home = svc.settings.homes_dir / "bench"
 
-        have_sshd = await asyncio.to_thread(ensure_sshd)
+        have_sshd = with_sshd and await asyncio.to_thread(ensure_sshd)
         if have_sshd:
             sshd, sshd_port, sshd_home = await asyncio.to_thread(start_sshd, tmp, key)
             procs.append(sshd)
         user = pwd.getpwuid(os.geteuid()).pw_name
 
-        print(f"gridstor ssh benchmark: {size / MIB:.0f} MiB sftp put, median of {RUNS}, client OpenSSH sftp, loopback")
-        print(f"cpu cores: {os.cpu_count()}  python {sys.version.split()[0]}")
+        say = (lambda *a, **k: None) if as_json else print
+        say(f"gridstor ssh benchmark: {size / MIB:.0f} MiB sftp put and get, median of {RUNS}, OpenSSH sftp, loopback")
+        say(f"code under test: {TREE} ({git_head(TREE)})  cpu cores: {os.cpu_count()}  python {sys.version.split()[0]}")
         worst = 0.0
+        figures: dict[str, dict[str, float]] = {"put": {}, "get": {}}
         for cipher in CIPHERS:
-            ours, ours_all = await median_put(svc.ssh_port, "bench", key, src, cipher, home / "big.bin", size)
-            line = f"  {cipher:32s} gridstor (asyncssh) {ours:7.1f} MB/s"
+            put, get, puts, gets = await median_put_get(svc.ssh_port, "bench", key, src, cipher, home / "big.bin", size)
+            figures["put"][cipher], figures["get"][cipher] = put, get
+            line = f"  {cipher:32s} gridstor (asyncssh) put {put:6.1f} get {get:6.1f} MB/s"
             if have_sshd:
-                theirs, _ = await median_put(sshd_port, user, key, src, cipher, sshd_home / "big.bin", size)
-                ratio = theirs / ours
+                their_put, their_get, _, _ = await median_put_get(
+                    sshd_port, user, key, src, cipher, sshd_home / "big.bin", size
+                )
+                ratio = max(their_put / put, their_get / get)
                 worst = max(worst, ratio)
                 ok = "ok" if ratio <= RATIO_TARGET else "ABOVE TARGET"
-                line += f"   OpenSSH sshd {theirs:7.1f} MB/s   ratio {ratio:4.2f} (target <= {RATIO_TARGET})  {ok}"
-            print(line + f"   [runs {', '.join(f'{r:.0f}' for r in ours_all)}]")
+                line += f"   OpenSSH sshd put {their_put:6.1f} get {their_get:6.1f} MB/s   worst ratio {ratio:4.2f}"
+                line += f" (target <= {RATIO_TARGET})  {ok}"
+            runs = ", ".join(f"{p:.0f}/{g:.0f}" for p, g in zip(puts, gets, strict=True))
+            say(line + f"   [put/get runs {runs}]")
+        if as_json:
+            print(json.dumps({"tree": str(TREE), "head": git_head(TREE), **figures}))
+        if not process:
+            await channel.close(None)
+            await ingest_channel.close(None)
+            return 0
 
         # Process: the uploaded file to a stored file
-        await sftp_put(svc.ssh_port, "bench", key, src, "big.bin", CIPHERS[0])
+        await sftp_batch(svc.ssh_port, "bench", key, f"put {src} big.bin", CIPHERS[0])
         ingest_stub = ingest_pb2_grpc.IngestServiceStub(ingest_channel)
         proof = account_proof(asyncssh.read_private_key(key), "Process", "bench")  # the account is the key's
         t0 = time.perf_counter()
@@ -279,12 +315,57 @@ async def bench(size: int) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def git_head(tree: Path) -> str:
+    done = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "?"
+
+
+def compare(baseline: Path, rounds: int, mib: int) -> int:
+    """This tree and ``baseline``, alternately, SFTP put/get only; medians per side and the ratio."""
+    runs: dict[str, list[dict[str, dict[str, float]]]] = {"this": [], "baseline": []}
+    for r in range(rounds):
+        for side, tree in (("baseline", baseline), ("this", ROOT)):
+            argv = [sys.executable, str(Path(__file__).resolve()), "--tree", str(tree), "--mib", str(mib)]
+            done = subprocess.run([*argv, "--json", "--no-sshd", "--no-process"], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"{side} run failed:\n{done.stdout}\n{done.stderr}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            runs[side].append(result)
+            print(
+                f"round {r + 1} {side:8s} ({result['head']}): "
+                + "  ".join(f"{op} {c.split('@')[0]} {result[op][c]:6.1f}" for op in ("put", "get") for c in CIPHERS),
+                flush=True,
+            )
+    target = f"this >= {COMPARE_TARGET:.0%} of baseline"
+    print(f"\nmedians over {rounds} alternating rounds, {mib} MiB, MB/s (target: {target})")
+    worst = 1.0
+    for op in ("put", "get"):
+        for cipher in CIPHERS:
+            base = statistics.median(r[op][cipher] for r in runs["baseline"])
+            this = statistics.median(r[op][cipher] for r in runs["this"])
+            worst = min(worst, this / base)
+            ok = "ok" if this / base >= COMPARE_TARGET else "BELOW TARGET"
+            print(f"  {op} {cipher:32s} baseline {base:6.1f}  this {this:6.1f}  ratio {this / base:4.2f}  {ok}")
+    return 0 if worst >= COMPARE_TARGET else 1
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mib", type=int, default=100, help="file size in MiB (default 100)")
+    ap.add_argument("--tree", help="measure the services of this checkout (default: the one holding this script)")
+    ap.add_argument("--compare", metavar="DIR", help="run this checkout and DIR alternately, SFTP put/get only")
+    ap.add_argument("--rounds", type=int, default=3, help="--compare: rounds per side (default 3)")
+    ap.add_argument("--no-sshd", action="store_true", help="skip the OpenSSH sshd comparison")
+    ap.add_argument("--no-process", action="store_true", help="skip Process to a stored file")
+    ap.add_argument("--json", action="store_true", help="print only one JSON line of the SFTP figures")
     args = ap.parse_args()
     os.environ.setdefault("GRIDSTOR_LOG_LEVEL", "WARNING")  # the ingest workers' JSON lines would drown the figures
-    sys.exit(asyncio.run(bench(args.mib * MIB)))
+    if args.compare:
+        sys.exit(compare(Path(args.compare).resolve(), args.rounds, args.mib))
+    code = asyncio.run(
+        bench(args.mib * MIB, with_sshd=not args.no_sshd, process=not args.no_process, as_json=args.json)
+    )
+    sys.exit(code)
 
 
 if __name__ == "__main__":
