@@ -1,5 +1,8 @@
 """Fixtures for the ssh service: the real service on port 0 (gRPC and SSH), real clients, real redis.
 
+After every test, each home it used is checked (``SshEnv.check_homes``): mode 0700 and the service's
+owner, no set-id bits or foreign owners inside, nothing but homes in the homes folder.
+
 ``ssh_factory(ingest=False)`` starts only the ssh service (with redis); ``ingest=True`` starts meta
 and ingest first (tests/ingest/conftest.py's suite) sharing the data dir, so Process jobs are stored.
 """
@@ -202,7 +205,7 @@ class SshEnv:
         """What must hold after anything a client did: homes keep mode 0700 and the service's owner; no file
         in any home has set-id or sticky bits or a foreign owner; the homes folder holds only homes."""
         homes_dir = self.svc.settings.homes_dir
-        for home in homes_dir.iterdir():
+        for home in homes_dir.iterdir() if homes_dir.exists() else ():
             st = home.lstat()
             assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700, (home, oct(st.st_mode))
             assert (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid()), home
@@ -267,6 +270,8 @@ async def ssh_factory(
             await env.channel.close(None)
         with contextlib.suppress(Exception):
             await env.svc.cleanup()
+    for env in envs:  # whatever a test's clients did: the homes are still homes (mode, owner, no set-id bits)
+        env.check_homes()
 
 
 async def restart(env: SshEnv) -> SshEnv:
