@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -98,6 +99,7 @@ class ErrorFilter:
         self._quota = quota
         self._told = False
         self._buf = b""
+        self.sent = 0  # bytes passed on
 
     def feed(self, data: bytes) -> bytes:
         """The complete lines received so far, cleaned (a line over MAX_LINE goes in pieces)."""
@@ -121,6 +123,7 @@ class ErrorFilter:
         if not self._told and any(sign in line for sign in _QUOTA_SIGNS):
             self._told = True
             line += f"rsync: {self._quota()}\n".encode()
+        self.sent += len(line)
         return line
 
 
@@ -191,9 +194,8 @@ async def serve(
             watch = guard.Watch(await guard.receive_listener(parent), home, peer)
             watch.start()
     except BaseException as exc:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
+        _kill(proc)  # not reaped yet: its group is still there
+        await proc.communicate()
         if not isinstance(exc, OSError):
             raise
         log.error("rsync could not start under the quota guard: %s", exc, extra={"user": home.username})
@@ -206,6 +208,17 @@ async def serve(
     errors_out = ErrorFilter(home, rrsync, home.refusal)
     try:
         await _run(process, proc, errors_out, home, peer)
+        log.info(
+            "rsync ended",
+            extra={
+                "user": home.username,
+                "peer": peer,
+                "pull": pull,
+                "rc": proc.returncode,
+                "stderr_bytes": errors_out.sent,
+                "quota_refusals": watch.quota_refusals if watch is not None else 0,
+            },
+        )
     finally:
         if watch is not None:
             if watch.outside:
@@ -238,9 +251,8 @@ async def _run(
         else:
             log.info("rsync client went away; stopping rsync", extra={"user": home.username, "peer": peer})
     finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+        if proc.returncode is None or not outputs.done():  # someone of rsync's group is still there
+            _kill(proc)  # all of them: rsync forks, and a process stopped by the guard holds the pipes open
         if not finished.done():
             try:
                 await asyncio.wait_for(asyncio.shield(finished), 2)
@@ -279,6 +291,14 @@ async def _pump_out(
     if clean is not None and (rest := clean.flush()):
         dst.write(rest)
         await dst.drain()
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL rsync's whole process group (its own session: rrsync, rsync, the receiver it forks).
+
+    Only while a member is alive (the group's id is not free for reuse then)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def refuse(process: asyncssh.SSHServerProcess[bytes], message: bytes) -> None:

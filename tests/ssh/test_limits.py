@@ -229,7 +229,7 @@ async def test_restic_stops_at_the_quota(env: SshEnv, tmp_path: Path) -> None:
     finally:
         if proc.returncode is None:
             proc.terminate()
-        await proc.wait()
+        await proc.communicate()  # to its end: the pipe closed, nothing left for the garbage collector
     assert b"quota exceeded: home holds" in seen, seen
     await overshoot(env, "restic backup")
 

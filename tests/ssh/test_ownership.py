@@ -151,7 +151,7 @@ async def test_the_owner_and_the_admin_manage_the_account(ssh_factory: SshFactor
         return None if mode == "allowlist" else env.keys.proof("alice", method, "alice")
 
     size = await env.stub.HomeSize(ssh_pb2.HomeSizeRequest(username="alice", proof=proof("HomeSize")), metadata=alice)
-    assert (size.used_bytes, size.files, size.max_bytes) == (len("alice's notes\n"), 1, 8 * MiB)
+    assert (size.used_bytes, size.files, size.max_bytes) == (4096, 1, 8 * MiB)  # a 14-byte file takes a block
     grown = await env.stub.EnableAccount(
         ssh_pb2.EnableAccountRequest(
             username="alice", public_key=env.keys.public("alice"), max_size_mb=16, proof=proof("EnableAccount")
