@@ -107,22 +107,28 @@ def cmd_enable(s: Session, a: argparse.Namespace) -> int:
             _with_proof(request, a, key, "EnableAccount"), metadata=s.auth_metadata(), timeout=UNARY_TIMEOUT
         )
     owner = f"; owned by {r.owner}" if r.owner else ""
+    over = r.over_limit if r.HasField("over_limit") else None
     s.result(
         f"account {r.username} {'created' if r.created else 'updated'}: home up to {human(r.max_bytes)}{owner};"
-        f" the gateway's SSH host key is {r.host_key_fingerprint} (compare it when you first connect)",
+        f" the gateway's SSH host key is {r.host_key_fingerprint} (compare it when you first connect)"
+        + (f"\n{over.notice}" if over is not None else ""),
         {
             "username": r.username,
             "created": r.created,
             "max_bytes": r.max_bytes,
             "host_key_fingerprint": r.host_key_fingerprint,
             "owner": r.owner,
+            "used_bytes": r.used_bytes,
+            "over_limit": None
+            if over is None
+            else {"files": over.files, "bytes": over.bytes, "paths": list(over.paths), "notice": over.notice},
         },
     )
     return EXIT_OK
 
 
 def cmd_size(s: Session, a: argparse.Namespace) -> int:
-    """Bytes used in the home and its maximum."""
+    """What the home holds (bytes on disk, files, entries) and its limits."""
     request = _with_proof(ssh_pb2.HomeSizeRequest(username=a.user), a, _key(a), "HomeSize")
     with s.rpc("ssh"):
         r = _stub(s).HomeSize(request, metadata=s.auth_metadata(), timeout=UNARY_TIMEOUT)
@@ -138,6 +144,8 @@ def cmd_size(s: Session, a: argparse.Namespace) -> int:
             "files": r.files,
             "enabled": r.enabled,
             "owner": r.owner,
+            "entries": r.entries,
+            "max_entries": r.max_entries,
         },
     )
     return EXIT_OK

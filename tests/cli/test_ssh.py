@@ -5,6 +5,7 @@ clear line each and change nothing."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -94,11 +95,13 @@ def test_a_user_manages_their_account_and_nobody_else_does(gw: Gateway, keys: Pa
     size = json.loads(alice.ok("ssh", "size", "alice", "-i", keys / "alice", "--json"))
     assert size == {
         "username": "alice",
-        "used_bytes": 14,
+        "used_bytes": 4096,  # what the disk holds: a 14-byte file takes a block
         "max_bytes": 5 * 1024 * 1024,
         "files": 1,
         "enabled": True,
         "owner": "",
+        "entries": 1,
+        "max_entries": 1_000_000,
     }
 
     # mallory: her own key proves nothing about alice's account; no key at all neither
@@ -125,6 +128,16 @@ def test_a_user_manages_their_account_and_nobody_else_does(gw: Gateway, keys: Pa
     copy = tmp_path / "copy.txt"
     alice.ok("get", file_id, "-o", copy)
     assert copy.read_text() == "alice's notes\n"
+
+    # resized below what her home holds: she is told what the next cleanup sweep removes
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(2 * 1024 * 1024))
+    assert sftp(gw, "alice", keys / "alice", f"put {big} big.bin\n").returncode == 0
+    shrunk = alice.ok("ssh", "enable", "alice", "-i", keys / "alice", "--size", "1")
+    assert shrunk.splitlines()[1].startswith("home holds 2101248 bytes, over its limit of 1048576: "), shrunk
+    assert "removes 2 files (2101248 bytes), oldest first" in shrunk  # notes.txt first, then big.bin
+    alice.ok("ssh", "enable", "alice", "-i", keys / "alice", "--size", "5")
+    assert sftp(gw, "alice", keys / "alice", "rm big.bin\n").returncode == 0
 
     # she rotates her key: the old one opens nothing and proves nothing afterwards
     rotated = alice.ok("ssh", "enable", "alice", "--pubkey", keys / "alice2.pub", "-i", keys / "alice")
