@@ -32,9 +32,10 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from services.common import errors
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 BLOCK = 512  # the unit of st_blocks
 RETRIES = 3  # walks restarted when a folder moves under them
+T = TypeVar("T")
 
 
 class TreeChanged(errors.Conflict):
@@ -215,19 +217,24 @@ def count(root_fd: int) -> Usage:
     return Usage(used, entries, files)
 
 
+def _retried(walker: Callable[[int], T], root: int) -> T:
+    """``walker(root)``, walked again when a folder moves under it (TreeChanged after RETRIES tries)."""
+    for attempt in range(RETRIES):
+        try:
+            return walker(root)
+        except TreeChanged:
+            if attempt == RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def usage(home: Path) -> Usage:
     """What ``home`` holds (zeros when it is missing); retried when folders move during the walk."""
     root = open_root(home)
     if root is None:
         return Usage()
     try:
-        for attempt in range(RETRIES):
-            try:
-                return count(root)
-            except TreeChanged:
-                if attempt == RETRIES - 1:
-                    raise
-        raise AssertionError("unreachable")
+        return _retried(count, root)
     finally:
         os.close(root)
 
@@ -318,13 +325,7 @@ def preview_cleanup(home: Path, max_bytes: int) -> Plan:
     if root is None:
         return Plan(0, max_bytes)
     try:
-        for attempt in range(RETRIES):
-            try:
-                return plan_cleanup(root, max_bytes)
-            except TreeChanged:
-                if attempt == RETRIES - 1:
-                    raise
-        raise AssertionError("unreachable")
+        return _retried(lambda fd: plan_cleanup(fd, max_bytes), root)
     finally:
         os.close(root)
 
@@ -337,14 +338,11 @@ def enforce_quota(home: Path, max_bytes: int) -> list[Removed]:
     if root is None:
         return []
     try:
-        for attempt in range(RETRIES):
-            try:
-                plan = plan_cleanup(root, max_bytes)
-                break
-            except TreeChanged:
-                if attempt == RETRIES - 1:
-                    log.warning("home %s keeps changing while it is read; cleaning it at the next sweep", home)
-                    return []
+        try:
+            plan = _retried(lambda fd: plan_cleanup(fd, max_bytes), root)
+        except TreeChanged:
+            log.warning("home %s keeps changing while it is read; cleaning it at the next sweep", home)
+            return []
         removed: list[Removed] = []
         left = plan.used
         for f in plan.files:

@@ -449,21 +449,30 @@ class Watch:
             return None
         return path
 
+    def _located(self, n: _Notif, dirfd: int, addr: int, missing: int) -> tuple[int, bytes, bool, bytes] | None:
+        """(parent descriptor, last part, whether the parent is in the home, path) of a path argument;
+        None when the call was answered already (``missing``: the error when the parent cannot be opened)."""
+        path = self._path(n, addr)
+        if path is None:
+            return None
+        try:
+            pfd, name, inside = self._parent(n, dirfd, path)
+        except OSError as exc:
+            self._answer(n, exc.errno or missing)
+            return None
+        return pfd, name, inside, path
+
     def _inside(self, real: bytes) -> bool:
         return real == self.root or real.startswith(self.root + b"/")
 
     def _open(self, n: _Notif, dirfd: int, addr: int, flags: int, mode: int) -> None:
-        path = self._path(n, addr)
-        if path is None:
-            return
         if flags & O_TMPFILE == O_TMPFILE:
             self._answer(n, errno.EOPNOTSUPP)
             return
-        try:
-            pfd, name, inside = self._parent(n, dirfd, path)
-        except OSError as exc:
-            self._answer(n, exc.errno or errno.EACCES)
+        located = self._located(n, dirfd, addr, errno.EACCES)
+        if located is None:
             return
+        pfd, name, inside, path = located
         try:
             if not name:
                 self._answer(n, errno.EISDIR)
@@ -547,14 +556,10 @@ class Watch:
 
     def _new_entry(self, n: _Notif, dirfd: int, addr: int) -> tuple[int, bytes] | None:
         """(parent descriptor, name) of an entry about to be made in the home; None when answered already."""
-        path = self._path(n, addr)
-        if path is None:
+        located = self._located(n, dirfd, addr, errno.EACCES)
+        if located is None:
             return None
-        try:
-            pfd, name, inside = self._parent(n, dirfd, path)
-        except OSError as exc:
-            self._answer(n, exc.errno or errno.EACCES)
-            return None
+        pfd, name, inside, path = located
         try:
             os.stat(name or b".", dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
@@ -686,14 +691,10 @@ class Watch:
 
     def _entry_at(self, n: _Notif, dirfd: int, addr: int) -> tuple[int, bytes, bytes] | None:
         """(parent descriptor, name, path) of an existing entry in the home; None when answered already."""
-        path = self._path(n, addr)
-        if path is None:
+        located = self._located(n, dirfd, addr, errno.ENOENT)
+        if located is None:
             return None
-        try:
-            pfd, name, inside = self._parent(n, dirfd, path)
-        except OSError as exc:
-            self._answer(n, exc.errno or errno.ENOENT)
-            return None
+        pfd, name, inside, path = located
         if not inside:
             os.close(pfd)
             self._refuse_outside(n, path)
