@@ -178,6 +178,8 @@ class Home:
     @property
     def held(self) -> int:
         """Bytes the home holds now, what rsync's open files have grown by included."""
+        if not self.grants:
+            return self.used  # the usual case, on every SFTP write: cheap
         return self.used + sum(g.growth() for g in self.grants.values())
 
     @property
@@ -212,12 +214,17 @@ class Home:
 
     def changed(self, nbytes: int, entries: int = 0) -> None:
         """Count bytes (allocated) and entries that came or went."""
-        self.used = max(0, self.used + nbytes)
-        self.entries = max(0, self.entries + entries)
         self._delta_bytes += nbytes
-        self._delta_entries += entries
-        if nbytes > 0:
-            self.peak = max(self.peak, self.held)
+        if entries:
+            self.entries = max(0, self.entries + entries)
+            self._delta_entries += entries
+        if nbytes < 0:
+            self.used = max(0, self.used + nbytes)
+        elif nbytes > 0:
+            self.used += nbytes
+            held = self.held
+            if held > self.peak:
+                self.peak = held
             if self.grants:
                 self._regrant()
 

@@ -56,7 +56,7 @@ from asyncssh.constants import (
 from asyncssh.packet import SSHPacket
 from asyncssh.sftp import MAX_SFTP_PACKET_LEN, MAX_SFTP_WRITE_LEN, SFTPServerHandler
 
-from services.common.homes import blocks_of
+from services.common.homes import BLOCK, blocks_of
 from services.ssh.audit import SshMetrics, refused
 from services.ssh.home import Home, QuotaExceeded
 
@@ -194,22 +194,20 @@ class HomeSFTPServer(asyncssh.SFTPServer):
         append = "a" in f.mode
         start = before.st_size if append else offset
         end = start + len(data)
-        if end > self.home.max_bytes:
-            self._quota_refused(QuotaExceeded(f"a file cannot be larger than the home ({self.home.max_bytes} bytes)"))
+        home = self.home
+        if end > home.max_bytes:
+            self._quota_refused(QuotaExceeded(f"a file cannot be larger than the home ({home.max_bytes} bytes)"))
         need = _new_blocks(fd, before, start, end)
-        if need > 0:
-            try:
-                self.home.check(need)
-            except QuotaExceeded as exc:
-                if self.home.recount_due:  # files removed behind our back (maint, Process) free room
-                    return self._write_after_recount(f, offset, data)
-                self._quota_refused(exc)
+        if need > 0 and home.held + need > home.max_bytes:
+            if home.recount_due:  # files removed behind our back (maint, Process) free room
+                return self._write_after_recount(f, offset, data)
+            self._quota_refused(QuotaExceeded(home.message()))
         try:
             _write_all(fd, data, None if append else offset)
         finally:
-            grown = blocks_of(os.fstat(fd)) - blocks_of(before)
+            grown = (os.fstat(fd).st_blocks - before.st_blocks) * BLOCK
             if grown:
-                self.home.changed(grown)
+                home.changed(grown)
         self.metrics.bytes_written.inc(len(data))
         return len(data)
 
