@@ -19,7 +19,8 @@ execs rrsync. ``Watch`` answers the stopped calls on the event loop (Linux
   (or, for a folder, when the home is full).
 * chmod: the home's own mode is kept (the call is answered "done" without
   effect); a mode with set-id or sticky bits is applied by this service without
-  them; other modes run as asked.
+  them; other modes run as asked. fchmod of a file this service opened for
+  rsync (its descriptor numbered from GRANTED_FDS up) runs without a stop.
 * unlink, rmdir, rename: done by this service, so what they free (a file
   replaced by rsync's new copy, --delete) is counted at once, exactly.
 * setxattr: only ``user.*`` attributes are stored (security.*, trusted.* and
@@ -43,6 +44,7 @@ import logging
 import os
 import platform
 import posixpath
+import resource
 import select
 import shutil
 import socket
@@ -63,7 +65,13 @@ SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_USER_NOTIF = 0x7FC00000
 SECCOMP_RET_ERRNO = 0x00050000
 SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
+SECCOMP_ADDFD_FLAG_SETFD = 1 << 0
 SECCOMP_ADDFD_FLAG_SEND = 1 << 1
+# Files this service opens for rsync get descriptor numbers from here up: a fchmod of one of them (rsync sets
+# each file's mode twice) runs without a stop, as it cannot be the home itself. Below the usual soft
+# RLIMIT_NOFILE (1024); where rsync's limit is lower, they get the lowest free number (and a stop each).
+GRANTED_FDS = 512
+GRANTED_FDS_SPAN = 256
 X32_SYSCALL_BIT = 0x40000000
 
 
@@ -110,11 +118,12 @@ ARCH, SYSCALLS = _ARCHES.get(platform.machine(), (0, {}))
 NAMES = {nr: name for name, nr in SYSCALLS.items()}
 
 # what the filter does with each call: ("notify", 0), ("errno", code), ("flags", index of the open flags argument:
-# notify when it asks for writing)
+# notify when it asks for writing), ("below", index of a descriptor argument: notify when it is below GRANTED_FDS,
+# where rsync's own descriptors are: those this service opened for it are given numbers from GRANTED_FDS up)
 _RULES: dict[str, tuple[str, int]] = {
     "open": ("flags", 1), "openat": ("flags", 2), "creat": ("notify", 0), "openat2": ("errno", errno.ENOSYS),
     "mkdir": ("notify", 0), "mkdirat": ("notify", 0), "symlink": ("notify", 0), "symlinkat": ("notify", 0),
-    "link": ("notify", 0), "linkat": ("notify", 0), "chmod": ("notify", 0), "fchmod": ("notify", 0),
+    "link": ("notify", 0), "linkat": ("notify", 0), "chmod": ("notify", 0), "fchmod": ("below", 0),
     "fchmodat": ("notify", 0), "fchmodat2": ("notify", 0), "setxattr": ("notify", 0), "lsetxattr": ("notify", 0),
     "fsetxattr": ("notify", 0), "setxattrat": ("notify", 0), "chown": ("errno", 0), "fchown": ("errno", 0),
     "lchown": ("errno", 0), "fchownat": ("errno", 0), "fallocate": ("errno", errno.EOPNOTSUPP),
@@ -158,6 +167,15 @@ def program() -> bytes:
                 _ins(JEQ_K, 0, 4, nr),
                 _ins(LD_W_ABS, 0, 0, low_word),
                 _ins(JSET_K, 0, 1, WRITE_FLAGS),
+                _ins(RET_K, 0, 0, SECCOMP_RET_USER_NOTIF),
+                _ins(RET_K, 0, 0, SECCOMP_RET_ALLOW),
+            ]
+        elif action == "below":
+            low_word = 16 + 8 * value
+            out += [
+                _ins(JEQ_K, 0, 4, nr),
+                _ins(LD_W_ABS, 0, 0, low_word),
+                _ins(JGE_K, 1, 0, GRANTED_FDS),  # unsigned: a negative descriptor is high, and runs (EBADF)
                 _ins(RET_K, 0, 0, SECCOMP_RET_USER_NOTIF),
                 _ins(RET_K, 0, 0, SECCOMP_RET_ALLOW),
             ]
@@ -259,6 +277,7 @@ class Watch:
         self.outside = 0  # writes outside the home refused
         self.pids: set[int] = set()
         self._mem: dict[int, int] = {}  # pid -> its /proc/PID/mem, kept open
+        self._fd_room: dict[int, int] = {}  # pid -> how many numbers from GRANTED_FDS up it can have
         self._reading = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -546,13 +565,31 @@ class Watch:
             self._refuse_quota(n, str(exc))
             return
         self.pids.add(n.pid)
-        addfd = struct.pack("QIIII", n.id, SECCOMP_ADDFD_FLAG_SEND, fd, 0, os.O_CLOEXEC if flags & os.O_CLOEXEC else 0)
+        number = self._free_granted_fd(n.pid)
+        how = SECCOMP_ADDFD_FLAG_SEND | (SECCOMP_ADDFD_FLAG_SETFD if number else 0)
+        addfd = struct.pack("QIIII", n.id, how, fd, number, os.O_CLOEXEC if flags & os.O_CLOEXEC else 0)
         try:
             fcntl.ioctl(self.fd, NOTIF_ADDFD, bytearray(addfd))
         except OSError as exc:
             self.home.finish(n.pid)
             if exc.errno != errno.ENOENT:
                 raise
+
+    def _free_granted_fd(self, pid: int) -> int:
+        """A free descriptor number from GRANTED_FDS up in ``pid`` (0: none; then the lowest free one is used)."""
+        room = self._fd_room.get(pid)
+        if room is None:
+            try:
+                soft = resource.prlimit(pid, resource.RLIMIT_NOFILE)[0]
+            except OSError:
+                soft = 0
+            room = self._fd_room[pid] = (
+                0 if soft != resource.RLIM_INFINITY and soft < GRANTED_FDS + GRANTED_FDS_SPAN else GRANTED_FDS_SPAN
+            )
+        for number in range(GRANTED_FDS, GRANTED_FDS + room):
+            if not os.path.lexists(f"/proc/{pid}/fd/{number}"):
+                return number
+        return 0
 
     def _new_entry(self, n: _Notif, dirfd: int, addr: int) -> tuple[int, bytes] | None:
         """(parent descriptor, name) of an entry about to be made in the home; None when answered already."""
