@@ -9,10 +9,15 @@ In one run it starts:
     missing and running as root) on a free loopback port, with its own config,
     host key and authorized_keys in the temp dir, no PAM, ``Subsystem sftp internal-sftp``.
 
-Then, for each cipher (the client's default chacha20-poly1305, and aes128-gcm), it
-times the same ``sftp -b`` put of the same file to both servers, and the get of it
-back (to /dev/null), median of 3 each, and prints MB/s and the ratio OpenSSH /
-gridstor (target: <= 1.5). Finally it times Process of the uploaded file until its
+Then it times the same ``sftp -b`` put of the same file to both servers, and the
+get of it back (to /dev/null), median of 3 each, and prints MB/s and the ratio
+OpenSSH / gridstor (target: <= 1.5): first with the cipher the client and each
+server agree on by themselves (``default``: the line names it; gridstor offers only
+AES where the CPU has AES instructions, services/ssh/ciphers.py), then with each of
+chacha20-poly1305 and aes128-gcm named by ``sftp -c`` (for these, gridstor is
+restarted with ``ssh.ciphers`` offering every cipher). Before that it prints what each
+cipher (with the MAC an OpenSSH client pairs it with) costs asyncssh on this CPU:
+MB encrypted per CPU second, 32 KiB packets, in this process. Finally it times Process of the uploaded file until its
 job is DONE and checks the stored hash. MB = 10^6 bytes.
 
 ``--tree DIR`` measures the services of another checkout (e.g. /work/main) with this
@@ -65,7 +70,8 @@ import grpc  # noqa: E402
 
 from gridstor.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc, ssh_pb2, ssh_pb2_grpc  # noqa: E402
 from services.cli.ssh import account_proof  # noqa: E402
-from services.common.config import build_config  # noqa: E402
+from services.common import config  # noqa: E402
+from services.common.config import SshConfig, build_config  # noqa: E402
 from services.ingest import service as ingest_service  # noqa: E402
 from services.meta import service as meta_service  # noqa: E402
 from services.ssh import service as ssh_service  # noqa: E402
@@ -74,7 +80,10 @@ MIB = 1024 * 1024
 RATIO_TARGET = 1.5
 COMPARE_TARGET = 0.9  # --compare: this tree's MB/s at least 90% of the baseline's
 RUNS = 3
-CIPHERS = ("chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com")
+SSH_SETTINGS = SshConfig.__dataclass_fields__  # an older --tree may have no ssh.ciphers
+SSH_CIPHERS: tuple[str, ...] = getattr(config, "SSH_CIPHERS", ())  # every cipher, for the runs naming one
+DEFAULT = "default"  # no ``-c``: the cipher the client and the server agree on by themselves
+CIPHERS = (DEFAULT, "chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com")
 SSHD = "/usr/sbin/sshd"
 
 
@@ -165,11 +174,10 @@ Subsystem sftp internal-sftp -d {home}
     return proc, port, home
 
 
-async def sftp_batch(port: int, user: str, key: Path, command: str, cipher: str) -> float:
-    """Seconds for one ``sftp -b`` command (connection setup included, as a user sees it)."""
-    args = [
+def sftp_args(port: int, user: str, key: Path, cipher: str, *extra: str) -> list[str]:
+    """``sftp -b -`` to ``user@127.0.0.1:port`` with ``key``, naming ``cipher`` unless it is DEFAULT."""
+    return [
         "sftp",
-        "-q",
         "-P",
         str(port),
         "-F",
@@ -182,16 +190,19 @@ async def sftp_batch(port: int, user: str, key: Path, command: str, cipher: str)
         "BatchMode=yes",
         "-o",
         "IdentitiesOnly=yes",
-        "-o",
-        "LogLevel=ERROR",
-        "-c",
-        cipher,
+        *([] if cipher == DEFAULT else ["-c", cipher]),
+        *extra,
         "-i",
         str(key),
         "-b",
         "-",
         f"{user}@127.0.0.1",
     ]
+
+
+async def sftp_batch(port: int, user: str, key: Path, command: str, cipher: str) -> float:
+    """Seconds for one ``sftp -b`` command (connection setup included, as a user sees it)."""
+    args = sftp_args(port, user, key, cipher, "-q", "-o", "LogLevel=ERROR")
     t0 = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
         *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
@@ -201,6 +212,51 @@ async def sftp_batch(port: int, user: str, key: Path, command: str, cipher: str)
     if proc.returncode != 0:
         raise SystemExit(f"sftp {command!r} to port {port} failed: {err.decode(errors='replace')}")
     return dt
+
+
+PACKET = 32 * 1024
+SEALS = (  # cipher, MAC (b"" for the AEAD ones); OpenSSH's client pairs aes-ctr with umac-64-etm when offered
+    (b"chacha20-poly1305@openssh.com", b""),
+    (b"aes128-gcm@openssh.com", b""),
+    (b"aes256-gcm@openssh.com", b""),
+    (b"aes128-ctr", b"umac-64-etm@openssh.com"),
+    (b"aes128-ctr", b"hmac-sha2-256-etm@openssh.com"),
+)
+
+
+def cipher_costs(total: int = 100 * MIB) -> list[str]:
+    """MB per CPU second that asyncssh encrypts and MACs with each of SEALS (CPU time: load does not skew it)."""
+    from asyncssh import encryption
+
+    data = os.urandom(PACKET)
+    header = PACKET.to_bytes(4, "big")
+    lines = []
+    for cipher, mac in SEALS:
+        key, iv, _, mac_key, _, etm = encryption.get_encryption_params(cipher, mac)
+        seal = encryption.get_encryption(cipher, os.urandom(key), os.urandom(iv), mac, os.urandom(mac_key), etm)
+        t0 = time.process_time()
+        for seq in range(total // PACKET):
+            seal.encrypt_packet(seq, header, data)
+        name = cipher.decode() + (f" + {mac.decode()}" if mac else "")
+        lines.append(f"  {name:48s} {total / (time.process_time() - t0) / 1e6:7.0f} MB per CPU second")
+    return lines
+
+
+async def negotiated(port: int, user: str, key: Path, cipher: str) -> str:
+    """The cipher (and MAC) a connection agrees on, from the client's debug output."""
+    args = sftp_args(port, user, key, cipher, "-o", "LogLevel=DEBUG1")
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await proc.communicate(b"pwd\n")
+    for line in err.decode(errors="replace").splitlines():
+        # debug1: kex: client->server cipher: aes128-ctr MAC: umac-64-etm@openssh.com compression: none
+        if "kex: client->server cipher:" in line:
+            words = line.split()
+            cipher_name = words[words.index("cipher:") + 1]
+            mac = words[words.index("MAC:") + 1] if "MAC:" in words else "<implicit>"
+            return cipher_name if mac == "<implicit>" else f"{cipher_name} + {mac}"
+    raise SystemExit(f"sftp to port {port} did not say which cipher it agreed on (exit {proc.returncode})")
 
 
 async def median_put_get(
@@ -231,10 +287,10 @@ async def bench(size: int, *, with_sshd: bool, process: bool, as_json: bool) -> 
         cfg = build_config(raw | {"ports": {"meta": meta_running.port}})
         ingest_running, ingest_cleanup = await ingest_service.build(cfg, port=0)
         cleanups.append(ingest_cleanup)
-        svc = await ssh_service.start(cfg, port=0, ssh_port=0)
+        svc = await ssh_service.start(cfg, port=0, ssh_port=0)  # its default cipher offer
         cleanups.append(svc.cleanup)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{svc.running.port}")
         ingest_channel = grpc.aio.insecure_channel(f"127.0.0.1:{ingest_running.port}")
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{svc.running.port}")
         ssh_stub = ssh_pb2_grpc.SshServiceStub(channel)
         await ssh_stub.EnableAccount(
             ssh_pb2.EnableAccountRequest(
@@ -252,12 +308,30 @@ async def bench(size: int, *, with_sshd: bool, process: bool, as_json: bool) -> 
         say = (lambda *a, **k: None) if as_json else print
         say(f"gridstor ssh benchmark: {size / MIB:.0f} MiB sftp put and get, median of {RUNS}, OpenSSH sftp, loopback")
         say(f"code under test: {TREE} ({git_head(TREE)})  cpu cores: {os.cpu_count()}  python {sys.version.split()[0]}")
+        if not as_json:
+            print("what each cipher costs asyncssh on this CPU (encrypt + MAC, 32 KiB packets):")
+            print("\n".join(cipher_costs()))
         worst = 0.0
         figures: dict[str, dict[str, float]] = {"put": {}, "get": {}}
+        agreed: dict[str, str] = {}
         for cipher in CIPHERS:
+            if cipher != DEFAULT and "ciphers" in SSH_SETTINGS and not svc.settings.ciphers:
+                # the named ciphers need a server offering them all: restart with ssh.ciphers listing every one
+                await channel.close(None)
+                await svc.cleanup()
+                cleanups.remove(svc.cleanup)
+                every = build_config(
+                    raw | {"ports": {"meta": meta_running.port}, "ssh": {"ciphers": list(SSH_CIPHERS)}}
+                )
+                svc = await ssh_service.start(every, port=0, ssh_port=0)
+                cleanups.append(svc.cleanup)
+                channel = grpc.aio.insecure_channel(f"127.0.0.1:{svc.running.port}")
+                ssh_stub = ssh_pb2_grpc.SshServiceStub(channel)
             put, get, puts, gets = await median_put_get(svc.ssh_port, "bench", key, src, cipher, home / "big.bin", size)
             figures["put"][cipher], figures["get"][cipher] = put, get
-            line = f"  {cipher:32s} gridstor (asyncssh) put {put:6.1f} get {get:6.1f} MB/s"
+            agreed[cipher] = await negotiated(svc.ssh_port, "bench", key, cipher)
+            label = f"{cipher} ({agreed[cipher]})" if cipher == DEFAULT else cipher
+            line = f"  {label:32s} gridstor (asyncssh) put {put:6.1f} get {get:6.1f} MB/s"
             if have_sshd:
                 their_put, their_get, _, _ = await median_put_get(
                     sshd_port, user, key, src, cipher, sshd_home / "big.bin", size
@@ -270,7 +344,7 @@ async def bench(size: int, *, with_sshd: bool, process: bool, as_json: bool) -> 
             runs = ", ".join(f"{p:.0f}/{g:.0f}" for p, g in zip(puts, gets, strict=True))
             say(line + f"   [put/get runs {runs}]")
         if as_json:
-            print(json.dumps({"tree": str(TREE), "head": git_head(TREE), **figures}))
+            print(json.dumps({"tree": str(TREE), "head": git_head(TREE), "agreed": agreed, **figures}))
         if not process:
             await channel.close(None)
             await ingest_channel.close(None)
@@ -333,7 +407,8 @@ def compare(baseline: Path, rounds: int, mib: int) -> int:
             runs[side].append(result)
             print(
                 f"round {r + 1} {side:8s} ({result['head']}): "
-                + "  ".join(f"{op} {c.split('@')[0]} {result[op][c]:6.1f}" for op in ("put", "get") for c in CIPHERS),
+                + "  ".join(f"{op} {c.split('@')[0]} {result[op][c]:6.1f}" for op in ("put", "get") for c in CIPHERS)
+                + f"  (default: {result.get('agreed', {}).get(DEFAULT, '?')})",
                 flush=True,
             )
     target = f"this >= {COMPARE_TARGET:.0%} of baseline"

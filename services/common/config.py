@@ -94,6 +94,15 @@ MODES = ("public", "secret", "allowlist")
 SERVICES = ("auth", "ingest", "meta", "ssh", "maint")
 DEFAULT_PORTS = {"auth": 7101, "ingest": 7102, "meta": 7103, "ssh": 7104, "maint": 7105}
 DEFAULT_BACKENDS = 20
+# The ciphers ssh.ciphers may name: the modern ones asyncssh has (services/ssh/ciphers.py chooses the default).
+SSH_CIPHERS = (
+    "chacha20-poly1305@openssh.com",
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "aes128-ctr",
+    "aes192-ctr",
+    "aes256-ctr",
+)
 # Old top-level names read for one more release: old name -> (section, key).
 RENAMED = {
     "ssh_port": ("ssh", "port"),
@@ -278,6 +287,11 @@ class SshConfig:
     max_unauthenticated: int = setting(100, "connections not yet logged in, in all; more are closed at once", Int(1))
     max_unauthenticated_per_address: int = setting(
         10, "connections not yet logged in from one client address; more are closed at once", Int(1)
+    )
+    ciphers: tuple[str, ...] = setting(
+        (),
+        "SSH ciphers offered, in order; [] = AES only if the CPU has AES instructions, else chacha20 first",
+        ListOf(Choice(*SSH_CIPHERS), "a list of cipher names"),
     )
 
 

@@ -14,6 +14,8 @@
 * Connections that have not logged in: at most ``ssh.max_unauthenticated`` in
   all and ``ssh.max_unauthenticated_per_address`` from one address (more are
   closed at once), each closed after ``ssh.login_timeout``.
+* Ciphers: AES only where the CPU has AES instructions, else chacha20-poly1305
+  first (services/ssh/ciphers.py; ``ssh.ciphers`` overrides).
 * The host key is generated once into ``DATA/ssh/host_key`` (ed25519, 0600).
 """
 
@@ -37,6 +39,7 @@ from services.common.config import SshConfig
 from services.ssh import rsync
 from services.ssh.accounts import MAX_SIZE_MB, MIB, AccountStore, ensure_home
 from services.ssh.audit import SshMetrics, refused
+from services.ssh.ciphers import offered
 from services.ssh.home import Home
 from services.ssh.rsync import refuse as _refuse
 from services.ssh.sftp import HomeSFTPServer, install_sftp_fixes
@@ -131,6 +134,8 @@ class SshGateway:
 
     async def start(self, host: str, port: int, host_key: asyncssh.SSHKey) -> int:
         """Listen; return the bound port."""
+        ciphers, why = offered(self.settings.ciphers)
+        log.info("SSH ciphers offered: %s (%s)", ", ".join(ciphers), why)
         self.acceptor = await asyncssh.create_server(
             lambda: _Connection(self),
             host,
@@ -147,6 +152,7 @@ class SshGateway:
             line_editor=False,
             keepalive_interval=60,
             login_timeout=self.settings.login_timeout,
+            encryption_algs=list(ciphers),
         )
         sockets = self.acceptor.sockets
         return int(sockets[0].getsockname()[1]) if sockets else port

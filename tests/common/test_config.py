@@ -57,7 +57,7 @@ def non_default(tmp_path: Path) -> dict[str, Any]:
         "ssh": {
             "port": 2022, "listen_host": "127.0.0.2", "homes_dir": "h", "default_max_size": "500MB",
             "rrsync": "/opt/rrsync", "max_entries": 5000, "login_timeout": 5, "max_unauthenticated": 7,
-            "max_unauthenticated_per_address": 3,
+            "max_unauthenticated_per_address": 3, "ciphers": ["aes256-gcm@openssh.com"],
         },
         "hosts": {"meta": "meta.internal"},
         "tls": {
