@@ -228,11 +228,12 @@ VIDEO_JS = """(async () => {
   await until(() => v.currentTime > 0.3);
   const played = v.currentTime;
   const target = v.duration - 1.5;
-  const seeked = once("seeked");
+  // where the seek landed, read when it lands (the video plays on: later, a loaded machine would see it further)
+  const seeked = new Promise((resolve) => v.addEventListener("seeked", () => resolve(v.currentTime), { once: true }));
   v.currentTime = target;
-  await seeked;
+  const at = await seeked;
   await until(() => v.readyState >= 2);
-  return { duration: v.duration, played, target, at: v.currentTime, width: v.videoWidth, height: v.videoHeight };
+  return { duration: v.duration, played, target, at, width: v.videoWidth, height: v.videoHeight };
 })()"""
 
 
@@ -253,8 +254,11 @@ def test_video_plays_and_seeks_in_an_uploaded_mp4(edge: Edge, mp4: bytes, tmp_pa
     # may also revalidate a part it cached with If-None-Match and a Range: that is a 304 (RFC 9110 13.2.2).
     path = f"/v1/files/{file_id}"
     wait_until(lambda: len(access_log(edge, path)) >= len(seen), "the video's requests in Envoy's access log")
-    statuses = [e["status"] for e in access_log(edge, path)]
-    assert statuses.count(206) >= 2 and set(statuses) <= {206, 304}, statuses
+    # A range the seek made useless may be cancelled by Chromium before its answer: Envoy logs it as 0 with
+    # DC (downstream connection termination), never as an error status.
+    entries = access_log(edge, path)
+    statuses = [e["status"] for e in entries if not (e["status"] == 0 and "DC" in e["flags"])]
+    assert statuses.count(206) >= 2 and set(statuses) <= {206, 304}, entries
 
 
 REVALIDATE_JS = """(async () => {
