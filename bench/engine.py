@@ -24,6 +24,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -86,19 +87,35 @@ def child_bare(src: str, chunk: int) -> dict[str, float]:
     return {"mbps": best, "first": first, "rss": peak_rss_mib(), "tuned": float(tuned)}
 
 
-def child_engine(src: str, root: str, chunk: int, degraded: bool) -> dict[str, float]:
-    """Store ``src`` into 20 dir backends, read it back healthy and with 4 gone."""
+def child_engine(src: str, root: str, chunk: int, degraded: bool, spec: str = "") -> dict[str, float]:
+    """Store ``src`` into 20 backends, read it back healthy and with 4 data-holding backends gone.
+
+    Without ``spec``: 20 dir backends under ``root``; the degraded read comes after their
+    folders are removed. With ``spec`` (JSON from the parent: ``backends`` name -> zdb URI,
+    ``servers`` pid -> the names it holds): 20 real 0-db namespaces; the degraded read comes
+    after the zdb server holding 4 of the file's data-holding backends is killed (SIGKILL).
+    Either way the 4 backends gone hold data shards (16+4 over 20 backends puts a file's 4
+    parity shards on 4 consecutive backends), so the degraded read really decodes.
+    """
     import blake3
 
-    from services.common.engine import Engine, EngineConfig, file_source
+    from services.common.backends import Mode, open_backend
+    from services.common.engine import BackendPool, Engine, EngineConfig, file_source
     from services.common.tuning import tune_malloc
     from tests.common.engine_util import make_pool
 
     tune_malloc()
     size = os.path.getsize(src)
+    zdb = json.loads(spec) if spec else None
 
     async def run() -> dict[str, float]:
-        pool = await make_pool(Path(root), 20)
+        if zdb is None:
+            pool = await make_pool(Path(root), 20)
+            groups = {str(p): [f"b{4 * p + i:02d}" for i in range(4)] for p in range(5)}
+        else:
+            backends = {n: await open_backend(u, Mode.SEQ, marked=True) for n, u in zdb["backends"].items()}
+            pool = BackendPool(backends, cooldown=30.0)
+            groups = zdb["servers"]
         engine = Engine(pool, os.urandom(32), EngineConfig(chunk_size=chunk))
         out: dict[str, float] = {}
         t = time.perf_counter()
@@ -123,8 +140,13 @@ def child_engine(src: str, root: str, chunk: int, degraded: bool) -> dict[str, f
         out["read"] = max([await timed_read() for _ in range(2)])
         await verify()
         if degraded:
-            for name in pool.names[:4]:
-                shutil.rmtree(Path(root) / name)
+            holders = {record.backends[ref.backend] for c in record.chunks for ref in c.shards[: record.k]}
+            gone = next(g for g, names in groups.items() if set(names) <= holders)
+            if zdb is None:
+                for name in groups[gone]:
+                    shutil.rmtree(Path(root) / name)
+            else:
+                os.kill(int(gone), signal.SIGKILL)
             out["degraded"] = max([await timed_read() for _ in range(2)])
             await verify()
         out["rss"] = peak_rss_mib()
@@ -164,6 +186,49 @@ def child_layout(root: str, shard: int, count: int) -> dict[str, float]:
     return {"segment_us": seg_s / count * 1e6, "file_us": file_s / count * 1e6}
 
 
+def zdb_engine(src: Path, scratch: Path, chunk: int, round_: int) -> dict[str, float]:
+    """One engine child over a fresh farm of 5 zdb servers x 4 namespaces (the farm stops afterwards)."""
+    from bench.zdbfarm import ZdbFarm
+
+    farm = ZdbFarm.start(scratch / f"zdb{round_}", metadata=False)
+    try:
+        pids = farm.pids()
+        servers = {str(pids[s.root.name]): farm.names_on(p) for p, s in enumerate(farm.servers)}
+        spec = json.dumps({"backends": farm.backends, "servers": servers})
+        return run_child("engine", src, scratch / f"zdb{round_}", chunk, 1, spec)
+    finally:
+        farm.stop()
+        shutil.rmtree(scratch / f"zdb{round_}", ignore_errors=True)
+
+
+def zdb_section(src: Path, scratch: Path, chunk: int, bound: float, rounds: int) -> None:
+    """``--backend zdb``: the engine over 20 real 0-db namespaces beside 20 dir backends, rounds alternating."""
+    dirs: list[dict[str, float]] = []
+    zdbs: list[dict[str, float]] = []
+    for r in range(rounds):
+        d = scratch / f"dir{r}"
+        d.mkdir()
+        dirs.append(run_child("engine", src, d, chunk, 1))
+        shutil.rmtree(d)
+        zdbs.append(zdb_engine(src, scratch, chunk, r))
+    print(
+        f"\nengine over 20 0-db namespaces (5 zdb servers x 4) beside 20 dir backends, {rounds} rounds"
+        " alternating dir / zdb, best of each; degraded: a zdb server holding 4 data-holding backends"
+        " SIGKILLed / their 4 dir folders removed"
+    )
+    print(f"  {'':22s}  {'dir':>10s}  {'zdb':>10s}  zdb/dir  zdb x bare bound")
+    for key, label in (("write", "write"), ("read", "healthy read"), ("degraded", "read, 4 backends gone")):
+        dv, zv = max(x[key] for x in dirs), max(x[key] for x in zdbs)
+        runs = " ".join(f"{x[key]:.0f}/{y[key]:.0f}" for x, y in zip(dirs, zdbs, strict=True))
+        print(
+            f"  {label:22s}: {dv:5.0f} MB/s {zv:5.0f} MB/s   {zv / dv:5.2f}x   {zv / bound:5.2f}x"
+            f"   (rounds dir/zdb: {runs})"
+        )
+    rss = max(x["rss"] for x in zdbs)
+    print(f"  peak RSS, zdb         : {rss:8.1f} MiB   target <= {RSS_TARGET_MIB:.0f} MiB  "
+          f"{'ok' if rss <= RSS_TARGET_MIB else 'ABOVE TARGET'}")  # fmt: skip
+
+
 def run_child(kind: str, *args: object, env: dict[str, str] | None = None) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--child", kind, *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False)
@@ -184,15 +249,27 @@ def main() -> None:
     ap.add_argument("--chunk-mib", type=float, default=4.0)
     ap.add_argument("--sweep", action="store_true", help="also compare chunk sizes 1, 4, 16 MiB")
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument(
+        "--backend",
+        choices=("dir", "zdb"),
+        default="dir",
+        help="zdb: also the engine over 20 real 0-db namespaces (from ZDB_BIN) beside dir, in the same run",
+    )
+    ap.add_argument("--rounds", type=int, default=2, help="--backend zdb: dir / zdb rounds, alternating (default 2)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.backend == "zdb" and not args.child:
+        from bench.zdbfarm import zdb_available, MISSING
+
+        if not zdb_available():
+            raise SystemExit(MISSING)
 
     if args.child:
         kind, *rest = args.child
         if kind == "bare":
             res = child_bare(rest[0], int(rest[1]))
         elif kind == "engine":
-            res = child_engine(rest[0], rest[1], int(rest[2]), rest[3] == "1")
+            res = child_engine(rest[0], rest[1], int(rest[2]), rest[3] == "1", *rest[4:5])
         else:
             res = child_layout(rest[0], int(rest[1]), int(rest[2]))
         print(json.dumps(res))
@@ -239,6 +316,9 @@ def main() -> None:
             f"  peak RSS              : {res['rss']:8.1f} MiB (write phase {res['rss_write']:.1f} MiB)"
             f"   target <= {RSS_TARGET_MIB:.0f} MiB  {rss_ok}"
         )
+
+        if args.backend == "zdb":
+            zdb_section(src, scratch, chunk, bound, max(1, args.rounds))
 
         shard = chunk // 16 + 96
         lay_dir = scratch / "layout"

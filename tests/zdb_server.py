@@ -26,6 +26,7 @@ import shutil
 import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -92,6 +93,9 @@ class ZdbProcess:
         self.log_path = self.root / "zdb.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
+    #: Run in the child before exec (a benchmark makes its servers die with it); None for tests.
+    preexec: Callable[[], None] | None = None
+
     # -- lifecycle --------------------------------------------------------
 
     def argv(self) -> list[str]:
@@ -124,7 +128,9 @@ class ZdbProcess:
             return self
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=self.preexec
+            )
         self._proc = proc
 
         def pings() -> bool:
