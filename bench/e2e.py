@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import contextlib
 import ctypes
 import http.client
@@ -90,6 +89,8 @@ import grpc  # noqa: E402
 import yaml  # noqa: E402
 from google.api import httpbody_pb2  # noqa: E402
 
+from bench.zdbfarm import MISSING as ZDB_MISSING  # noqa: E402
+from bench.zdbfarm import ZdbFarm, zdb_available  # noqa: E402
 from gridstor.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc, meta_pb2, meta_pb2_grpc  # noqa: E402
 from services.common import net, tls  # noqa: E402
 from services.common.backends.uri import DirURI, parse_uri  # noqa: E402
@@ -316,7 +317,8 @@ class Suite:
         self.launcher_pid = launcher_pid
         self.proc = proc
         self.output: list[str] = []
-        self.hung: HungZdb | None = None  # (i): the 0-db backend this run stops
+        self.hung: ZdbFarm | None = None  # (i): the 0-db backend this run stops
+        self.farm: ZdbFarm | None = None  # --backend zdb: the 0-db servers holding every backend and the metadata
 
     @classmethod
     def start(
@@ -376,15 +378,44 @@ class Suite:
         return cls(cfg, Path(config).absolute(), pid, None)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        """Stop the launcher this run started, then the 0-db servers it used."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        for farm in (self.hung, self.farm):
+            if farm is not None:
+                farm.stop()
+
+    @contextlib.contextmanager
+    def away(self, names: list[str]) -> Iterator[str]:
+        """Take the named backends away for the block and bring them back after it; yields how.
+
+        dir:// backends: their folders are renamed (a disk gone). --backend zdb: the names are the
+        namespaces of one zdb server (``ZdbFarm.names_on``), which is SIGKILLed (a node gone: its
+        port refuses connections) and started again on the same data and port afterwards.
+        """
+        if self.farm is None:
+            moved = move_away(self.cfg, names)
+            try:
+                yield "folders moved away"
+            finally:
+                put_back(moved)
             return
-        self.proc.send_signal(signal.SIGINT)
+        farm = self.farm
+        p = next((p for p in range(len(farm.servers)) if farm.names_on(p) == names), None)
+        if p is None:
+            raise BenchFailure(f"backends {', '.join(names)} are not the namespaces of one zdb server")
+        server = farm.servers[p]
+        server.kill()
         try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            yield f"zdb server {p} (port {server.port}) SIGKILLed"
+        finally:
+            server.start()
 
 
 # ----------------------------------------------------------------------------- processes and RSS
@@ -751,14 +782,18 @@ class Report:
         return verdict(ok)
 
 
-async def data_holders(cfg: Config, meta: Any, file_id: str, count: int) -> tuple[list[str], str]:
+async def data_holders(suite: Suite, meta: Any, file_id: str, count: int) -> tuple[list[str], str]:
     """The ``count`` backends holding the most data shards of ``file_id`` (from its record), and how many.
 
     Taking away backends that hold only parity would measure nothing: with 20 backends and 16+4 each file
     keeps one placement for all its chunks, starting at a random backend. The record is an internal
     method: the token is minted from the gateway key in the data dir, as the services' own are.
+    --backend zdb: the namespaces of a zdb server all of which hold data shards (``Suite.away``
+    takes that server down; see bench/zdbfarm.py for why one always exists).
     """
     from services.common.keys import SIGNING_KEY_FILE
+
+    cfg = suite.cfg
 
     if not (cfg.data_dir / SIGNING_KEY_FILE).is_file():
         names = [b.name for b in cfg.backends[:count]]
@@ -771,9 +806,15 @@ async def data_holders(cfg: Config, meta: Any, file_id: str, count: int) -> tupl
     for chunk in rec.chunks:
         for ref in chunk.shards[: rec.k]:
             held[rec.backends[ref.backend]] += 1
+    total = rec.k * len(rec.chunks)
+    if suite.farm is not None:
+        p = suite.farm.server_holding_only(set(held))
+        if p is None:
+            raise BenchFailure("no zdb server holds only data shards of the file (its placement is not rotated)")
+        chosen = suite.farm.names_on(p)
+        return chosen, f"zdb server {p}: holding {sum(held[n] for n in chosen)} of the file's {total} data shards"
     folders = {b.name for b in cfg.backends if isinstance(parse_uri(b.uri), DirURI)}  # (d) moves folders
     chosen = [name for name, _ in held.most_common() if name in folders][:count]
-    total = rec.k * len(rec.chunks)
     return chosen, f"holding {sum(held[n] for n in chosen)} of the file's {total} data shards"
 
 
@@ -831,7 +872,8 @@ async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> Non
         for ch in channels:
             await asyncio.wait_for(ch.channel_ready(), 10)
         data = os.urandom(size)
-        meter = CpuMeter(suite.launcher_pid, {"bench": os.getpid(), "bare-server": bare.proc.pid})
+        zdbs = suite.farm.pids() if suite.farm is not None else {}
+        meter = CpuMeter(suite.launcher_pid, {"bench": os.getpid(), "bare-server": bare.proc.pid, **zdbs})
 
         # (a) upload through the pipeline, each run right after (c) the bare stream of the same bytes
         async def bare_upload() -> float:
@@ -891,13 +933,14 @@ async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> Non
             check_download(parts, data, file_id, f"{step} download")  # after the clock stopped
             return mbps(size, dt)
 
-        away, why = await data_holders(cfg, meta, file_id, DEGRADED_BACKENDS)
+        away, why = await data_holders(suite, meta, file_id, DEGRADED_BACKENDS)
         print(
             f"\ndownload {args.size_mib} MiB in {DOWNLOAD_MESSAGE // MIB} MiB messages ({args.runs} runs of bare and"
             " healthy, alternating, then of degraded; each download verified after its clock stopped)",
             flush=True,
         )
-        print(f"  degraded               : {', '.join(away)} moved away ({why})")
+        how = "taken down" if suite.farm is not None else "moved away"
+        print(f"  degraded               : {', '.join(away)} {how} ({why})")
         bare_down: list[float] = []
         healthy: list[float] = []
         degraded: list[float] = []
@@ -907,13 +950,9 @@ async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> Non
                 healthy.append(await download("healthy"))
         # The backends stay away for the whole block, as a lost disk would (a gateway may rightly skip
         # a backend that just failed for a while, so healthy runs in between would not be healthy).
-        moved = move_away(cfg, away)
-        try:
-            with profiler.record("degraded", ("meta",), 300):
-                for _ in range(args.runs):
-                    degraded.append(await download("degraded"))
-        finally:
-            put_back(moved)
+        with suite.away(away), profiler.record("degraded", ("meta",), 300):
+            for _ in range(args.runs):
+                degraded.append(await download("degraded"))
         print(f"  bare gRPC download     : {fmt_runs(bare_down)}")
         print(f"  gateway download       : {fmt_runs(healthy)}")
         ratio = ratio_text(healthy, bare_down, "bare", DOWNLOAD_TARGET, report, "download")
@@ -925,7 +964,7 @@ async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> Non
         print(f"  ratio                  : {ratio}")
         print(f"  cpu s/run, degraded    : {meter.line('degraded')}")
 
-        # (i) one backend hung
+        # (i) one backend hung (--backend zdb: every backend is 0-db, and (d) took a server down)
         if suite.hung is not None:
             await hung_downloads(args, suite, ingest, meta, metadata, data, file_id, meter, report)
 
@@ -1029,77 +1068,27 @@ async def range_ttfb(args: argparse.Namespace, cfg: Config, ingest: Any, metadat
     )
 
 
-class HungZdb:
-    """(i): a 0-db server holding one backend's namespace, which the run stops (SIGSTOP) and resumes."""
+def start_hung(root: Path) -> ZdbFarm | None:
+    """(i): one 0-db server with one namespace (stopped with SIGSTOP later), or None without a zdb binary."""
+    if not zdb_available():
+        return None
+    try:
+        return ZdbFarm.start(root, processes=1, per_process=1, metadata=False)
+    except Exception as exc:
+        raise BenchFailure(f"the 0-db for (i) did not come up: {exc}") from None
 
-    NAMESPACE = "bench-hung"
 
-    def __init__(self, binary: str, root: Path) -> None:
-        self.root = root
-        self.port = free_port(set())
-        root.mkdir(parents=True, exist_ok=True)
-        self.log = open(root / "zdb.log", "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [binary, "--listen", "127.0.0.1", "--port", str(self.port), "--data", str(root / "data"),
-             "--index", str(root / "index"), "--datasize", str(64 * MIB)],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=_term_with_parent(os.getpid()),
-        )  # fmt: skip
+def hung_into(hung: ZdbFarm) -> Callable[[dict[str, Any]], None]:
+    """A config tweak making HUNG_BACKEND the namespace of ``hung``."""
 
-    @classmethod
-    def start(cls, root: Path) -> HungZdb | None:
-        """A running 0-db with the namespace made, or None when there is no zdb binary."""
-        binary = os.environ.get("ZDB_BIN") or shutil.which("zdb")
-        if not binary or not os.access(binary, os.X_OK):
-            return None
-        zdb = cls(binary, root)
-        from services.common.backends.base import Mode
-        from services.common.backends.zdb import ensure_namespace
-
-        def make() -> None:  # its own loop in a thread: the caller may run inside the benchmark's loop
-            coro = ensure_namespace("127.0.0.1", zdb.port, cls.NAMESPACE, mode=Mode.SEQ, timeout=1.0)
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                pool.submit(asyncio.run, coro).result()
-
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                make()
-                return zdb
-            except Exception as exc:  # not listening yet
-                if time.monotonic() > deadline or zdb.proc.poll() is not None:
-                    zdb.stop()
-                    raise BenchFailure(f"the 0-db for (i) did not come up: {exc}") from None
-                time.sleep(0.1)
-
-    @property
-    def uri(self) -> str:
-        return f"zdb://127.0.0.1:{self.port}/{self.NAMESPACE}"
-
-    def into(self, raw: dict[str, Any]) -> None:
-        """Make HUNG_BACKEND of a config mapping this 0-db's namespace."""
+    def tweak(raw: dict[str, Any]) -> None:
         for i, spec in enumerate(raw["backends"]):
             if spec.get("name") == HUNG_BACKEND:
-                raw["backends"][i] = {"name": HUNG_BACKEND, "uri": self.uri}
+                raw["backends"][i] = {"name": HUNG_BACKEND, "uri": hung.backends["b00"]}
                 return
         raise BenchFailure(f"the default config has no backend {HUNG_BACKEND}")
 
-    def pause(self) -> None:
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+    return tweak
 
 
 async def hung_data_shards(cfg: Config, meta: Any, file_id: str) -> int:
@@ -1149,12 +1138,13 @@ async def hung_downloads(
         flush=True,
     )
     healthy = [await download("healthy, (i)") for _ in range(args.runs)]
-    suite.hung.pause()
+    server = suite.hung.servers[0]
+    server.pause()
     try:
         first = await download("first after the stop")
         hung = [await download("hung") for _ in range(args.runs)]
     finally:
-        suite.hung.resume()
+        server.resume()
     print(f"  healthy download       : {fmt_runs(healthy)}")
     print(f"  first after the stop   : {first:7.1f} MB/s  (its reads miss hedge_after until the breaker opens)")
     print(f"  hung download          : {fmt_runs(hung)}")
@@ -1380,6 +1370,121 @@ def describe(cfg: Config, suite: Suite, attached: bool) -> None:
     )
 
 
+# ----------------------------------------------------------------------------- --backend zdb
+
+ZDB_DIR_TARGET = 0.8  # x the dir:// suite, upload and download
+
+
+def start_suite(args: argparse.Namespace, scratch: Path, name: str, room: int, zdb: bool) -> tuple[Suite, list[str]]:
+    """A suite on ``scratch / name`` with its 0-db servers (the caller stops it: ``Suite.stop``).
+
+    ``zdb``: every backend a namespace of a ZdbFarm (5 zdb servers x 4), metadata on a sixth
+    server. Otherwise the default dir:// backends, with HUNG_BACKEND a 0-db namespace for (i)
+    when a zdb binary is there (not for the dir suite of --backend zdb: its baseline is pure dir).
+    """
+    hung = farm = None
+    notes = []
+    if zdb:
+        farm = ZdbFarm.start(scratch / f"{name}-zdb")
+        tweak = farm.config
+        notes.append(
+            f"backends b00-b19: 0-db namespaces on {len(farm.servers)} zdb servers x {farm.per_process}"
+            f" (ports {', '.join(str(z.port) for z in farm.servers)}), metadata on a zdb server of its own"
+        )
+        notes.append("(i) skipped: --backend zdb (every backend is 0-db; (d) takes a zdb server down)")
+    else:
+        hung = None if args.no_hung or args.backend == "zdb" else start_hung(scratch / f"{name}-zdb")
+        tweak = hung_into(hung) if hung is not None else None
+        if hung is not None:
+            notes.append(f"backend {HUNG_BACKEND} is the 0-db namespace {hung.backends['b00']} (stopped in (i))")
+        elif args.backend != "zdb":
+            notes.append("(i) skipped: " + ("--no-hung" if args.no_hung else "no zdb binary (set ZDB_BIN)"))
+    try:
+        # main thread: see _term_with_parent
+        suite, more = Suite.start(scratch / name, room, tweak)
+    except BaseException:
+        for f in (hung, farm):
+            if f is not None:
+                f.stop()
+        raise
+    suite.hung, suite.farm = hung, farm
+    return suite, notes + more
+
+
+async def compare_backends(args: argparse.Namespace, zsuite: Suite, scratch: Path, report: Report) -> None:
+    """--backend zdb: upload and download MB/s of the 0-db suite against a dir:// suite, in this run.
+
+    A second suite (default config, dir:// backends and metadata) starts beside the 0-db one;
+    ``--runs`` uploads of new content (first byte -> job DONE), then as many downloads of each
+    suite's first file, alternating between the suites so drift hits both. The ratios are of
+    the medians, against ZDB_DIR_TARGET.
+    """
+    size = args.size_mib * MIB
+    token = args.token or os.environ.get("GRIDSTOR_TOKEN", "")
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    print(
+        f"\n0-db against dir://: a dir:// suite started beside the 0-db one; {args.runs} uploads of"
+        f" {args.size_mib} MiB, then {args.runs} downloads, alternating between the suites",
+        flush=True,
+    )
+    t0 = time.perf_counter()
+    dsuite, _ = start_suite(args, scratch, "dir", max(size, args.range_gib * GIB), zdb=False)
+    channels: list[grpc.aio.Channel] = []
+    try:
+        print(f"  the dir:// suite came up in {time.perf_counter() - t0:.1f} s")
+        stubs = {}
+        for label, s in (("zdb", zsuite), ("dir", dsuite)):
+            ca = tls.ca_bytes(s.cfg) if s.cfg.internal_tls else None
+            ich = open_channel(net.dial(s.cfg.address("ingest")), ca)
+            mch = open_channel(net.dial(s.cfg.address("meta")), ca)
+            channels += [ich, mch]
+            for ch in (ich, mch):
+                await asyncio.wait_for(ch.channel_ready(), 10)
+            extra = {"bench": os.getpid(), **(s.farm.pids() if s.farm is not None else {})}
+            meter = CpuMeter(s.launcher_pid, extra)
+            stubs[label] = (ingest_pb2_grpc.IngestServiceStub(ich), meta_pb2_grpc.MetaServiceStub(mch), meter)
+        up: dict[str, list[float]] = {"zdb": [], "dir": []}
+        down: dict[str, list[float]] = {"zdb": [], "dir": []}
+        firsts: dict[str, tuple[str, bytes]] = {}
+        for i in range(args.runs):
+            content = os.urandom(size)  # the same new content to both: neither dedups
+            for label in ("zdb", "dir"):
+                ingest, _, meter = stubs[label]
+
+                def one(ingest: Any = ingest, content: bytes = content, i: int = i) -> Awaitable[UploadResult]:
+                    return timed_upload(ingest, content, f"bench-cmp-{i}.bin", metadata)
+
+                res = await meter.run("upload", one)
+                up[label].append(mbps(size, res.done))
+                firsts.setdefault(label, (res.file_id, content))
+        for _ in range(args.runs):
+            for label in ("zdb", "dir"):
+                _, meta, meter = stubs[label]
+                file_id, content = firsts[label]
+                request = meta_pb2.DownloadRequest(id=file_id)
+
+                def fetch(meta: Any = meta, request: Any = request) -> Awaitable[tuple[list[bytes], float]]:
+                    return timed_download(meta, request)
+
+                parts, dt = await meter.run("download", fetch)
+                check_download(parts, content, file_id, f"{label} download")
+                down[label].append(mbps(size, dt))
+        for label in ("zdb", "dir"):
+            print(f"  {label} upload             : {fmt_runs(up[label])}")
+            print(f"  cpu s/run              : {stubs[label][2].line('upload')}")
+        for label in ("zdb", "dir"):
+            print(f"  {label} download           : {fmt_runs(down[label])}")
+            print(f"  cpu s/run              : {stubs[label][2].line('download')}")
+        for what, values in (("upload", up), ("download", down)):
+            ratio = statistics.median(values["zdb"]) / statistics.median(values["dir"])
+            ok = report.target(f"zdb/dir {what}", ratio >= ZDB_DIR_TARGET)
+            print(f"{f'zdb/dir {what} ratio':23s}: {ratio:.2f}x   target >= {ZDB_DIR_TARGET}x   {ok}")
+    finally:
+        for ch in channels:
+            await ch.close(None)
+        dsuite.stop()
+
+
 async def amain(args: argparse.Namespace) -> int:
     print("command:", shlex.join(sys.orig_argv), flush=True)
     print(
@@ -1397,19 +1502,7 @@ async def amain(args: argparse.Namespace) -> int:
             scratch = Path(tempfile.mkdtemp(prefix="gs-e2e-", dir=args.dir))
             t0 = time.perf_counter()
             room = max(args.size_mib * MIB, args.range_gib * GIB)
-            hung = None if args.no_hung else HungZdb.start(scratch / "zdb")
-            try:
-                # main thread: see _term_with_parent
-                suite, notes = Suite.start(scratch / "data", room, hung.into if hung else None)
-            except BaseException:
-                if hung is not None:
-                    hung.stop()
-                raise
-            suite.hung = hung
-            if hung is not None:
-                notes.append(f"backend {HUNG_BACKEND} is the 0-db namespace {hung.uri} (stopped in (i))")
-            else:
-                notes.append("(i) skipped: " + ("--no-hung" if args.no_hung else "no zdb binary (set ZDB_BIN)"))
+            suite, notes = start_suite(args, scratch, "data", room, zdb=args.backend == "zdb")
             for note in notes:
                 print(f"  config: {note}")
             print(f"  the suite came up in {time.perf_counter() - t0:.1f} s (data {scratch / 'data'})")
@@ -1417,6 +1510,9 @@ async def amain(args: argparse.Namespace) -> int:
         describe(running.cfg, running, bool(args.attach))
         try:
             await measure(args, running, report)
+            if running.farm is not None:
+                assert scratch is not None
+                await compare_backends(args, running, scratch, report)
         except BenchFailure as exc:
             report.failures.append(str(exc))
         except grpc.aio.AioRpcError as exc:
@@ -1427,8 +1523,6 @@ async def amain(args: argparse.Namespace) -> int:
     finally:
         if suite is not None and not args.attach:
             suite.stop()
-        if suite is not None and suite.hung is not None:
-            suite.hung.stop()
         if scratch is not None:
             if args.keep:
                 print(f"kept {scratch}")
@@ -1466,6 +1560,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", help="where the temp data dir goes (default: the system temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the temp data dir (logs) afterwards")
     ap.add_argument("--no-hung", action="store_true", help="skip (i), the download with a hung 0-db backend")
+    ap.add_argument(
+        "--backend",
+        choices=("dir", "zdb"),
+        default="dir",
+        help="zdb: the suite on 0-db (from ZDB_BIN: 20 namespaces on 5 zdb servers, metadata on 0-db), then"
+        " its upload / download against a dir:// suite in the same run (default dir)",
+    )
     ap.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bare-tls", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -1476,6 +1577,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("sizes and counts must be at least 1")
     if args.load < 0 or args.load_mib < 1 or args.load_upload_mib < 1:
         ap.error("--load must be >= 0, and the load sizes at least 1")
+    if args.backend == "zdb" and args.attach:
+        ap.error("--backend zdb starts its own suites; it cannot --attach")
+    if args.backend == "zdb" and not zdb_available():
+        print(f"bench/e2e.py: {ZDB_MISSING}", file=sys.stderr)
+        return 2
     return asyncio.run(amain(args))
 
 

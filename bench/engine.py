@@ -259,7 +259,7 @@ def main() -> None:
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.backend == "zdb" and not args.child:
-        from bench.zdbfarm import zdb_available, MISSING
+        from bench.zdbfarm import MISSING, zdb_available
 
         if not zdb_available():
             raise SystemExit(MISSING)
