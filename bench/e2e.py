@@ -88,9 +88,9 @@ import blake3  # noqa: E402
 import grpc  # noqa: E402
 import yaml  # noqa: E402
 from google.api import httpbody_pb2  # noqa: E402
+from zdbfarm import MISSING as ZDB_MISSING  # noqa: E402
+from zdbfarm import ZDB_MALLOC_ENV, ZdbFarm, zdb_available  # noqa: E402
 
-from bench.zdbfarm import MISSING as ZDB_MISSING  # noqa: E402
-from bench.zdbfarm import ZdbFarm, zdb_available  # noqa: E402
 from gridstor.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc, meta_pb2, meta_pb2_grpc  # noqa: E402
 from services.common import net, tls  # noqa: E402
 from services.common.backends.uri import DirURI, parse_uri  # noqa: E402
@@ -1383,13 +1383,16 @@ def start_suite(args: argparse.Namespace, scratch: Path, name: str, room: int, z
     when a zdb binary is there (not for the dir suite of --backend zdb: its baseline is pure dir).
     """
     hung = farm = None
+    tweak: Callable[[dict[str, Any]], None] | None = None
     notes = []
     if zdb:
-        farm = ZdbFarm.start(scratch / f"{name}-zdb")
+        farm = ZdbFarm.start(scratch / f"{name}-zdb", tuned=not args.zdb_glibc_malloc)
         tweak = farm.config
+        malloc = "glibc's malloc defaults" if args.zdb_glibc_malloc else f"malloc thresholds {ZDB_MALLOC_ENV}"
         notes.append(
             f"backends b00-b19: 0-db namespaces on {len(farm.servers)} zdb servers x {farm.per_process}"
-            f" (ports {', '.join(str(z.port) for z in farm.servers)}), metadata on a zdb server of its own"
+            f" (ports {', '.join(str(z.port) for z in farm.servers)}), metadata on a zdb server of its own;"
+            f" zdb runs with {malloc}"
         )
         notes.append("(i) skipped: --backend zdb (every backend is 0-db; (d) takes a zdb server down)")
     else:
@@ -1566,6 +1569,11 @@ def main(argv: list[str] | None = None) -> int:
         default="dir",
         help="zdb: the suite on 0-db (from ZDB_BIN: 20 namespaces on 5 zdb servers, metadata on 0-db), then"
         " its upload / download against a dir:// suite in the same run (default dir)",
+    )
+    ap.add_argument(
+        "--zdb-glibc-malloc",
+        action="store_true",
+        help="--backend zdb: run zdb with glibc's malloc defaults, not bench/zdbfarm.py's ZDB_MALLOC_ENV",
     )
     ap.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bare-tls", help=argparse.SUPPRESS)

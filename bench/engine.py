@@ -186,11 +186,11 @@ def child_layout(root: str, shard: int, count: int) -> dict[str, float]:
     return {"segment_us": seg_s / count * 1e6, "file_us": file_s / count * 1e6}
 
 
-def zdb_engine(src: Path, scratch: Path, chunk: int, round_: int) -> dict[str, float]:
+def zdb_engine(src: Path, scratch: Path, chunk: int, round_: int, tuned: bool) -> dict[str, float]:
     """One engine child over a fresh farm of 5 zdb servers x 4 namespaces (the farm stops afterwards)."""
-    from bench.zdbfarm import ZdbFarm
+    from zdbfarm import ZdbFarm
 
-    farm = ZdbFarm.start(scratch / f"zdb{round_}", metadata=False)
+    farm = ZdbFarm.start(scratch / f"zdb{round_}", metadata=False, tuned=tuned)
     try:
         pids = farm.pids()
         servers = {str(pids[s.root.name]): farm.names_on(p) for p, s in enumerate(farm.servers)}
@@ -201,7 +201,7 @@ def zdb_engine(src: Path, scratch: Path, chunk: int, round_: int) -> dict[str, f
         shutil.rmtree(scratch / f"zdb{round_}", ignore_errors=True)
 
 
-def zdb_section(src: Path, scratch: Path, chunk: int, bound: float, rounds: int) -> None:
+def zdb_section(src: Path, scratch: Path, chunk: int, bound: float, rounds: int, tuned: bool) -> None:
     """``--backend zdb``: the engine over 20 real 0-db namespaces beside 20 dir backends, rounds alternating."""
     dirs: list[dict[str, float]] = []
     zdbs: list[dict[str, float]] = []
@@ -210,11 +210,12 @@ def zdb_section(src: Path, scratch: Path, chunk: int, bound: float, rounds: int)
         d.mkdir()
         dirs.append(run_child("engine", src, d, chunk, 1))
         shutil.rmtree(d)
-        zdbs.append(zdb_engine(src, scratch, chunk, r))
+        zdbs.append(zdb_engine(src, scratch, chunk, r, tuned))
     print(
         f"\nengine over 20 0-db namespaces (5 zdb servers x 4) beside 20 dir backends, {rounds} rounds"
         " alternating dir / zdb, best of each; degraded: a zdb server holding 4 data-holding backends"
-        " SIGKILLed / their 4 dir folders removed"
+        " SIGKILLed / their 4 dir folders removed; zdb with "
+        + ("glibc's malloc defaults" if not tuned else "bench/zdbfarm.py's ZDB_MALLOC_ENV")
     )
     print(f"  {'':22s}  {'dir':>10s}  {'zdb':>10s}  zdb/dir  zdb x bare bound")
     for key, label in (("write", "write"), ("read", "healthy read"), ("degraded", "read, 4 backends gone")):
@@ -256,10 +257,13 @@ def main() -> None:
         help="zdb: also the engine over 20 real 0-db namespaces (from ZDB_BIN) beside dir, in the same run",
     )
     ap.add_argument("--rounds", type=int, default=2, help="--backend zdb: dir / zdb rounds, alternating (default 2)")
+    ap.add_argument(
+        "--zdb-glibc-malloc", action="store_true", help="run zdb with glibc's malloc defaults (not ZDB_MALLOC_ENV)"
+    )
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.backend == "zdb" and not args.child:
-        from bench.zdbfarm import MISSING, zdb_available
+        from zdbfarm import MISSING, zdb_available
 
         if not zdb_available():
             raise SystemExit(MISSING)
@@ -318,7 +322,7 @@ def main() -> None:
         )
 
         if args.backend == "zdb":
-            zdb_section(src, scratch, chunk, bound, max(1, args.rounds))
+            zdb_section(src, scratch, chunk, bound, max(1, args.rounds), not args.zdb_glibc_malloc)
 
         shard = chunk // 16 + 96
         lay_dir = scratch / "layout"

@@ -12,6 +12,13 @@ would; ``restart`` brings it back on the same data and port.
 
 The servers are ``tests.zdb_server.ZdbProcess`` (the tests' own), each started so it
 gets SIGTERM if the benchmark dies. Nothing of 0-db itself lives in this repository.
+
+Unless asked not to (``tuned=False``), the servers run with ``ZDB_MALLOC_ENV``: 0-db
+answers a GET by reading the value into a malloc'd buffer and copying it into a
+second one for the reply; above 128 KiB glibc serves each with a fresh mmap, and the
+page faults made a 256 KiB GET cost ~320 us of zdb CPU here against ~95 us with the
+thresholds raised (the same thresholds services/common/tuning.py sets for gridstor's
+own processes). A deployment runs its 0-db servers the same way (docs/engine.md).
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import signal
 from pathlib import Path
+from typing import Any
 
 from tests.zdb_server import ZdbProcess, zdb_binary
 
@@ -30,6 +39,9 @@ MISSING = (
     "--backend zdb needs a 0-db binary: set ZDB_BIN to a zdb executable (or put zdb on PATH);"
     " 0-db is not packaged, build it from https://github.com/threefoldtech/0-db"
 )
+ZDB_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * MIB), "MALLOC_TRIM_THRESHOLD_": str(64 * MIB)}
+"""glibc malloc settings for the zdb servers (docs/engine.md, "0-db speed"): each GET mallocs two buffers of
+the value's size, which glibc serves with fresh mmap (page faults, zeroing) above 128 KiB."""
 RECORDS_NS = "bench-meta"
 INDEX_NS = "bench-index"
 
@@ -51,23 +63,36 @@ class _BenchZdb(ZdbProcess):
 
     preexec = staticmethod(_die_with_parent)
 
+    def __init__(self, binary: str, root: Path) -> None:
+        super().__init__(binary, root, datasize=DATASIZE)
+
 
 class ZdbFarm:
     """``processes`` x ``per_process`` sequential namespaces (+ a metadata server); see the module docstring."""
 
-    def __init__(self, binary: str, root: Path, processes: int, per_process: int, metadata: bool) -> None:
+    def __init__(
+        self, binary: str, root: Path, processes: int, per_process: int, metadata: bool, tuned: bool = True
+    ) -> None:
         self.root = root
         self.per_process = per_process
-        self.servers = [_BenchZdb(binary, root / f"zdb{p}", datasize=DATASIZE) for p in range(processes)]
-        self.meta_server = _BenchZdb(binary, root / "zdb-meta", datasize=DATASIZE) if metadata else None
+        self.servers: list[ZdbProcess] = [_BenchZdb(binary, root / f"zdb{p}") for p in range(processes)]
+        self.meta_server: ZdbProcess | None = _BenchZdb(binary, root / "zdb-meta") if metadata else None
+        self.tuned = tuned
+        for server in self.every_server:
+            server.env = {**os.environ, **ZDB_MALLOC_ENV} if tuned else None
 
     @classmethod
-    def start(cls, root: Path, processes: int = 5, per_process: int = 4, metadata: bool = True) -> ZdbFarm:
-        """Start every server and make its namespaces; ZdbMissing (naming ZDB_BIN) without a binary."""
+    def start(
+        cls, root: Path, processes: int = 5, per_process: int = 4, metadata: bool = True, tuned: bool = True
+    ) -> ZdbFarm:
+        """Start every server and make its namespaces; ZdbMissing (naming ZDB_BIN) without a binary.
+
+        ``tuned``: the servers run with ZDB_MALLOC_ENV (see the module docstring); False: glibc's defaults.
+        """
         binary = zdb_binary()
         if binary is None:
             raise ZdbMissing(MISSING)
-        farm = cls(binary, root, processes, per_process, metadata)
+        farm = cls(binary, root, processes, per_process, metadata, tuned)
         try:
             for server in farm.every_server:
                 server.start()
@@ -129,7 +154,7 @@ class ZdbFarm:
                 return p
         return None
 
-    def config(self, raw: dict[str, object]) -> None:
+    def config(self, raw: dict[str, Any]) -> None:
         """Point a gridstor config mapping (the launcher's YAML) at this farm: backends and metadata."""
         raw["backends"] = [{"name": name, "uri": uri} for name, uri in self.backends.items()]
         if self.meta_server is not None:

@@ -95,6 +95,8 @@ class ZdbProcess:
 
     #: Run in the child before exec (a benchmark makes its servers die with it); None for tests.
     preexec: Callable[[], None] | None = None
+    #: The server's environment (None: this process's).
+    env: dict[str, str] | None = None
 
     # -- lifecycle --------------------------------------------------------
 
@@ -129,7 +131,12 @@ class ZdbProcess:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             proc = subprocess.Popen(
-                self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=self.preexec
+                self.argv(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=self.preexec,
+                env=self.env,
             )
         self._proc = proc
 

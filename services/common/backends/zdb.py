@@ -61,6 +61,7 @@ from services.common.backends.base import (
     seq_id,
 )
 from services.common.backends.uri import ZdbURI, parse_uri
+from services.common.backends.zdbwire import WirePool
 
 __all__ = [
     "NamespaceModeMismatch",
@@ -76,6 +77,7 @@ _NSINFO_MODE: Final = {Mode.SEQ: "sequential", Mode.USER: "userkey"}
 _NSSET_MODE: Final = {Mode.SEQ: "seq", Mode.USER: "user"}
 
 _NO_MORE_DATA: Final = "No more data"
+_REMOVED: Final = "active namespace is not available"  # lowercase: a connection's namespace was deleted
 _NOT_FOUND_REPLIES: Final = frozenset({"Key not found", "Invalid key, only update authorized"})
 _ACCESS_DENIED_REPLIES: Final = frozenset(
     {"Access denied", "Namespace protected and private", "Permission denied", "Unauthorized"}
@@ -85,6 +87,8 @@ _UNAVAILABLE: Final = (rexc.ConnectionError, rexc.TimeoutError, OSError, asyncio
 
 DEFAULT_TIMEOUT: Final = 5.0
 DEFAULT_MAX_CONNECTIONS: Final = 32
+#: Pipelined connections per namespace for shard and record GET / SET (zdbwire.py).
+DEFAULT_WIRE_CONNECTIONS: Final = 2
 MARKER_PREFIX: Final = b"gridstor:backend-identity:v1:"
 IDENTITY_BYTES: Final = 16
 
@@ -230,7 +234,7 @@ def _map_response_error(name: str, uri: ZdbURI, exc: rexc.ResponseError) -> erro
         return errors.AccessDenied(name, f"access denied (0-db: {reply})")
     if reply == "Namespace not found":
         return NamespaceNotFound(name, f"namespace {uri.namespace} not found on {where}")
-    if "active namespace is not available" in lowered:
+    if _REMOVED in lowered:
         return NamespaceNotFound(name, f"namespace {uri.namespace} was removed from {where} (0-db: {reply})")
     if reply in _NOT_FOUND_REPLIES:
         return errors.KeyNotFound(name, f"key not found (0-db: {reply})")
@@ -245,12 +249,20 @@ def _unavailable(name: str, exc: BaseException) -> errors.BackendUnavailable:
 class ZdbBackend(Backend):
     """A gridstor backend on one 0-db namespace. Build it with ``await ZdbBackend.open(...)``."""
 
-    def __init__(self, uri: ZdbURI, mode: Mode, client: aioredis.Redis, marker: _Marker | None = None) -> None:
-        """Wrap an already configured client; use :meth:`open` instead."""
+    def __init__(
+        self,
+        uri: ZdbURI,
+        mode: Mode,
+        client: aioredis.Redis,
+        marker: _Marker | None = None,
+        wire: WirePool | None = None,
+    ) -> None:
+        """Wrap an already configured client (and data path: ``wire``); use :meth:`open` instead."""
         self.uri = uri
         self.name = uri.redacted
         self.mode = mode
         self._client = client
+        self._wire = wire
         self._closed = False
         self._marker = marker if marker is not None else _Marker()
         self._identify_lock = asyncio.Lock()
@@ -272,11 +284,14 @@ class ZdbBackend(Backend):
         timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - a per-request socket timeout, not a deadline
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         marked: bool = False,
+        wire_connections: int = DEFAULT_WIRE_CONNECTIONS,
     ) -> ZdbBackend:
         """Connect, SELECT the namespace and check with NSINFO that it runs in ``mode``.
 
         ``marked`` (shard backends, seq mode): read the namespace's identity
         marker, writing one into an empty namespace (see the module docstring).
+        ``wire_connections``: pipelined connections of the data path (GET and
+        SET of shards and records, zdbwire.py); 0 = every command through redis-py.
         Raises ``NamespaceNotFound``, ``AccessDenied`` (wrong password, private
         namespace), ``NamespaceModeMismatch`` or ``BackendUnavailable``.
         """
@@ -302,7 +317,13 @@ class ZdbBackend(Backend):
         )
         client = aioredis.Redis(connection_pool=pool)
         client.set_response_callback("SET", _keep_reply)
-        backend = cls(uri, mode, client, marker)
+        password = _Secret(uri.password) if uri.password else None
+        wire = (
+            WirePool(uri.host, uri.port, uri.namespace, password, marker, timeout, wire_connections)
+            if wire_connections > 0
+            else None
+        )
+        backend = cls(uri, mode, client, marker, wire)
         try:
             fields = await backend._nsinfo()
             actual = fields.get("mode", "?")
@@ -321,26 +342,41 @@ class ZdbBackend(Backend):
 
     # -- plumbing ---------------------------------------------------------
 
-    async def _call(self, *args: bytes | str | int, retry: bool = True, end_ok: bool = False) -> Any:
+    async def _call(
+        self, *args: bytes | str | int, retry: bool = True, end_ok: bool = False, data: bool = False
+    ) -> Any:
         """Run one command and map its errors.
 
         ``retry``: on a dropped connection, try once more on a fresh one (only
         for commands that are safe to repeat). ``end_ok``: ``-No more data``
-        returns None instead of raising.
+        returns None instead of raising. ``data``: a GET or SET, which goes
+        through the pipelined data path when there is one (its replies are a
+        bulk string, nil, or an error).
         """
         if self._closed:
             raise errors.BackendUnavailable(self.name, "backend is closed")
         attempts = 2 if retry else 1
         attempt = 0
+        wire = self._wire if data else None
+        heard_removal = False
         while True:
             attempt += 1
             if self._marker.replaced:
                 await self._reidentify()
             try:
+                if wire is not None:
+                    return await wire.request(*args)
                 return await self._client.execute_command(*args)  # type: ignore[no-untyped-call]
             except rexc.ResponseError as exc:
                 if end_ok and str(exc) == _NO_MORE_DATA:
                     return None
+                if not heard_removal and _REMOVED in str(exc).lower():
+                    # An idle connection hears of its namespace's removal in reply to the next command, which
+                    # did not run (0-db drops the connection): once more on a new connection, which finds the
+                    # namespace missing, or replaced (its marker: set up anew first).
+                    heard_removal = True
+                    attempt -= 1
+                    continue
                 raise _map_response_error(self.name, self.uri, exc) from exc
             except (rexc.TimeoutError, TimeoutError) as exc:  # never repeated: it would double the wait
                 raise _unavailable(self.name, exc) from exc
@@ -401,7 +437,12 @@ class ZdbBackend(Backend):
             if not self._marker.replaced:
                 return
             old = self._marker.identity.hex() or "none"
-            await self._identify()
+            try:
+                await self._identify()
+            except BaseException:
+                # Not identified (e.g. a connection still held news of the removal): the next call tries again.
+                self._marker.replaced = True
+                raise
             log.warning(
                 "%s was wiped and set up again: identity %s -> %s; shards of older records on it are gone",
                 self.name,
@@ -415,7 +456,7 @@ class ZdbBackend(Backend):
         self._check_put(value)
         # Not repeated on a dropped connection: the first SET may have been
         # stored, and a second one would allocate a second id.
-        key = await self._call("SET", b"", bytes(value), retry=False)
+        key = await self._call("SET", b"", bytes(value), retry=False, data=True)
         if not isinstance(key, bytes) or len(key) != SEQ_KEY_SIZE:
             raise errors.BackendError(self.name, f"unexpected reply to SET in seq mode: {key!r}")
         return key
@@ -427,7 +468,7 @@ class ZdbBackend(Backend):
                 self.name, f"cannot update {_describe_key(key)}: a sequential key has {SEQ_KEY_SIZE} bytes"
             )
         try:
-            reply = await self._call("SET", bytes(key), bytes(value))
+            reply = await self._call("SET", bytes(key), bytes(value), data=True)
         except errors.KeyNotFound as exc:
             raise errors.KeyNotFound(self.name, f"cannot update {_describe_key(key)}: not stored") from exc
         # The key, or nil when the stored value is already byte-for-byte equal.
@@ -437,7 +478,7 @@ class ZdbBackend(Backend):
     async def get(self, key: bytes) -> bytes | None:
         if not self._is_possible_key(key):
             return None
-        value = await self._call("GET", bytes(key))
+        value = await self._call("GET", bytes(key), data=True)
         if value is not None and not isinstance(value, bytes):
             raise errors.BackendError(self.name, f"unexpected reply to GET: {type(value).__name__}")
         return value
@@ -547,6 +588,8 @@ class ZdbBackend(Backend):
         if self._closed:
             return
         self._closed = True
+        if self._wire is not None:
+            self._wire.close()
         await self._client.aclose(close_connection_pool=True)
 
 
