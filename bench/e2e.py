@@ -27,6 +27,14 @@ In one run it measures:
       timed healthy, then with that 0-db stopped (SIGSTOP: it accepts connections and never
       answers), as a ratio (target: within 1.5x of healthy). The first download after the
       stop, which opens the backend's circuit breaker, is shown apart.
+  (j) ``--backend zdb``: the suite runs on 0-db, from ZDB_BIN like the tests: 20 sequential
+      namespaces on 5 zdb servers x 4 (bench/zdbfarm.py), the metadata records and hash index
+      on a sixth; (a)-(h) print as above for it ((d) SIGKILLs the zdb server whose 4
+      namespaces all hold data shards of the file, and starts it again afterwards: a node
+      gone; (i) is left out). Then a dir:// suite starts beside it, and ``--runs`` uploads
+      and downloads alternate between the two suites; the medians give
+      ``zdb/dir upload ratio`` and ``zdb/dir download ratio`` (target >= 0.8x each).
+      Without a zdb binary it exits (2) naming ZDB_BIN.
 
 Each of (a)-(d) runs ``--runs`` times (default 9), bare and gateway runs alternating so
 drift hits both (the degraded runs follow as one block); the verdicts use the medians.
@@ -52,6 +60,7 @@ download error, a byte mismatch. MB = 10^6 bytes.
     .venv/bin/python bench/e2e.py --size-mib 20     # a quicker look (--range-gib 0: no 1 GiB file for (g))
     .venv/bin/python bench/e2e.py --attach data/gridstor.yaml
     .venv/bin/python bench/e2e.py --profile /tmp/prof   # + py-spy raw profiles of the services
+    ZDB_BIN=/path/to/zdb .venv/bin/python bench/e2e.py --backend zdb   # (j): on 0-db, and zdb/dir
 """
 
 from __future__ import annotations

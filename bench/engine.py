@@ -1,12 +1,16 @@
 """Engine benchmark: a file through the engine into dir backends and back.
 
 Prints, in one run:
-  * write / healthy read / degraded read (4 backends gone) MB/s and peak RSS,
+  * write / healthy read / degraded read (4 data-holding backends gone) MB/s and peak RSS,
   * the bare bound: read + BLAKE3 + encrypt + encode with no storage, and the
     ratio of each storage figure to it,
   * the malloc-threshold effect (services/common/tuning.py) on the bare bound,
   * the per-shard cost of the dir layout (segment store vs one file per shard),
-  * with --sweep, write/read MB/s per chunk size (the default's justification).
+  * with --sweep, write/read MB/s per chunk size (the default's justification),
+  * with --backend zdb (a zdb binary from ZDB_BIN, or zdb on PATH): the engine over 20
+    real 0-db namespaces on 5 zdb servers x 4 (bench/zdbfarm.py) beside 20 dir
+    backends, ``--rounds`` rounds alternating, and the zdb/dir ratio of each figure;
+    the degraded read SIGKILLs the zdb server whose 4 namespaces hold data shards.
 
 Each measurement runs in its own process so peak RSS and allocator state are
 its own. MB = 10^6 bytes.
@@ -14,6 +18,7 @@ its own. MB = 10^6 bytes.
     .venv/bin/python bench/engine.py            # 100 MiB
     .venv/bin/python bench/engine.py --big      # 1 GiB
     .venv/bin/python bench/engine.py --sweep    # + chunk sizes 1, 4, 16 MiB
+    ZDB_BIN=/path/to/zdb .venv/bin/python bench/engine.py --backend zdb
 """
 
 from __future__ import annotations
