@@ -85,21 +85,6 @@ async def test_connections_grow_to_the_pool_size_under_load(zdb_server: ZdbProce
         await backend.close()
 
 
-async def test_hung_server_fails_every_pipelined_request_then_recovers(zdb_server: ZdbProcess) -> None:
-    backend = await open_backend(zdb_server, "hung", wire=1, timeout=0.5)
-    try:
-        key = await backend.put(b"v")
-        zdb_server.pause()
-        try:
-            results = await asyncio.gather(*(backend.get(key) for _ in range(8)), return_exceptions=True)
-        finally:
-            zdb_server.resume()
-        assert all(isinstance(r, errors.BackendUnavailable) for r in results), results
-        assert await asyncio.gather(*(backend.get(key) for _ in range(8))) == [b"v"] * 8
-    finally:
-        await backend.close()
-
-
 async def test_idle_data_connection_after_the_namespace_was_replaced(zdb_server: ZdbProcess) -> None:
     """A put on a data connection whose namespace was deleted and set up again lands in the new one."""
     backend = await open_backend(zdb_server, "swap")
