@@ -18,6 +18,12 @@ differences (docs/engine.md, "0-db backends"):
   ``SCAN`` reply as an integer cursor; the end is ``-No more data``.
 * ``DEL k x`` means "delete k with timestamp x", so ``delete`` sends one key.
 
+GET and SET (shards and records: the data path) go through zdbwire.py instead of
+redis-py: pipelined requests on up to ``wire_connections`` connections per
+namespace, replies read in place; the other commands through redis-py. Both
+SELECT the namespace and check the identity marker on every new connection, and
+raise redis-py's exceptions, which ``_call`` maps the same way.
+
 Identity (``open(..., marked=True)``, the shard backends): sequential ids
 restart from 0 when a namespace is wiped and created again, so a key alone
 cannot tell an old shard from a new one. The first time a namespace is used as
