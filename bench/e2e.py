@@ -31,8 +31,9 @@ In one run it measures:
       namespaces on 5 zdb servers x 4 (bench/zdbfarm.py), the metadata records and hash index
       on a sixth; (a)-(h) print as above for it ((d) SIGKILLs the zdb server whose 4
       namespaces all hold data shards of the file, and starts it again afterwards: a node
-      gone; (i) is left out). Then a dir:// suite starts beside it, and ``--runs`` uploads
-      and downloads alternate between the two suites; the medians give
+      gone; (i) is left out). After (d), a dir:// suite starts beside it, and ``--runs``
+      uploads and downloads alternate between the two suites (then the dir suite stops,
+      and (f)-(h) follow on the 0-db suite); the medians give
       ``zdb/dir upload ratio`` and ``zdb/dir download ratio`` (target >= 0.8x each).
       Without a zdb binary it exits (2) naming ZDB_BIN.
 
@@ -977,6 +978,11 @@ async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> Non
         if suite.hung is not None:
             await hung_downloads(args, suite, ingest, meta, metadata, data, file_id, meter, report)
 
+        # (j) --backend zdb: against a dir:// suite, before (f)-(h) load this one (a fresh dir suite
+        # beside a suite whose backends just had 100 concurrent readers would not compare alike)
+        if suite.farm is not None:
+            await compare_backends(args, suite, report)
+
         # (f) concurrent uploads
         report.mark_rss("after downloads", suite.launcher_pid)
         meter.refresh()
@@ -1423,7 +1429,7 @@ def start_suite(args: argparse.Namespace, scratch: Path, name: str, room: int, z
     return suite, notes + more
 
 
-async def compare_backends(args: argparse.Namespace, zsuite: Suite, scratch: Path, report: Report) -> None:
+async def compare_backends(args: argparse.Namespace, zsuite: Suite, report: Report) -> None:
     """--backend zdb: upload and download MB/s of the 0-db suite against a dir:// suite, in this run.
 
     A second suite (default config, dir:// backends and metadata) starts beside the 0-db one;
@@ -1432,6 +1438,7 @@ async def compare_backends(args: argparse.Namespace, zsuite: Suite, scratch: Pat
     the medians, against ZDB_DIR_TARGET.
     """
     size = args.size_mib * MIB
+    scratch = zsuite.cfg.data_dir.parent  # this run's temp dir (--backend zdb never attaches)
     token = args.token or os.environ.get("GRIDSTOR_TOKEN", "")
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     print(
@@ -1522,9 +1529,6 @@ async def amain(args: argparse.Namespace) -> int:
         describe(running.cfg, running, bool(args.attach))
         try:
             await measure(args, running, report)
-            if running.farm is not None:
-                assert scratch is not None
-                await compare_backends(args, running, scratch, report)
         except BenchFailure as exc:
             report.failures.append(str(exc))
         except grpc.aio.AioRpcError as exc:
