@@ -31,9 +31,9 @@ In one run it measures:
       namespaces on 5 zdb servers x 4 (bench/zdbfarm.py), the metadata records and hash index
       on a sixth; (a)-(h) print as above for it ((d) SIGKILLs the zdb server whose 4
       namespaces all hold data shards of the file, and starts it again afterwards: a node
-      gone; (i) is left out). After (d), a dir:// suite starts beside it, and ``--runs``
+      gone; (i) is left out). After (a), a dir:// suite starts beside it, and ``--runs``
       uploads and downloads alternate between the two suites (then the dir suite stops,
-      and (f)-(h) follow on the 0-db suite); the medians give
+      and (b)-(h) follow on the 0-db suite); the medians give
       ``zdb/dir upload ratio`` and ``zdb/dir download ratio`` (target >= 0.8x each).
       Without a zdb binary it exits (2) naming ZDB_BIN.
 
@@ -928,6 +928,11 @@ async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> Non
         fresh = f"  ({dedup} DEDUPLICATED, not fresh stores)" if dedup else ""
         print(f"  file id (run 1)        : {file_id}{fresh}")
 
+        # (j) --backend zdb: against a dir:// suite, before (d) takes a zdb server down (its breakers
+        # would make the next reads degraded ones for a while) and (f)-(h) load this suite only
+        if suite.farm is not None:
+            await compare_backends(args, suite, report)
+
         # (b) download healthy alternating with (c) the bare download, then (d) degraded
         request = meta_pb2.DownloadRequest(id=file_id)
 
@@ -977,11 +982,6 @@ async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> Non
         # (i) one backend hung (--backend zdb: every backend is 0-db, and (d) took a server down)
         if suite.hung is not None:
             await hung_downloads(args, suite, ingest, meta, metadata, data, file_id, meter, report)
-
-        # (j) --backend zdb: against a dir:// suite, before (f)-(h) load this one (a fresh dir suite
-        # beside a suite whose backends just had 100 concurrent readers would not compare alike)
-        if suite.farm is not None:
-            await compare_backends(args, suite, report)
 
         # (f) concurrent uploads
         report.mark_rss("after downloads", suite.launcher_pid)
