@@ -985,6 +985,8 @@ async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> Non
 
         # (f) concurrent uploads
         report.mark_rss("after downloads", suite.launcher_pid)
+        if suite.farm is not None:
+            meter.extra.update(suite.farm.pids())  # (d) started a zdb server again: a new pid
         meter.refresh()
         await concurrent_uploads(args, cfg, ca, metadata, report, profiler, meter)
         busy, wall, top = meter.foreign()
