@@ -94,7 +94,7 @@ _UNAVAILABLE: Final = (rexc.ConnectionError, rexc.TimeoutError, OSError, asyncio
 DEFAULT_TIMEOUT: Final = 5.0
 DEFAULT_MAX_CONNECTIONS: Final = 32
 #: Pipelined connections per namespace for shard and record GET / SET (zdbwire.py).
-DEFAULT_WIRE_CONNECTIONS: Final = 2
+DEFAULT_WIRE_CONNECTIONS: Final = 4
 MARKER_PREFIX: Final = b"gridstor:backend-identity:v1:"
 IDENTITY_BYTES: Final = 16
 

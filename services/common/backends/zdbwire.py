@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["WireConnection", "WirePool"]
 
-LINE_BUFFER: Final = 64 * 1024
+LINE_BUFFER: Final = 16 * 1024
 """Bytes read at a time outside bulk payloads (status lines, bulk headers); grows for a longer line."""
 
 _CRLF: Final = b"\r\n"
