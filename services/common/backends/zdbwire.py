@@ -7,8 +7,9 @@ loop turns for one 256 KiB shard. Here a ``asyncio.BufferedProtocol`` reads
 each bulk reply's payload straight into a buffer of its size (one copy more,
 to hand out ``bytes``), and requests are pipelined: a connection carries many
 at once, replies come back in order (0-db answers each connection's requests
-in turn), so one connection per namespace serves all the concurrent shard
-reads and writes of the engine without a round trip each.
+in turn), so a few connections per namespace (``WirePool``: a request goes to
+the least busy, a new one opens while all are busy, up to its size) serve all
+the concurrent shard reads and writes of the engine without a round trip each.
 
 Each new connection runs ``SELECT namespace [password]`` and, for a marked
 backend, checks the identity marker (the same rules as ``ZdbConnection``)
