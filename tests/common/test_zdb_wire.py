@@ -6,11 +6,12 @@ import asyncio
 import os
 
 import pytest
+from redis import exceptions as rexc
 
 from services.common import errors
 from services.common.backends.base import MAX_VALUE_SIZE, Mode, seq_key
 from services.common.backends.zdb import ZdbBackend, ensure_namespace
-from services.common.backends.zdbwire import LINE_BUFFER, WirePool
+from services.common.backends.zdbwire import LINE_BUFFER, MAX_BULK, MAX_LINE, WireConnection, WirePool
 from tests.helpers import wait_until_async
 from tests.zdb_server import ZdbProcess
 
@@ -132,3 +133,34 @@ async def test_a_restarted_server_gets_new_connections(zdb_server: ZdbProcess) -
         assert zdb_server.command("DBSIZE") == 0  # every new connection SELECTed the namespace
     finally:
         await backend.close()
+
+
+def feed(conn: WireConnection, data: bytes) -> None:
+    """Hand ``data`` to the protocol as the event loop would, in the pieces its buffers take."""
+    while data:
+        buf = conn.get_buffer(-1)
+        n = min(len(buf), len(data))
+        buf[:n] = data[:n]
+        del buf  # released before the next get_buffer, as asyncio's transport does
+        conn.buffer_updated(n)
+        data = data[n:]
+
+
+@pytest.mark.parametrize(
+    ("reply", "needle"),
+    [
+        (b"$%d\r\n" % (MAX_BULK + 1), "over 0-db's"),  # failed before a buffer of that size is made
+        (b"+" + b"x" * (MAX_LINE + 2), "reply line over"),  # no CRLF: the line buffer stops growing
+    ],
+)
+async def test_a_reply_no_0db_sends_fails_the_connection_not_the_memory(reply: bytes, needle: str) -> None:
+    """Pure protocol logic: whatever answers at a backend's address, one connection holds at most a
+    value of 0-db's limit or a line of MAX_LINE."""
+    conn = WireConnection()
+    waiter: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    conn.waiters.append(waiter)
+    feed(conn, reply)
+    assert waiter.done()
+    with pytest.raises(rexc.ConnectionError, match=needle):
+        await waiter
+    assert conn.closed and len(conn._lines) <= 4 * MAX_LINE

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from redis import exceptions as rexc
 
+from services.common.backends.base import MAX_VALUE_SIZE
+
 if TYPE_CHECKING:
     from services.common.backends.zdb import _Marker, _Secret
 
@@ -37,6 +39,10 @@ __all__ = ["WireConnection", "WirePool"]
 
 LINE_BUFFER: Final = 16 * 1024
 """Bytes read at a time outside bulk payloads (status lines, bulk headers); grows for a longer line."""
+MAX_LINE: Final = 64 * 1024
+"""A reply line longer than this is not 0-db's: the connection fails (memory stays bounded)."""
+MAX_BULK: Final = MAX_VALUE_SIZE
+"""0-db stores no value over 8 MiB; a bulk reply announcing more fails the connection before any allocation."""
 
 _CRLF: Final = b"\r\n"
 
@@ -77,7 +83,7 @@ class WireConnection(asyncio.BufferedProtocol):
                 tail = self._end - self._start
                 self._lines[:tail] = self._lines[self._start : self._end]
                 self._start, self._end = 0, tail
-            else:  # one line longer than the buffer
+            else:  # one line longer than the buffer (at most MAX_LINE: _parse fails a longer one)
                 self._lines.extend(bytes(len(self._lines)))
         return memoryview(self._lines)[self._end :]
 
@@ -118,11 +124,15 @@ class WireConnection(asyncio.BufferedProtocol):
         while self._bulk is None and self._start < self._end:
             nl = buf.find(_CRLF, self._start, self._end)
             if nl < 0:
+                if self._end - self._start > MAX_LINE:
+                    raise ValueError(f"a reply line over {MAX_LINE} bytes")
                 break
             kind, line = buf[self._start], bytes(buf[self._start + 1 : nl])
             self._start = nl + 2
             if kind == 0x24:  # $ bulk
                 n = int(line)
+                if n > MAX_BULK:
+                    raise ValueError(f"a value of {n} bytes, over 0-db's {MAX_BULK}")
                 if n < 0:
                     self._deliver(None)
                     continue
