@@ -642,7 +642,8 @@ class Profiler:
     def __init__(self, out: Path | None, launcher_pid: int) -> None:
         self.out = out
         self.launcher_pid = launcher_pid
-        self.binary = os.environ.get("PY_SPY") or shutil.which("py-spy") or ""
+        beside = Path(sys.executable).with_name("py-spy")  # the dev venv's (requirements-dev.txt)
+        self.binary = os.environ.get("PY_SPY") or shutil.which("py-spy") or (str(beside) if beside.exists() else "")
         if out is not None and not self.binary:
             raise BenchFailure("--profile needs py-spy: put it on PATH or name it in $PY_SPY")
 
