@@ -366,15 +366,27 @@ class Lease:
 
 
 async def idle_timeout(items: AsyncIterator[T], seconds: float, what: str = "upload") -> AsyncIterator[T]:
-    """``items`` as they come; TimedOut when none arrives for ``seconds`` (a client that stopped sending)."""
+    """``items`` as they come; TimedOut when none arrives for ``seconds`` (a client that stopped sending).
+
+    The clock runs only while the next item is awaited, not while the caller works on one. One
+    timeout for the whole stream, moved at each item (no task and timer per item: an upload is
+    hundreds of messages).
+    """
     it = aiter(items)
-    while True:
-        try:
-            item = await asyncio.wait_for(anext(it), seconds)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise errors.TimedOut(
-                f"the {what} stalled: nothing arrived for {seconds:g} s, so it was dropped; send it again"
-            ) from None
-        yield item
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(None) as clock:
+            while True:
+                clock.reschedule(loop.time() + seconds)
+                try:
+                    item = await anext(it)
+                except StopAsyncIteration:
+                    return
+                if clock.expired():  # it came as the clock ran out: the task is being cancelled
+                    raise TimeoutError
+                clock.reschedule(None)
+                yield item
+    except TimeoutError:
+        raise errors.TimedOut(
+            f"the {what} stalled: nothing arrived for {seconds:g} s, so it was dropped; send it again"
+        ) from None

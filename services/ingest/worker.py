@@ -581,21 +581,44 @@ class Worker:
                 jobs.checkpoint()
 
     async def _tail(self, job: Job, path: Path, final: list[tuple[int, str]]) -> AsyncIterator[bytes]:
-        """Follow a spool file that its upload is still writing; see ``_source``."""
+        """Follow a spool file that its upload is still writing; see ``_source``.
+
+        The file is read a whole chunk at a time (the engine takes it without joining pieces), and
+        only once a chunk's worth is there (a cheap fstat per look); the rest at the upload's end.
+        The job hash is looked at only while the file does not grow: its end is recorded after the
+        last bytes are in the file.
+        """
         block = self.engine.config.chunk_size
         ticket = _ticket.get()
         fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
         try:
             offset = 0
+            seen = 0  # the file's size at the last look
+            end: int | None = None  # the upload's final size, once it is complete
+            end_hash = ""
             grew = checked = time.monotonic()
             while True:
-                data = await asyncio.to_thread(os.pread, fd, block, offset)
-                if data:
-                    offset += len(data)
-                    grew = time.monotonic()
-                    if ticket is not None:
-                        await ticket.resume()  # bytes to work on: back in the lane
-                    yield data
+                size = os.fstat(fd).st_size
+                if size > seen:
+                    seen, grew = size, time.monotonic()
+                if seen - offset >= block or (end is not None and seen > offset):
+                    data = await asyncio.to_thread(os.pread, fd, block, offset)
+                    if data:
+                        offset += len(data)
+                        if ticket is not None:
+                            await ticket.resume()  # bytes to work on: back in the lane
+                        yield data
+                        continue
+                if end is not None:  # all of the file read
+                    if offset != end:
+                        raise errors.IntegrityError(
+                            f"the spool file holds {offset} bytes but the upload recorded {end} bytes"
+                        )
+                    final.append((end, end_hash))
+                    return
+                now = time.monotonic()
+                if now - grew < TAIL_POLL:  # still growing: no need to ask whether the upload ended
+                    await asyncio.sleep(TAIL_POLL)
                     continue
                 state = await self.store.tail_state(job.id)
                 if state is None:
@@ -604,15 +627,8 @@ class Worker:
                 if status != jobs.ACTIVE:
                     raise errors.Refused(error or f"the job ended ({status}) while its upload arrived")
                 if not receiving:
-                    if offset == size:
-                        final.append((size, hash_hex))
-                        return
-                    if offset > size:
-                        raise errors.IntegrityError(
-                            f"the spool file holds {offset} bytes but the upload recorded {size} bytes"
-                        )
-                    continue  # the rest is in the file already: read it
-                now = time.monotonic()
+                    end, end_hash = size, hash_hex
+                    continue  # the rest is in the file already (synced before the end was recorded): read it
                 if now - grew > self.stall_timeout:
                     raise errors.TimedOut(
                         f"the upload stopped arriving ({offset} bytes in {self.stall_timeout:.0f}s); upload it again"
