@@ -366,6 +366,10 @@ class LimitsConfig:
     uploads_per_process: int = setting(
         32, "uploads one ingest process receives at once; more wait, unread, for a slot; 0 = no cap", Int(0)
     )
+    upload_window: int = setting(
+        1024**2, "bytes of each upload stream ingest's gRPC core takes ahead of the handler (its HTTP/2 receive"
+        " window; memory: up to this per upload, read or waiting)", Size(64 * 1024),
+    )  # fmt: skip
     busy_wait: float = setting(
         30.0, "seconds a download or upload waits for a slot of its process before RESOURCE_EXHAUSTED (busy)",
         Number(positive=True),

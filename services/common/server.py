@@ -27,7 +27,7 @@ import contextlib
 import errno
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -152,6 +152,7 @@ async def start_server(
     ready: Readiness | None = None,
     ready_every: float = READY_EVERY,
     label: str = "service",
+    options: Sequence[tuple[str, int]] = (),
 ) -> Running:
     """Bind and start a server; ``register`` adds servicers and returns their full names.
 
@@ -178,6 +179,7 @@ async def start_server(
             # whether the handler reads or not (100 uploads took ingest to ~500 MiB; ~170 MiB without).
             # The cost, on loopback: one big upload is received ~15-20% slower (docs/resilience.md).
             ("grpc.http2.bdp_probe", 0),
+            *options,
         ],
     )
     names = list(register(server))
@@ -210,8 +212,12 @@ async def create_server(
     *,
     port: int | None = None,
     ready_every: float = READY_EVERY,
+    options: Sequence[tuple[str, int]] = (),
 ) -> tuple[Running, Cleanup]:
-    """Open the service (``setup``), start its server on ``port`` (None: the configured one); (running, cleanup)."""
+    """Open the service (``setup``), start its server on ``port`` (None: the configured one); (running, cleanup).
+
+    ``options``: more gRPC server options (ingest's receive window).
+    """
     stack = contextlib.AsyncExitStack()
     try:
         wiring = await setup(stack)
@@ -228,6 +234,7 @@ async def create_server(
             ready=wiring.ready,
             ready_every=ready_every,
             label=name,
+            options=options,
         )
         stack.push_async_callback(running.stop, 1.0)  # first out: the server stops before what it uses closes
     except BaseException:

@@ -201,7 +201,10 @@ async def build(
         add = partial(ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)
         return Wiring(SERVICE_NAME, add, POLICY, partial(pool.ready, store))
 
-    return await create_server(cfg, "ingest", setup, port=port, ready_every=ready_every)
+    # The receive window of each upload stream: the default 64 KiB (no BDP probing, server.py) slows one
+    # upload by ~20%; a bigger one costs up to that much memory per upload (docs/resilience.md).
+    window = [("grpc.http2.lookahead_bytes", cfg.limits.upload_window)]
+    return await create_server(cfg, "ingest", setup, port=port, ready_every=ready_every, options=window)
 
 
 async def _refresh_metrics(metrics: Metrics, store: JobStore, pool: WorkerPool) -> None:

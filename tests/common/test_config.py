@@ -69,7 +69,8 @@ def non_default(tmp_path: Path) -> dict[str, Any]:
             "rate_per_address": 0, "burst_per_address": 7, "upload_idle_timeout": 9, "exempt": [],
             "trusted_proxies": ["envoy", "10.0.0.0/8"], "edge_max_connections": 10, "edge_streams_per_connection": 3,
             "edge_max_request_headers_kb": 64, "edge_request_headers_timeout": 2, "edge_idle_timeout": 30,
-            "downloads_per_process": 3, "uploads_per_process": 0, "busy_wait": 5, "download_read_ahead": "8MiB",
+            "downloads_per_process": 3, "uploads_per_process": 0, "upload_window": "256KiB", "busy_wait": 5,
+            "download_read_ahead": "8MiB",
         },
     }  # fmt: skip
 
