@@ -9,8 +9,12 @@ In one run it measures:
       servicer on a free loopback port that counts an upload stream of the same
       messages and streams 1 MiB messages of the same total back), so the ratios
       upload / bare upload and download / bare download print;
-  (d) the download again with the folders of the 4 backends holding the file's data
-      shards moved away (put back afterwards), as a ratio to the healthy download;
+  (d) with the folders of 4 backends moved away (put back afterwards): the download of a
+      file holding data shards there (read degraded, from parity), alternating with that
+      of another file of the same size holding only parity there (read healthy: it needs
+      none of them), as a ratio of the two; with the backends away for the whole block
+      (the gateway rightly skips them then), only alternating files lets drift on a
+      shared machine hit both alike;
   (e) the peak RSS (VmHWM) of every process under the launcher: the services,
       ingest's worker processes, redis-server and Envoy (after each phase, and at the end);
   (f) 20 concurrent 10 MiB uploads, each on its own channel with its own content:
@@ -38,7 +42,7 @@ In one run it measures:
       Without a zdb binary it exits (2) naming ZDB_BIN.
 
 Each of (a)-(d) runs ``--runs`` times (default 9), bare and gateway runs alternating so
-drift hits both (the degraded runs follow as one block); the verdicts use the medians.
+drift hits both (in (d) the degraded and healthy files alternate); the verdicts use the medians.
 Beside each figure it prints the CPU seconds each process spent (/proc/<pid>/stat): the
 suite's processes, this client, the bare server, kernel threads and anything else running
 on the machine, which shows where the time goes (and when someone else's work disturbs it).
@@ -112,8 +116,8 @@ UPLOAD_MESSAGE = 256 * 1024
 DOWNLOAD_MESSAGE = 1024 * 1024
 HASH_BYTES = 24
 DEGRADED_BACKENDS = 4
-UPLOAD_TARGET = 0.35  # x bare upload
-DOWNLOAD_TARGET = 0.75  # x bare download
+UPLOAD_TARGET = 0.5  # x bare upload
+DOWNLOAD_TARGET = 0.9  # x bare download
 DEGRADED_TARGET = 0.9  # x healthy download
 HUNG_TARGET = 0.67  # x healthy download with one backend hung: within 1.5x of healthy (1/1.5, rounded up)
 HUNG_BACKEND = "b19"  # the default config's backend that becomes a 0-db namespace for (i)
@@ -749,6 +753,16 @@ def check_download(parts: list[bytes], data: bytes, file_id: str, what: str) -> 
         raise BenchFailure(f"{what}: BLAKE3-192 {digest} does not match the file id {file_id}")
 
 
+def check_digest(parts: list[bytes], size: int, file_id: str, what: str) -> None:
+    """The size and BLAKE3-192 against the id (for a file whose bytes this run did not keep)."""
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    for p in parts:
+        h.update(p)
+    got = sum(len(p) for p in parts)
+    if got != size or not file_id.startswith(h.digest(HASH_BYTES).hex()):
+        raise BenchFailure(f"{what}: {got} bytes arrived ({size} expected), or bytes not matching the file id")
+
+
 async def runs(n: int, fn: Callable[[], Awaitable[float]]) -> list[float]:
     return [await fn() for _ in range(n)]
 
@@ -793,40 +807,106 @@ class Report:
         return verdict(ok)
 
 
-async def data_holders(suite: Suite, meta: Any, file_id: str, count: int) -> tuple[list[str], str]:
-    """The ``count`` backends holding the most data shards of ``file_id`` (from its record), and how many.
+@dataclass
+class Placement:
+    """Where one stored file keeps its shards: the backends holding data shards (how many each), and parity."""
 
-    Taking away backends that hold only parity would measure nothing: with 20 backends and 16+4 each file
-    keeps one placement for all its chunks, starting at a random backend. The record is an internal
-    method: the token is minted from the gateway key in the data dir, as the services' own are.
-    --backend zdb: the namespaces of a zdb server all of which hold data shards (``Suite.away``
-    takes that server down; see bench/zdbfarm.py for why one always exists).
-    """
-    from services.common.keys import SIGNING_KEY_FILE
+    file_id: str
+    data: Counter[str]
+    parity: set[str]
 
-    cfg = suite.cfg
 
-    if not (cfg.data_dir / SIGNING_KEY_FILE).is_file():
-        names = [b.name for b in cfg.backends[:count]]
-        return names, "the first configured; the file's placement is unknown (no gateway key to read its record)"
+async def placement(cfg: Config, meta: Any, file_id: str) -> Placement:
+    """The file's placement, from its record (an internal method: the token is minted from the gateway key in the
+    data dir, as the services' own are)."""
     from services.common.gateway import service_metadata
 
     reply = await meta.GetRecord(meta_pb2.GetRecordRequest(id=file_id), metadata=service_metadata(cfg, "bench"))
     rec = reply.record
-    held: Counter[str] = Counter()
+    data: Counter[str] = Counter()
+    parity: set[str] = set()
     for chunk in rec.chunks:
-        for ref in chunk.shards[: rec.k]:
-            held[rec.backends[ref.backend]] += 1
-    total = rec.k * len(rec.chunks)
-    if suite.farm is not None:
-        p = suite.farm.server_holding_only(set(held))
-        if p is None:
-            raise BenchFailure("no zdb server holds only data shards of the file (its placement is not rotated)")
-        chosen = suite.farm.names_on(p)
-        return chosen, f"zdb server {p}: holding {sum(held[n] for n in chosen)} of the file's {total} data shards"
+        for i, ref in enumerate(chunk.shards):
+            name = rec.backends[ref.backend]
+            if i < rec.k:
+                data[name] += 1
+            else:
+                parity.add(name)
+    return Placement(file_id, data, parity)
+
+
+def degraded_pair(
+    places: list[Placement], folders: set[str], count: int, groups: list[list[str]] | None = None
+) -> tuple[int, int, list[str]]:
+    """(file to read degraded, file to read healthy beside it, the backends to take away).
+
+    The backends taken away hold data shards of the first file and only parity of the second, so with
+    them away the first is read degraded while the second is read as fast as ever: the two alternate
+    and whatever else the machine does hits both alike. With 20 backends and 16+4 a file keeps one
+    placement for all its chunks, from a random first backend. The best pair found (most of the first
+    file's data shards away); fewer than ``count`` backends when no pair allows more. ``groups``
+    (--backend zdb): only one of these is taken away whole (the namespaces of one zdb server), and only
+    when all of them hold data shards of the first file.
+    """
+    best: tuple[int, int, int, list[str]] = (-1, 0, 0, [])
+    for a, pa in enumerate(places):
+        for b, pb in enumerate(places):
+            if a == b:
+                continue
+            if groups is None:
+                ranked = [n for n, _ in pa.data.most_common() if n in folders]
+                options = [[n for n in ranked if n in pb.parity and not pb.data[n]][:count]]
+            else:
+                options = [g for g in groups if all(pa.data[n] and n in pb.parity and not pb.data[n] for n in g)]
+            for away in options:
+                held = sum(pa.data[n] for n in away)
+                if held > best[0]:
+                    best = (held, a, b, away)
+    return best[1], best[2], best[3]
+
+
+@dataclass
+class DegradedPair:
+    degraded: str  # the file read with backends away
+    healthy: str  # the file read beside it, needing none of them
+    away: list[str]
+    text: str
+
+
+async def pick_degraded(
+    suite: Suite, meta: Any, ingest: Any, metadata: Any, size: int, stored: list[str]
+) -> DegradedPair | None:
+    """The files and backends of (d) (``degraded_pair``); uploads more files (new content) until a pair allows
+    DEGRADED_BACKENDS, up to 10. None without the gateway key (attached to a suite elsewhere).
+
+    --backend zdb: the backends taken away are the namespaces of one zdb server (``Suite.away`` takes
+    that server down).
+    """
+    from services.common.keys import SIGNING_KEY_FILE
+
+    cfg = suite.cfg
+    if not (cfg.data_dir / SIGNING_KEY_FILE).is_file():
+        return None  # the files' placement is unknown (no gateway key to read their records)
     folders = {b.name for b in cfg.backends if isinstance(parse_uri(b.uri), DirURI)}  # (d) moves folders
-    chosen = [name for name, _ in held.most_common() if name in folders][:count]
-    return chosen, f"holding {sum(held[n] for n in chosen)} of the file's {total} data shards"
+    farm = suite.farm
+    groups = None if farm is None else [farm.names_on(p) for p in range(len(farm.servers))]
+    places = [await placement(cfg, meta, fid) for fid in dict.fromkeys(stored)]
+    for i in range(11):
+        a, b, away = degraded_pair(places, folders, DEGRADED_BACKENDS, groups)
+        if len(away) == DEGRADED_BACKENDS or i == 10:
+            break
+        res = await timed_upload(ingest, os.urandom(size), f"bench-placement-{i}.bin", metadata)
+        places.append(await placement(cfg, meta, res.file_id))
+    if not away:
+        raise BenchFailure("(d): no two stored files allow a degraded read beside a healthy one")
+    pa = places[a]
+    total = sum(pa.data.values())
+    how = "taken down (their zdb server)" if farm is not None else "moved away"
+    text = (
+        f"{', '.join(away)} {how}, holding {sum(pa.data[n] for n in away)} of the degraded file's {total}"
+        f" data shards and only parity of the healthy one"
+    )
+    return DegradedPair(pa.file_id, places[b].file_id, away, text)
 
 
 def move_away(cfg: Config, names: list[str]) -> list[tuple[Path, Path]]:
@@ -944,41 +1024,52 @@ async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> Non
                 raise BenchFailure(f"bare download: {got} of {size} bytes")
             return mbps(size, dt)
 
-        async def download(step: str) -> float:
-            parts, dt = await meter.run(step, lambda: timed_download(meta, request))
-            check_download(parts, data, file_id, f"{step} download")  # after the clock stopped
+        async def download(step: str, target: str = file_id) -> float:
+            req = request if target == file_id else meta_pb2.DownloadRequest(id=target)
+            parts, dt = await meter.run(step, lambda: timed_download(meta, req))
+            if target == file_id:
+                check_download(parts, data, file_id, f"{step} download")  # after the clock stopped
+            else:
+                check_digest(parts, size, target, f"{step} download")
             return mbps(size, dt)
 
-        away, why = await data_holders(suite, meta, file_id, DEGRADED_BACKENDS)
+        pair = await pick_degraded(suite, meta, ingest, metadata, size, [u.file_id for u in uploads])
         print(
             f"\ndownload {args.size_mib} MiB in {DOWNLOAD_MESSAGE // MIB} MiB messages ({args.runs} runs of bare and"
-            " healthy, alternating, then of degraded; each download verified after its clock stopped)",
+            f" healthy, alternating; then {DEGRADED_BACKENDS} backends away: {args.runs} runs of a file read degraded"
+            " and of one read healthy, alternating; each download verified after its clock stopped)",
             flush=True,
         )
-        how = "taken down" if suite.farm is not None else "moved away"
-        print(f"  degraded               : {', '.join(away)} {how} ({why})")
+        print(f"  degraded               : {pair.text if pair else 'skipped: no gateway key to read placements'}")
         bare_down: list[float] = []
         healthy: list[float] = []
         degraded: list[float] = []
+        beside: list[float] = []
         with profiler.record("download", ("meta",), 300):
             for _ in range(args.runs):
                 bare_down.append(await meter.run("bare download", bare_download))
                 healthy.append(await download("healthy"))
-        # The backends stay away for the whole block, as a lost disk would (a gateway may rightly skip
-        # a backend that just failed for a while, so healthy runs in between would not be healthy).
-        with suite.away(away), profiler.record("degraded", ("meta",), 300):
-            for _ in range(args.runs):
-                degraded.append(await download("degraded"))
+        # The backends stay away for the whole block, as a lost disk would (a gateway rightly skips a
+        # backend that just failed for a while). The healthy runs of the block read a file that holds
+        # only parity there: they never need those backends.
+        if pair is not None:
+            with suite.away(pair.away), profiler.record("degraded", ("meta",), 300):
+                for _ in range(args.runs):
+                    degraded.append(await download("degraded", pair.degraded))
+                    beside.append(await download("healthy beside", pair.healthy))
         print(f"  bare gRPC download     : {fmt_runs(bare_down)}")
         print(f"  gateway download       : {fmt_runs(healthy)}")
         ratio = ratio_text(healthy, bare_down, "bare", DOWNLOAD_TARGET, report, "download")
         print(f"  ratio                  : {ratio}")
         print(f"  cpu s/run, bare        : {meter.line('bare download')}")
         print(f"  cpu s/run, gateway     : {meter.line('healthy')}")
-        print(f"  degraded download      : {fmt_runs(degraded)}")
-        ratio = ratio_text(degraded, healthy, "healthy", DEGRADED_TARGET, report, "degraded")
-        print(f"  ratio                  : {ratio}")
-        print(f"  cpu s/run, degraded    : {meter.line('degraded')}")
+        if degraded:
+            print(f"  degraded download      : {fmt_runs(degraded)}")
+            print(f"  healthy, same block    : {fmt_runs(beside)}")
+            ratio = ratio_text(degraded, beside, "healthy", DEGRADED_TARGET, report, "degraded")
+            print(f"  ratio                  : {ratio}")
+            print(f"  cpu s/run, degraded    : {meter.line('degraded')}")
+            print(f"  cpu s/run, healthy     : {meter.line('healthy beside')}")
 
         # (i) one backend hung (--backend zdb: every backend is 0-db, and (d) took a server down)
         if suite.hung is not None:
@@ -1111,11 +1202,7 @@ def hung_into(hung: ZdbFarm) -> Callable[[dict[str, Any]], None]:
 
 async def hung_data_shards(cfg: Config, meta: Any, file_id: str) -> int:
     """How many data shards of ``file_id`` sit on HUNG_BACKEND (from its record)."""
-    from services.common.gateway import service_metadata
-
-    reply = await meta.GetRecord(meta_pb2.GetRecordRequest(id=file_id), metadata=service_metadata(cfg, "bench"))
-    rec = reply.record
-    return sum(1 for c in rec.chunks for ref in c.shards[: rec.k] if rec.backends[ref.backend] == HUNG_BACKEND)
+    return (await placement(cfg, meta, file_id)).data[HUNG_BACKEND]
 
 
 async def hung_downloads(
