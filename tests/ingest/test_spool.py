@@ -11,6 +11,7 @@ import pytest
 
 from services.common import errors, spool
 from services.common.spool import Spool, UploadHeader
+from tests.helpers import wait_until_async
 
 
 async def test_writes_hashes_and_counts(tmp_path: Path) -> None:
@@ -72,3 +73,22 @@ def test_sweep_removes_only_stale_partials(tmp_path: Path) -> None:
     os.utime(queued, (old, old))
     assert spool.sweep_partials(tmp_path) == 1
     assert sorted(os.listdir(tmp_path)) == sorted([fresh.name, queued.name])
+
+
+async def test_syncs_beside_the_writes_and_discard_closes_after_them(tmp_path: Path) -> None:
+    """Past SYNC_EVERY an fdatasync runs beside the writes; finish waits for it, discard closes after it."""
+    piece = os.urandom(256 * 1024)
+    n = (2 * spool.SYNC_EVERY + spool.BATCH_BYTES) // len(piece)
+    sp = Spool(tmp_path, limit=10**9)
+    for _ in range(n):
+        await sp.write(piece)
+    done = await sp.finish()
+    assert done.size == n * len(piece) and done.hash == blake3.blake3(piece * n).digest(24)
+
+    fds = set(os.listdir("/proc/self/fd"))
+    sp = Spool(tmp_path, limit=10**9)
+    for _ in range(n):
+        await sp.write(piece)
+    sp.discard()  # a batch and a sync may still run: the descriptor closes once both have ended
+    await wait_until_async(lambda: set(os.listdir("/proc/self/fd")) <= fds, what="the spool file's descriptor closed")
+    assert sorted(os.listdir(tmp_path)) == [done.path.name]
