@@ -96,6 +96,7 @@ META_CALL_TIMEOUT = 20.0  # seconds one call to meta may take before it is retri
 LEASE_SLACK = 300.0  # a job's lease outlives outage_wait by this much: renewals may fail during an outage
 PRUNE_IDLE_MS = 3_600_000
 TAIL_POLL = 0.003  # seconds between looks at a spool file that is still growing
+TAIL_ASK = 0.01  # seconds a growing spool file must stand still before the job hash is asked whether it ended
 DEFAULT_STALL_TIMEOUT = 90.0  # a growing spool file silent this long: its upload died with its ingest process
 REPORT_EVERY = 2.0  # seconds between a worker's readiness reports (they lapse after REPORT_TTL)
 REPORT_TTL = 3 * REPORT_EVERY
@@ -585,8 +586,8 @@ class Worker:
 
         The file is read a whole chunk at a time (the engine takes it without joining pieces), and
         only once a chunk's worth is there (a cheap fstat per look); the rest at the upload's end.
-        The job hash is looked at only while the file does not grow: its end is recorded after the
-        last bytes are in the file.
+        The job hash is looked at only once the file stood still for TAIL_ASK: the upload's end is
+        recorded after its last bytes are in the file (and fsynced, which takes longer than that).
         """
         block = self.engine.config.chunk_size
         ticket = _ticket.get()
@@ -617,7 +618,7 @@ class Worker:
                     final.append((end, end_hash))
                     return
                 now = time.monotonic()
-                if now - grew < TAIL_POLL:  # still growing: no need to ask whether the upload ended
+                if now - grew < TAIL_ASK:  # still growing: no need to ask whether the upload ended
                     await asyncio.sleep(TAIL_POLL)
                     continue
                 state = await self.store.tail_state(job.id)
