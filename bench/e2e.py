@@ -868,7 +868,7 @@ def degraded_pair(
 @dataclass
 class DegradedPair:
     degraded: str  # the file read with backends away
-    healthy: str  # the file read beside it, needing none of them
+    healthy: str  # the file read beside it, needing none of them ("": none; the healthy runs of (b) compare)
     away: list[str]
     text: str
 
@@ -897,6 +897,16 @@ async def pick_degraded(
             break
         res = await timed_upload(ingest, os.urandom(size), f"bench-placement-{i}.bin", metadata)
         places.append(await placement(cfg, meta, res.file_id))
+    if not away and farm is not None:  # no file's parity fills a zdb server: the healthy runs of (b) compare
+        first = places[0]
+        p = farm.server_holding_only(set(first.data))
+        if p is None:
+            raise BenchFailure("no zdb server holds only data shards of the file (its placement is not rotated)")
+        away = farm.names_on(p)
+        held, total = sum(first.data[n] for n in away), sum(first.data.values())
+        text = f"{', '.join(away)} taken down (zdb server {p}), holding {held} of the file's {total} data shards"
+        text += " (no stored file holds only parity there: the healthy runs of (b) compare)"
+        return DegradedPair(first.file_id, "", away, text)
     if not away:
         raise BenchFailure("(d): no two stored files allow a degraded read beside a healthy one")
     pa = places[a]
@@ -1056,7 +1066,8 @@ async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> Non
             with suite.away(pair.away), profiler.record("degraded", ("meta",), 300):
                 for _ in range(args.runs):
                     degraded.append(await download("degraded", pair.degraded))
-                    beside.append(await download("healthy beside", pair.healthy))
+                    if pair.healthy:
+                        beside.append(await download("healthy beside", pair.healthy))
         print(f"  bare gRPC download     : {fmt_runs(bare_down)}")
         print(f"  gateway download       : {fmt_runs(healthy)}")
         ratio = ratio_text(healthy, bare_down, "bare", DOWNLOAD_TARGET, report, "download")
@@ -1065,11 +1076,13 @@ async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> Non
         print(f"  cpu s/run, gateway     : {meter.line('healthy')}")
         if degraded:
             print(f"  degraded download      : {fmt_runs(degraded)}")
-            print(f"  healthy, same block    : {fmt_runs(beside)}")
-            ratio = ratio_text(degraded, beside, "healthy", DEGRADED_TARGET, report, "degraded")
+            if beside:
+                print(f"  healthy, same block    : {fmt_runs(beside)}")
+            ratio = ratio_text(degraded, beside or healthy, "healthy", DEGRADED_TARGET, report, "degraded")
             print(f"  ratio                  : {ratio}")
             print(f"  cpu s/run, degraded    : {meter.line('degraded')}")
-            print(f"  cpu s/run, healthy     : {meter.line('healthy beside')}")
+            if beside:
+                print(f"  cpu s/run, healthy     : {meter.line('healthy beside')}")
 
         # (i) one backend hung (--backend zdb: every backend is 0-db, and (d) took a server down)
         if suite.hung is not None:
