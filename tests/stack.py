@@ -12,6 +12,7 @@ port (an outage), maint runs with or without its schedules::
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -37,6 +38,10 @@ from tests.ingest.conftest import requests
 from tests.maint.conftest import operator_channel
 from tests.redis_server import RedisProcess
 
+# Deadlines on the stack's own calls: a call or a stop that never ends fails its test with the call named,
+# instead of holding the whole run (a hang once seen in a full run was never reproduced alone).
+RPC_DEADLINE = 120.0  # seconds (a Status with wait gets its wait on top)
+STOP_DEADLINE = 60.0
 CHUNK = "64KiB"
 QUIET_MAINT = {
     "scrub_interval": 0,
@@ -128,7 +133,8 @@ class Stack:
     async def stop(self) -> None:
         for served in (self.maint, self.ingest, self.meta):
             if served is not None:
-                await served.stop()
+                async with asyncio.timeout(STOP_DEADLINE):  # a service that does not stop fails the test, not CI
+                    await served.stop()
         for ch in self._channels:
             await ch.close(None)
         await self.redis.aclose()
@@ -168,12 +174,12 @@ class Stack:
 
     async def upload(self, data: bytes, name: str = "file.bin") -> str:
         """Upload ``data``; its job id."""
-        reply = await self.ingest_stub.Upload(iter(requests(data, name)))
+        reply = await self.ingest_stub.Upload(iter(requests(data, name)), timeout=RPC_DEADLINE)
         return reply.job
 
     async def status(self, job: str, *, wait: int = 0) -> ingest_pb2.StatusReply:
         request = ingest_pb2.StatusRequest(job=job, wait=bool(wait), timeout_seconds=wait)
-        return await self.ingest_stub.Status(request)
+        return await self.ingest_stub.Status(request, timeout=wait + RPC_DEADLINE)
 
     async def stored(self, data: bytes, name: str = "file.bin") -> str:
         """Upload ``data`` and wait for its job to end DONE; the file id."""
@@ -183,7 +189,8 @@ class Stack:
         return status.file_id
 
     async def download(self, file_id: str) -> bytes:
-        return b"".join([m.data async for m in self.meta_stub.Download(meta_pb2.DownloadRequest(id=file_id))])
+        call = self.meta_stub.Download(meta_pb2.DownloadRequest(id=file_id), timeout=RPC_DEADLINE)
+        return b"".join([m.data async for m in call])
 
     async def record(self, file_id: str) -> FileRecord:
         reply = await self.meta_stub.GetRecord(meta_pb2.GetRecordRequest(id=file_id), metadata=self.internal)
