@@ -5,8 +5,8 @@ list that the server offers too (RFC 4253 7.1). OpenSSH clients list
 chacha20-poly1305 first, so a server that merely put AES first would still get
 chacha20. Where the CPU has AES instructions (x86 ``aes``, arm64 ``aes``) AES is
 the cheaper one in asyncssh (AES-GCM and AES-CTR run in OpenSSL with AES-NI;
-chacha20-poly1305 takes two passes): per CPU second on a 2-core x86 VM, 4.2 GB
-with aes128-gcm, 2.6 GB with aes128-ctr + umac-64-etm, 1.2 GB with chacha20
+chacha20-poly1305 takes two passes): per CPU second on a 2-core x86 VM, 4.6 GB
+with aes128-gcm, 2.8 GB with aes128-ctr + umac-64-etm, 1.3 GB with chacha20
 (``bench/ssh.py`` prints these; docs/ssh.md). So by default (``ssh.ciphers:
 []``) such a server offers only AES (GCM, then CTR, which every SSH client has),
 and an OpenSSH client picks aes128-ctr, its first AES cipher; without AES
