@@ -67,7 +67,7 @@ from services.common.backends.base import (
     seq_id,
 )
 from services.common.backends.uri import ZdbURI, parse_uri
-from services.common.backends.zdbwire import WirePool
+from services.common.backends.zdbwire import WirePool, select_namespace
 
 __all__ = [
     "NamespaceModeMismatch",
@@ -176,24 +176,12 @@ class ZdbConnection(Connection):
 
     async def on_connect_check_health(self, check_health: bool = True) -> None:
         await super().on_connect_check_health(check_health=check_health)
-        if self.zdb_namespace is None:
-            return
-        args: list[str] = ["SELECT", self.zdb_namespace]
-        if self._zdb_password is not None:
-            args.append(self._zdb_password.value)
+        if self.zdb_namespace is not None:
+            await select_namespace(self._call, self.zdb_namespace, self._zdb_password, self._zdb_marker)
+
+    async def _call(self, *args: str | bytes) -> Any:
         await self.send_command(*args, check_health=False)
-        reply = await self.read_response()
-        if reply != b"OK":
-            raise rexc.ConnectionError(f"unexpected reply to SELECT {self.zdb_namespace}: {reply!r}")
-        marker = self._zdb_marker
-        if marker is not None and marker.key is not None:
-            await self.send_command("GET", marker.key, check_health=False)
-            if await self.read_response() != marker.value:
-                marker.replaced = True
-                raise rexc.ConnectionError(
-                    f"namespace {self.zdb_namespace} holds another data set now (its identity marker changed:"
-                    " wiped and set up again)"
-                )
+        return await self.read_response()
 
     def repr_pieces(self) -> list[tuple[str, Any]]:
         pieces: list[tuple[str, Any]] = list(super().repr_pieces())  # type: ignore[no-untyped-call]

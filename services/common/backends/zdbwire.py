@@ -24,8 +24,10 @@ reply is read and dropped.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from redis import exceptions as rexc
@@ -35,7 +37,7 @@ from services.common.backends.base import MAX_VALUE_SIZE
 if TYPE_CHECKING:
     from services.common.backends.zdb import _Marker, _Secret
 
-__all__ = ["WireConnection", "WirePool"]
+__all__ = ["WireConnection", "WirePool", "select_namespace"]
 
 LINE_BUFFER: Final = 16 * 1024
 """Bytes read at a time outside bulk payloads (status lines, bulk headers); grows for a longer line."""
@@ -45,6 +47,27 @@ MAX_BULK: Final = MAX_VALUE_SIZE
 """0-db stores no value over 8 MiB; a bulk reply announcing more fails the connection before any allocation."""
 
 _CRLF: Final = b"\r\n"
+
+
+async def select_namespace(
+    call: Callable[..., Awaitable[Any]], namespace: str, password: _Secret | None, marker: _Marker | None
+) -> None:
+    """What every new connection to a namespace runs first, on redis-py's connections and on these: ``SELECT``
+    (with the password), then, for a marked backend, a look at the identity marker. ``call(*args)`` sends one
+    command and returns its reply. A replaced namespace (another marker) is noted on ``marker`` and refused.
+    """
+    args: list[str] = ["SELECT", namespace]
+    if password is not None:
+        args.append(password.value)
+    # An error reply (Namespace not found, Access denied...) is raised as it is: the caller maps it.
+    reply = await call(*args)
+    if reply != b"OK":
+        raise rexc.ConnectionError(f"unexpected reply to SELECT {namespace}: {reply!r}")
+    if marker is not None and marker.key is not None and await call("GET", marker.key) != marker.value:
+        marker.replaced = True
+        raise rexc.ConnectionError(
+            f"namespace {namespace} holds another data set now (its identity marker changed: wiped and set up again)"
+        )
 
 
 def _encode(arg: bytes | str | int) -> bytes:
@@ -280,28 +303,13 @@ class WirePool:
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         try:
-            args: list[str] = ["SELECT", self.namespace]
-            if self._password is not None:
-                args.append(self._password.value)
-            # An error reply (Namespace not found, Access denied...) is raised as it is: the caller maps it.
-            reply = await conn.request(*args, timeout=self.timeout)
-            if reply != b"OK":
-                raise rexc.ConnectionError(f"unexpected reply to SELECT {self.namespace}: {reply!r}")
-            marker = self._marker
-            if marker is not None and marker.key is not None and await self._marker_changed(conn, marker):
-                marker.replaced = True
-                raise rexc.ConnectionError(
-                    f"namespace {self.namespace} holds another data set now (its identity marker changed:"
-                    " wiped and set up again)"
-                )
+            await select_namespace(
+                functools.partial(conn.request, timeout=self.timeout), self.namespace, self._password, self._marker
+            )
         except BaseException:
             conn.close()
             raise
         return conn
-
-    async def _marker_changed(self, conn: WireConnection, marker: _Marker) -> bool:
-        assert marker.key is not None
-        return bool(await conn.request("GET", marker.key, timeout=self.timeout) != marker.value)
 
     def close(self) -> None:
         self._closed = True
