@@ -743,24 +743,28 @@ async def timed_download(meta: Any, request: meta_pb2.DownloadRequest) -> tuple[
 
 def check_download(parts: list[bytes], data: bytes, file_id: str, what: str) -> None:
     """Byte-for-byte and BLAKE3-192 against the id; BenchFailure on any difference."""
-    got = b"".join(parts)
-    if len(got) != len(data):
-        raise BenchFailure(f"{what}: {len(got)} bytes arrived, {len(data)} expected")
-    if got != data:
+    check_digest(parts, len(data), file_id, what)
+    if b"".join(parts) != data:
         raise BenchFailure(f"{what}: the bytes differ from those uploaded")
-    digest = blake3.blake3(got, max_threads=blake3.blake3.AUTO).digest(HASH_BYTES).hex()
+
+
+def check_digest(parts: list[bytes], size: int, file_id: str, what: str) -> None:
+    """The size and BLAKE3-192 against the id (also for a file whose bytes this run did not keep)."""
+    got = sum(len(p) for p in parts)
+    if got != size:
+        raise BenchFailure(f"{what}: {got} bytes arrived, {size} expected")
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    for p in parts:
+        h.update(p)
+    digest = h.digest(HASH_BYTES).hex()
     if not file_id.startswith(digest):
         raise BenchFailure(f"{what}: BLAKE3-192 {digest} does not match the file id {file_id}")
 
 
-def check_digest(parts: list[bytes], size: int, file_id: str, what: str) -> None:
-    """The size and BLAKE3-192 against the id (for a file whose bytes this run did not keep)."""
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    for p in parts:
-        h.update(p)
-    got = sum(len(p) for p in parts)
-    if got != size or not file_id.startswith(h.digest(HASH_BYTES).hex()):
-        raise BenchFailure(f"{what}: {got} bytes arrived ({size} expected), or bytes not matching the file id")
+def upload_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...] | None:
+    """The bearer token of ``--token`` (or GRIDSTOR_TOKEN) as call metadata; None without one."""
+    token = args.token or os.environ.get("GRIDSTOR_TOKEN", "")
+    return (("authorization", f"Bearer {token}"),) if token else None
 
 
 async def runs(n: int, fn: Callable[[], Awaitable[float]]) -> list[float]:
@@ -948,9 +952,8 @@ def put_back(moved: list[tuple[Path, Path]]) -> None:
 async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> None:
     cfg = suite.cfg
     size = args.size_mib * MIB
-    token = args.token or os.environ.get("GRIDSTOR_TOKEN", "")
-    metadata = (("authorization", f"Bearer {token}"),) if token else None
-    if cfg.mode != "public" and not token:
+    metadata = upload_metadata(args)
+    if cfg.mode != "public" and metadata is None:
         raise BenchFailure(f"the gateway runs in {cfg.mode} mode: pass --token (or GRIDSTOR_TOKEN) for uploads")
     if cfg.max_upload < size:
         raise BenchFailure(
@@ -1542,8 +1545,7 @@ async def compare_backends(args: argparse.Namespace, zsuite: Suite, report: Repo
     """
     size = args.size_mib * MIB
     scratch = zsuite.cfg.data_dir.parent  # this run's temp dir (--backend zdb never attaches)
-    token = args.token or os.environ.get("GRIDSTOR_TOKEN", "")
-    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    metadata = upload_metadata(args)
     print(
         f"\n0-db against dir://: a dir:// suite started beside the 0-db one; {args.runs} uploads of"
         f" {args.size_mib} MiB, then {args.runs} downloads, alternating between the suites",
