@@ -207,6 +207,11 @@ class Home:
         if growth > 0 and self.held + growth > self.max_bytes:
             raise QuotaExceeded(self.message())
 
+    def check_size(self, size: int) -> None:
+        """QuotaExceeded when one file of ``size`` bytes could not fit in the home even empty."""
+        if size > self.max_bytes:
+            raise QuotaExceeded(f"a file cannot be larger than the home ({self.max_bytes} bytes)")
+
     def check_entry(self) -> None:
         """QuotaExceeded when one more file or folder does not fit."""
         if self.entries >= self.max_entries:

@@ -195,13 +195,14 @@ class HomeSFTPServer(asyncssh.SFTPServer):
         start = before.st_size if append else offset
         end = start + len(data)
         home = self.home
-        if end > home.max_bytes:
-            self._quota_refused(QuotaExceeded(f"a file cannot be larger than the home ({home.max_bytes} bytes)"))
-        need = _new_blocks(fd, before, start, end)
-        if need > 0 and home.held + need > home.max_bytes:
-            if home.recount_due:  # files removed behind our back (maint, Process) free room
-                return self._write_after_recount(f, offset, data)
-            self._quota_refused(QuotaExceeded(home.message()))
+        try:
+            home.check_size(end)
+            need = _new_blocks(fd, before, start, end)
+            if need > 0 and home.held + need > home.max_bytes and home.recount_due:
+                return self._write_after_recount(f, offset, data)  # files removed elsewhere (maint, Process) free room
+            home.check(need)
+        except QuotaExceeded as exc:
+            self._quota_refused(exc)
         try:
             _write_all(fd, data, None if append else offset)
         finally:
@@ -290,8 +291,11 @@ class HomeSFTPServer(asyncssh.SFTPServer):
                 self._deny("setstat", path, "the home folder's permissions are fixed")
             is_dir = stat.S_ISDIR(st.st_mode)
             attrs.permissions = _dir_mode(attrs.permissions) if is_dir else _file_mode(attrs.permissions)
-        if attrs.size is not None and attrs.size > self.home.max_bytes:
-            self._quota_refused(QuotaExceeded(f"a file cannot be larger than the home ({self.home.max_bytes} bytes)"))
+        if attrs.size is not None:
+            try:
+                self.home.check_size(attrs.size)
+            except QuotaExceeded as exc:
+                self._quota_refused(exc)
         try:
             apply()  # asyncssh's own setstat: synchronous
         finally:
