@@ -397,6 +397,11 @@ def open_folder(root: int, parts: tuple[str, ...] | list[str]) -> int | None:
     return fd
 
 
+def inside(root: bytes, real: bytes) -> bool:
+    """Whether the resolved path ``real`` is the home ``root`` or below it."""
+    return real == root or real.startswith(root + b"/")
+
+
 def blocks_of(st: os.stat_result) -> int:
     """Bytes allocated to the inode ``st`` describes."""
     return int(st.st_blocks) * BLOCK

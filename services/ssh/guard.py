@@ -389,7 +389,7 @@ class Watch:
         finally:
             os.close(base)
         real = os.readlink(b"/proc/self/fd/%d" % pfd)
-        return pfd, name, real == self.root or real.startswith(self.root + b"/")
+        return pfd, name, self._inside(real)
 
     # -------------------------------------------------------------- answers
 
@@ -482,7 +482,7 @@ class Watch:
         return pfd, name, inside, path
 
     def _inside(self, real: bytes) -> bool:
-        return real == self.root or real.startswith(self.root + b"/")
+        return homes.inside(self.root, real)
 
     def _open(self, n: _Notif, dirfd: int, addr: int, flags: int, mode: int) -> None:
         if flags & O_TMPFILE == O_TMPFILE:

@@ -56,7 +56,7 @@ from asyncssh.constants import (
 from asyncssh.packet import SSHPacket
 from asyncssh.sftp import MAX_SFTP_PACKET_LEN, MAX_SFTP_WRITE_LEN, SFTPServerHandler
 
-from services.common.homes import BLOCK, blocks_of
+from services.common.homes import BLOCK, blocks_of, inside
 from services.ssh.audit import SshMetrics, refused
 from services.ssh.home import Home, QuotaExceeded
 
@@ -101,7 +101,7 @@ class HomeSFTPServer(asyncssh.SFTPServer):
     # ----------------------------------------------------------- containment
 
     def _inside(self, real: bytes) -> bool:
-        return real == self._root or real.startswith(self._root + b"/")
+        return inside(self._root, real)
 
     def _deny(self, op: str, path: bytes, why: str) -> NoReturn:
         refused(
@@ -383,14 +383,14 @@ def _new_blocks(fd: int, st: os.stat_result, start: int, end: int) -> int:
     if end > size:
         first = max(start, size)  # a gap between the end and start stays a hole
         need = -(-end // bs) * bs - max(-(-size // bs) * bs, first // bs * bs)
-    inside = min(end, size) - start
-    if inside > 0 and blocks_of(st) < size:  # the file has holes: does this write fill some?
+    overlap = min(end, size) - start
+    if overlap > 0 and blocks_of(st) < size:  # the file has holes: does this write fill some?
         try:
             hole = os.lseek(fd, start, os.SEEK_HOLE)
         except OSError:
             hole = start
-        if hole < start + inside:
-            need += -(-inside // bs) * bs + bs
+        if hole < start + overlap:
+            need += -(-overlap // bs) * bs + bs
     return max(0, need)
 
 
