@@ -41,7 +41,7 @@ import blake3
 
 from gridstor.v1 import record_pb2
 from services.common import crypto
-from services.common.backends.base import MAX_VALUE_SIZE, Backend, put_each
+from services.common.backends.base import MAX_VALUE_SIZE, PENDING, Backend, ReadBatch, put_each
 from services.common.backends.pool import BackendPool, is_outage
 from services.common.erasure import DEFAULT_EC_TYPE, FRAGMENT_HEADER, Coder
 from services.common.errors import (
@@ -248,6 +248,7 @@ class _Unwritten(Exception):
 
 
 UNWRITTEN = _Unwritten()
+BATCH = -1  # in ``Engine._gather``'s pending reads: the task reading a batch of shards, not one
 
 
 def _classify(health: ChunkHealth, report: CheckReport | None, si: int, value: object, name: str) -> None:
@@ -479,7 +480,7 @@ class Engine:
     def _where(self, record: FileRecord, ref: ShardRef) -> str:
         return record.backends[ref.backend] if ref.backend < len(record.backends) else "?"
 
-    async def _fetch(self, record: FileRecord, ci: int, si: int, force: bool = False) -> bytes | BaseException | None:
+    async def _fetch(self, record: FileRecord, ci: int, si: int, force: bool = False) -> object:
         """One shard: bytes, None (not stored) or why not (``_Unwritten``, ``_Replaced``, a BackendError).
 
         A backend whose circuit breaker is open is not asked unless ``force``
@@ -494,20 +495,47 @@ class Engine:
             return BackendError(name, "backend is not in the current configuration")
         if not force and not self.pool.usable(name):
             return BackendUnavailable(name, "circuit breaker open (the backend failed lately)")
-        expected = backend_identity(record, ref.backend)
         try:
             async with asyncio.timeout(self.config.shard_timeout):
-                value = await backend.get(ref.key)
+                value: bytes | BackendError | None = await backend.get(ref.key)
         except TimeoutError as exc:
             self.pool.failed(name, exc)
             return BackendUnavailable(name, f"no answer within {self.config.shard_timeout}s")
         except BackendError as exc:
-            self.pool.failed(name, exc)
-            return exc
+            value = exc
+        return self._fetched(record, ref, value)
+
+    def _fetched(self, record: FileRecord, ref: ShardRef, value: bytes | BackendError | None) -> object:
+        """What a shard's read came to (see ``_fetch``), told to its backend's circuit breaker."""
+        name = self._where(record, ref)
+        if isinstance(value, BackendError):
+            self.pool.failed(name, value)
+            return value
         self.pool.succeeded(name)
-        if expected and backend.identity and backend.identity != expected:
+        backend = self.pool.get(name)
+        expected = backend_identity(record, ref.backend)
+        if expected and backend is not None and backend.identity and backend.identity != expected:
             return _Replaced(name, "the backend was wiped and set up again since this shard was written")
         return value
+
+    def _batch(self, record: FileRecord, ci: int, shards: Sequence[int]) -> ReadBatch | None:
+        """One read of ``shards`` of chunk ``ci`` when their backends read batches (``Backend.batch_reads``).
+
+        None unless every one of them is written, on a backend whose breaker is closed, and all
+        are of one such driver class (dir backends: the chunk's shards from one worker thread).
+        """
+        items: list[tuple[Backend, bytes]] = []
+        for si in shards:
+            ref = record.chunks[ci].shards[si]
+            name = self._where(record, ref)
+            backend = self.pool.get(name)
+            if ref.unwritten or backend is None or not self.pool.usable(name):
+                return None
+            target = backend.batch_target()
+            if not target.batch_reads or (items and type(target) is not type(items[0][0])):
+                return None
+            items.append((target, ref.key))
+        return ReadBatch(items) if len(items) > 1 else None
 
     async def _gather(
         self,
@@ -542,37 +570,72 @@ class Engine:
         order = sorted(range(coder.n), key=ranks.__getitem__)
         queue = deque(order[want:]) if want < coder.n else deque()
 
-        def fetch(i: int) -> asyncio.Task[bytes | BaseException | None]:
+        def fetch(i: int) -> asyncio.Task[object]:
             return asyncio.create_task(self._fetch(record, ci, i, force=ranks[i] == 1))
 
-        pending = {fetch(i): i for i in order[:want]}
-        deadline = time.monotonic() + self.config.hedge_after if hedge else None
+        def settle(si: int, value: object) -> None:
+            if isinstance(value, bytes) and (not verify or shard_checksum(value) == chunk.shards[si].checksum):
+                good[si] = value
+                return
+            _classify(health, report, si, value, self._where(record, chunk.shards[si]))
+            if isinstance(value, Exception) and not isinstance(value, _Unwritten):
+                log.debug("chunk %d shard %d: %s", ci, si, value)
+            if queue:
+                i = queue.popleft()
+                pending[fetch(i)] = i
+
+        def settle_batch(b: ReadBatch, shards: list[int]) -> None:
+            for si, value in zip(shards, b.results, strict=True):
+                if value is None or isinstance(value, bytes | BackendError):  # else still PENDING
+                    settle(si, self._fetched(record, chunk.shards[si], value))
+
+        first = order[:want]
+        # The first shards in one read where their driver reads batches (BATCH: its task's mark).
+        batch = self._batch(record, ci, first) if hedge else None
+        pending: dict[asyncio.Task[object], int] = {}
+        if batch is not None:
+            cls = type(batch.items[0][0])
+            pending[asyncio.create_task(cls.get_batch(batch))] = BATCH
+        else:
+            pending.update((fetch(i), i) for i in first)
+        deadline = time.monotonic() + min(self.config.hedge_after, self.config.shard_timeout) if hedge else None
         try:
             while pending and len(good) < want:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if not done:  # hedge: data shards are slow, bring in parity for each of them
                     deadline = None
-                    for si in pending.values():
+                    slow = [si for si in pending.values() if si != BATCH]
+                    if batch is not None and BATCH in pending.values():
+                        # The batch stops after the read it is stuck on: that one is slow; what it read
+                        # counts, and what it did not reach is fetched on its own.
+                        batch.stop = True
+                        stuck = batch.current
+                        pending = {t: si for t, si in pending.items() if si != BATCH}  # its thread ends alone
+                        settle_batch(batch, first)
+                        for j, value in enumerate(batch.results):
+                            if value is PENDING and j != stuck:
+                                pending[fetch(first[j])] = first[j]
+                        if stuck >= 0 and batch.results[stuck] is PENDING:
+                            slow.append(first[stuck])
+                    for si in slow:
                         self.pool.slow(self._where(record, chunk.shards[si]))
-                    for _ in range(len(pending)):
+                    for _ in range(len(slow)):
                         if queue:
                             i = queue.popleft()
                             pending[fetch(i)] = i
                     continue
                 for task in done:
                     si = pending.pop(task)
-                    value = task.result()
-                    if isinstance(value, bytes) and (not verify or shard_checksum(value) == chunk.shards[si].checksum):
-                        good[si] = value
-                        continue
-                    _classify(health, report, si, value, self._where(record, chunk.shards[si]))
-                    if isinstance(value, Exception) and not isinstance(value, _Unwritten):
-                        log.debug("chunk %d shard %d: %s", ci, si, value)
-                    if queue:
-                        i = queue.popleft()
-                        pending[fetch(i)] = i
+                    if si == BATCH:
+                        task.result()  # a bug in the driver is raised, as a single fetch's would be
+                        assert batch is not None
+                        settle_batch(batch, first)
+                    else:
+                        settle(si, task.result())
         finally:
+            if batch is not None:
+                batch.stop = True
             for task in pending:
                 task.cancel()
             if pending:

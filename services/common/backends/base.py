@@ -23,7 +23,10 @@ from 0 and the same keys now hold other data. ``b""`` = unknown.
 ``put_each`` stores one value in each of several backends at once, the way
 the engine spreads a chunk's shards: each driver class writes its share with
 its ``put_batch`` (by default ``put`` concurrently; dir backends override it to
-write the whole share from one worker thread).
+write the whole share from one worker thread). Reads go the same way where a
+driver sets ``batch_reads``: ``get_batch`` reads a ``ReadBatch`` (dir backends:
+a chunk's shards from one worker thread, one after another, results filling in
+as they come, so a caller that stops waiting knows which read is stuck).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import asyncio
 import enum
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Self, cast
+from typing import ClassVar, Self, cast
 
 from services.common.errors import BackendError, BackendUnavailable, InvalidInput, ValueTooLarge
 
@@ -68,6 +71,32 @@ class BackendInfo:
     entries: int
     used_bytes: int
     free_bytes: int | None  # None: unknown / unlimited
+
+
+class _Pending:
+    """A ``ReadBatch`` result not read yet."""
+
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+PENDING = _Pending()
+
+
+class ReadBatch:
+    """Keys to read from several backends of one class at once (``Backend.get_batch``).
+
+    ``results[i]`` is the value of ``items[i]`` (``None``: not stored), its BackendError, or
+    PENDING until it is read. A driver reading the items one after another keeps ``current``
+    at the item being read (-1 when none) and reads no further item once ``stop`` is set
+    (its caller gave up waiting and reads the rest another way).
+    """
+
+    def __init__(self, items: Sequence[tuple[Backend, bytes]]) -> None:
+        self.items = items
+        self.results: list[bytes | BackendError | _Pending | None] = [PENDING] * len(items)
+        self.current = -1
+        self.stop = False
 
 
 class Backend(abc.ABC):
@@ -188,8 +217,23 @@ class Backend(abc.ABC):
                 raise result  # not a refusal but a bug: raised once every other put has ended
         return cast(list[bytes | BackendError], results)
 
+    batch_reads: ClassVar[bool] = False
+    """Whether ``get_batch`` reads a batch more cheaply than a ``get`` per key (the engine batches only then)."""
+
+    @classmethod
+    async def get_batch(cls, batch: ReadBatch) -> None:
+        """Fill in ``batch.results`` (the backends are all of this class); this default ``get``s concurrently."""
+
+        async def one(i: int, backend: Backend, key: bytes) -> None:
+            try:
+                batch.results[i] = await backend.get(key)
+            except BackendError as exc:
+                batch.results[i] = exc
+
+        await asyncio.gather(*(one(i, backend, key) for i, (backend, key) in enumerate(batch.items)))
+
     def batch_target(self) -> Backend:
-        """The backend whose class's ``put_batch`` writes this one's values (a wrapper gives what it wraps)."""
+        """The backend whose class's ``put_batch`` / ``get_batch`` takes its keys (a wrapper gives what it wraps)."""
         return self
 
     @abc.abstractmethod

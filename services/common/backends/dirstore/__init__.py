@@ -65,7 +65,8 @@ checksum in its record, so maint repairs what a power cut drops, while
 the backends a file went to before acknowledging it if a hard guarantee is needed.
 
 Blocking IO runs in worker threads (``asyncio.to_thread``, one hop per call;
-``DirBackend.put_batch`` writes a batch across backends in one hop); values
+``DirBackend.put_batch`` writes a batch across backends in one hop, and
+``get_batch`` reads one, such as a chunk's shards, key after key); values
 are read with ``os.pread`` from cached read-only descriptors. Each process keeps the whole
 index in memory, like 0-db: 16 bytes per id ever issued in seq mode (arrays),
 a dict entry per key in user mode; opening parses about a million records per

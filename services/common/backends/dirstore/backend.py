@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Final, Self, TypeVar
 
 from services.common import errors
-from services.common.backends.base import SEQ_KEY_SIZE, Backend, BackendInfo, Mode, seq_key
+from services.common.backends.base import SEQ_KEY_SIZE, Backend, BackendInfo, Mode, ReadBatch, seq_key
 from services.common.backends.dirstore.compact import CompactResult, copy_value, fits, is_full
 from services.common.backends.dirstore.folder import (
     ModeMismatch,
@@ -221,6 +221,32 @@ class DirBackend(Backend):
         for backend, _ in items:
             backend._after_write()
         return results
+
+    batch_reads = True
+
+    @classmethod
+    async def get_batch(cls, batch: ReadBatch) -> None:
+        """Read the batch from one worker thread, key after key: a thread hop per value costs more than its read.
+
+        ``batch.current`` names the read under way, and ``batch.stop`` ends the batch before the next one.
+        """
+
+        def read_all() -> None:
+            for i, (backend, key) in enumerate(batch.items):
+                if batch.stop:
+                    break
+                assert isinstance(backend, DirBackend)
+                batch.current = i
+                try:
+                    backend._check_open("get")
+                    found = backend._is_possible_key(key)
+                    value = backend_call(backend.name, backend.path, "get", backend._get, bytes(key)) if found else None
+                    batch.results[i] = value
+                except errors.BackendError as exc:
+                    batch.results[i] = exc
+            batch.current = -1
+
+        await asyncio.to_thread(read_all)
 
     async def set(self, key: bytes, value: bytes) -> None:
         self._check_value(value)
