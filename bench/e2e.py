@@ -46,6 +46,11 @@ drift hits both (in (d) the degraded and healthy files alternate); the verdicts 
 Beside each figure it prints the CPU seconds each process spent (/proc/<pid>/stat): the
 suite's processes, this client, the bare server, kernel threads and anything else running
 on the machine, which shows where the time goes (and when someone else's work disturbs it).
+After (a) it prints what writing into new page-cache pages costs on this machine, against
+writing over pages already there, and how much an upload writes to the page cache (its
+spool file and its shards; the bare stream writes none): on a virtual machine whose host
+takes free memory back, each new page is faulted in by the host and costs far more than
+the copy.
 
 By default it starts its own suite (``python -m services.launcher``) on a temp data
 dir with free ports, from the launcher's default config (20 dir backends, workers
@@ -767,6 +772,46 @@ def upload_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...] | N
     return (("authorization", f"Bearer {token}"),) if token else None
 
 
+def page_cache_rates(directory: Path, size: int) -> tuple[float, float]:
+    """MB/s of writing ``size`` bytes into a new file, then over the same bytes of it again.
+
+    The first write needs page-cache pages the kernel allocates now, the second finds them
+    there. On a virtual machine whose free memory goes back to its host (virtio-balloon free
+    page reporting, as here), a page the kernel allocates is faulted in by the host at its
+    first touch, and that dominates the first figure.
+    """
+    block = os.urandom(4 * MIB)
+    path = directory / f"page-cache-probe-{os.getpid()}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        rates = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            for off in range(0, size, len(block)):
+                os.pwrite(fd, block, off)
+            rates.append(mbps(size, time.perf_counter() - t0))
+    finally:
+        os.close(fd)
+        path.unlink()
+    return rates[0], rates[1]
+
+
+def page_cache_text(cfg: Config, size: int) -> str:
+    """The page-cache line of (a): what this machine charges for new pages, and what an upload writes.
+
+    A stored upload goes into the page cache twice: its spool file (its size) and its k+m
+    shards ((k+m)/k times its size); the bare stream writes none. The worker drops the spool
+    file's pages as it reads them (``engine.read_once``), so those are reused, not new.
+    """
+    fresh, reused = page_cache_rates(cfg.spool_dir, size)
+    k, m = cfg.engine.k, cfg.engine.m
+    share = 1 + (k + m) / k
+    return (
+        f"writing {size // MIB} MiB into new pages {fresh:.0f} MB/s, over pages already there {reused:.0f} MB/s;"
+        f" an upload writes {share:.2f}x its size (spool + {k}+{m} shards), the bare stream none"
+    )
+
+
 async def runs(n: int, fn: Callable[[], Awaitable[float]]) -> list[float]:
     return [await fn() for _ in range(n)]
 
@@ -1018,6 +1063,7 @@ async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> Non
         print(f"  ratio                  : {ratio_text(gw_up, bare_up, 'bare', UPLOAD_TARGET, report, 'upload')}")
         print(f"  cpu s/run, bare        : {meter.line('bare upload')}")
         print(f"  cpu s/run, gateway     : {meter.line('upload')}")
+        print(f"  page cache             : {page_cache_text(cfg, size)}")
         dedup = sum(u.dedup for u in uploads)
         fresh = f"  ({dedup} DEDUPLICATED, not fresh stores)" if dedup else ""
         print(f"  file id (run 1)        : {file_id}{fresh}")

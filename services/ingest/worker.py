@@ -73,7 +73,7 @@ from gridstor.v1 import common_pb2
 from services.common import errors, gateway, jobs, metaclient, net, readiness, rpc, tuning
 from services.common.backends.pool import BackendPool
 from services.common.config import Config, build_config, dump_config, load_config
-from services.common.engine import Engine, FileRecord, file_source, unwritten_shards
+from services.common.engine import Engine, FileRecord, file_source, read_once, unwritten_shards
 from services.common.ids import HASH_BYTES
 from services.common.jobs import Job, JobStore
 from services.common.keys import key_id, signing_key
@@ -570,7 +570,8 @@ class Worker:
         """
         done = 0
         last = time.monotonic()
-        pieces = file_source(path, block=self.engine.config.chunk_size) if tail is None else self._tail(job, path, tail)
+        chunk = self.engine.config.chunk_size
+        pieces = file_source(path, block=chunk, once=True) if tail is None else self._tail(job, path, tail)
         async for piece in pieces:
             yield piece
             done += len(piece)
@@ -603,7 +604,7 @@ class Worker:
                 if size > seen:
                     seen, grew = size, time.monotonic()
                 if seen - offset >= block or (end is not None and seen > offset):
-                    data = await asyncio.to_thread(os.pread, fd, block, offset)
+                    data = await asyncio.to_thread(read_once, fd, block, offset)
                     if data:
                         offset += len(data)
                         if ticket is not None:

@@ -171,7 +171,7 @@ async def backup(
     try:
         count, last = await write_snapshot(records, tmp, created)
         size = tmp.stat().st_size
-        record = await engine.store(file_source(tmp), ext=SNAPSHOT_EXT, content_type=SNAPSHOT_TYPE)
+        record = await engine.store(file_source(tmp, once=True), ext=SNAPSHOT_EXT, content_type=SNAPSHOT_TYPE)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
