@@ -249,7 +249,14 @@ class _Unwritten(Exception):
 
 
 UNWRITTEN = _Unwritten()
-BATCH = -1  # in ``Engine._gather``'s pending reads: the task reading a batch of shards, not one
+
+
+@dataclass
+class _Batch:
+    """Shards of a chunk read in one ``get_batch`` (``Engine._batches``): the read and their indices."""
+
+    read: ReadBatch
+    shards: list[int]
 
 
 def _classify(health: ChunkHealth, report: CheckReport | None, si: int, value: object, name: str) -> None:
@@ -519,24 +526,33 @@ class Engine:
             return _Replaced(name, "the backend was wiped and set up again since this shard was written")
         return value
 
-    def _batch(self, record: FileRecord, ci: int, shards: Sequence[int]) -> ReadBatch | None:
-        """One read of ``shards`` of chunk ``ci`` when their backends read batches (``Backend.batch_reads``).
+    def _batches(self, record: FileRecord, ci: int, shards: Sequence[int]) -> tuple[list[_Batch], list[int]]:
+        """``shards`` of chunk ``ci`` as batch reads where their backends read batches, and the rest.
 
-        None unless every one of them is written, on a backend whose breaker is closed, and all
-        are of one such driver class (dir backends: the chunk's shards from one worker thread).
+        A shard goes into its driver class's batch (``Backend.batch_reads``: dir backends, a
+        chunk's shards from one worker thread) when it is written and its backend's breaker
+        is closed; a class with one such shard reads it alone.
         """
-        items: list[tuple[Backend, bytes]] = []
+        groups: dict[type[Backend], tuple[list[tuple[Backend, bytes]], list[int]]] = {}
+        singles: list[int] = []
         for si in shards:
             ref = record.chunks[ci].shards[si]
             name = self._where(record, ref)
             backend = self.pool.get(name)
-            if ref.unwritten or backend is None or not self.pool.usable(name):
-                return None
-            target = backend.batch_target()
-            if not target.batch_reads or (items and type(target) is not type(items[0][0])):
-                return None
+            target = backend.batch_target() if backend is not None else None
+            if ref.unwritten or target is None or not target.batch_reads or not self.pool.usable(name):
+                singles.append(si)
+                continue
+            items, where = groups.setdefault(type(target), ([], []))
             items.append((target, ref.key))
-        return ReadBatch(items) if len(items) > 1 else None
+            where.append(si)
+        batches = []
+        for items, where in groups.values():
+            if len(where) == 1:
+                singles += where
+            else:
+                batches.append(_Batch(ReadBatch(items), where))
+        return batches, singles
 
     async def _gather(
         self,
@@ -585,40 +601,40 @@ class Engine:
                 i = queue.popleft()
                 pending[fetch(i)] = i
 
-        def settle_batch(b: ReadBatch, shards: list[int]) -> None:
-            for si, value in zip(shards, b.results, strict=True):
+        def settle_batch(batch: _Batch) -> None:
+            for si, value in zip(batch.shards, batch.read.results, strict=True):
                 if value is None or isinstance(value, bytes | BackendError):  # else still PENDING
                     settle(si, self._fetched(record, chunk.shards[si], value))
 
-        first = order[:want]
-        # The first shards in one read where their driver reads batches (BATCH: its task's mark).
-        batch = self._batch(record, ci, first) if hedge else None
-        pending: dict[asyncio.Task[object], int] = {}
-        if batch is not None:
-            cls = type(batch.items[0][0])
-            pending[asyncio.create_task(cls.get_batch(batch))] = BATCH
-        else:
-            pending.update((fetch(i), i) for i in first)
+        # The first shards: each batch-reading driver class's share in one read, the rest one by one.
+        batches, singles = self._batches(record, ci, order[:want]) if hedge else ([], order[:want])
+        pending: dict[asyncio.Task[object], int] = {fetch(i): i for i in singles}
+        reading: dict[asyncio.Task[object], _Batch] = {
+            asyncio.create_task(type(b.read.items[0][0]).get_batch(b.read)): b for b in batches
+        }
+        left: list[asyncio.Task[object]] = []  # batches given up at the hedge: their threads end alone
         deadline = time.monotonic() + min(self.config.hedge_after, self.config.shard_timeout) if hedge else None
         try:
-            while pending and len(good) < want:
+            while (pending or reading) and len(good) < want:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait([*pending, *reading], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if not done:  # hedge: data shards are slow, bring in parity for each of them
                     deadline = None
-                    slow = [si for si in pending.values() if si != BATCH]
-                    if batch is not None and BATCH in pending.values():
-                        # The batch stops after the read it is stuck on: that one is slow; what it read
-                        # counts, and what it did not reach is fetched on its own.
-                        batch.stop = True
-                        stuck = batch.current
-                        pending = {t: si for t, si in pending.items() if si != BATCH}  # its thread ends alone
-                        settle_batch(batch, first)
-                        for j, value in enumerate(batch.results):
-                            if value is PENDING and j != stuck:
-                                pending[fetch(first[j])] = first[j]
-                        if stuck >= 0 and batch.results[stuck] is PENDING:
-                            slow.append(first[stuck])
+                    slow = list(pending.values())
+                    for reader, batch in reading.items():
+                        # A batch stops after the read it is stuck on: that one is slow; what it
+                        # read counts, and what it did not reach is fetched on its own.
+                        batch.read.stop = True
+                        stuck = batch.read.current
+                        settle_batch(batch)
+                        for j, value in enumerate(batch.read.results):
+                            if value is PENDING:
+                                if j == stuck:
+                                    slow.append(batch.shards[j])
+                                else:
+                                    pending[fetch(batch.shards[j])] = batch.shards[j]
+                        left.append(reader)
+                    reading.clear()
                     for si in slow:
                         self.pool.slow(self._where(record, chunk.shards[si]))
                     for _ in range(len(slow)):
@@ -627,20 +643,19 @@ class Engine:
                             pending[fetch(i)] = i
                     continue
                 for task in done:
-                    si = pending.pop(task)
-                    if si == BATCH:
+                    if task in reading:
                         task.result()  # a bug in the driver is raised, as a single fetch's would be
-                        assert batch is not None
-                        settle_batch(batch, first)
+                        settle_batch(reading.pop(task))
                     else:
-                        settle(si, task.result())
+                        settle(pending.pop(task), task.result())
         finally:
-            if batch is not None:
-                batch.stop = True
-            for task in pending:
+            for batch in reading.values():
+                batch.read.stop = True
+            tasks = [*pending, *reading, *left]
+            for task in tasks:
                 task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
         health.sort()
         return good, health
 

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
+import pytest
+
 from services.common.backends import Mode
-from services.common.backends.base import ReadBatch
+from services.common.backends.base import Backend, ReadBatch
 from services.common.backends.dirstore import DirBackend
 from services.common.backends.uri import DirURI
+from services.common.backends.zdb import ZdbBackend, ensure_namespace
 from services.common.engine import BackendPool, Engine, EngineConfig, FileRecord
 from tests.common.engine_util import collect, make_pool
+from tests.zdb_server import ZdbProcess
 
 CHUNK = 64 * 1024
 
@@ -101,8 +105,50 @@ async def test_a_read_stuck_in_a_batch_is_hedged_with_parity(tmp_path: Path) -> 
     try:
         with hung_segment(tmp_path / stuck):
             assert await collect(engine.read(record)) == data
-            assert pool._breakers[stuck].strikes == 1  # a slow strike for the stuck one only
-            assert all(b.strikes == 0 for name, b in pool._breakers.items() if name != stuck)
+            assert pool.breaker(stuck).strikes == 1  # a slow strike for the stuck one only
+            assert all(pool.breaker(name).strikes == 0 for name in pool.names if name != stuck)
         assert await collect(engine.read(record)) == data
+    finally:
+        await pool.close()
+
+
+@pytest.mark.zdb
+async def test_a_pool_of_two_kinds_batches_the_dir_shards_and_hedges_a_hung_zdb(
+    tmp_path: Path, zdb_factory: Callable[..., ZdbProcess]
+) -> None:
+    """19 dir backends and one 0-db: a chunk's dir shards are one batch, the 0-db's is read alone.
+
+    Stopped (SIGSTOP) while its breaker is closed, the 0-db's read misses hedge_after: it alone gets
+    a slow strike and parity stands in, while the batch of dir shards is read as before.
+    """
+    zdb = zdb_factory(datasize=8 * 1024 * 1024)
+    await ensure_namespace(zdb.host, zdb.port, "one", mode=Mode.SEQ)
+    backends: dict[str, Backend] = {}
+    for i in range(19):
+        backends[f"b{i:02d}"] = await CountingDir.open(DirURI(path=str(tmp_path / f"b{i:02d}")), Mode.SEQ)
+    backends["zdb"] = await ZdbBackend.open(zdb.uri("one"), Mode.SEQ, timeout=5.0, marked=True)
+    pool = BackendPool(backends)
+    engine = Engine(pool, b"k" * 32, EngineConfig(chunk_size=CHUNK, hedge_after=0.3))
+    data = os.urandom(2 * CHUNK)
+    try:
+        for _ in range(20):  # a file keeps one placement for all chunks: find one with a data shard on the 0-db
+            record = await engine.store([data])
+            if any(record.backends[s.backend] == "zdb" for s in record.chunks[0].shards[:16]):
+                break
+            await engine.delete_shards(record)
+        else:
+            pytest.fail("no placement put a data shard on the 0-db")
+        CountingDir.batches.clear()
+        CountingDir.singles = 0
+        assert await collect(engine.read(record)) == data
+        assert CountingDir.batches == [15, 15] and CountingDir.singles == 0
+
+        zdb.pause()
+        try:
+            assert await collect(engine.read(record, 0, CHUNK)) == data[:CHUNK]
+            assert pool.breaker("zdb").strikes == 1
+            assert all(pool.breaker(name).strikes == 0 for name in pool.names if name != "zdb")
+        finally:
+            zdb.resume()
     finally:
         await pool.close()
