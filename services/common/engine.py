@@ -41,7 +41,7 @@ import blake3
 
 from gridstor.v1 import record_pb2
 from services.common import crypto
-from services.common.backends.base import MAX_VALUE_SIZE, PENDING, Backend, ReadBatch, put_each
+from services.common.backends.base import MAX_VALUE_SIZE, Backend, ReadBatch, put_each
 from services.common.backends.pool import BackendPool, is_outage
 from services.common.erasure import DEFAULT_EC_TYPE, FRAGMENT_HEADER, Coder
 from services.common.errors import (
@@ -257,6 +257,7 @@ class _Batch:
 
     read: ReadBatch
     shards: list[int]
+    settled: set[int] = field(default_factory=set)  # positions in ``shards`` taken (or left to a read of their own)
 
 
 def _classify(health: ChunkHealth, report: CheckReport | None, si: int, value: object, name: str) -> None:
@@ -506,12 +507,27 @@ class Engine:
         try:
             async with asyncio.timeout(self.config.shard_timeout):
                 value: bytes | BackendError | None = await backend.get(ref.key)
-        except TimeoutError as exc:
-            self.pool.failed(name, exc)
-            return BackendUnavailable(name, f"no answer within {self.config.shard_timeout}s")
+        except TimeoutError:
+            return self._no_answer(name)
         except BackendError as exc:
             value = exc
         return self._fetched(record, ref, value)
+
+    def _no_answer(self, name: str) -> BackendUnavailable:
+        """A shard read from ``name`` ran out of ``shard_timeout``: told to its circuit breaker."""
+        exc = BackendUnavailable(name, f"no answer within {self.config.shard_timeout}s")
+        self.pool.failed(name, exc)
+        return exc
+
+    async def _read_batch(self, batch: _Batch) -> bool:
+        """``get_batch`` of ``batch`` within ``shard_timeout``; True when it ran out (the rest then has no answer)."""
+        try:
+            async with asyncio.timeout(self.config.shard_timeout):
+                await type(batch.read.items[0][0]).get_batch(batch.read)
+        except TimeoutError:
+            batch.read.stop = True
+            return True
+        return False
 
     def _fetched(self, record: FileRecord, ref: ShardRef, value: bytes | BackendError | None) -> object:
         """What a shard's read came to (see ``_fetch``), told to its backend's circuit breaker."""
@@ -601,19 +617,24 @@ class Engine:
                 i = queue.popleft()
                 pending[fetch(i)] = i
 
-        def settle_batch(batch: _Batch) -> None:
-            for si, value in zip(batch.shards, batch.read.results, strict=True):
-                if value is None or isinstance(value, bytes | BackendError):  # else still PENDING
-                    settle(si, self._fetched(record, chunk.shards[si], value))
+        def settle_batch(batch: _Batch, timed_out: bool = False) -> None:
+            for j, (si, value) in enumerate(zip(batch.shards, batch.read.results, strict=True)):
+                if j in batch.settled:
+                    continue
+                if value is None or isinstance(value, bytes | BackendError):
+                    outcome = self._fetched(record, chunk.shards[si], value)
+                elif timed_out:
+                    outcome = self._no_answer(self._where(record, chunk.shards[si]))
+                else:
+                    continue  # still being read
+                batch.settled.add(j)
+                settle(si, outcome)
 
         # The first shards: each batch-reading driver class's share in one read, the rest one by one.
         batches, singles = self._batches(record, ci, order[:want]) if hedge else ([], order[:want])
         pending: dict[asyncio.Task[object], int] = {fetch(i): i for i in singles}
-        reading: dict[asyncio.Task[object], _Batch] = {
-            asyncio.create_task(type(b.read.items[0][0]).get_batch(b.read)): b for b in batches
-        }
-        left: list[asyncio.Task[object]] = []  # batches given up at the hedge: their threads end alone
-        deadline = time.monotonic() + min(self.config.hedge_after, self.config.shard_timeout) if hedge else None
+        reading: dict[asyncio.Task[object], _Batch] = {asyncio.create_task(self._read_batch(b)): b for b in batches}
+        deadline = time.monotonic() + self.config.hedge_after if hedge else None
         try:
             while (pending or reading) and len(good) < want:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -621,20 +642,19 @@ class Engine:
                 if not done:  # hedge: data shards are slow, bring in parity for each of them
                     deadline = None
                     slow = list(pending.values())
-                    for reader, batch in reading.items():
-                        # A batch stops after the read it is stuck on: that one is slow; what it
-                        # read counts, and what it did not reach is fetched on its own.
+                    for batch in reading.values():
+                        # A batch starts no further read: what it read counts, the shards it is
+                        # reading are slow, and those it did not reach are fetched on their own.
                         batch.read.stop = True
-                        stuck = batch.read.current
                         settle_batch(batch)
-                        for j, value in enumerate(batch.read.results):
-                            if value is PENDING:
-                                if j == stuck:
-                                    slow.append(batch.shards[j])
-                                else:
-                                    pending[fetch(batch.shards[j])] = batch.shards[j]
-                        left.append(reader)
-                    reading.clear()
+                        for j, si in enumerate(batch.shards):
+                            if j in batch.settled:
+                                continue
+                            if j < batch.read.started:
+                                slow.append(si)
+                            else:
+                                batch.settled.add(j)
+                                pending[fetch(si)] = si
                     for si in slow:
                         self.pool.slow(self._where(record, chunk.shards[si]))
                     for _ in range(len(slow)):
@@ -644,14 +664,13 @@ class Engine:
                     continue
                 for task in done:
                     if task in reading:
-                        task.result()  # a bug in the driver is raised, as a single fetch's would be
-                        settle_batch(reading.pop(task))
+                        settle_batch(reading.pop(task), timed_out=bool(task.result()))
                     else:
                         settle(pending.pop(task), task.result())
         finally:
             for batch in reading.values():
                 batch.read.stop = True
-            tasks = [*pending, *reading, *left]
+            tasks = [*pending, *reading]
             for task in tasks:
                 task.cancel()
             if tasks:

@@ -13,9 +13,11 @@ import pytest
 from services.common.backends import Mode
 from services.common.backends.base import Backend, ReadBatch
 from services.common.backends.dirstore import DirBackend
+from services.common.backends.pool import State
 from services.common.backends.uri import DirURI
 from services.common.backends.zdb import ZdbBackend, ensure_namespace
 from services.common.engine import BackendPool, Engine, EngineConfig, FileRecord
+from services.common.errors import Unrecoverable
 from tests.common.engine_util import collect, make_pool
 from tests.zdb_server import ZdbProcess
 
@@ -108,6 +110,25 @@ async def test_a_read_stuck_in_a_batch_is_hedged_with_parity(tmp_path: Path) -> 
             assert pool.breaker(stuck).strikes == 1  # a slow strike for the stuck one only
             assert all(pool.breaker(name).strikes == 0 for name in pool.names if name != stuck)
         assert await collect(engine.read(record)) == data
+    finally:
+        await pool.close()
+
+
+async def test_a_batch_stuck_past_shard_timeout_ends_the_read_clearly(tmp_path: Path) -> None:
+    """With 4 other backends gone, parity cannot stand in: the stuck read runs out of shard_timeout."""
+    data = os.urandom(CHUNK)
+    record = await _stored(tmp_path, data)
+    chunk = record.chunks[0]
+    names = [record.backends[ref.backend] for ref in chunk.shards]
+    stuck = names[3]
+    for name in names[16:]:  # the 4 parity shards' backends
+        (tmp_path / name).rename(tmp_path / f"{name}.away")
+    pool = await make_pool(tmp_path, 20)  # the 4 come back empty: their shards are gone
+    engine = Engine(pool, b"k" * 32, EngineConfig(chunk_size=CHUNK, hedge_after=0.2, shard_timeout=1.0))
+    try:
+        with hung_segment(tmp_path / stuck), pytest.raises(Unrecoverable, match="15 good shards of 20"):
+            await collect(engine.read(record))
+        assert pool.breaker(stuck).state is not State.CLOSED  # no answer in time: its breaker opened
     finally:
         await pool.close()
 

@@ -87,15 +87,15 @@ class ReadBatch:
     """Keys to read from several backends of one class at once (``Backend.get_batch``).
 
     ``results[i]`` is the value of ``items[i]`` (``None``: not stored), its BackendError, or
-    PENDING until it is read. A driver reading the items one after another keeps ``current``
-    at the item being read (-1 when none) and reads no further item once ``stop`` is set
-    (its caller gave up waiting and reads the rest another way).
+    PENDING until it is read. ``started`` counts the items whose read has begun (a driver reading
+    them one after another raises it as it goes; one reading them all at once sets it to all), and
+    a driver starts no further item once ``stop`` is set: its caller reads those another way.
     """
 
     def __init__(self, items: Sequence[tuple[Backend, bytes]]) -> None:
         self.items = items
         self.results: list[bytes | BackendError | _Pending | None] = [PENDING] * len(items)
-        self.current = -1
+        self.started = 0
         self.stop = False
 
 
@@ -230,6 +230,7 @@ class Backend(abc.ABC):
             except BackendError as exc:
                 batch.results[i] = exc
 
+        batch.started = len(batch.items)
         await asyncio.gather(*(one(i, backend, key) for i, (backend, key) in enumerate(batch.items)))
 
     def batch_target(self) -> Backend:

@@ -228,7 +228,7 @@ class DirBackend(Backend):
     async def get_batch(cls, batch: ReadBatch) -> None:
         """Read the batch from one worker thread, key after key: a thread hop per value costs more than its read.
 
-        ``batch.current`` names the read under way, and ``batch.stop`` ends the batch before the next one.
+        ``batch.started`` counts the reads begun, and ``batch.stop`` ends the batch before the next one.
         """
 
         def read_all() -> None:
@@ -236,7 +236,7 @@ class DirBackend(Backend):
                 if batch.stop:
                     break
                 assert isinstance(backend, DirBackend)
-                batch.current = i
+                batch.started = i + 1
                 try:
                     backend._check_open("get")
                     found = backend._is_possible_key(key)
@@ -244,7 +244,6 @@ class DirBackend(Backend):
                     batch.results[i] = value
                 except errors.BackendError as exc:
                     batch.results[i] = exc
-            batch.current = -1
 
         await asyncio.to_thread(read_all)
 
