@@ -1021,7 +1021,7 @@ def read_once(fd: int, size: int, offset: int) -> bytes:
     kernel at once (dirty ones stay until written back), so the bytes still arriving and
     the shards being written take them rather than new pages. New pages cost far more than
     the copy into them on a virtual machine whose host takes free memory back (measured by
-    bench/e2e.py: about 470 against 8,400 MB/s here), and a file read once should not push
+    bench/e2e.py: 440-520 against about 10,000 MB/s here), and a file read once should not push
     other data out of the cache anyway.
     """
     data = os.pread(fd, size, offset)
