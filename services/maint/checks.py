@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from services.common.engine import CheckReport, Engine, FileRecord
+from services.common.engine import CheckReport, Engine, FileRecord, unwritten_shards
 from services.common.errors import Conflict, StoreFailed, Unrecoverable
 from services.common.records import Entry, Records
 
@@ -76,7 +76,7 @@ def fixes(old: FileRecord, new: FileRecord) -> list[ChunkFix]:
 
 def pending(old: FileRecord, new: FileRecord, report: CheckReport) -> int:
     """Shards absent after a repair of ``old`` into ``new``: unwritten, or still on an unreachable backend."""
-    unwritten = sum(1 for c in new.chunks for s in c.shards if s.unwritten)
+    unwritten = unwritten_shards(new)
     away = 0
     for h in report.chunks:
         a, b = old.chunks[h.index].shards, new.chunks[h.index].shards

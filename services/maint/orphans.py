@@ -339,20 +339,26 @@ class OrphanCollector:
         async for entry in self.records.list():
             p.records += 1
             record = entry.record
+            # Per backend slot of the record: the bitmap its shards mark and the bound, or None.
+            targets: list[tuple[bytearray, int] | None] = []
             for index, name in enumerate(record.backends):
-                if name not in bounds:
-                    continue
-                identity, bound = bounds[name]
-                noted = backend_identity(record, index)
-                if noted and identity and noted != identity:
-                    continue  # the old data set of a wiped backend: its keys are not these
-                bits = maps[name]
-                for chunk in record.chunks:
-                    for ref in chunk.shards:
-                        if ref.backend == index and not ref.unwritten and len(ref.key) == SEQ_KEY_SIZE:
-                            kid = seq_id(bytes(ref.key))
-                            if kid < bound:
-                                bits[kid >> 3] |= 1 << (kid & 7)
+                target = None
+                if name in bounds:
+                    identity, bound = bounds[name]
+                    noted = backend_identity(record, index)
+                    # Not the old data set of a wiped backend: its keys are not these.
+                    if not (noted and identity and noted != identity):
+                        target = (maps[name], bound)
+                targets.append(target)
+            for chunk in record.chunks:
+                for ref in chunk.shards:
+                    target = targets[ref.backend] if ref.backend < len(targets) else None
+                    if target is None or ref.unwritten or len(ref.key) != SEQ_KEY_SIZE:
+                        continue
+                    bits, bound = target
+                    kid = seq_id(bytes(ref.key))
+                    if kid < bound:
+                        bits[kid >> 3] |= 1 << (kid & 7)
         return maps
 
     async def _sweep(

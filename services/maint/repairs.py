@@ -45,7 +45,6 @@ class RepairQueueRunner:
         self.repair = repair
         self.size = registry.gauge("maint_repair_queue_files", "Under-replicated files waiting in the repair queue")
         self.repaired = registry.counter("maint_repair_queue_repaired_total", "Queued files brought back to k+m shards")
-        self.last_size = -1
 
     async def run(self) -> None:
         seen = self.pool.generation
@@ -57,12 +56,10 @@ class RepairQueueRunner:
                 if returned:
                     log.info("a backend came back: trying every queued under-replicated file now")
                 await self.round(everything=returned)
-                self.last_size = await self.queue.size()
-                self.size.set(self.last_size)
+                self.size.set(await self.queue.size())
                 delay = POLL
             except StoreFailed as exc:  # redis away: the queue waits
                 log.debug("repair queue unavailable: %s", exc)
-                self.last_size = -1
                 delay = min(delay * 2, MAX_BACKOFF)
             await asyncio.sleep(delay)
 

@@ -153,7 +153,6 @@ class MaintServicer(maint_pb2_grpc.MaintServiceServicer):
         return check_reply(entry.file_id, report)
 
     async def Repair(self, request: maint_pb2.RepairRequest, context: Context) -> maint_pb2.RepairReply:
-        self.maint.writable("Repair")
         result = await self.maint.repair(request.id, hard=request.hard)
         return maint_pb2.RepairReply(
             id=result.file_id,

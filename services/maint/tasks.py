@@ -94,32 +94,39 @@ class Maint:
     async def repair(self, file_id: str, *, hard: bool = False) -> checks.RepairResult:
         """Repair one file now (the Repair RPC); left under-replicated, it goes into the repair queue."""
         self.writable("Repair")
-        async with self.inflight.track():
-            result = await checks.repair(
-                self.engine, self.records, file_id, hard=hard, rebuild_after=self.cfg.maint.rebuild_unreachable_after
-            )
-        await self._requeue(result)
-        return result
+        return await self._repair(file_id, hard=hard)
 
     async def repair_entry(self, entry: Entry, report: CheckReport) -> checks.RepairResult:
         """The scrubber's repair of a file it just checked (same bookkeeping as ``repair``)."""
+        return await self._repair(entry.file_id, entry=entry, report=report)
+
+    async def _queued_repair(self, file_id: str) -> checks.RepairResult:
+        """The repair queue's retry: a file still pending stays in the queue, not added again."""
+        return await self._repair(file_id, requeue=False)
+
+    async def _repair(
+        self,
+        file_id: str,
+        *,
+        requeue: bool = True,
+        hard: bool = False,
+        entry: Entry | None = None,
+        report: CheckReport | None = None,
+    ) -> checks.RepairResult:
+        """``checks.repair`` counted as work in flight; with ``requeue``, left under-replicated it is queued."""
         async with self.inflight.track():
             result = await checks.repair(
                 self.engine,
                 self.records,
-                entry.file_id,
+                file_id,
+                hard=hard,
                 entry=entry,
                 report=report,
                 rebuild_after=self.cfg.maint.rebuild_unreachable_after,
             )
-        await self._requeue(result)
+        if requeue:
+            await self._requeue(result)
         return result
-
-    async def _queued_repair(self, file_id: str) -> checks.RepairResult:
-        async with self.inflight.track():
-            return await checks.repair(
-                self.engine, self.records, file_id, rebuild_after=self.cfg.maint.rebuild_unreachable_after
-            )
 
     async def _requeue(self, result: checks.RepairResult) -> None:
         if result.ok or result.unrecoverable or not result.pending:
