@@ -36,6 +36,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import blake3
 
@@ -249,6 +250,7 @@ class _Unwritten(Exception):
 
 
 UNWRITTEN = _Unwritten()
+_V = TypeVar("_V")
 
 
 @dataclass
@@ -496,6 +498,23 @@ class Engine:
         (the chunk cannot be read without it).
         """
         ref = record.chunks[ci].shards[si]
+        backend = self._target(record, ref, force)
+        if not isinstance(backend, Backend):
+            return backend
+        try:
+            async with asyncio.timeout(self.config.shard_timeout):
+                value: bytes | BackendError | None = await backend.get(ref.key)
+        except TimeoutError:
+            return self._no_answer(self._where(record, ref))
+        except BackendError as exc:
+            value = exc
+        return self._fetched(record, ref, value)
+
+    def _target(self, record: FileRecord, ref: ShardRef, force: bool = False) -> Backend | Exception:
+        """The backend to ask for shard ``ref``, or why none is asked (unwritten, unknown, breaker open).
+
+        A backend whose circuit breaker is open is asked only with ``force``.
+        """
         if ref.unwritten:
             return UNWRITTEN
         name = self._where(record, ref)
@@ -504,14 +523,7 @@ class Engine:
             return BackendError(name, "backend is not in the current configuration")
         if not force and not self.pool.usable(name):
             return BackendUnavailable(name, "circuit breaker open (the backend failed lately)")
-        try:
-            async with asyncio.timeout(self.config.shard_timeout):
-                value: bytes | BackendError | None = await backend.get(ref.key)
-        except TimeoutError:
-            return self._no_answer(name)
-        except BackendError as exc:
-            value = exc
-        return self._fetched(record, ref, value)
+        return backend
 
     def _no_answer(self, name: str) -> BackendUnavailable:
         """A shard read from ``name`` ran out of ``shard_timeout``: told to its circuit breaker."""
@@ -529,8 +541,8 @@ class Engine:
             return True
         return False
 
-    def _fetched(self, record: FileRecord, ref: ShardRef, value: bytes | BackendError | None) -> object:
-        """What a shard's read came to (see ``_fetch``), told to its backend's circuit breaker."""
+    def _fetched(self, record: FileRecord, ref: ShardRef, value: _V | BackendError) -> _V | BackendError:
+        """What a shard's read (or look) came to, told to its backend's circuit breaker: ``value``, or why not."""
         name = self._where(record, ref)
         if isinstance(value, BackendError):
             self.pool.failed(name, value)
@@ -542,21 +554,22 @@ class Engine:
             return _Replaced(name, "the backend was wiped and set up again since this shard was written")
         return value
 
-    def _batches(self, record: FileRecord, ci: int, shards: Sequence[int]) -> tuple[list[_Batch], list[int]]:
+    def _batches(
+        self, record: FileRecord, ci: int, shards: Sequence[int], ranks: dict[int, int]
+    ) -> tuple[list[_Batch], list[int]]:
         """``shards`` of chunk ``ci`` as batch reads where their backends read batches, and the rest.
 
         A shard goes into its driver class's batch (``Backend.batch_reads``: dir backends, a
-        chunk's shards from one worker thread) when it is written and its backend's breaker
-        is closed; a class with one such shard reads it alone.
+        chunk's shards from one worker thread) when its rank (``_gather``) is 0: written, and
+        its backend's breaker closed. A class with one such shard reads it alone.
         """
         groups: dict[type[Backend], tuple[list[tuple[Backend, bytes]], list[int]]] = {}
         singles: list[int] = []
         for si in shards:
             ref = record.chunks[ci].shards[si]
-            name = self._where(record, ref)
-            backend = self.pool.get(name)
+            backend = self.pool.get(self._where(record, ref))
             target = backend.batch_target() if backend is not None else None
-            if ref.unwritten or target is None or not target.batch_reads or not self.pool.usable(name):
+            if ranks[si] != 0 or target is None or not target.batch_reads:
                 singles.append(si)
                 continue
             items, where = groups.setdefault(type(target), ([], []))
@@ -606,6 +619,11 @@ class Engine:
         def fetch(i: int) -> asyncio.Task[object]:
             return asyncio.create_task(self._fetch(record, ci, i, force=ranks[i] == 1))
 
+        def more() -> None:  # the next shard in line, if any, in place of one that failed or is slow
+            if queue:
+                i = queue.popleft()
+                pending[fetch(i)] = i
+
         def settle(si: int, value: object) -> None:
             if isinstance(value, bytes) and (not verify or shard_checksum(value) == chunk.shards[si].checksum):
                 good[si] = value
@@ -613,9 +631,7 @@ class Engine:
             _classify(health, report, si, value, self._where(record, chunk.shards[si]))
             if isinstance(value, Exception) and not isinstance(value, _Unwritten):
                 log.debug("chunk %d shard %d: %s", ci, si, value)
-            if queue:
-                i = queue.popleft()
-                pending[fetch(i)] = i
+            more()
 
         def settle_batch(batch: _Batch, timed_out: bool = False) -> None:
             for j, (si, value) in enumerate(zip(batch.shards, batch.read.results, strict=True)):
@@ -631,7 +647,7 @@ class Engine:
                 settle(si, outcome)
 
         # The first shards: each batch-reading driver class's share in one read, the rest one by one.
-        batches, singles = self._batches(record, ci, order[:want]) if hedge else ([], order[:want])
+        batches, singles = self._batches(record, ci, order[:want], ranks) if hedge else ([], order[:want])
         pending: dict[asyncio.Task[object], int] = {fetch(i): i for i in singles}
         reading: dict[asyncio.Task[object], _Batch] = {asyncio.create_task(self._read_batch(b)): b for b in batches}
         deadline = time.monotonic() + self.config.hedge_after if hedge else None
@@ -658,9 +674,7 @@ class Engine:
                     for si in slow:
                         self.pool.slow(self._where(record, chunk.shards[si]))
                     for _ in range(len(slow)):
-                        if queue:
-                            i = queue.popleft()
-                            pending[fetch(i)] = i
+                        more()
                     continue
                 for task in done:
                     if task in reading:
@@ -692,27 +706,20 @@ class Engine:
 
         async def look(ci: int, si: int) -> object:
             ref = record.chunks[ci].shards[si]
-            if ref.unwritten:
-                return UNWRITTEN
-            name = self._where(record, ref)
-            backend = self.pool.get(name)
-            if backend is None:
-                return BackendError(name, "backend is not in the current configuration")
-            if not self.pool.usable(name):
-                return BackendUnavailable(name, "circuit breaker open")
+            backend = self._target(record, ref)
+            if not isinstance(backend, Backend):
+                return backend
             async with sem:
                 try:
                     async with asyncio.timeout(self.config.shard_timeout):
-                        size = await backend.length(ref.key)
-                except (BackendError, TimeoutError) as exc:
-                    self.pool.failed(name, exc)
-                    return exc
-            self.pool.succeeded(name)
-            expected = backend_identity(record, ref.backend)
-            if expected and backend.identity and backend.identity != expected:
-                return _Replaced(name, "wiped and set up again")
-            if size is None:
-                return None
+                        found: int | BackendError | None = await backend.length(ref.key)
+                except TimeoutError:
+                    return self._no_answer(self._where(record, ref))
+                except BackendError as exc:
+                    found = exc
+            size = self._fetched(record, ref, found)
+            if size is None or isinstance(size, BackendError):
+                return size
             want = record.chunks[ci].shard_size
             if want and size != want:
                 return WRONG_SIZE  # another file's shard under a reused key: counted as corrupt
