@@ -537,8 +537,9 @@ class Worker:
                 removed = await self.engine.delete_shards(record)
                 log.info("job %s: content stored meanwhile by another job; removed %d new shards", job.id, removed)
                 return Outcome(await self._as_uploaded(job, entry.file_id), size, digest.hex(), dedup=True)
-        if unwritten_shards(record):
-            await self._queue_degraded(job, entry.file_id, unwritten_shards(record))
+        unwritten = unwritten_shards(record)
+        if unwritten:
+            await self._queue_degraded(job, entry.file_id, unwritten)
         return Outcome(entry.file_id, size, digest.hex(), dedup=dedup)
 
     async def _as_uploaded(self, job: Job, file_id: str) -> str:
