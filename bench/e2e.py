@@ -78,7 +78,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import http.client
 import json
 import math
@@ -114,6 +113,7 @@ from gridstor.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc, meta_pb2, meta_
 from services.common import net, tls  # noqa: E402
 from services.common.backends.uri import DirURI, parse_uri  # noqa: E402
 from services.common.config import SERVICES, Config, load_config  # noqa: E402
+from services.launcher.children import dying_with_parent  # noqa: E402
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -133,7 +133,6 @@ JOB_DEADLINE = 600.0  # seconds an upload job may take before the run calls it f
 START_TIMEOUT = 180.0  # seconds the launcher may take to print its banner
 BANNER_END = "stop with Ctrl-C."
 AWAY_SUFFIX = ".bench-away"
-PR_SET_PDEATHSIG = 1
 
 
 class BenchFailure(Exception):
@@ -315,18 +314,6 @@ def write_config(
     return path, notes
 
 
-def _term_with_parent(parent: int) -> Callable[[], None]:
-    """A preexec hook: the launcher gets SIGTERM (and stops the suite) if this benchmark dies."""
-
-    def hook() -> None:
-        with contextlib.suppress(Exception):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return hook
-
-
 class Suite:
     """A launcher this run started (``proc``), or one it attached to (``pid`` from the lock file)."""
 
@@ -344,7 +331,10 @@ class Suite:
         cls, data_dir: Path, size: int, tweak: Callable[[dict[str, Any]], None] | None = None
     ) -> tuple[Suite, list[str]]:
         config_path, notes = write_config(data_dir, size, tweak)
-        argv = [sys.executable, "-m", "services.launcher", "--data", str(data_dir)]
+        # The launcher gets SIGTERM (and stops the suite) if this benchmark dies.
+        argv, hook = dying_with_parent(
+            [sys.executable, "-m", "services.launcher", "--data", str(data_dir)], threads=threading.active_count() > 1
+        )
         proc = subprocess.Popen(
             argv,
             cwd=ROOT,
@@ -353,7 +343,7 @@ class Suite:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,  # Ctrl-C on the benchmark reaches the launcher only through stop()
-            preexec_fn=_term_with_parent(os.getpid()),
+            preexec_fn=hook,
         )
         try:
             return cls._wait_up(proc, config_path, data_dir), notes
@@ -1570,7 +1560,6 @@ def start_suite(args: argparse.Namespace, scratch: Path, name: str, room: int, z
         elif args.backend != "zdb":
             notes.append("(i) skipped: " + ("--no-hung" if args.no_hung else "no zdb binary (set ZDB_BIN)"))
     try:
-        # main thread: see _term_with_parent
         suite, more = Suite.start(scratch / name, room, tweak)
     except BaseException:
         for f in (hung, farm):

@@ -27,10 +27,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
+from services.launcher.children import dying_with_parent
 from tests.zdb_server import ZdbProcess, zdb_binary
 
 MIB = 1024 * 1024
@@ -50,21 +50,14 @@ class ZdbMissing(Exception):
     """No zdb binary (the message names ZDB_BIN)."""
 
 
-def _die_with_parent() -> None:
-    """A preexec hook: the server gets SIGTERM when the benchmark that started it dies."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class _BenchZdb(ZdbProcess):
-    """A tests' ZdbProcess whose server dies with the benchmark (see ``_die_with_parent``)."""
-
-    preexec = staticmethod(_die_with_parent)
+    """A tests' ZdbProcess whose server gets SIGTERM when the benchmark that started it dies."""
 
     def __init__(self, binary: str, root: Path) -> None:
         super().__init__(binary, root, datasize=DATASIZE)
+
+    def argv(self) -> list[str]:
+        return dying_with_parent(super().argv(), threads=True)[0]  # restarted while the benchmark has threads
 
 
 class ZdbFarm:
@@ -77,7 +70,6 @@ class ZdbFarm:
         self.per_process = per_process
         self.servers: list[ZdbProcess] = [_BenchZdb(binary, root / f"zdb{p}") for p in range(processes)]
         self.meta_server: ZdbProcess | None = _BenchZdb(binary, root / "zdb-meta") if metadata else None
-        self.tuned = tuned
         for server in self.every_server:
             server.env = {**os.environ, **ZDB_MALLOC_ENV} if tuned else None
 

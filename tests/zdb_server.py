@@ -26,7 +26,6 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -93,8 +92,6 @@ class ZdbProcess:
         self.log_path = self.root / "zdb.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
-    #: Run in the child before exec (a benchmark makes its servers die with it); None for tests.
-    preexec: Callable[[], None] | None = None
     #: The server's environment (None: this process's).
     env: dict[str, str] | None = None
 
@@ -135,7 +132,6 @@ class ZdbProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=self.preexec,
                 env=self.env,
             )
         self._proc = proc

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from signal import SIGKILL
 
 LOG_TAIL_LINES = 20
 PR_SET_PDEATHSIG = 1
@@ -34,9 +35,15 @@ WINDOW = 120.0
 SETPRIV = shutil.which("setpriv")
 
 
-def _with_parent_death(argv: list[str]) -> list[str]:
-    """``argv`` run so that the child gets SIGTERM if the launcher dies (even by SIGKILL)."""
-    return [SETPRIV, "--pdeathsig", "TERM", "--", *argv] if SETPRIV else argv
+def dying_with_parent(argv: list[str], *, threads: bool = False) -> tuple[list[str], Callable[[], None] | None]:
+    """``argv`` and the preexec hook to start it with, so that it gets SIGTERM if this process dies (even by SIGKILL).
+
+    With setpriv the hook is None; without it, a Python hook, only while this process has no
+    threads (``threads``: it may have some now, so the child is started without one).
+    """
+    if SETPRIV:
+        return [SETPRIV, "--pdeathsig", "TERM", "--", *argv], None
+    return argv, None if threads else _die_with_parent(os.getpid())
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
@@ -114,11 +121,11 @@ class Child:
         self.note(f"started by the gridstor launcher (pid {os.getpid()})")
         self.started = time.monotonic()
         self.due = None
-        hook = None if SETPRIV or threads else _die_with_parent(os.getpid())
+        argv, hook = dying_with_parent(self.argv, threads=threads)
         with open(self.log_path, "ab") as log:
             # Its own session: Ctrl-C reaches only the launcher, which stops the children in order.
             self.proc = subprocess.Popen(
-                _with_parent_death(self.argv),
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -142,11 +149,11 @@ class Child:
         """Start the child again with the command, environment and folder of its first start."""
         self.start(self.env, self.cwd, threads=True)
 
-    def kill_group(self) -> None:
-        """SIGKILL the child's whole process group (its own helpers, e.g. ingest's workers)."""
+    def kill_group(self, sig: int = SIGKILL) -> None:
+        """Signal the child's whole process group (its own helpers, e.g. ingest's workers): SIGKILL by default."""
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                os.killpg(self.proc.pid, sig)
 
     def died(self) -> str:
         """Why the child ended, for a message."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import os
 import shutil
 import signal
 import ssl
@@ -27,7 +26,7 @@ from grpc_health.v1 import health_pb2
 from services.common import net, tls
 from services.common.config import Config
 from services.edge.envoy import DEFAULT_DESCRIPTOR, envoy_binary, write_envoy_config
-from services.launcher.children import MAX_RESTARTS, WINDOW, Child, Restarts, log_tail
+from services.launcher.children import MAX_RESTARTS, WINDOW, Child, Restarts
 from services.launcher.errors import LaunchError, Stop
 from services.launcher.redis_server import redis_plan, write_redis_conf
 
@@ -227,16 +226,14 @@ class Launcher:
 
     def _schedule_restart(self, child: Child, now: float) -> None:
         """A child was found dead: note when it starts again, or give up on a crash loop (LaunchError)."""
-        assert child.proc is not None
         why = child.died()
-        # What the dead process left behind in its process group (ingest's workers) is told to stop.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.proc.pid, signal.SIGTERM)
+        child.kill_group(signal.SIGTERM)  # what it left in its process group (ingest's workers) is told to stop
         delay = child.restarts.next_delay(now - child.started, now)
         if delay is None:
+            last = child.last_lines()
             raise LaunchError(
                 f"{child.name} {why}; it died {self.max_restarts + 1} times within {self.window:g} s, so the"
-                f" gateway stops. Last lines of {child.log_path}:\n{log_tail(child.log_path)}"
+                f" gateway stops. {last[0].upper()}{last[1:]}"
             )
         child.due = now + delay
         child.note(f"{why}; the launcher starts it again in {delay:g} s")
