@@ -736,6 +736,23 @@ async def timed_download(meta: Any, request: meta_pb2.DownloadRequest) -> tuple[
     return parts, time.perf_counter() - t0
 
 
+async def checked_download(
+    meter: CpuMeter, step: str, meta: Any, file_id: str, size: int, data: bytes | None = None, what: str = ""
+) -> float:
+    """MB/s of downloading ``file_id``, timed (and its CPU counted) as ``step``, then checked after the clock stopped.
+
+    Byte for byte against ``data`` when this run kept the bytes, else size and BLAKE3-192 against the id.
+    """
+    request = meta_pb2.DownloadRequest(id=file_id)
+    parts, dt = await meter.run(step, lambda: timed_download(meta, request))
+    what = what or f"{step} download"
+    if data is None:
+        check_digest(parts, size, file_id, what)
+    else:
+        check_download(parts, data, file_id, what)
+    return mbps(size, dt)
+
+
 def check_download(parts: list[bytes], data: bytes, file_id: str, what: str) -> None:
     """Byte-for-byte and BLAKE3-192 against the id; BenchFailure on any difference."""
     check_digest(parts, len(data), file_id, what)
@@ -1064,7 +1081,6 @@ async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> Non
             await compare_backends(args, suite, report)
 
         # (b) download healthy alternating with (c) the bare download, then (d) degraded
-        request = meta_pb2.DownloadRequest(id=file_id)
 
         async def bare_download() -> float:
             parts, dt = await timed_download(bare_meta, meta_pb2.DownloadRequest(id="bare", length=size))
@@ -1074,13 +1090,7 @@ async def measure(args: argparse.Namespace, suite: Suite, report: Report) -> Non
             return mbps(size, dt)
 
         async def download(step: str, target: str = file_id) -> float:
-            req = request if target == file_id else meta_pb2.DownloadRequest(id=target)
-            parts, dt = await meter.run(step, lambda: timed_download(meta, req))
-            if target == file_id:
-                check_download(parts, data, file_id, f"{step} download")  # after the clock stopped
-            else:
-                check_digest(parts, size, target, f"{step} download")
-            return mbps(size, dt)
+            return await checked_download(meter, step, meta, target, size, data if target == file_id else None)
 
         pair = await pick_degraded(suite, meta, ingest, metadata, size, [u.file_id for u in uploads])
         print(
@@ -1282,12 +1292,9 @@ async def hung_downloads(
         held = await hung_data_shards(cfg, meta, file_id)
     if not held:
         raise BenchFailure(f"no upload put a data shard on {HUNG_BACKEND}")
-    request = meta_pb2.DownloadRequest(id=file_id)
 
     async def download(step: str) -> float:
-        parts, dt = await meter.run(step, lambda: timed_download(meta, request))
-        check_download(parts, data, file_id, f"{step} download")
-        return mbps(size, dt)
+        return await checked_download(meter, step, meta, file_id, size, data)
 
     print(
         f"\ndownload {args.size_mib} MiB with one backend hung: {HUNG_BACKEND} is a 0-db namespace holding"
@@ -1359,10 +1366,7 @@ async def concurrent_uploads(
         )
     print(f"  cpu s                  : {meter.line('concurrent')}")
     for i, err in enumerate(failed):
-        if isinstance(err, grpc.aio.AioRpcError):
-            text = f"{err.code().name}: {err.details()}"
-        else:
-            text = f"{type(err).__name__}: {err}"
+        text = _rpc_text(err)
         report.failures.append(f"concurrent upload failed: {text}")
         if i < 5:
             print(f"  failure                : {text}")
@@ -1445,9 +1449,8 @@ async def load_section(
         stored = await timed_upload(ingest_pb2_grpc.IngestServiceStub(first), content, "load.bin", metadata)
     finally:
         await first.close(None)
+    check_digest([content], size, stored.file_id, "load file")
     digest = blake3.blake3(content).digest(HASH_BYTES).hex()
-    if not stored.file_id.startswith(digest):
-        raise BenchFailure(f"load file: id {stored.file_id} does not start with its BLAKE3-192")
 
     async def download(channel: grpc.aio.Channel, i: int) -> float:
         stub = meta_pb2_grpc.MetaServiceStub(channel)
@@ -1620,14 +1623,9 @@ async def compare_backends(args: argparse.Namespace, zsuite: Suite, report: Repo
             for label in ("zdb", "dir"):
                 _, meta, meter = stubs[label]
                 file_id, content = firsts[label]
-                request = meta_pb2.DownloadRequest(id=file_id)
-
-                def fetch(meta: Any = meta, request: Any = request) -> Awaitable[tuple[list[bytes], float]]:
-                    return timed_download(meta, request)
-
-                parts, dt = await meter.run("download", fetch)
-                check_download(parts, content, file_id, f"{label} download")
-                down[label].append(mbps(size, dt))
+                down[label].append(
+                    await checked_download(meter, "download", meta, file_id, size, content, f"{label} download")
+                )
         for label in ("zdb", "dir"):
             print(f"  {label} upload             : {fmt_runs(up[label])}")
             print(f"  cpu s/run              : {stubs[label][2].line('upload')}")
