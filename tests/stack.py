@@ -23,19 +23,19 @@ import grpc
 import redis.asyncio as aioredis
 
 from gridstor.v1 import ingest_pb2, ingest_pb2_grpc, maint_pb2, maint_pb2_grpc, meta_pb2, meta_pb2_grpc
-from services.common import rpc
 from services.common.backends import Mode, open_backend
 from services.common.config import Config, build_config
 from services.common.engine import FileRecord
+from services.common.gateway import service_metadata
 from services.common.jobs import WORKER_PREFIX
-from services.common.keys import signing_key
 from services.common.metrics import Registry
 from services.ingest import service as ingest_service
 from services.maint import service as maint_service
 from services.meta import service as meta_service
 from tests.helpers import Served, free_port, wait_until_async
 from tests.ingest.conftest import requests
-from tests.maint.conftest import operator_channel
+from tests.maint.conftest import dir_backends as maint_dir_backends
+from tests.maint.conftest import names, operator_channel
 from tests.redis_server import RedisProcess
 
 # Deadlines on the stack's own calls: a call or a stop that never ends fails its test with the call named,
@@ -168,7 +168,7 @@ class Stack:
 
     @property
     def internal(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", "Bearer " + rpc.service_token(signing_key(self.cfg.data_dir), "ingest")),)
+        return service_metadata(self.cfg, "ingest")
 
     # -- the write path ------------------------------------------------------------------------------------
 
@@ -240,7 +240,7 @@ class Stack:
 def dir_backends(root: Path, n: int = 20) -> list[dict[str, str]]:
     """``n`` dir backends b00.. under ``root`` (made here: a dir backend creates its folder, not the parent)."""
     root.mkdir(parents=True, exist_ok=True)
-    return [{"name": f"b{i:02d}", "uri": f"dir://{root}/b{i:02d}"} for i in range(n)]
+    return maint_dir_backends(root, names(n))
 
 
 def move_away(root: Path, names: Sequence[str]) -> None:

@@ -17,7 +17,6 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-from google.api import httpbody_pb2
 
 from gridstor.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 from services.common import jobs, net
@@ -25,21 +24,16 @@ from services.common.config import Config, load_config
 from services.ingest.upload import STREAM_FROM
 from tests.cli.launcher_proc import Launcher, alive, children_of, write_config
 from tests.helpers import wait_until
+from tests.ingest.conftest import requests
 
 pytestmark = pytest.mark.slow
 
 MiB = 1024 * 1024
-MESSAGE = 256 * 1024
 
 
 def stalled_upload(data: bytes, sent: threading.Event, release: threading.Event) -> Iterator[ingest_pb2.UploadRequest]:
     """A big upload (its size declared) that sends ``data`` and then waits, as a client on a slow link would."""
-    first = True
-    for off in range(0, len(data), MESSAGE):
-        req = ingest_pb2.UploadRequest(body=httpbody_pb2.HttpBody(data=data[off : off + MESSAGE]))
-        if first:
-            req.name, req.declared_size, first = "stalled.bin", 64 * MiB, False
-        yield req
+    yield from requests(data, "stalled.bin", declared_size=64 * MiB)
     sent.set()
     release.wait(120)
 
@@ -128,11 +122,7 @@ def put_within(address: str, seconds: float) -> None:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         payload = os.urandom(1_000_000)
         deadline = time.monotonic() + seconds
-        requests = [
-            ingest_pb2.UploadRequest(name="after.bin", body=httpbody_pb2.HttpBody(data=payload[off : off + MESSAGE]))
-            for off in range(0, len(payload), MESSAGE)
-        ]
-        reply = stub.Upload(iter(requests), timeout=seconds)
+        reply = stub.Upload(iter(requests(payload, "after.bin")), timeout=seconds)
         left = deadline - time.monotonic()
         assert left > 0, "the upload alone took the whole time"
         status = stub.Status(
