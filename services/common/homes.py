@@ -112,7 +112,8 @@ class Left:
     fd: int
 
 
-def _ident(st: os.stat_result) -> tuple[int, int]:
+def ident(st: os.stat_result) -> tuple[int, int]:
+    """An inode's identity: (device, inode number)."""
     return st.st_dev, st.st_ino
 
 
@@ -133,7 +134,7 @@ def _entries(fd: int, folder: Folder, dev: int, sort: bool, subs: list[_Sub]) ->
         if stat.S_ISDIR(st.st_mode):
             if st.st_dev != dev:
                 continue  # another file system mounted inside: not part of the home
-            subs.append((Folder(name, folder), _ident(st)))
+            subs.append((Folder(name, folder), ident(st)))
         yield Entry(folder, name, st, fd)
 
 
@@ -152,7 +153,7 @@ def walk(root_fd: int, *, sort: bool = False, leave: bool = False) -> Iterator[E
         subs: list[_Sub] = []
         yield from _entries(fd, top, dev, sort, subs)
         subs.reverse()
-        stack.append((top, _ident(os.fstat(fd)), subs))
+        stack.append((top, ident(os.fstat(fd)), subs))
         while stack:
             folder, _, pending = stack[-1]
             if pending:
@@ -161,7 +162,7 @@ def walk(root_fd: int, *, sort: bool = False, leave: bool = False) -> Iterator[E
                     nfd = os.open(sub.name, DIR_FLAGS, dir_fd=fd)
                 except OSError:
                     continue  # removed, swapped for a symlink, or unreadable
-                if _ident(os.fstat(nfd)) != sub_ident:
+                if ident(os.fstat(nfd)) != sub_ident:
                     os.close(nfd)  # replaced by another folder since it was listed
                     continue
                 os.close(fd)
@@ -175,7 +176,7 @@ def walk(root_fd: int, *, sort: bool = False, leave: bool = False) -> Iterator[E
             if not stack:
                 break
             up = os.open("..", DIR_FLAGS, dir_fd=fd)
-            if _ident(os.fstat(up)) != stack[-1][1]:
+            if ident(os.fstat(up)) != stack[-1][1]:
                 os.close(up)
                 raise TreeChanged(f"folder {folder.path!r} was moved while the home was being read; try again")
             os.close(fd)
@@ -200,6 +201,14 @@ class Usage:
 
 def count(root_fd: int) -> Usage:
     """The usage below ``root_fd`` (one walk; TreeChanged when a folder moves meanwhile)."""
+    return _tally(root_fd)
+
+
+def _tally(root_fd: int, found: dict[tuple[int, int], _File] | None = None) -> Usage:
+    """``count``; with ``found``, also every regular file (each of its hard links in the home) by identity.
+
+    A file with several hard links counts its blocks once.
+    """
     used = entries = files = 0
     seen: set[tuple[int, int]] = set()
     for item in walk(root_fd):
@@ -207,12 +216,17 @@ def count(root_fd: int) -> Usage:
             continue
         st = item.st
         entries += 1
-        if stat.S_ISREG(st.st_mode):
-            files += 1
+        regular = stat.S_ISREG(st.st_mode)
+        files += regular
+        key = ident(st)
         if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-            if _ident(st) in seen:
+            if key in seen:
+                if regular and found is not None:
+                    found[key].links.append((item.folder, item.name))
                 continue
-            seen.add(_ident(st))
+            seen.add(key)
+        if regular and found is not None:
+            found[key] = _File([(item.folder, item.name)], st.st_size, st.st_blocks * BLOCK, st.st_mtime, key)
         used += st.st_blocks * BLOCK
     return Usage(used, entries, files)
 
@@ -264,6 +278,9 @@ class _File:
     def name_first(self) -> None:
         self.first = min(folder.join(name) for folder, name in self.links)
 
+    def removed(self) -> Removed:
+        return Removed(self.first, self.size, self.mtime, self.allocated)
+
 
 @dataclass
 class Plan:
@@ -275,7 +292,7 @@ class Plan:
 
     @property
     def removes(self) -> list[Removed]:
-        return [Removed(f.first, f.size, f.mtime, f.allocated) for f in self.files]
+        return [f.removed() for f in self.files]
 
     @property
     def freed(self) -> int:
@@ -286,25 +303,8 @@ def plan_cleanup(root_fd: int, max_bytes: int) -> Plan:
     """The files to remove, oldest first, until the home holds at most ``max_bytes``."""
     if max_bytes < 0:
         raise errors.InvalidInput(f"max_bytes must not be negative, got {max_bytes}")
-    used = 0
-    seen: set[tuple[int, int]] = set()
     found: dict[tuple[int, int], _File] = {}
-    for item in walk(root_fd):
-        if isinstance(item, Left):
-            continue
-        st = item.st
-        ident = _ident(st)
-        if stat.S_ISREG(st.st_mode):
-            f = found.get(ident)
-            if f is not None:
-                f.links.append((item.folder, item.name))
-                continue
-            found[ident] = _File([(item.folder, item.name)], st.st_size, st.st_blocks * BLOCK, st.st_mtime, ident)
-        elif st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-            if ident in seen:
-                continue
-            seen.add(ident)
-        used += st.st_blocks * BLOCK
+    used = _tally(root_fd, found).bytes
     plan = Plan(used, max_bytes)
     if used <= max_bytes:
         return plan
@@ -348,7 +348,7 @@ def enforce_quota(home: Path, max_bytes: int) -> list[Removed]:
         for f in plan.files:
             if _remove(root, f):
                 left -= f.allocated
-                removed.append(Removed(f.first, f.size, f.mtime, f.allocated))
+                removed.append(f.removed())
                 log.info(
                     "home over its limit: removed %s",
                     f.first,
@@ -370,7 +370,7 @@ def _remove(root: int, f: _File) -> bool:
             continue
         try:
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            if not stat.S_ISREG(st.st_mode) or _ident(st) != f.ident:
+            if not stat.S_ISREG(st.st_mode) or ident(st) != f.ident:
                 continue  # replaced since the walk: leave it
             os.unlink(name, dir_fd=fd)
             any_removed = True

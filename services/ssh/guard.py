@@ -272,7 +272,7 @@ class Watch:
         self.peer = peer
         self.root = os.fsencode(os.path.realpath(home.root))
         root_st = os.stat(self.root)
-        self.root_ident = (root_st.st_dev, root_st.st_ino)
+        self.root_ident = homes.ident(root_st)
         self.quota_refusals = 0  # opens and folders refused for the quota or the entry limit
         self.outside = 0  # writes outside the home refused
         self.pids: set[int] = set()
@@ -370,16 +370,24 @@ class Watch:
                 pass
         return None
 
-    def _parent(self, n: _Notif, dirfd: int, path: bytes) -> tuple[int, bytes, bool]:
-        """(descriptor of the folder holding the path's last part, that part, whether the folder is in the home)."""
+    @staticmethod
+    def _base(n: _Notif, dirfd: int, path: bytes) -> tuple[int, bytes]:
+        """(descriptor of the folder ``path`` starts from as the caller sees it, ``path``); the caller closes it.
+
+        An absolute path starts from "/" (the caller's /proc/self is its own /proc/<pid>), a relative
+        one from the caller's cwd or ``dirfd``.
+        """
         if path.startswith(b"/"):
             for alias in (b"/proc/self/", b"/proc/thread-self/"):
                 if path.startswith(alias):
                     path = b"/proc/%d/" % n.pid + path[len(alias) :]
-            base = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        else:
-            where = f"/proc/{n.pid}/cwd" if dirfd == AT_FDCWD else f"/proc/{n.pid}/fd/{dirfd}"
-            base = os.open(where, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            return os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), path
+        where = f"/proc/{n.pid}/cwd" if dirfd == AT_FDCWD else f"/proc/{n.pid}/fd/{dirfd}"
+        return os.open(where, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), path
+
+    def _parent(self, n: _Notif, dirfd: int, path: bytes) -> tuple[int, bytes, bool]:
+        """(descriptor of the folder holding the path's last part, that part, whether the folder is in the home)."""
+        base, path = self._base(n, dirfd, path)
         try:
             stripped = path.rstrip(b"/") or path
             parent, name = posixpath.split(stripped)
@@ -674,7 +682,7 @@ class Watch:
             except OSError as exc:
                 self._answer(n, exc.errno or errno.ENOENT)
                 return
-            if (st.st_dev, st.st_ino) != self.root_ident:
+            if homes.ident(st) != self.root_ident:
                 self._answer(n, proceed=True)
                 return
         if addr is not None and not self._valid(n):
@@ -696,7 +704,7 @@ class Watch:
             return
         try:
             st = os.fstat(target)
-            if (st.st_dev, st.st_ino) == self.root_ident:
+            if homes.ident(st) == self.root_ident:
                 self._answer(n, 0)  # the home keeps its mode: "done", without doing it
                 return
             if not self._inside(os.readlink(b"/proc/self/fd/%d" % target)):
@@ -714,13 +722,7 @@ class Watch:
 
     def _stat_at(self, n: _Notif, dirfd: int, path: bytes, nofollow: bool) -> os.stat_result:
         """stat of ``path`` as the caller sees it (relative to its cwd or ``dirfd``)."""
-        if path.startswith(b"/"):
-            for alias in (b"/proc/self/", b"/proc/thread-self/"):
-                if path.startswith(alias):
-                    path = b"/proc/%d/" % n.pid + path[len(alias) :]
-            return os.stat(path, follow_symlinks=not nofollow)
-        where = f"/proc/{n.pid}/cwd" if dirfd == AT_FDCWD else f"/proc/{n.pid}/fd/{dirfd}"
-        base = os.open(where, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        base, path = self._base(n, dirfd, path)
         try:
             return os.stat(path, dir_fd=base, follow_symlinks=not nofollow)
         finally:
@@ -792,7 +794,7 @@ class Watch:
         finally:
             os.close(opfd)
             os.close(npfd)
-        same = target is not None and (target.st_dev, target.st_ino) == (src.st_dev, src.st_ino)
+        same = target is not None and homes.ident(target) == homes.ident(src)
         if target is not None and not same and not flags & RENAME_EXCHANGE:
             self.home.removed(target)
         self._answer(n, 0)

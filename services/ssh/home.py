@@ -45,10 +45,6 @@ class QuotaExceeded(errors.LimitExceeded):
     """A write (or a new file or folder) does not fit in the home."""
 
 
-def _ident(st: os.stat_result) -> tuple[int, int]:
-    return st.st_dev, st.st_ino
-
-
 class Grant:
     """A file an rsync process is writing, held through our own descriptor, and the room it has."""
 
@@ -56,7 +52,7 @@ class Grant:
         self.pid = pid
         self.fd = fd
         st = os.fstat(fd)
-        self.ident = _ident(st)
+        self.ident = homes.ident(st)
         self.base = homes.blocks_of(st)  # allocated bytes already counted (at the grant or the last count)
         self.holes = max(0, st.st_size - self.base)  # holes below the end: filling them is not size growth
         try:
@@ -235,7 +231,7 @@ class Home:
 
     def opened(self, handle: io.FileIO, st: os.stat_result) -> None:
         """An SFTP handle on a regular file."""
-        ident = _ident(st)
+        ident = homes.ident(st)
         self._open.setdefault(ident, []).append(handle)
         self._handles[id(handle)] = ident
 
@@ -265,7 +261,7 @@ class Home:
             return
         if st.st_nlink > 1:
             return  # other names keep the inode
-        ident = _ident(st)
+        ident = homes.ident(st)
         if ident in self._open:
             self._orphans.add(ident)  # still on disk until its handles close
             return
@@ -293,8 +289,10 @@ class Home:
             self.peak = max(self.peak, self.held)  # what the file reached, before it may go
             del self.grants[pid]
             self.written_since_count += 1
-            self.changed(grant.close())
-            self._regrant()
+            grown = grant.close()
+            self.changed(grown)
+            if grown <= 0:  # else changed() gave the others their new shares already
+                self._regrant()
 
     def _share(self, writers: int) -> int:
         return (self.max_bytes - self.held) // max(1, writers) - GRANT_MARGIN

@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 BLOCK = 1024 * 1024
 GZIP_LEVEL = 6  # tarfile's "w|gz" is fixed at 9: ~3x slower for a few percent smaller archives
 WAIT_STEP = 600.0  # seconds per Status long-poll of a watched job
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # kind, inode, size, mtime_ns
 Entry = tuple[str, int, int, int]
 
@@ -108,13 +107,13 @@ def _symlink_error(root: Path, parts: list[str]) -> errors.GridstorError:
 def open_parent(root: Path, parts: list[str]) -> int:
     """A descriptor of the folder holding ``parts[-1]`` (the home for the home), reached without symlinks."""
     try:
-        fd = os.open(root, _DIR_FLAGS)
+        fd = os.open(root, homes.DIR_FLAGS)
     except FileNotFoundError:
         raise errors.NotFound(f"the home folder {root.name} does not exist") from None
     try:
         for i, part in enumerate(parts[:-1]):
             try:
-                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                nfd = os.open(part, homes.DIR_FLAGS, dir_fd=fd)
             except FileNotFoundError:
                 raise errors.NotFound(f"no such folder in the home: {'/'.join(parts[: i + 1])}") from None
             except OSError as exc:
@@ -182,7 +181,7 @@ def pack(root: Path, parts: list[str], username: str, spool_dir: Path, limit: in
                 raise _symlink_error(root, parts)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
                 raise errors.InvalidInput(f"{rel} is not a regular file or folder")
-            flags = _DIR_FLAGS if stat.S_ISDIR(st.st_mode) else os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+            flags = homes.DIR_FLAGS if stat.S_ISDIR(st.st_mode) else os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
             fd = os.open(name, flags | os.O_CLOEXEC, dir_fd=parent)
         else:
             name = username
@@ -314,7 +313,7 @@ def remove_processed(root: Path, parts: list[str], directory: bool, manifest: di
             return _unlink_if_same(parent, parts[-1], manifest.get(""))
         if parts:
             try:
-                fd = os.open(parts[-1], _DIR_FLAGS, dir_fd=parent)
+                fd = os.open(parts[-1], homes.DIR_FLAGS, dir_fd=parent)
             except OSError:
                 return 0
         else:

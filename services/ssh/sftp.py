@@ -56,7 +56,7 @@ from asyncssh.constants import (
 from asyncssh.packet import SSHPacket
 from asyncssh.sftp import MAX_SFTP_PACKET_LEN, MAX_SFTP_WRITE_LEN, SFTPServerHandler
 
-from services.common.homes import BLOCK, blocks_of, inside
+from services.common.homes import blocks_of, ident, inside
 from services.ssh.audit import SshMetrics, refused
 from services.ssh.home import Home, QuotaExceeded
 
@@ -206,7 +206,7 @@ class HomeSFTPServer(asyncssh.SFTPServer):
         try:
             _write_all(fd, data, None if append else offset)
         finally:
-            grown = (os.fstat(fd).st_blocks - before.st_blocks) * BLOCK
+            grown = blocks_of(os.fstat(fd)) - blocks_of(before)
             if grown:
                 home.changed(grown)
         self.metrics.bytes_written.inc(len(data))
@@ -248,7 +248,7 @@ class HomeSFTPServer(asyncssh.SFTPServer):
             target = None
         src = os.lstat(old)
         os.replace(old, new)
-        if target is not None and (target.st_dev, target.st_ino) != (src.st_dev, src.st_ino):
+        if target is not None and ident(target) != ident(src):
             self.home.removed(target)
 
     def mkdir(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
