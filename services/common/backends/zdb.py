@@ -67,7 +67,7 @@ from services.common.backends.base import (
     seq_id,
 )
 from services.common.backends.uri import ZdbURI, parse_uri
-from services.common.backends.zdbwire import WirePool, select_namespace
+from services.common.backends.zdbwire import REMOVED, WirePool, select_namespace
 
 __all__ = [
     "NamespaceModeMismatch",
@@ -83,7 +83,6 @@ _NSINFO_MODE: Final = {Mode.SEQ: "sequential", Mode.USER: "userkey"}
 _NSSET_MODE: Final = {Mode.SEQ: "seq", Mode.USER: "user"}
 
 _NO_MORE_DATA: Final = "No more data"
-_REMOVED: Final = "active namespace is not available"  # lowercase: a connection's namespace was deleted
 _NOT_FOUND_REPLIES: Final = frozenset({"Key not found", "Invalid key, only update authorized"})
 _ACCESS_DENIED_REPLIES: Final = frozenset(
     {"Access denied", "Namespace protected and private", "Permission denied", "Unauthorized"}
@@ -144,7 +143,8 @@ class _Marker:
 
 
 def _is_marker(value: object) -> bool:
-    return isinstance(value, bytes) and value.startswith(MARKER_PREFIX) and len(value) == len(MARKER_PREFIX) + 16
+    size = len(MARKER_PREFIX) + IDENTITY_BYTES
+    return isinstance(value, bytes) and value.startswith(MARKER_PREFIX) and len(value) == size
 
 
 def _keep_reply(response: Any, **_options: Any) -> Any:
@@ -228,7 +228,7 @@ def _map_response_error(name: str, uri: ZdbURI, exc: rexc.ResponseError) -> erro
         return errors.AccessDenied(name, f"access denied (0-db: {reply})")
     if reply == "Namespace not found":
         return NamespaceNotFound(name, f"namespace {uri.namespace} not found on {where}")
-    if _REMOVED in lowered:
+    if REMOVED in lowered:
         return NamespaceNotFound(name, f"namespace {uri.namespace} was removed from {where} (0-db: {reply})")
     if reply in _NOT_FOUND_REPLIES:
         return errors.KeyNotFound(name, f"key not found (0-db: {reply})")
@@ -292,6 +292,7 @@ class ZdbBackend(Backend):
         if marked and mode is not Mode.SEQ:
             raise errors.InvalidInput(f"{uri.redacted}: identity markers are for sequential (shard) namespaces")
         marker = _Marker()
+        password = _Secret(uri.password) if uri.password else None
         pool = BlockingConnectionPool(
             connection_class=ZdbConnection,
             max_connections=max_connections,
@@ -306,12 +307,11 @@ class ZdbBackend(Backend):
             health_check_interval=0,
             retry=Retry(NoBackoff(), 0),
             zdb_namespace=uri.namespace,
-            zdb_password=_Secret(uri.password) if uri.password else None,
+            zdb_password=password,
             zdb_marker=marker,
         )
         client = aioredis.Redis(connection_pool=pool)
         client.set_response_callback("SET", _keep_reply)
-        password = _Secret(uri.password) if uri.password else None
         wire = (
             WirePool(uri.host, uri.port, uri.namespace, password, marker, timeout, wire_connections)
             if wire_connections > 0
@@ -364,7 +364,7 @@ class ZdbBackend(Backend):
             except rexc.ResponseError as exc:
                 if end_ok and str(exc) == _NO_MORE_DATA:
                     return None
-                if not heard_removal and _REMOVED in str(exc).lower():
+                if not heard_removal and REMOVED in str(exc).lower():
                     # An idle connection hears of its namespace's removal in reply to the next command, which
                     # did not run (0-db drops the connection): once more on a new connection, which finds the
                     # namespace missing, or replaced (its marker: set up anew first).
@@ -389,23 +389,24 @@ class ZdbBackend(Backend):
 
     # -- identity -----------------------------------------------------------
 
-    async def _first_key(self) -> bytes | None:
-        reply = await self._call("SCANX", end_ok=True)
+    async def _edge_key(self, command: str) -> bytes | None:
+        """The first key (SCANX) or the last one (RSCAN) of the namespace; None when it is empty."""
+        reply = await self._call(command, end_ok=True)
         if reply is None:
             return None
         try:
             return bytes(reply[1][0][0])
         except (TypeError, IndexError, ValueError) as exc:
-            raise errors.BackendError(self.name, f"unexpected reply to SCAN: {reply!r:.200}") from exc
+            raise errors.BackendError(self.name, f"unexpected reply to {command}: {reply!r:.200}") from exc
 
     async def _identify(self) -> None:
         """Adopt the namespace's marker (its first value), or write one into an empty namespace."""
         self._marker.set(None, b"")  # no check on the connections used meanwhile
-        first = await self._first_key()
+        first = await self._edge_key("SCANX")
         if first is None:
             value = MARKER_PREFIX + os.urandom(IDENTITY_BYTES)
             key = await self._call("SET", b"", value, retry=False)
-            first = await self._first_key()
+            first = await self._edge_key("SCANX")
             if first != key:  # another process set the namespace up at the same moment: the first value wins
                 with contextlib.suppress(errors.KeyNotFound):
                     await self._call("DEL", bytes(key), retry=False)
@@ -496,14 +497,8 @@ class ZdbBackend(Backend):
         """The last key + 1 (RSCAN): later sequential ids are higher; 0 for an empty namespace."""
         if self.mode is not Mode.SEQ:
             raise errors.InvalidInput(f"{self.name}: a high water mark needs a sequential namespace")
-        reply = await self._call("RSCAN", end_ok=True)
-        if reply is None:
-            return 0
-        try:
-            last = bytes(reply[1][0][0])
-        except (TypeError, IndexError, ValueError) as exc:
-            raise errors.BackendError(self.name, f"unexpected reply to RSCAN: {reply!r:.200}") from exc
-        return seq_id(last) + 1 if len(last) == SEQ_KEY_SIZE else 0
+        last = await self._edge_key("RSCAN")
+        return seq_id(last) + 1 if last is not None and len(last) == SEQ_KEY_SIZE else 0
 
     async def delete(self, key: bytes) -> None:
         if not self._is_possible_key(key):

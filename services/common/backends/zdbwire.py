@@ -47,6 +47,7 @@ MAX_BULK: Final = MAX_VALUE_SIZE
 """0-db stores no value over 8 MiB; a bulk reply announcing more fails the connection before any allocation."""
 
 _CRLF: Final = b"\r\n"
+REMOVED: Final = "active namespace is not available"  # lowercase: a connection's namespace was deleted
 
 
 async def select_namespace(
@@ -171,7 +172,7 @@ class WireConnection(asyncio.BufferedProtocol):
             elif kind == 0x2D:  # - error
                 text = line.decode("utf-8", "replace")
                 self._deliver(rexc.ResponseError(text))
-                if "active namespace is not available" in text:  # 0-db drops the connection after this
+                if REMOVED in text:  # 0-db drops the connection after this
                     self._fail(rexc.ConnectionError(f"0-db: {text}"))
                     return
             elif kind == 0x3A:  # : integer

@@ -20,7 +20,7 @@ from typing import Final, Self, TypeVar
 
 from services.common import errors
 from services.common.backends.base import SEQ_KEY_SIZE, Backend, BackendInfo, Mode, ReadBatch, seq_key
-from services.common.backends.dirstore.compact import CompactResult, copy_value, fits, is_full
+from services.common.backends.dirstore.compact import CompactResult, copy_value, fits, free_bytes
 from services.common.backends.dirstore.folder import (
     ModeMismatch,
     Segments,
@@ -29,6 +29,7 @@ from services.common.backends.dirstore.folder import (
     copy_out,
     fsync_dir,
     initialise,
+    is_full,
     prepare_folder,
     pwrite_all,
     read_meta,
@@ -706,8 +707,7 @@ class DirBackend(Backend):
         with self._lock:
             self._refresh()
             entries, live = self._index.count, self._live
-        st = os.statvfs(self.path)
-        return BackendInfo(entries=entries, used_bytes=live, free_bytes=st.f_bavail * st.f_frsize)
+        return BackendInfo(entries=entries, used_bytes=live, free_bytes=free_bytes(self.path))
 
     def _usage(self) -> DirUsage:
         with self._lock:

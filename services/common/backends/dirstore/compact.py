@@ -54,13 +54,6 @@ class CompactResult:
     def freed(self) -> int:
         return self.removed_bytes - self.moved_bytes + self.index_bytes
 
-    def add(self, other: CompactResult) -> None:
-        self.segments += other.segments
-        self.removed_bytes += other.removed_bytes
-        self.moved_bytes += other.moved_bytes
-        self.skipped += other.skipped
-        self.index_bytes += other.index_bytes
-
 
 def free_bytes(path: str) -> int:
     """Bytes an unprivileged writer may still use on the file system of ``path``."""
@@ -71,10 +64,6 @@ def free_bytes(path: str) -> int:
 def fits(path: str, need: int) -> bool:
     """Whether ``need`` bytes (and a margin) fit on the file system of ``path`` now."""
     return free_bytes(path) >= need + MARGIN
-
-
-def is_full(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def copy_value(name: str, src: int, src_off: int, dst: int, dst_off: int, length: int, key: bytes) -> None:

@@ -105,6 +105,11 @@ def backend_call(name: str, folder: str, op: str, fn: Callable[..., T], *args: o
         raise os_error(name, folder, op, exc) from exc
 
 
+def is_full(exc: OSError) -> bool:
+    """Whether ``exc`` says the file system (or the user's quota on it) is full."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def os_error(name: str, folder: str, op: str, exc: OSError) -> errors.BackendError:
     """The ``BackendError`` an OS error during ``op`` on ``folder`` stands for."""
     code = exc.errno
@@ -114,7 +119,7 @@ def os_error(name: str, folder: str, op: str, exc: OSError) -> errors.BackendErr
             return errors.BackendUnavailable(name, f"{op}: the folder {folder} is gone")
         where = f" ({exc.filename})" if exc.filename else ""
         return errors.BackendUnavailable(name, f"{op}: part of the backend is missing{where}: {detail}")
-    if code in (errno.ENOSPC, errno.EDQUOT):
+    if is_full(exc):
         return errors.NamespaceFull(name, f"{op}: no space left on {folder}: {detail}")
     if code == errno.EROFS:
         return errors.ReadOnly(name, f"{op}: {folder} is on a read-only file system")
