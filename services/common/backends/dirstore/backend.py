@@ -867,17 +867,21 @@ class DirBackend(Backend):
         with self._lock:
             self._refresh(writer=True)
             cur = self._cur_seg
-            stale_cur = os.path.exists(self._segments.path(cur)) and not self._seg_live.get(cur, 0)
+            cur_bytes = 0  # bytes of the write segment when no live value is in it (then writers move on)
+            if not self._seg_live.get(cur, 0):
+                with contextlib.suppress(FileNotFoundError):
+                    cur_bytes = os.stat(self._segments.path(cur)).st_size
             size = os.fstat(self._ifd).st_size
+            if not cur_bytes and size <= _INDEX_SLACK:
+                return  # the whole index is built below only when a rewrite may be due
             live = self._index.live()
             needed = HEADER.size + sum(REC.size + len(key) for key, _ in live)
-            cur_bytes = self._segments.sizes().get(cur, 0) if stale_cur else 0
-            if not (stale_cur and cur_bytes) and not (size > _INDEX_SLACK and size > 2 * needed):
+            if not cur_bytes and size <= 2 * needed:
                 return
             if not fits(self.path, needed):
                 result.skipped += 1
                 return
-            base = cur + 1 if stale_cur and cur_bytes else cur
+            base = cur + 1 if cur_bytes else cur
             body = b"".join(pack_record(SET, key, seg, off, length, order) for key, (seg, off, length, order) in live)
             tmp = f"{self._index_path}{TMP_MARK}{os.getpid()}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
