@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -55,6 +54,7 @@ from services.common.errors import BackendError, GridstorError
 from services.common.leases import LeaseInfo
 from services.common.metrics import Registry
 from services.common.records import Records
+from services.common.tls import write_file
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +169,8 @@ class Watermarks:
     def save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({n: [list(e) for e in v] for n, v in self.marks.items()}) + "\n")
-        os.replace(tmp, self.path)
+        marks = {n: [list(e) for e in v] for n, v in self.marks.items()}
+        write_file(self.path, (json.dumps(marks) + "\n").encode(), 0o644)
 
 
 class OrphanMetrics:

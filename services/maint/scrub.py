@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -40,6 +39,7 @@ from services.common.engine import CheckReport, Engine, FileRecord
 from services.common.errors import GridstorError
 from services.common.metrics import Registry
 from services.common.records import Entry, Records
+from services.common.tls import write_file
 from services.maint import checks
 
 Repair = Callable[[Entry, CheckReport], Awaitable[checks.RepairResult]]
@@ -136,10 +136,7 @@ class ScrubState:
     def save(self, path: Path | None) -> None:
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self)) + "\n")
-        os.replace(tmp, path)
+        write_file(path, (json.dumps(asdict(self)) + "\n").encode(), 0o644)
 
 
 class ScrubMetrics:
