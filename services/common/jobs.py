@@ -35,9 +35,9 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
@@ -214,8 +214,29 @@ async def disconnect(redis: aioredis.Redis) -> None:
         log.debug("closing the redis client: %s", exc)
 
 
+T = TypeVar("T")
+
+
 def _unavailable(exc: RedisError) -> errors.StoreFailed:
     return errors.StoreFailed(f"the job queue (redis) is unavailable: {exc}")
+
+
+async def despite_outage(what: str, call: Callable[[], Awaitable[T]], retry_for: float, delay: float = 0.5) -> T:
+    """``call()`` (a Redis write), retried while Redis is unreachable for up to ``retry_for`` seconds.
+
+    Waits ``delay`` seconds, doubling up to 10 s, between tries; the last RedisError (or OSError)
+    is raised once the next try would come after ``retry_for``.
+    """
+    give_up = time.monotonic() + retry_for
+    while True:
+        try:
+            return await call()
+        except (RedisError, OSError) as exc:
+            if time.monotonic() + delay >= give_up:
+                raise
+            log.warning("%s: the job queue (redis) is unavailable (%s); retrying in %.1fs", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 class JobStore:

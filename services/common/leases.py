@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.common import errors
+from services.common import errors, jobs
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return 1
 end
 return 0
+"""
+# Take (or overwrite) a lease: "<token> <since> <owner>", since = the server's clock, in one round trip.
+_WRITE = """
+local t = redis.call('TIME')
+local value = ARGV[1] .. ' ' .. t[1] .. '.' .. string.format('%06d', tonumber(t[2])) .. ' ' .. ARGV[2]
+redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
+return value
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -106,6 +113,7 @@ class Leases:
         self.redis = redis
         self.ttl = ttl
         self.owner = owner or f"pid{os.getpid()}"
+        self._write = redis.register_script(_WRITE)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
 
@@ -116,22 +124,19 @@ class Leases:
 
     async def _take(self, name: str, retry_for: float) -> str:
         """Write the lease ``name``, retrying while Redis does not answer for up to ``retry_for`` seconds."""
-        give_up = time.monotonic() + retry_for
-        delay = 0.2
-        while True:
-            try:
-                since = await server_time(self.redis)
-                value = f"{os.urandom(8).hex()} {since:.6f} {self.owner}"
-                await self.redis.set(PREFIX + name, value, px=int(self.ttl * 1000))
-                return value
-            except (RedisError, OSError) as exc:
-                if time.monotonic() + delay >= give_up:
-                    raise errors.StoreFailed(
-                        f"cannot take a lease for {name}: the job queue (redis) is unavailable: {exc}"
-                    ) from None
-                log.warning("lease %s not taken (redis: %s); retrying in %.1fs", name, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        token = os.urandom(8).hex()
+        try:
+            value = await jobs.despite_outage(
+                f"lease {name}",
+                lambda: self._write(keys=[PREFIX + name], args=[token, self.owner, int(self.ttl * 1000)]),
+                retry_for,
+                delay=0.2,
+            )
+        except (RedisError, OSError) as exc:
+            raise errors.StoreFailed(
+                f"cannot take a lease for {name}: the job queue (redis) is unavailable: {exc}"
+            ) from None
+        return value.decode() if isinstance(value, bytes) else str(value)
 
     @contextlib.asynccontextmanager
     async def hold(self, name: str, *, retry_for: float = 0.0) -> AsyncIterator[Lease]:

@@ -419,18 +419,7 @@ class Worker:
 
     async def _despite_redis_outage(self, what: str, call: Callable[[], Awaitable[object]]) -> None:
         """Run ``call`` (a job queue write), retrying while Redis is unreachable, for up to ``outage_wait`` s."""
-        give_up = time.monotonic() + self.outage_wait
-        delay = 0.5
-        while True:
-            try:
-                await call()
-                return
-            except RedisError as exc:
-                if time.monotonic() + delay >= give_up:
-                    raise
-                log.warning("%s: the job queue (redis) is unavailable (%s); retrying in %.1fs", what, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        await jobs.despite_outage(what, call, self.outage_wait)
 
     async def _store_leased(self, job: Job) -> Outcome:
         """``_store`` under the job's lease (orphan collection leaves its shards alone), outages shown in Status."""
