@@ -82,11 +82,7 @@ def describe_rpc_error(err: grpc.RpcError, what: str, address: str) -> str:
             f"cannot reach the {what} service at {address}: is the gateway running? (start it with `make up`;"
             " choose the address with --gateway HOST:PORT or --config FILE)"
         )
-    kind = rpc.trailer(err, rpc.ERROR_TRAILER)
-    cls: type[errors.GridstorError] = type(rpc.error_for(code, details, what, kind))
-    named = errors.named(kind) if kind else None
-    if named is not None and issubclass(named, cls):  # the exact cause, even one error_for cannot rebuild
-        cls = named
+    cls = rpc.error_class(code, rpc.trailer(err, rpc.ERROR_TRAILER))  # the exact cause, when the trailer names it
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after(err) and not issubclass(cls, errors.Busy):
         return f"over a limit: {details}"
     message = f"{_words(cls, code)}: {details or code.name}"

@@ -143,6 +143,17 @@ def error_for(code: grpc.StatusCode, details: str, service: str, kind: str = "")
     return cls(details or code.name)
 
 
+def error_class(code: grpc.StatusCode, kind: str = "") -> type[errors.GridstorError]:
+    """The domain error class of a failed call: the one ``kind`` names if a subclass of the code's, else the code's.
+
+    A code no domain error maps to gives BackendUnavailable. Unlike ``error_for`` it names any such
+    class, also one that cannot be rebuilt from a message alone.
+    """
+    cls = _ERRORS.get(code, errors.BackendUnavailable)
+    exact = errors.named(kind) if kind else None
+    return exact if exact is not None and issubclass(exact, cls) else cls
+
+
 def trailer(call: grpc.RpcError, key: str) -> str:
     """The value of trailing metadata ``key`` of a failed call ("" when absent or not readable)."""
     if not isinstance(call, grpc.Call | grpc.aio.AioRpcError):
