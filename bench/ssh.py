@@ -287,11 +287,18 @@ async def bench(size: int, *, with_sshd: bool, process: bool, as_json: bool) -> 
         cfg = build_config(raw | {"ports": {"meta": meta_running.port}})
         ingest_running, ingest_cleanup = await ingest_service.build(cfg, port=0)
         cleanups.append(ingest_cleanup)
-        svc = await ssh_service.start(cfg, port=0, ssh_port=0)  # its default cipher offer
-        cleanups.append(svc.cleanup)
         ingest_channel = grpc.aio.insecure_channel(f"127.0.0.1:{ingest_running.port}")
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{svc.running.port}")
-        ssh_stub = ssh_pb2_grpc.SshServiceStub(channel)
+        cleanups.append(lambda: ingest_channel.close(None))
+
+        async def start_ssh(config: Any) -> tuple[Any, grpc.aio.Channel, Any]:
+            """The ssh service on ``config``, a channel to it (closed at the end) and its stub."""
+            started = await ssh_service.start(config, port=0, ssh_port=0)
+            cleanups.append(started.cleanup)
+            to = grpc.aio.insecure_channel(f"127.0.0.1:{started.running.port}")
+            cleanups.append(lambda: to.close(None))
+            return started, to, ssh_pb2_grpc.SshServiceStub(to)
+
+        svc, channel, ssh_stub = await start_ssh(cfg)  # its default cipher offer
         await ssh_stub.EnableAccount(
             ssh_pb2.EnableAccountRequest(
                 username="bench", public_key=key.with_suffix(".pub").read_text(), max_size_mb=64 * size // MIB + 16
@@ -323,10 +330,7 @@ async def bench(size: int, *, with_sshd: bool, process: bool, as_json: bool) -> 
                 every = build_config(
                     raw | {"ports": {"meta": meta_running.port}, "ssh": {"ciphers": list(SSH_CIPHERS)}}
                 )
-                svc = await ssh_service.start(every, port=0, ssh_port=0)
-                cleanups.append(svc.cleanup)
-                channel = grpc.aio.insecure_channel(f"127.0.0.1:{svc.running.port}")
-                ssh_stub = ssh_pb2_grpc.SshServiceStub(channel)
+                svc, channel, ssh_stub = await start_ssh(every)
             put, get, puts, gets = await median_put_get(svc.ssh_port, "bench", key, src, cipher, home / "big.bin", size)
             figures["put"][cipher], figures["get"][cipher] = put, get
             agreed[cipher] = await negotiated(svc.ssh_port, "bench", key, cipher)
@@ -345,37 +349,8 @@ async def bench(size: int, *, with_sshd: bool, process: bool, as_json: bool) -> 
             say(line + f"   [put/get runs {runs}]")
         if as_json:
             print(json.dumps({"tree": str(TREE), "head": git_head(TREE), "agreed": agreed, **figures}))
-        if not process:
-            await channel.close(None)
-            await ingest_channel.close(None)
-            return 0
-
-        # Process: the uploaded file to a stored file
-        await sftp_batch(svc.ssh_port, "bench", key, f"put {src} big.bin", CIPHERS[0])
-        ingest_stub = ingest_pb2_grpc.IngestServiceStub(ingest_channel)
-        proof = account_proof(asyncssh.read_private_key(key), "Process", "bench")  # the account is the key's
-        t0 = time.perf_counter()
-        reply = await ssh_stub.Process(
-            ssh_pb2.ProcessRequest(username="bench", path="big.bin", remove=True, proof=proof)
-        )
-        t_queued = time.perf_counter() - t0
-        status = await ingest_stub.Status(ingest_pb2.StatusRequest(job=reply.job, wait=True, timeout_seconds=300))
-        t_done = time.perf_counter() - t0
-        if status.state != common_pb2.JOB_STATE_DONE:
-            raise SystemExit(f"Process job failed: {status.error}")
-        want = blake3.blake3(src.read_bytes()).hexdigest(24)
-        assert status.hash == want, "stored hash differs from the file's"
-        for _ in range(100):
-            if not (home / "big.bin").exists():
-                break
-            await asyncio.sleep(0.05)
-        print(
-            f"\nProcess to a stored file: {size / t_done / 1e6:7.1f} MB/s end to end"
-            f" ({t_queued:.2f} s to queue the job: copy into the spool + hash; {t_done:.2f} s until DONE)"
-        )
-        print(f"  file id {status.file_id}, hash verified, removed from the home: {not (home / 'big.bin').exists()}")
-        await channel.close(None)
-        await ingest_channel.close(None)
+        if process:
+            await process_figure(svc.ssh_port, key, src, size, home, ssh_stub, ingest_channel)
         return 0 if worst <= RATIO_TARGET else 1
     finally:
         for fn in reversed(cleanups):
@@ -387,6 +362,33 @@ async def bench(size: int, *, with_sshd: bool, process: bool, as_json: bool) -> 
             p.terminate()
             p.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def process_figure(
+    ssh_port: int, key: Path, src: Path, size: int, home: Path, ssh_stub: Any, ingest_channel: grpc.aio.Channel
+) -> None:
+    """Process: the file put over SFTP into a stored file, end to end."""
+    await sftp_batch(ssh_port, "bench", key, f"put {src} big.bin", CIPHERS[0])
+    ingest_stub = ingest_pb2_grpc.IngestServiceStub(ingest_channel)
+    proof = account_proof(asyncssh.read_private_key(key), "Process", "bench")  # the account is the key's
+    t0 = time.perf_counter()
+    reply = await ssh_stub.Process(ssh_pb2.ProcessRequest(username="bench", path="big.bin", remove=True, proof=proof))
+    t_queued = time.perf_counter() - t0
+    status = await ingest_stub.Status(ingest_pb2.StatusRequest(job=reply.job, wait=True, timeout_seconds=300))
+    t_done = time.perf_counter() - t0
+    if status.state != common_pb2.JOB_STATE_DONE:
+        raise SystemExit(f"Process job failed: {status.error}")
+    want = blake3.blake3(await asyncio.to_thread(src.read_bytes)).hexdigest(24)
+    assert status.hash == want, "stored hash differs from the file's"
+    for _ in range(100):
+        if not (home / "big.bin").exists():
+            break
+        await asyncio.sleep(0.05)
+    print(
+        f"\nProcess to a stored file: {size / t_done / 1e6:7.1f} MB/s end to end"
+        f" ({t_queued:.2f} s to queue the job: copy into the spool + hash; {t_done:.2f} s until DONE)"
+    )
+    print(f"  file id {status.file_id}, hash verified, removed from the home: {not (home / 'big.bin').exists()}")
 
 
 def git_head(tree: Path) -> str:
