@@ -34,7 +34,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -498,12 +498,21 @@ class Engine:
         (the chunk cannot be read without it).
         """
         ref = record.chunks[ci].shards[si]
+        return await self._ask(record, ref, lambda backend: backend.get(ref.key), force)
+
+    async def _ask(
+        self, record: FileRecord, ref: ShardRef, call: Callable[[Backend], Awaitable[_V]], force: bool = False
+    ) -> _V | Exception:
+        """``call`` on the backend of shard ``ref`` within ``shard_timeout``: its answer, or why there is none.
+
+        Told to the backend's circuit breaker (``_fetched``); not asked at all for the reasons of ``_target``.
+        """
         backend = self._target(record, ref, force)
         if not isinstance(backend, Backend):
             return backend
         try:
             async with asyncio.timeout(self.config.shard_timeout):
-                value: bytes | BackendError | None = await backend.get(ref.key)
+                value: _V | BackendError = await call(backend)
         except TimeoutError:
             return self._no_answer(self._where(record, ref))
         except BackendError as exc:
@@ -706,19 +715,9 @@ class Engine:
 
         async def look(ci: int, si: int) -> object:
             ref = record.chunks[ci].shards[si]
-            backend = self._target(record, ref)
-            if not isinstance(backend, Backend):
-                return backend
             async with sem:
-                try:
-                    async with asyncio.timeout(self.config.shard_timeout):
-                        found: int | BackendError | None = await backend.length(ref.key)
-                except TimeoutError:
-                    return self._no_answer(self._where(record, ref))
-                except BackendError as exc:
-                    found = exc
-            size = self._fetched(record, ref, found)
-            if size is None or isinstance(size, BackendError):
+                size = await self._ask(record, ref, lambda backend: backend.length(ref.key))
+            if size is None or isinstance(size, Exception):
                 return size
             want = record.chunks[ci].shard_size
             if want and size != want:
