@@ -242,15 +242,20 @@ def _retried(walker: Callable[[int], T], root: int) -> T:
     raise AssertionError("unreachable")
 
 
-def usage(home: Path) -> Usage:
-    """What ``home`` holds (zeros when it is missing); retried when folders move during the walk."""
+def _at_root(home: Path, missing: T, fn: Callable[[int], T]) -> T:
+    """``fn`` of a descriptor of the home at ``home`` (closed afterwards); ``missing`` when there is no home."""
     root = open_root(home)
     if root is None:
-        return Usage()
+        return missing
     try:
-        return _retried(count, root)
+        return fn(root)
     finally:
         os.close(root)
+
+
+def usage(home: Path) -> Usage:
+    """What ``home`` holds (zeros when it is missing); retried when folders move during the walk."""
+    return _at_root(home, Usage(), lambda root: _retried(count, root))
 
 
 # --------------------------------------------------------------------- cleanup
@@ -321,23 +326,15 @@ def plan_cleanup(root_fd: int, max_bytes: int) -> Plan:
 
 def preview_cleanup(home: Path, max_bytes: int) -> Plan:
     """``plan_cleanup`` of the home at ``home`` (an empty plan when it is missing)."""
-    root = open_root(home)
-    if root is None:
-        return Plan(0, max_bytes)
-    try:
-        return _retried(lambda fd: plan_cleanup(fd, max_bytes), root)
-    finally:
-        os.close(root)
+    return _at_root(home, Plan(0, max_bytes), lambda root: _retried(lambda fd: plan_cleanup(fd, max_bytes), root))
 
 
 def enforce_quota(home: Path, max_bytes: int) -> list[Removed]:
     """Remove the oldest files of ``home`` until it holds at most ``max_bytes``; what went, oldest first."""
     if max_bytes < 0:
         raise errors.InvalidInput(f"max_bytes must not be negative, got {max_bytes}")
-    root = open_root(home)
-    if root is None:
-        return []
-    try:
+
+    def enforce(root: int) -> list[Removed]:
         try:
             plan = _retried(lambda fd: plan_cleanup(fd, max_bytes), root)
         except TreeChanged:
@@ -357,8 +354,8 @@ def enforce_quota(home: Path, max_bytes: int) -> list[Removed]:
         if left > max_bytes:
             log.warning("home %s is still over its limit after cleanup (%d > %d bytes)", home, left, max_bytes)
         return removed
-    finally:
-        os.close(root)
+
+    return _at_root(home, [], enforce)
 
 
 def _remove(root: int, f: _File) -> bool:
